@@ -1,0 +1,49 @@
+// Every fastchar op schema, declared once. The CPU kernels live in one file per
+// cell (lstm.cpp, gru.cpp, rnn.cpp) and register with TORCH_LIBRARY_IMPL.
+//
+// Layout shared by every backend (fastchar/ops/ holds the autograd glue):
+//   xp     [T, B, G]  input projection x @ W_ih^T + biases, computed outside
+//   gates  [T, B, G]  activated gates saved for backward, in the input dtype
+//   cs     [T, B, H]  LSTM cell states c_1..c_T, float32 for bf16/fp16 inputs
+//   hn     [T, B, H]  GRU W_hn h_{t-1} + b_hn, needed for the reset-gate grad
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastchar, m) {
+  m.def(
+      "lstm_fwd(Tensor xp, Tensor h0, Tensor c0, Tensor w_hh) -> "
+      "(Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cs)");
+  m.def(
+      "lstm_bwd(Tensor grad_out, Tensor grad_h_n, Tensor grad_c_n, Tensor w_hh, "
+      "Tensor c0, Tensor gates, Tensor cs) -> "
+      "(Tensor grad_xp, Tensor grad_h0, Tensor grad_c0)");
+  m.def(
+      "lstm_cell(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh) -> (Tensor h_new, Tensor c_new)");
+
+  m.def(
+      "gru_fwd(Tensor xp, Tensor h0, Tensor w_hh, Tensor b_hn) -> "
+      "(Tensor out, Tensor h_n, Tensor gates, Tensor hn)");
+  m.def(
+      "gru_bwd(Tensor grad_out, Tensor grad_h_n, Tensor w_hh, Tensor h0, "
+      "Tensor out, Tensor gates, Tensor hn) -> "
+      "(Tensor grad_xp, Tensor grad_gh, Tensor grad_h0)");
+  m.def(
+      "gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh) -> Tensor");
+
+  m.def("rnn_fwd(Tensor xp, Tensor h0, Tensor w_hh, bool relu) -> (Tensor out, Tensor h_n)");
+  m.def(
+      "rnn_bwd(Tensor grad_out, Tensor grad_h_n, Tensor w_hh, Tensor out, bool relu) -> "
+      "(Tensor grad_xp, Tensor grad_h0)");
+  m.def(
+      "rnn_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, bool relu) -> Tensor");
+}
+
+// `import fastchar._C` loads this library, which runs the registrations above.
+static struct PyModuleDef fastchar_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  return PyModule_Create(&fastchar_c_module);
+}

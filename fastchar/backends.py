@@ -1,0 +1,102 @@
+"""Which implementation runs where: availability checks and ``impl=`` resolution.
+
+``fused`` picks the best fastchar kernel for the tensors' device (``cpp`` on
+CPU, ``triton`` on CUDA) and falls back to ``reference`` with one warning per
+reason; an explicit ``cpp`` or ``triton`` that cannot run raises RuntimeError.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+IMPLS = ("fused", "cpp", "triton", "reference", "torch")
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` from the fastchar checkout "
+    "(needs a C++ compiler and ninja)"
+)
+
+
+@functools.cache
+def _cpp_import_error() -> str | None:
+    try:
+        importlib.import_module("fastchar._C")
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def cpp_loaded() -> bool:
+    """True when the C++ extension imported, which registers its ops."""
+    return _cpp_import_error() is None
+
+
+@functools.cache
+def triton_version() -> str | None:
+    try:
+        import triton
+    except Exception:
+        return None
+    return triton.__version__
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def why_not(impl: str, device_type: str) -> str | None:
+    """None when ``impl`` can run on ``device_type`` tensors, else the reason it cannot."""
+    if impl in ("reference", "torch"):
+        return None
+    if impl == "cpp":
+        if device_type != "cpu":
+            return f"the C++ kernels run on CPU tensors only, not {device_type}"
+        err = _cpp_import_error()
+        return None if err is None else f"the C++ extension is not built ({err}); {BUILD_HINT}"
+    if impl == "triton":
+        if triton_version() is None:
+            return "Triton is not installed (pip install 'fastchar[triton]')"
+        if device_type == "cuda":
+            return None if torch.cuda.is_available() else "CUDA is not available"
+        if device_type == "cpu":
+            if interpreter_on():
+                return None
+            return (
+                "Triton kernels need CUDA tensors; on CPU they run only under the "
+                "Triton interpreter (set TRITON_INTERPRET=1 before starting Python)"
+            )
+        return f"Triton kernels do not run on {device_type} tensors"
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+_warned: set[str] = set()
+
+
+def resolve(impl: str, device: torch.device | str) -> str:
+    """Map ``impl`` to the concrete implementation that runs on ``device``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    device_type = torch.device(device).type
+    if impl == "fused":
+        kernel = {"cpu": "cpp", "cuda": "triton"}.get(device_type)
+        reason = (
+            f"no fastchar kernel for {device_type} tensors"
+            if kernel is None
+            else why_not(kernel, device_type)
+        )
+        if reason is None:
+            return kernel
+        message = f"fastchar: impl='fused' falls back to 'reference' on {device_type}: {reason}"
+        if message not in _warned:
+            _warned.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return "reference"
+    reason = why_not(impl, device_type)
+    if reason is not None:
+        raise RuntimeError(f"impl={impl!r} cannot run on {device_type} tensors: {reason}")
+    return impl

@@ -1,0 +1,87 @@
+"""Pieces every cell's op module shares: argument checks, dtypes, weight gradients.
+
+Shape letters: T time, B batch, I input, H hidden, G gates (4H / 3H / H).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Cell state and accumulation dtype: float32 for half types, else the input dtype."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _check_tensor(name: str, t: object, shape: tuple[int, ...], like: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype != like.dtype:
+        raise RuntimeError(f"{name} has dtype {t.dtype}, expected {like.dtype} like x")
+    if t.device != like.device:
+        raise RuntimeError(f"{name} is on {t.device}, expected {like.device} like x")
+
+
+def check_args(
+    op: str,
+    x: Tensor,
+    n_gates: int,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    states: dict[str, Tensor | None],
+    seq: bool = True,
+) -> tuple[int, int]:
+    """Validate a layer (x [T, B, I], ``seq``) or cell (x [B, I]) call; returns (B, H).
+
+    Raises ValueError for shapes and RuntimeError for dtype or device, naming the argument.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
+    want = 3 if seq else 2
+    if x.dim() != want:
+        layout = "[T, B, I]" if seq else "[B, I]"
+        raise ValueError(f"{op}: x must be {layout}, got shape {list(x.shape)}")
+    if seq and x.shape[0] == 0:
+        raise ValueError(f"{op}: x must have at least one time step, got shape {list(x.shape)}")
+    if not x.is_floating_point():
+        raise RuntimeError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    if not isinstance(w_hh, Tensor) or w_hh.dim() != 2 or w_hh.shape[0] != n_gates * w_hh.shape[1]:
+        got = list(w_hh.shape) if isinstance(w_hh, Tensor) else type(w_hh).__name__
+        raise ValueError(f"{op}: w_hh must be [{n_gates}*H, H], got {got}")
+    H = w_hh.shape[1]
+    B, I = x.shape[-2], x.shape[-1]
+    _check_tensor(f"{op}: w_hh", w_hh, (n_gates * H, H), x)
+    _check_tensor(f"{op}: w_ih", w_ih, (n_gates * H, I), x)
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            _check_tensor(f"{op}: {name}", b, (n_gates * H,), x)
+    for name, s in states.items():
+        if s is not None:
+            _check_tensor(f"{op}: {name}", s, (B, H), x)
+    return B, H
+
+
+def prev_hidden(h0: Tensor, out: Tensor) -> Tensor:
+    """h_{t-1} for every step: [h0, out[0], ..., out[T-2]] as [T, B, H]."""
+    return torch.cat([h0.unsqueeze(0), out[:-1]])
+
+
+def weight_grad(d_gates: Tensor, h_prev: Tensor) -> Tensor:
+    """dW_hh [G, H] = sum over all steps of d_gates^T h_prev, as one GEMM."""
+    return d_gates.flatten(0, 1).t().mm(h_prev.flatten(0, 1))
+
+
+def torch_params(w_ih, w_hh, b_ih, b_hh) -> tuple[list[Tensor], bool]:
+    """Flat weights for torch's own ``torch.lstm/gru/rnn_*`` kernels (both biases or none)."""
+    if b_ih is None and b_hh is None:
+        return [w_ih, w_hh], False
+    if b_ih is None:
+        b_ih = torch.zeros_like(b_hh)
+    if b_hh is None:
+        b_hh = torch.zeros_like(b_ih)
+    return [w_ih, w_hh, b_ih, b_hh], True

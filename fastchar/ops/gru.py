@@ -1,0 +1,177 @@
+"""GRU ops: registration (fake + autograd) for the C++ and Triton kernels, and ``gru()``.
+
+Shape letters: T time, B batch, I input, H hidden, G = 3H gates (r, z, n).
+
+Both backends implement the same pair of sequence ops:
+  gru_fwd(xp [T, B, G], h0 [B, H], w_hh [G, H], b_hn [H])
+      -> out [T, B, H], h_n [B, H], gates [T, B, G] (activated r, z, n), hn [T, B, H]
+  gru_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn) -> grad_xp, grad_gh, grad_h0
+where xp = x W_ih^T + b_ih + [b_hr, b_hz, 0], hn = W_hn h_{t-1} + b_hn, and grad_gh
+[T, B, G] is the gradient of the hidden-side pre-activation W_hh h_{t-1} + b_hh
+(it differs from grad_xp in the n block, which the reset gate scales).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastchar import reference
+from fastchar.backends import cpp_loaded, resolve
+from fastchar.ops._common import check_args, prev_hidden, torch_params, weight_grad
+
+
+def _fake_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor):
+    T, B, G = xp.shape
+    H = G // 3
+    return (
+        xp.new_empty(T, B, H),  # out
+        xp.new_empty(B, H),  # h_n
+        xp.new_empty(T, B, G),  # gates
+        xp.new_empty(T, B, H),  # hn
+    )
+
+
+def _fake_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn):
+    T, B, G = gates.shape
+    return gates.new_empty(T, B, G), gates.new_empty(T, B, G), h0.new_empty(h0.shape)
+
+
+def _fake_cell(x, h, w_ih, w_hh, b_ih, b_hh):
+    return h.new_empty(h.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    xp, h0, w_hh, b_hn = inputs
+    out, _, gates, hn = output
+    ctx.save_for_backward(h0, w_hh, out, gates, hn)
+
+
+def _autograd_backward(bwd):
+    def backward(ctx, grad_out, grad_h_n, _grad_gates, _grad_hn):
+        h0, w_hh, out, gates, hn = ctx.saved_tensors
+        grad_xp, grad_gh, grad_h0 = bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn)
+        H = w_hh.shape[1]
+        grad_w_hh = weight_grad(grad_gh, prev_hidden(h0, out)) if ctx.needs_input_grad[2] else None
+        grad_b_hn = grad_gh[..., 2 * H :].sum((0, 1)) if ctx.needs_input_grad[3] else None
+        return grad_xp, grad_h0, grad_w_hh, grad_b_hn
+
+    return backward
+
+
+@torch.library.custom_op("fastchar::triton_gru_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _triton_fwd(
+    xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fastchar.triton import gru as kernels
+
+    return kernels.gru_fwd(xp, h0, w_hh, b_hn)
+
+
+@torch.library.custom_op("fastchar::triton_gru_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _triton_bwd(
+    grad_out: Tensor,
+    grad_h_n: Tensor,
+    w_hh: Tensor,
+    h0: Tensor,
+    out: Tensor,
+    gates: Tensor,
+    hn: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastchar.triton import gru as kernels
+
+    return kernels.gru_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn)
+
+
+@torch.library.custom_op("fastchar::triton_gru_cell", mutates_args=(), device_types=("cuda", "cpu"))
+def _triton_cell(
+    x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
+) -> Tensor:
+    from fastchar.triton import gru as kernels
+
+    return kernels.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+
+
+_triton_fwd.register_fake(_fake_fwd)
+_triton_bwd.register_fake(_fake_bwd)
+_triton_cell.register_fake(_fake_cell)
+_triton_fwd.register_autograd(_autograd_backward(_triton_bwd), setup_context=_setup_context)
+
+if cpp_loaded():
+    torch.library.register_fake("fastchar::gru_fwd")(_fake_fwd)
+    torch.library.register_fake("fastchar::gru_bwd")(_fake_bwd)
+    torch.library.register_fake("fastchar::gru_cell")(_fake_cell)
+    torch.library.register_autograd(
+        "fastchar::gru_fwd",
+        _autograd_backward(torch.ops.fastchar.gru_bwd),
+        setup_context=_setup_context,
+    )
+
+
+def _kernels(kind: str):
+    if kind == "cpp":
+        return torch.ops.fastchar.gru_fwd, torch.ops.fastchar.gru_cell
+    return _triton_fwd, _triton_cell
+
+
+def _split_bias(x: Tensor, H: int, b_ih: Tensor | None, b_hh: Tensor | None):
+    """(bias folded into the input GEMM, b_hn [H] kept inside the recurrence)."""
+    if b_hh is None:
+        return b_ih, x.new_zeros(H)
+    b_rz = F.pad(b_hh[: 2 * H], (0, H))  # [b_hr, b_hz, 0]
+    return (b_rz if b_ih is None else b_ih + b_rz), b_hh[2 * H :]
+
+
+def gru(
+    x: Tensor,
+    h0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    *,
+    impl: str = "fused",
+) -> tuple[Tensor, Tensor]:
+    """One GRU layer, one direction, over a whole sequence.
+
+    x [T, B, I]; h0 [B, H] or None for zeros; w_ih [3H, I]; w_hh [3H, H];
+    b_ih, b_hh [3H] or None. Returns out [T, B, H], h_n [B, H].
+    Differentiable with respect to every tensor argument.
+    """
+    check_args("gru", x, 3, w_ih, w_hh, b_ih, b_hh, {"h0": h0})
+    kind = resolve(impl, x.device)
+    if kind == "reference":
+        return reference.gru(x, h0, w_ih, w_hh, b_ih, b_hh)
+    B, H = x.shape[1], w_hh.shape[1]
+    h0 = x.new_zeros(B, H) if h0 is None else h0
+    if kind == "torch":
+        params, has_bias = torch_params(w_ih, w_hh, b_ih, b_hh)
+        out, h_n = torch.gru(x, h0[None], params, has_bias, 1, 0.0, False, False, False)
+        return out, h_n[0]
+    fwd, _ = _kernels(kind)
+    b_x, b_hn = _split_bias(x, H, b_ih, b_hh)
+    xp = F.linear(x, w_ih, b_x)  # [T, B, G], one GEMM
+    out, h_n, _, _ = fwd(xp, h0, w_hh, b_hn)
+    return out, h_n
+
+
+def gru_cell(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    *,
+    impl: str = "fused",
+) -> Tensor:
+    """One GRU step for sampling (no autograd through the kernels). x [B, I]; h [B, H] -> h'."""
+    check_args("gru_cell", x, 3, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
+    kind = resolve(impl, x.device)
+    if kind == "reference":
+        return reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+    if kind == "torch":
+        return torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+    _, cell = _kernels(kind)
+    return cell(x, h, w_ih, w_hh, b_ih, b_hh)

@@ -1,0 +1,179 @@
+"""LSTM ops: registration (fake + autograd) for the C++ and Triton kernels, and ``lstm()``.
+
+Shape letters: T time, B batch, I input, H hidden, G = 4H gates (i, f, g, o).
+
+Both backends implement the same pair of sequence ops:
+  lstm_fwd(xp [T, B, G], h0 [B, H], c0 [B, H], w_hh [G, H])
+      -> out [T, B, H], h_n [B, H], c_n [B, H], gates [T, B, G] (activated), cs [T, B, H]
+  lstm_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs) -> grad_xp, grad_h0, grad_c0
+so the autograd formula below is written once; dW_hh is one GEMM after the loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastchar import reference
+from fastchar.backends import cpp_loaded, resolve
+from fastchar.ops._common import check_args, prev_hidden, state_dtype, torch_params, weight_grad
+
+
+def _fake_fwd(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):
+    T, B, G = xp.shape
+    H = G // 4
+    return (
+        xp.new_empty(T, B, H),  # out
+        xp.new_empty(B, H),  # h_n
+        xp.new_empty(B, H),  # c_n
+        xp.new_empty(T, B, G),  # gates
+        xp.new_empty(T, B, H, dtype=state_dtype(xp.dtype)),  # cs
+    )
+
+
+def _fake_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs):
+    T, B, G = gates.shape
+    return gates.new_empty(T, B, G), c0.new_empty(c0.shape), c0.new_empty(c0.shape)
+
+
+def _fake_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    return h.new_empty(h.shape), c.new_empty(c.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    xp, h0, c0, w_hh = inputs
+    out, _, _, gates, cs = output
+    ctx.save_for_backward(h0, c0, w_hh, out, gates, cs)
+
+
+def _autograd_backward(bwd):
+    def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs):
+        h0, c0, w_hh, out, gates, cs = ctx.saved_tensors
+        grad_xp, grad_h0, grad_c0 = bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs)
+        grad_w_hh = weight_grad(grad_xp, prev_hidden(h0, out)) if ctx.needs_input_grad[3] else None
+        return grad_xp, grad_h0, grad_c0, grad_w_hh
+
+    return backward
+
+
+@torch.library.custom_op("fastchar::triton_lstm_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _triton_fwd(
+    xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from fastchar.triton import lstm as kernels
+
+    return kernels.lstm_fwd(xp, h0, c0, w_hh)
+
+
+@torch.library.custom_op("fastchar::triton_lstm_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _triton_bwd(
+    grad_out: Tensor,
+    grad_h_n: Tensor,
+    grad_c_n: Tensor,
+    w_hh: Tensor,
+    c0: Tensor,
+    gates: Tensor,
+    cs: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastchar.triton import lstm as kernels
+
+    return kernels.lstm_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs)
+
+
+@torch.library.custom_op("fastchar::triton_lstm_cell", mutates_args=(), device_types=("cuda", "cpu"))
+def _triton_cell(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    from fastchar.triton import lstm as kernels
+
+    return kernels.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+
+
+_triton_fwd.register_fake(_fake_fwd)
+_triton_bwd.register_fake(_fake_bwd)
+_triton_cell.register_fake(_fake_cell)
+_triton_fwd.register_autograd(_autograd_backward(_triton_bwd), setup_context=_setup_context)
+
+if cpp_loaded():
+    torch.library.register_fake("fastchar::lstm_fwd")(_fake_fwd)
+    torch.library.register_fake("fastchar::lstm_bwd")(_fake_bwd)
+    torch.library.register_fake("fastchar::lstm_cell")(_fake_cell)
+    torch.library.register_autograd(
+        "fastchar::lstm_fwd",
+        _autograd_backward(torch.ops.fastchar.lstm_bwd),
+        setup_context=_setup_context,
+    )
+
+
+def _kernels(kind: str):
+    if kind == "cpp":
+        return torch.ops.fastchar.lstm_fwd, torch.ops.fastchar.lstm_cell
+    return _triton_fwd, _triton_cell
+
+
+def lstm(
+    x: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    *,
+    impl: str = "fused",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer, one direction, over a whole sequence.
+
+    x [T, B, I]; h0, c0 [B, H] or None for zeros; w_ih [4H, I]; w_hh [4H, H];
+    b_ih, b_hh [4H] or None. Returns out [T, B, H], h_n [B, H], c_n [B, H].
+    Differentiable with respect to every tensor argument.
+    """
+    check_args("lstm", x, 4, w_ih, w_hh, b_ih, b_hh, {"h0": h0, "c0": c0})
+    kind = resolve(impl, x.device)
+    if kind == "reference":
+        return reference.lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    B, H = x.shape[1], w_hh.shape[1]
+    h0 = x.new_zeros(B, H) if h0 is None else h0
+    c0 = x.new_zeros(B, H) if c0 is None else c0
+    if kind == "torch":
+        params, has_bias = torch_params(w_ih, w_hh, b_ih, b_hh)
+        out, h_n, c_n = torch.lstm(
+            x, (h0[None], c0[None]), params, has_bias, 1, 0.0, False, False, False
+        )
+        return out, h_n[0], c_n[0]
+    fwd, _ = _kernels(kind)
+    xp = F.linear(x, w_ih, reference.bias_sum(b_ih, b_hh))  # [T, B, G], one GEMM
+    out, h_n, c_n, _, _ = fwd(xp, h0, c0, w_hh)
+    return out, h_n, c_n
+
+
+def lstm_cell(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    *,
+    impl: str = "fused",
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step for sampling (no autograd through the kernels).
+
+    x [B, I]; h, c [B, H]. Returns (h', c') [B, H].
+    """
+    check_args("lstm_cell", x, 4, w_ih, w_hh, b_ih, b_hh, {"h": h, "c": c}, seq=False)
+    kind = resolve(impl, x.device)
+    if kind == "reference":
+        return reference.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if kind == "torch":
+        return torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    _, cell = _kernels(kind)
+    return cell(x, h, c, w_ih, w_hh, b_ih, b_hh)

@@ -1,0 +1,170 @@
+"""Elman RNN ops (tanh or relu): registration (fake + autograd) for the C++ and Triton
+kernels, and ``rnn()``.
+
+Shape letters: T time, B batch, I input, H hidden, G = H.
+
+Both backends implement the same pair of sequence ops:
+  rnn_fwd(xp [T, B, H], h0 [B, H], w_hh [H, H], relu) -> out [T, B, H], h_n [B, H]
+  rnn_bwd(grad_out, grad_h_n, w_hh, out, relu) -> grad_xp, grad_h0
+The activation's derivative comes from the outputs themselves (1 - h^2, or h > 0),
+so nothing beyond ``out`` is saved.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastchar import reference
+from fastchar.backends import cpp_loaded, resolve
+from fastchar.ops._common import check_args, prev_hidden, torch_params, weight_grad
+
+NONLINEARITIES = ("tanh", "relu")
+
+
+def _fake_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, relu: bool):
+    T, B, H = xp.shape
+    return xp.new_empty(T, B, H), xp.new_empty(B, H)
+
+
+def _fake_bwd(grad_out, grad_h_n, w_hh, out, relu):
+    return out.new_empty(out.shape), out.new_empty(out.shape[1:])
+
+
+def _fake_cell(x, h, w_ih, w_hh, b_ih, b_hh, relu):
+    return h.new_empty(h.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    xp, h0, w_hh, relu = inputs
+    out, _ = output
+    ctx.relu = relu
+    ctx.save_for_backward(h0, w_hh, out)
+
+
+def _autograd_backward(bwd):
+    def backward(ctx, grad_out, grad_h_n):
+        h0, w_hh, out = ctx.saved_tensors
+        grad_xp, grad_h0 = bwd(grad_out, grad_h_n, w_hh, out, ctx.relu)
+        grad_w_hh = weight_grad(grad_xp, prev_hidden(h0, out)) if ctx.needs_input_grad[2] else None
+        return grad_xp, grad_h0, grad_w_hh, None
+
+    return backward
+
+
+@torch.library.custom_op("fastchar::triton_rnn_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _triton_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
+    from fastchar.triton import rnn as kernels
+
+    return kernels.rnn_fwd(xp, h0, w_hh, relu)
+
+
+@torch.library.custom_op("fastchar::triton_rnn_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _triton_bwd(
+    grad_out: Tensor, grad_h_n: Tensor, w_hh: Tensor, out: Tensor, relu: bool
+) -> tuple[Tensor, Tensor]:
+    from fastchar.triton import rnn as kernels
+
+    return kernels.rnn_bwd(grad_out, grad_h_n, w_hh, out, relu)
+
+
+@torch.library.custom_op("fastchar::triton_rnn_cell", mutates_args=(), device_types=("cuda", "cpu"))
+def _triton_cell(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    relu: bool,
+) -> Tensor:
+    from fastchar.triton import rnn as kernels
+
+    return kernels.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, relu)
+
+
+_triton_fwd.register_fake(_fake_fwd)
+_triton_bwd.register_fake(_fake_bwd)
+_triton_cell.register_fake(_fake_cell)
+_triton_fwd.register_autograd(_autograd_backward(_triton_bwd), setup_context=_setup_context)
+
+if cpp_loaded():
+    torch.library.register_fake("fastchar::rnn_fwd")(_fake_fwd)
+    torch.library.register_fake("fastchar::rnn_bwd")(_fake_bwd)
+    torch.library.register_fake("fastchar::rnn_cell")(_fake_cell)
+    torch.library.register_autograd(
+        "fastchar::rnn_fwd",
+        _autograd_backward(torch.ops.fastchar.rnn_bwd),
+        setup_context=_setup_context,
+    )
+
+
+def _kernels(kind: str):
+    if kind == "cpp":
+        return torch.ops.fastchar.rnn_fwd, torch.ops.fastchar.rnn_cell
+    return _triton_fwd, _triton_cell
+
+
+def _check_nonlinearity(nonlinearity: str) -> bool:
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    return nonlinearity == "relu"
+
+
+def rnn(
+    x: Tensor,
+    h0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    nonlinearity: str = "tanh",
+    *,
+    impl: str = "fused",
+) -> tuple[Tensor, Tensor]:
+    """One Elman RNN layer, one direction, over a whole sequence.
+
+    x [T, B, I]; h0 [B, H] or None for zeros; w_ih [H, I]; w_hh [H, H];
+    b_ih, b_hh [H] or None; nonlinearity "tanh" or "relu".
+    Returns out [T, B, H], h_n [B, H]. Differentiable with respect to every tensor argument.
+    """
+    relu = _check_nonlinearity(nonlinearity)
+    check_args("rnn", x, 1, w_ih, w_hh, b_ih, b_hh, {"h0": h0})
+    kind = resolve(impl, x.device)
+    if kind == "reference":
+        return reference.rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    B, H = x.shape[1], w_hh.shape[1]
+    h0 = x.new_zeros(B, H) if h0 is None else h0
+    if kind == "torch":
+        params, has_bias = torch_params(w_ih, w_hh, b_ih, b_hh)
+        run = torch.rnn_relu if relu else torch.rnn_tanh
+        out, h_n = run(x, h0[None], params, has_bias, 1, 0.0, False, False, False)
+        return out, h_n[0]
+    fwd, _ = _kernels(kind)
+    xp = F.linear(x, w_ih, reference.bias_sum(b_ih, b_hh))  # [T, B, H], one GEMM
+    return fwd(xp, h0, w_hh, relu)
+
+
+def rnn_cell(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    nonlinearity: str = "tanh",
+    *,
+    impl: str = "fused",
+) -> Tensor:
+    """One RNN step for sampling (no autograd through the kernels). x [B, I]; h [B, H] -> h'."""
+    relu = _check_nonlinearity(nonlinearity)
+    check_args("rnn_cell", x, 1, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
+    kind = resolve(impl, x.device)
+    if kind == "reference":
+        return reference.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    if kind == "torch":
+        step = torch.rnn_relu_cell if relu else torch.rnn_tanh_cell
+        return step(x, h, w_ih, w_hh, b_ih, b_hh)
+    _, cell = _kernels(kind)
+    return cell(x, h, w_ih, w_hh, b_ih, b_hh, relu)

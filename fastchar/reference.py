@@ -1,0 +1,125 @@
+"""Step-by-step PyTorch LSTM, GRU and RNN layers: the oracle, fallback and baseline.
+
+Plain autograd-friendly ops on any device and dtype, with torch.nn's gate order
+(LSTM i, f, g, o; GRU r, z, n with ``b_hn`` inside ``r * (W_hn h + b_hn)``).
+
+Shape letters: T time, B batch, I input, H hidden, G gates (4H / 3H / H).
+Every layer function runs one layer in one direction over time-major input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _zeros_state(x: Tensor, w_hh: Tensor) -> Tensor:
+    return x.new_zeros(x.shape[1], w_hh.shape[1])
+
+
+def bias_sum(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
+    """b_ih + b_hh where both exist, for cells whose two biases add up."""
+    if b_ih is None:
+        return b_hh
+    if b_hh is None:
+        return b_ih
+    return b_ih + b_hh
+
+
+def lstm_step(xp_t: Tensor, h: Tensor, c: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
+    """One LSTM step from the projected input ``xp_t`` [B, 4H] (biases included)."""
+    g = xp_t + F.linear(h, w_hh)  # [B, 4H]
+    i, f, gg, o = g.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return h, c
+
+
+def gru_step(xp_t: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
+    """One GRU step from ``xp_t`` = x W_ih^T + b_ih [B, 3H]; ``b_hh`` stays with the hidden side."""
+    gh = F.linear(h, w_hh, b_hh)  # [B, 3H]
+    xr, xz, xn = xp_t.chunk(3, dim=1)
+    hr, hz, hn = gh.chunk(3, dim=1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h
+
+
+def rnn_step(xp_t: Tensor, h: Tensor, w_hh: Tensor, nonlinearity: str = "tanh") -> Tensor:
+    """One Elman RNN step from ``xp_t`` [B, H] (biases included)."""
+    pre = xp_t + F.linear(h, w_hh)
+    return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
+
+
+def lstm(
+    x: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LSTM layer. x [T, B, I], h0/c0 [B, H] or None (zeros) -> out [T, B, H], h_n, c_n [B, H]."""
+    h = _zeros_state(x, w_hh) if h0 is None else h0
+    c = _zeros_state(x, w_hh) if c0 is None else c0
+    xp = F.linear(x, w_ih, bias_sum(b_ih, b_hh))  # [T, B, 4H], one GEMM for all steps
+    outs = []
+    for t in range(x.shape[0]):
+        h, c = lstm_step(xp[t], h, c, w_hh)
+        outs.append(h)
+    return torch.stack(outs), h, c
+
+
+def gru(
+    x: Tensor,
+    h0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """GRU layer. x [T, B, I], h0 [B, H] or None (zeros) -> out [T, B, H], h_n [B, H]."""
+    h = _zeros_state(x, w_hh) if h0 is None else h0
+    xp = F.linear(x, w_ih, b_ih)  # [T, B, 3H]
+    outs = []
+    for t in range(x.shape[0]):
+        h = gru_step(xp[t], h, w_hh, b_hh)
+        outs.append(h)
+    return torch.stack(outs), h
+
+
+def rnn(
+    x: Tensor,
+    h0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    nonlinearity: str = "tanh",
+) -> tuple[Tensor, Tensor]:
+    """Elman RNN layer (tanh or relu). x [T, B, I], h0 [B, H] or None -> out [T, B, H], h_n."""
+    h = _zeros_state(x, w_hh) if h0 is None else h0
+    xp = F.linear(x, w_ih, bias_sum(b_ih, b_hh))  # [T, B, H]
+    outs = []
+    for t in range(x.shape[0]):
+        h = rnn_step(xp[t], h, w_hh, nonlinearity)
+        outs.append(h)
+    return torch.stack(outs), h
+
+
+def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None) -> tuple[Tensor, Tensor]:
+    """Single LSTM step from raw input x [B, I] -> (h', c') [B, H]."""
+    return lstm_step(F.linear(x, w_ih, bias_sum(b_ih, b_hh)), h, c, w_hh)
+
+
+def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None) -> Tensor:
+    """Single GRU step from raw input x [B, I] -> h' [B, H]."""
+    return gru_step(F.linear(x, w_ih, b_ih), h, w_hh, b_hh)
+
+
+def rnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh") -> Tensor:
+    """Single RNN step from raw input x [B, I] -> h' [B, H]."""
+    return rnn_step(F.linear(x, w_ih, bias_sum(b_ih, b_hh)), h, w_hh, nonlinearity)
