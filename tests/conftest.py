@@ -1,0 +1,21 @@
+"""Fixtures shared by the test suite (helpers and tolerances live in tests/parity.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def no_fallback_warning():
+    """Turn fastchar's fused-fallback warning into an error inside the test."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fastchar: impl='fused' falls back")
+        yield

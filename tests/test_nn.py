@@ -1,0 +1,214 @@
+"""fastchar.nn modules on the reference and torch paths vs torch.nn: parity, state_dict,
+dropout, step(), dispatch and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from parity import CELLS, assert_close, check_module_parity, flatten_out, make_pair
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastchar.backends as backends
+import fastchar.nn
+from fastchar import ops
+
+SHAPES = {  # (T, B, I, H)
+    "T1_B1": (1, 1, 3, 5),
+    "T17_B3_H33": (17, 3, 4, 33),
+    "T5_B2": (5, 2, 3, 8),
+}
+LAYOUTS = {
+    "1layer": {},
+    "2layers_bidir_batchfirst": dict(num_layers=2, bidirectional=True, batch_first=True),
+    "nobias": dict(bias=False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("cell", CELLS)
+def test_reference_matches_torch(cell, shape, dtype):
+    check_module_parity(cell, "reference", *shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "zeros"])
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("cell", CELLS)
+def test_reference_layouts_match_torch(cell, layout, with_state):
+    check_module_parity(cell, "reference", 6, 3, 4, 7, with_state=with_state, **layout)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_torch_impl_is_torch(cell):
+    check_module_parity(cell, "torch", 5, 2, 3, 6, num_layers=2, bidirectional=True)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_unbatched_input(cell):
+    ours, theirs = make_pair(cell, "reference", 3, 5, num_layers=2)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for a, b in zip(flatten_out(ours(x)), flatten_out(theirs(x))):
+        assert a.shape == b.shape
+        assert_close(a, b, torch.float64, "unbatched")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_state_dict_round_trips_both_ways(cell):
+    ours_cls, theirs_cls, extra = CELLS[cell]
+    ours = ours_cls(4, 6, num_layers=2, bidirectional=True, **extra)
+    theirs = theirs_cls(4, 6, num_layers=2, bidirectional=True, **extra)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    for (n, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), n
+    fresh = ours_cls(4, 6, num_layers=2, bidirectional=True, **extra)
+    fresh.load_state_dict(theirs.state_dict())
+    for (n, a), (_, b) in zip(fresh.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_initialisation_is_torchs(cell):
+    ours_cls, theirs_cls, extra = CELLS[cell]
+    torch.manual_seed(123)
+    ours = ours_cls(5, 9, num_layers=2, **extra)
+    torch.manual_seed(123)
+    theirs = theirs_cls(5, 9, num_layers=2, **extra)
+    for (n, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_eval_mode_dropout_is_identity(cell):
+    ours, theirs = make_pair(cell, "reference", 3, 5, num_layers=3, dropout=0.5)
+    ours.eval(), theirs.eval()
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    for a, b in zip(flatten_out(ours(x)), flatten_out(theirs(x))):
+        assert_close(a, b, torch.float64, "eval dropout")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_train_mode_dropout_between_layers(cell):
+    # p=1 zeroes every inter-layer activation in torch too, which makes training-mode
+    # dropout deterministic and comparable; the last layer's output is never dropped.
+    ours, theirs = make_pair(cell, "reference", 3, 5, num_layers=2, dropout=1.0)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    got, want = flatten_out(ours(x)), flatten_out(theirs(x))
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float64, "train dropout p=1")
+    ours.dropout = 0.0
+    assert not torch.allclose(ours(x)[0], got[0]), "dropout had no effect"
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_matches_forward(cell, impl):
+    ours, _ = make_pair(cell, impl, 3, 5, num_layers=2)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    out, hx_full = ours(x)
+    hx = None
+    steps = []
+    for t in range(x.shape[0]):
+        y, hx = ours.step(x[t], hx)
+        steps.append(y)
+    assert_close(torch.stack(steps), out, torch.float64, "step outputs")
+    for a, b in zip(flatten_out((None, hx))[1:], flatten_out((None, hx_full))[1:]):
+        assert_close(a, b, torch.float64, "step state")
+
+
+def test_impl_can_change_after_construction():
+    ours, theirs = make_pair("lstm", "torch", 3, 5)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    ours.impl = "reference"
+    assert ours.impl == "reference" and "impl='reference'" in repr(ours)
+    assert_close(ours(x)[0], theirs(x)[0], torch.float64, "after impl change")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ours.impl = "cuda"
+
+
+def test_refuses_proj_size_and_packed_sequence():
+    with pytest.raises(ValueError, match="proj_size"):
+        fastchar.nn.LSTM(3, 5, proj_size=2)
+    m = fastchar.nn.GRU(3, 5, impl="reference")
+    packed = pack_padded_sequence(torch.randn(4, 2, 3), torch.tensor([4, 2]))
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        m(packed)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bad_module_input(cell):
+    ours, _ = make_pair(cell, "reference", 3, 5, num_layers=2)
+    with pytest.raises(ValueError, match="input_size=3"):
+        ours(torch.randn(4, 2, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="2D .unbatched. or 3D"):
+        ours(torch.randn(4, dtype=torch.float64))
+    bad = torch.zeros(1, 2, 5, dtype=torch.float64)  # needs [2, 2, 5]
+    with pytest.raises(ValueError, match="h0 of shape"):
+        ours(torch.randn(4, 2, 3, dtype=torch.float64), (bad, bad) if cell == "lstm" else bad)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ours(torch.randn(4, 2, 3, dtype=torch.float32))
+
+
+def test_op_errors_name_the_argument():
+    x = torch.randn(5, 2, 3)
+    w_ih, w_hh = torch.randn(16, 3), torch.randn(16, 4)
+    with pytest.raises(ValueError, match="h0 must have shape"):
+        ops.lstm(x, torch.zeros(3, 4), None, w_ih, w_hh, impl="reference")
+    with pytest.raises(RuntimeError, match="w_hh has dtype"):
+        ops.lstm(x, None, None, w_ih, w_hh.double(), impl="reference")
+    with pytest.raises(RuntimeError, match="b_ih is on meta"):
+        ops.lstm(x, None, None, w_ih, w_hh, torch.zeros(16, device="meta"), impl="reference")
+    with pytest.raises(ValueError, match="w_hh must be"):
+        ops.gru(x, None, torch.randn(12, 3), torch.randn(12, 5), impl="reference")
+    with pytest.raises(ValueError, match="at least one time step"):
+        ops.rnn(x[:0], None, torch.randn(4, 3), torch.randn(4, 4), impl="reference")
+    with pytest.raises(ValueError, match="nonlinearity"):
+        ops.rnn(x, None, torch.randn(4, 3), torch.randn(4, 4), nonlinearity="gelu")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.rnn(x, None, torch.randn(4, 3), torch.randn(4, 4), impl="fast")
+
+
+def test_explicit_impl_that_cannot_run_says_why():
+    x = torch.randn(3, 2, 4)
+    with pytest.raises(RuntimeError, match="impl='cpp' cannot run on meta tensors"):
+        fastchar.nn.LSTM(4, 4, impl="cpp", device="meta")(x.to("meta"))
+    if backends.interpreter_on():
+        pytest.skip("the Triton interpreter makes triton runnable on CPU")
+    with pytest.raises(RuntimeError, match="impl='triton' cannot run on cpu"):
+        fastchar.nn.GRU(4, 4, impl="triton")(x)
+
+
+def test_fused_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    real_why_not = backends.why_not
+
+    def why_not(impl, device):
+        return "cpp is switched off" if impl == "cpp" else real_why_not(impl, device)
+
+    monkeypatch.setattr(backends, "why_not", why_not)
+    m = fastchar.nn.RNN(4, 4)
+    assert m.impl == "fused"
+    x = torch.randn(3, 2, 4)
+    with pytest.warns(RuntimeWarning, match="falls back to 'reference' on cpu: cpp is switched off"):
+        m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(x)  # the same reason warns once
+
+
+def test_fused_on_a_device_without_kernels_falls_back(monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="no fastchar kernel for meta tensors"):
+        assert backends.resolve("fused", "meta") == "reference"
+
+
+def test_info_reports_every_impl(capsys):
+    from fastchar import info
+
+    assert info.main([]) == 0
+    text = capsys.readouterr().out
+    assert "torch    " + torch.__version__ in text
+    for impl in backends.IMPLS:
+        assert f"  {impl}" in text
