@@ -1,0 +1,271 @@
+"""Pieces the three cell modules share: tile loads, the grid barrier, launch planning.
+
+Shape letters: T time, B batch, H hidden, G gates (4H / 3H / H), BB/BH/BK block sizes
+for batch rows, owned hidden columns and the reduction chunk.
+
+Every sequence kernel is one time loop, ``for t in range(t0, t0 + n_steps)``, whose
+body first multiplies the previous step's result (h_{t-1} forward, the gate
+gradients of step t+1 backward) by this program's slice of W_hh and then does the
+cell's pointwise math. The launch plan decides who owns what:
+
+``loop``        one program per batch tile owns all H columns: W_hh is loaded once,
+                the state stays in registers and one launch covers all T steps.
+``persistent``  a grid of programs each owns BH columns of one batch tile and loops
+                over T itself; after every step the programs of a batch tile meet at a
+                barrier (an atomic counter in global memory) before reading what the
+                others wrote. CUDA only: the interpreter runs programs one after
+                another, so the first program would wait forever.
+``step``        the same grid with one launch per step (the launch boundary is the
+                barrier); runs everywhere, including the interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+VARIANTS = ("loop", "persistent", "step")
+_ENV_VARIANT = "FASTCHAR_TRITON_VARIANT"
+_forced: list[str] = []
+
+# Register budget (elements) for the slice of W_hh one program keeps resident; above
+# it the reduction streams W_hh from L2 in BK chunks every step. To be tuned on a GPU
+# with benchmarks/gpu_tune.py.
+RESIDENT_MAX = 16384
+# Largest padded H for which the ``loop`` variant is chosen on CUDA, per gate count.
+LOOP_MAX_H = {4: 64, 3: 64, 1: 128}
+
+
+@contextlib.contextmanager
+def use_variant(name: str | None):
+    """Force a launch variant inside the block (tests, tuning); None restores the choice."""
+    if name is not None and name not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _forced_variant() -> str | None:
+    if _forced and _forced[-1] is not None:
+        return _forced[-1]
+    env = os.environ.get(_ENV_VARIANT) or None
+    if env is not None and env not in VARIANTS:
+        raise ValueError(f"{_ENV_VARIANT} must be one of {VARIANTS}, got {env!r}")
+    return env
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    variant: str
+    BLOCK_B: int
+    BLOCK_H: int
+    BLOCK_K: int
+    num_warps: int
+    n_btiles: int
+    n_htiles: int
+
+    @property
+    def h_in_regs(self) -> bool:
+        return self.variant == "loop"
+
+    def w_resident(self, H: int) -> bool:
+        return self.BLOCK_K >= H
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan(B: int, H: int, n_gates: int, like: torch.Tensor) -> Plan:
+    """Pick the launch variant and block sizes for a [B, H] recurrence on ``like``'s device."""
+    Hp = max(16, triton.next_power_of_2(H))
+    BB = min(64, max(16, triton.next_power_of_2(B)))
+    nb = triton.cdiv(B, BB)
+    cuda = like.is_cuda
+    variant = _forced_variant()
+    if variant == "persistent" and not cuda:
+        raise RuntimeError(
+            "the persistent Triton variant needs a CUDA device: the interpreter runs "
+            "programs one at a time, so its grid barrier would never open"
+        )
+    if variant is None:
+        if (not cuda and n_gates * Hp * Hp <= 4 * RESIDENT_MAX) or (
+            cuda and Hp <= LOOP_MAX_H[n_gates]
+        ):
+            variant = "loop"
+        else:
+            variant = "persistent" if cuda else "step"
+    if variant == "loop":
+        return Plan("loop", BB, Hp, Hp, 8 if n_gates * Hp * Hp > 8192 else 4, nb, 1)
+    BK = 32 if like.dtype in (torch.float32, torch.float64) else 64
+    BH = 16 if cuda else 32
+    if variant == "persistent":
+        sms = _sm_count(like.device)
+        while nb * triton.cdiv(H, BH) > sms and BH < 128:
+            BH *= 2
+        if nb * triton.cdiv(H, BH) > sms:
+            if _forced_variant() == "persistent":
+                raise RuntimeError(
+                    f"persistent variant: {nb * triton.cdiv(H, BH)} programs do not fit "
+                    f"on {sms} SMs at once"
+                )
+            variant = "step"
+    BH = min(BH, Hp)
+    if n_gates * BH * Hp <= RESIDENT_MAX:
+        BK = Hp
+    return Plan(variant, BB, BH, BK, 4, nb, triton.cdiv(H, BH))
+
+
+def dot_precision(like: torch.Tensor) -> str:
+    """IEEE fp32 products unless torch itself allows TF32 for CUDA matmuls."""
+    if like.is_cuda and like.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def acc_type(dtype: torch.dtype):
+    """Accumulation and state type: float64 stays float64, everything else float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def launch(kernel, p: Plan, args: tuple, T: int, H: int, like: torch.Tensor, backward: bool):
+    """Run ``kernel`` over all T steps according to the plan.
+
+    Sequence kernels take ``*args, t0, n_steps, sync`` and the block/variant
+    constexprs; backward kernels also take FINAL, the extra product that gives
+    grad_h0 once the last step's gate gradients are complete.
+    """
+    sync = torch.zeros(
+        p.n_btiles if p.variant == "persistent" else 1, dtype=torch.int32, device=like.device
+    )
+    meta = dict(
+        BLOCK_B=p.BLOCK_B,
+        BLOCK_H=p.BLOCK_H,
+        BLOCK_K=p.BLOCK_K,
+        H_IN_REGS=p.h_in_regs,
+        W_RESIDENT=p.w_resident(H),
+        SYNC=p.variant == "persistent",
+        CM=".cg" if p.variant == "persistent" else "",
+        ACC=acc_type(like.dtype),
+        PREC=dot_precision(like),
+        num_warps=p.num_warps,
+    )
+    grid = (p.n_htiles, p.n_btiles)
+    if p.variant != "step":
+        kernel[grid](*args, 0, T, sync, **meta, **({"FINAL": True} if backward else {}))
+        return
+    for t in range(T):
+        kernel[grid](*args, t, 1, sync, **meta, **({"FINAL": False} if backward else {}))
+    if backward:
+        kernel[grid](*args, T, 0, sync, **meta, FINAL=True)
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, n_rows, n_cols, row_stride, CM: tl.constexpr = ""):
+    """[len(rows), len(cols)] tile of a row-major matrix, zero outside it."""
+    offs = rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=CM)
+
+
+@triton.jit
+def tile_mask(rows, cols, n_rows, n_cols):
+    """In-bounds mask of a [rows, cols] tile. A scalar condition is folded into ``n_rows``
+    (``tl.where(cond, B, 0)``) because the interpreter mis-types ``mask & scalar``."""
+    return (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+
+
+@triton.jit
+def load_w_t(w_ptr, gate, k0, j0, H, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """W_gate^T[k0:k0+BK, j0:j0+BH] from w_hh [G, H]: the forward product's operand."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    j = j0 + tl.arange(0, BLOCK_H)
+    offs = (gate * H + j).to(tl.int64)[None, :] * H + k[:, None]
+    mask = (k < H)[:, None] & (j < H)[None, :]
+    return tl.load(w_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_w(w_ptr, gate, m0, j0, H, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """W_gate[m0:m0+BK, j0:j0+BH] from w_hh [G, H]: the backward product's operand."""
+    m = m0 + tl.arange(0, BLOCK_K)
+    j = j0 + tl.arange(0, BLOCK_H)
+    offs = (gate * H + m).to(tl.int64)[:, None] * H + j[None, :]
+    mask = (m < H)[:, None] & (j < H)[None, :]
+    return tl.load(w_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def rec_gate(
+    acc,
+    src_ptr,
+    gate,
+    n_rows,
+    rows,
+    j0,
+    H,
+    G,
+    w_ptr,
+    w_res,
+    d_regs,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    H_IN_REGS: tl.constexpr,
+    W_RESIDENT: tl.constexpr,
+    CM: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """acc + d_gate @ W_gate[:, j0:j0+BH]: one gate's share of dh_{t-1} = d_gates W_hh.
+
+    d_gate is column block ``gate`` of a [B, G] slab at ``src_ptr`` (rows past
+    ``n_rows`` read as zero), or ``d_regs`` when the program holds it in registers;
+    W_gate comes from ``w_res`` when resident, else in BK chunks from ``w_ptr``.
+    """
+    WT = w_ptr.dtype.element_ty
+    kk = tl.arange(0, BLOCK_K)
+    if H_IN_REGS:
+        acc = tl.dot(d_regs.to(WT), w_res, acc, input_precision=PREC, out_dtype=ACC)
+    elif W_RESIDENT:
+        d = load_tile(src_ptr + gate * H, rows, kk, n_rows, H, G, CM)
+        acc = tl.dot(d.to(WT), w_res, acc, input_precision=PREC, out_dtype=ACC)
+    else:
+        for m0 in range(0, H, BLOCK_K):
+            d = load_tile(src_ptr + gate * H, rows, m0 + kk, n_rows, H, G, CM)
+            w = load_w(w_ptr, gate, m0, j0, H, BLOCK_K, BLOCK_H)
+            acc = tl.dot(d.to(WT), w, acc, input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def tanh(x):
+    # tl has no tanh that also runs in the interpreter; 2*sigmoid(2x) - 1 is exact
+    # in form and loses only absolute round-off near zero.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def grid_barrier(counter_ptr, target):
+    """Wait until the programs sharing ``counter_ptr`` have all arrived ``target`` times.
+
+    The release add publishes this program's stores of the step; the acquire spin
+    makes the other programs' stores visible before anyone reads them.
+    """
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()

@@ -1,0 +1,462 @@
+"""LSTM Triton kernels (gate order i, f, g, o) and their host launchers.
+
+Shape letters: T time, B batch, I input, H hidden, G = 4H gates.
+
+  lstm_fwd(xp [T, B, G], h0 [B, H], c0 [B, H], w_hh [G, H])
+      -> out [T, B, H], h_n [B, H], c_n [B, H], gates [T, B, G] (activated), cs [T, B, H]
+  lstm_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs) -> grad_xp, grad_h0, grad_c0
+  lstm_cell(x [B, I], h, c, w_ih, w_hh, b_ih, b_hh) -> h', c' [B, H]
+
+cs is float32 for bfloat16/float16 inputs. The launch variants are described in
+``fastchar.triton._common``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastchar.ops._common import state_dtype
+from fastchar.reference import bias_sum
+from fastchar.triton._common import (
+    acc_dtype,
+    grid_barrier,
+    launch,
+    load_tile,
+    load_w,
+    load_w_t,
+    plan,
+    rec_gate,
+    tanh,
+    tile_mask,
+)
+
+
+@triton.jit(do_not_specialize=["t0", "n_steps"])
+def _fwd_kernel(
+    xp_ptr,  # [T, B, G]
+    c0_ptr,  # [B, H]
+    w_ptr,  # [G, H]
+    hs_ptr,  # [T + 1, B, H]: hs[0] = h0, hs[t + 1] = h_t
+    gates_ptr,  # [T, B, G]
+    cs_ptr,  # [T, B, H]
+    B,
+    H,
+    STORE_GATES: tl.constexpr,
+    t0,
+    n_steps,
+    sync_ptr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    H_IN_REGS: tl.constexpr,
+    W_RESIDENT: tl.constexpr,
+    SYNC: tl.constexpr,
+    CM: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    G = 4 * H
+    j0 = pid_h * BLOCK_H
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = j0 + tl.arange(0, BLOCK_H)
+    kk = tl.arange(0, BLOCK_K)
+    mask = (rows < B)[:, None] & (cols < H)[None, :]
+    bh = rows.to(tl.int64)[:, None] * H + cols[None, :]  # [BB, BH] in a [B, H] slab
+    bg = rows.to(tl.int64)[:, None] * G + cols[None, :]  # gate i's [BB, BH] in a [B, G] slab
+    WT = w_ptr.dtype.element_ty
+    first = tl.cast(t0, tl.int64)
+
+    from_c0 = tile_mask(rows, cols, tl.where(first == 0, B, 0), H)
+    from_cs = tile_mask(rows, cols, tl.where(first > 0, B, 0), H)
+    c = tl.load(c0_ptr + bh, mask=from_c0, other=0.0).to(ACC)
+    c += tl.load(cs_ptr + (first - 1) * B * H + bh, mask=from_cs, other=0.0).to(ACC)
+    if H_IN_REGS:
+        h = tl.load(hs_ptr + first * B * H + bh, mask=mask, other=0.0).to(ACC)
+    if W_RESIDENT:
+        wi = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
+        wf = load_w_t(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H)
+        wg = load_w_t(w_ptr, 2, 0, j0, H, BLOCK_K, BLOCK_H)
+        wo = load_w_t(w_ptr, 3, 0, j0, H, BLOCK_K, BLOCK_H)
+
+    for t in range(t0, t0 + n_steps):
+        tt = tl.cast(t, tl.int64)
+        h_prev = hs_ptr + tt * B * H
+        if W_RESIDENT:
+            if H_IN_REGS:
+                hk = h.to(WT)
+            else:
+                hk = load_tile(h_prev, rows, kk, B, H, H, CM).to(WT)
+            ai = tl.dot(hk, wi, input_precision=PREC, out_dtype=ACC)
+            af = tl.dot(hk, wf, input_precision=PREC, out_dtype=ACC)
+            ag = tl.dot(hk, wg, input_precision=PREC, out_dtype=ACC)
+            ao = tl.dot(hk, wo, input_precision=PREC, out_dtype=ACC)
+        else:
+            ai = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+            af = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+            ag = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+            ao = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+            for k0 in range(0, H, BLOCK_K):
+                hk = load_tile(h_prev, rows, k0 + kk, B, H, H, CM).to(WT)
+                w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H)
+                ai = tl.dot(hk, w, ai, input_precision=PREC, out_dtype=ACC)
+                w = load_w_t(w_ptr, 1, k0, j0, H, BLOCK_K, BLOCK_H)
+                af = tl.dot(hk, w, af, input_precision=PREC, out_dtype=ACC)
+                w = load_w_t(w_ptr, 2, k0, j0, H, BLOCK_K, BLOCK_H)
+                ag = tl.dot(hk, w, ag, input_precision=PREC, out_dtype=ACC)
+                w = load_w_t(w_ptr, 3, k0, j0, H, BLOCK_K, BLOCK_H)
+                ao = tl.dot(hk, w, ao, input_precision=PREC, out_dtype=ACC)
+
+        x_t = xp_ptr + tt * B * G + bg
+        i = tl.sigmoid(ai + tl.load(x_t, mask=mask, other=0.0).to(ACC))
+        f = tl.sigmoid(af + tl.load(x_t + H, mask=mask, other=0.0).to(ACC))
+        g = tanh(ag + tl.load(x_t + 2 * H, mask=mask, other=0.0).to(ACC))
+        o = tl.sigmoid(ao + tl.load(x_t + 3 * H, mask=mask, other=0.0).to(ACC))
+        c = f * c + i * g
+        h_new = o * tanh(c)
+
+        tl.store(hs_ptr + (tt + 1) * B * H + bh, h_new.to(hs_ptr.dtype.element_ty), mask=mask)
+        tl.store(cs_ptr + tt * B * H + bh, c.to(cs_ptr.dtype.element_ty), mask=mask)
+        if STORE_GATES:
+            g_t = gates_ptr + tt * B * G + bg
+            GT = gates_ptr.dtype.element_ty
+            tl.store(g_t, i.to(GT), mask=mask)
+            tl.store(g_t + H, f.to(GT), mask=mask)
+            tl.store(g_t + 2 * H, g.to(GT), mask=mask)
+            tl.store(g_t + 3 * H, o.to(GT), mask=mask)
+        if H_IN_REGS:
+            h = h_new
+        if SYNC:
+            grid_barrier(sync_ptr + pid_b, (t - t0 + 1) * tl.num_programs(0))
+
+
+@triton.jit(do_not_specialize=["s0", "n_steps"])
+def _bwd_kernel(
+    grad_out_ptr,  # [T, B, H]
+    grad_hn_ptr,  # [B, H]
+    w_ptr,  # [G, H]
+    c0_ptr,  # [B, H]
+    gates_ptr,  # [T, B, G]
+    cs_ptr,  # [T, B, H]
+    dxp_ptr,  # [T, B, G] out: gradient of the pre-activations
+    dc_ptr,  # [B, H] accumulation dtype: grad_c_n in, grad_c0 out
+    dh0_ptr,  # [B, H] out
+    T,
+    B,
+    H,
+    s0,
+    n_steps,
+    sync_ptr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    H_IN_REGS: tl.constexpr,
+    W_RESIDENT: tl.constexpr,
+    SYNC: tl.constexpr,
+    CM: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    FINAL: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    G = 4 * H
+    j0 = pid_h * BLOCK_H
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = j0 + tl.arange(0, BLOCK_H)
+    mask = (rows < B)[:, None] & (cols < H)[None, :]
+    bh = rows.to(tl.int64)[:, None] * H + cols[None, :]  # [BB, BH]
+    bg = rows.to(tl.int64)[:, None] * G + cols[None, :]  # [BB, BH]
+    DT = dxp_ptr.dtype.element_ty
+
+    dc = tl.load(dc_ptr + bh, mask=mask, other=0.0).to(ACC)
+    if W_RESIDENT:
+        wi = load_w(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
+        wf = load_w(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H)
+        wg = load_w(w_ptr, 2, 0, j0, H, BLOCK_K, BLOCK_H)
+        wo = load_w(w_ptr, 3, 0, j0, H, BLOCK_K, BLOCK_H)
+    else:
+        wi = 0
+        wf = 0
+        wg = 0
+        wo = 0
+    # the gate gradients of step t+1 when the program owns them all; zero before step T-1
+    di = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+    df = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+    dg = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+    do = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+
+    for s in range(s0, s0 + n_steps):
+        tt = tl.cast(T - 1 - s, tl.int64)
+        nxt = dxp_ptr + (tt + 1) * B * G
+        n_rows = tl.where(s > 0, B, 0)
+        rec = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+        rec = rec_gate(
+            rec,
+            nxt,
+            0,
+            n_rows,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wi,
+            di,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        rec = rec_gate(
+            rec,
+            nxt,
+            1,
+            n_rows,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wf,
+            df,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        rec = rec_gate(
+            rec,
+            nxt,
+            2,
+            n_rows,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wg,
+            dg,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        rec = rec_gate(
+            rec,
+            nxt,
+            3,
+            n_rows,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wo,
+            do,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        dh = rec + tl.load(grad_out_ptr + tt * B * H + bh, mask=mask, other=0.0).to(ACC)
+        last = tile_mask(rows, cols, tl.where(s == 0, B, 0), H)
+        dh += tl.load(grad_hn_ptr + bh, mask=last, other=0.0).to(ACC)
+
+        g_t = gates_ptr + tt * B * G + bg
+        i = tl.load(g_t, mask=mask, other=0.0).to(ACC)
+        f = tl.load(g_t + H, mask=mask, other=0.0).to(ACC)
+        g = tl.load(g_t + 2 * H, mask=mask, other=0.0).to(ACC)
+        o = tl.load(g_t + 3 * H, mask=mask, other=0.0).to(ACC)
+        c = tl.load(cs_ptr + tt * B * H + bh, mask=mask, other=0.0).to(ACC)
+        from_c0 = tile_mask(rows, cols, tl.where(tt == 0, B, 0), H)
+        from_cs = tile_mask(rows, cols, tl.where(tt > 0, B, 0), H)
+        c_prev = tl.load(c0_ptr + bh, mask=from_c0, other=0.0).to(ACC)
+        c_prev += tl.load(cs_ptr + (tt - 1) * B * H + bh, mask=from_cs, other=0.0).to(ACC)
+
+        tc = tanh(c)
+        dc += dh * o * (1.0 - tc * tc)
+        di = dc * g * i * (1.0 - i)
+        df = dc * c_prev * f * (1.0 - f)
+        dg = dc * i * (1.0 - g * g)
+        do = dh * tc * o * (1.0 - o)
+        dc = dc * f
+
+        d_t = dxp_ptr + tt * B * G + bg
+        tl.store(d_t, di.to(DT), mask=mask)
+        tl.store(d_t + H, df.to(DT), mask=mask)
+        tl.store(d_t + 2 * H, dg.to(DT), mask=mask)
+        tl.store(d_t + 3 * H, do.to(DT), mask=mask)
+        if SYNC:
+            grid_barrier(sync_ptr + pid_b, (s - s0 + 1) * tl.num_programs(0))
+
+    tl.store(dc_ptr + bh, dc.to(dc_ptr.dtype.element_ty), mask=mask)
+    if FINAL:
+        rec = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+        rec = rec_gate(
+            rec,
+            dxp_ptr,
+            0,
+            B,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wi,
+            di,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        rec = rec_gate(
+            rec,
+            dxp_ptr,
+            1,
+            B,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wf,
+            df,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        rec = rec_gate(
+            rec,
+            dxp_ptr,
+            2,
+            B,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wg,
+            dg,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        rec = rec_gate(
+            rec,
+            dxp_ptr,
+            3,
+            B,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wo,
+            do,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        tl.store(dh0_ptr + bh, rec.to(dh0_ptr.dtype.element_ty), mask=mask)
+
+
+def _forward(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, store_gates: bool):
+    T, B, G = xp.shape
+    H = G // 4
+    xp, w_hh = xp.contiguous(), w_hh.contiguous()
+    hs = xp.new_empty(T + 1, B, H)  # [T + 1, B, H]
+    hs[0] = h0
+    gates = xp.new_empty(T, B, G) if store_gates else xp.new_empty(0)
+    cs = xp.new_empty(T, B, H, dtype=state_dtype(xp.dtype))  # [T, B, H]
+    p = plan(B, H, 4, xp)
+    args = (xp, c0.contiguous(), w_hh, hs, gates, cs, B, H, store_gates)
+    launch(_fwd_kernel, p, args, T, H, xp, backward=False)
+    return hs, gates, cs
+
+
+def lstm_fwd(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):
+    """Sequence forward; see the module docstring for shapes and what is saved."""
+    hs, gates, cs = _forward(xp, h0, c0, w_hh, store_gates=True)
+    return hs[1:], hs[-1].clone(), cs[-1].to(xp.dtype, copy=True), gates, cs
+
+
+def lstm_bwd(
+    grad_out: Tensor,
+    grad_h_n: Tensor,
+    grad_c_n: Tensor,
+    w_hh: Tensor,
+    c0: Tensor,
+    gates: Tensor,
+    cs: Tensor,
+):
+    """Sequence backward: grad_xp [T, B, G], grad_h0 [B, H], grad_c0 [B, H]."""
+    T, B, G = gates.shape
+    H = G // 4
+    dtype = gates.dtype
+    grad_xp = gates.new_empty(T, B, G)  # [T, B, G]
+    dc = grad_c_n.to(acc_dtype(dtype), copy=True).contiguous()  # [B, H]
+    grad_h0 = c0.new_empty(B, H)
+    p = plan(B, H, 4, gates)
+    args = (
+        grad_out.contiguous(),
+        grad_h_n.contiguous(),
+        w_hh.contiguous(),
+        c0.contiguous(),
+        gates.contiguous(),
+        cs.contiguous(),
+        grad_xp,
+        dc,
+        grad_h0,
+        T,
+        B,
+        H,
+    )
+    launch(_bwd_kernel, p, args, T, H, gates, backward=True)
+    return grad_xp, grad_h0, dc.to(dtype)
+
+
+def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One step from raw input x [B, I]: (h', c') [B, H]."""
+    xp = F.linear(x, w_ih, bias_sum(b_ih, b_hh)).unsqueeze(0)  # [1, B, G]
+    hs, _, cs = _forward(xp, h, c, w_hh, store_gates=False)
+    return hs[1].clone(), cs[0].to(x.dtype, copy=True)
