@@ -1,0 +1,411 @@
+"""GRU Triton kernels (gate order r, z, n; b_hn inside r * (W_hn h + b_hn)) and launchers.
+
+Shape letters: T time, B batch, I input, H hidden, G = 3H gates.
+
+  gru_fwd(xp [T, B, G], h0 [B, H], w_hh [G, H], b_hn [H])
+      -> out [T, B, H], h_n [B, H], gates [T, B, G] (activated r, z, n), hn [T, B, H]
+  gru_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn) -> grad_xp, grad_gh, grad_h0
+  gru_cell(x [B, I], h, w_ih, w_hh, b_ih, b_hh) -> h' [B, H]
+
+xp already holds b_ih + [b_hr, b_hz, 0]; hn = W_hn h_{t-1} + b_hn. grad_gh is the
+gradient of W_hh h_{t-1} + b_hh, which differs from grad_xp in the n block (scaled by r).
+The launch variants are described in ``fastchar.triton._common``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastchar.ops.gru import _split_bias
+from fastchar.triton._common import (
+    acc_dtype,
+    grid_barrier,
+    launch,
+    load_tile,
+    load_w,
+    load_w_t,
+    plan,
+    rec_gate,
+    tanh,
+    tile_mask,
+)
+
+
+@triton.jit(do_not_specialize=["t0", "n_steps"])
+def _fwd_kernel(
+    xp_ptr,  # [T, B, G]
+    bhn_ptr,  # [H]
+    w_ptr,  # [G, H]
+    hs_ptr,  # [T + 1, B, H]: hs[0] = h0, hs[t + 1] = h_t
+    gates_ptr,  # [T, B, G]
+    hn_ptr,  # [T, B, H]
+    B,
+    H,
+    STORE_GATES: tl.constexpr,
+    t0,
+    n_steps,
+    sync_ptr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    H_IN_REGS: tl.constexpr,
+    W_RESIDENT: tl.constexpr,
+    SYNC: tl.constexpr,
+    CM: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    G = 3 * H
+    j0 = pid_h * BLOCK_H
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = j0 + tl.arange(0, BLOCK_H)
+    kk = tl.arange(0, BLOCK_K)
+    mask = tile_mask(rows, cols, B, H)
+    bh = rows.to(tl.int64)[:, None] * H + cols[None, :]  # [BB, BH] in a [B, H] slab
+    bg = rows.to(tl.int64)[:, None] * G + cols[None, :]  # gate r's [BB, BH] in a [B, G] slab
+    WT = w_ptr.dtype.element_ty
+    first = tl.cast(t0, tl.int64)
+
+    # this program's columns of h_{t-1}, for the z * h_{t-1} term (all of h when H_IN_REGS)
+    h = tl.load(hs_ptr + first * B * H + bh, mask=mask, other=0.0).to(ACC)
+    b_hn = tl.load(bhn_ptr + cols, mask=cols < H, other=0.0).to(ACC)[None, :]  # [1, BH]
+    if W_RESIDENT:
+        wr = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
+        wz = load_w_t(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H)
+        wn = load_w_t(w_ptr, 2, 0, j0, H, BLOCK_K, BLOCK_H)
+
+    for t in range(t0, t0 + n_steps):
+        tt = tl.cast(t, tl.int64)
+        h_prev = hs_ptr + tt * B * H
+        if W_RESIDENT:
+            if H_IN_REGS:
+                hk = h.to(WT)
+            else:
+                hk = load_tile(h_prev, rows, kk, B, H, H, CM).to(WT)
+            ar = tl.dot(hk, wr, input_precision=PREC, out_dtype=ACC)
+            az = tl.dot(hk, wz, input_precision=PREC, out_dtype=ACC)
+            an = tl.dot(hk, wn, input_precision=PREC, out_dtype=ACC)
+        else:
+            ar = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+            az = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+            an = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+            for k0 in range(0, H, BLOCK_K):
+                hk = load_tile(h_prev, rows, k0 + kk, B, H, H, CM).to(WT)
+                w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H)
+                ar = tl.dot(hk, w, ar, input_precision=PREC, out_dtype=ACC)
+                w = load_w_t(w_ptr, 1, k0, j0, H, BLOCK_K, BLOCK_H)
+                az = tl.dot(hk, w, az, input_precision=PREC, out_dtype=ACC)
+                w = load_w_t(w_ptr, 2, k0, j0, H, BLOCK_K, BLOCK_H)
+                an = tl.dot(hk, w, an, input_precision=PREC, out_dtype=ACC)
+
+        x_t = xp_ptr + tt * B * G + bg
+        r = tl.sigmoid(ar + tl.load(x_t, mask=mask, other=0.0).to(ACC))
+        z = tl.sigmoid(az + tl.load(x_t + H, mask=mask, other=0.0).to(ACC))
+        hn = an + b_hn
+        n = tanh(tl.load(x_t + 2 * H, mask=mask, other=0.0).to(ACC) + r * hn)
+        h = (1.0 - z) * n + z * h
+
+        tl.store(hs_ptr + (tt + 1) * B * H + bh, h.to(hs_ptr.dtype.element_ty), mask=mask)
+        if STORE_GATES:
+            g_t = gates_ptr + tt * B * G + bg
+            GT = gates_ptr.dtype.element_ty
+            tl.store(g_t, r.to(GT), mask=mask)
+            tl.store(g_t + H, z.to(GT), mask=mask)
+            tl.store(g_t + 2 * H, n.to(GT), mask=mask)
+            tl.store(hn_ptr + tt * B * H + bh, hn.to(GT), mask=mask)
+        if SYNC:
+            grid_barrier(sync_ptr + pid_b, (t - t0 + 1) * tl.num_programs(0))
+
+
+@triton.jit(do_not_specialize=["s0", "n_steps"])
+def _bwd_kernel(
+    grad_out_ptr,  # [T, B, H]
+    grad_hn_ptr,  # [B, H]
+    w_ptr,  # [G, H]
+    h0_ptr,  # [B, H]
+    out_ptr,  # [T, B, H]
+    gates_ptr,  # [T, B, G]
+    hn_ptr,  # [T, B, H]
+    dxp_ptr,  # [T, B, G] out
+    dgh_ptr,  # [T, B, G] out
+    carry_ptr,  # [B, H] accumulation dtype: dh_t * z_t handed to step t-1 (zeros in)
+    dh0_ptr,  # [B, H] out
+    T,
+    B,
+    H,
+    s0,
+    n_steps,
+    sync_ptr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    H_IN_REGS: tl.constexpr,
+    W_RESIDENT: tl.constexpr,
+    SYNC: tl.constexpr,
+    CM: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    FINAL: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    G = 3 * H
+    j0 = pid_h * BLOCK_H
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = j0 + tl.arange(0, BLOCK_H)
+    mask = tile_mask(rows, cols, B, H)
+    bh = rows.to(tl.int64)[:, None] * H + cols[None, :]  # [BB, BH]
+    bg = rows.to(tl.int64)[:, None] * G + cols[None, :]  # [BB, BH]
+    DT = dxp_ptr.dtype.element_ty
+
+    carry = tl.load(carry_ptr + bh, mask=mask, other=0.0).to(ACC)
+    if W_RESIDENT:
+        wr = load_w(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
+        wz = load_w(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H)
+        wn = load_w(w_ptr, 2, 0, j0, H, BLOCK_K, BLOCK_H)
+    else:
+        wr = 0
+        wz = 0
+        wn = 0
+    # grad_gh of step t+1 when the program owns all of it; zero before step T-1
+    gr = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+    gz = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+    gn = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+
+    for s in range(s0, s0 + n_steps):
+        tt = tl.cast(T - 1 - s, tl.int64)
+        nxt = dgh_ptr + (tt + 1) * B * G
+        n_rows = tl.where(s > 0, B, 0)
+        rec = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+        rec = rec_gate(
+            rec,
+            nxt,
+            0,
+            n_rows,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wr,
+            gr,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        rec = rec_gate(
+            rec,
+            nxt,
+            1,
+            n_rows,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wz,
+            gz,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        rec = rec_gate(
+            rec,
+            nxt,
+            2,
+            n_rows,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wn,
+            gn,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        dh = rec + carry + tl.load(grad_out_ptr + tt * B * H + bh, mask=mask, other=0.0).to(ACC)
+        last = tile_mask(rows, cols, tl.where(s == 0, B, 0), H)
+        dh += tl.load(grad_hn_ptr + bh, mask=last, other=0.0).to(ACC)
+
+        g_t = gates_ptr + tt * B * G + bg
+        r = tl.load(g_t, mask=mask, other=0.0).to(ACC)
+        z = tl.load(g_t + H, mask=mask, other=0.0).to(ACC)
+        n = tl.load(g_t + 2 * H, mask=mask, other=0.0).to(ACC)
+        hn = tl.load(hn_ptr + tt * B * H + bh, mask=mask, other=0.0).to(ACC)
+        from_h0 = tile_mask(rows, cols, tl.where(tt == 0, B, 0), H)
+        from_out = tile_mask(rows, cols, tl.where(tt > 0, B, 0), H)
+        h_prev = tl.load(h0_ptr + bh, mask=from_h0, other=0.0).to(ACC)
+        h_prev += tl.load(out_ptr + (tt - 1) * B * H + bh, mask=from_out, other=0.0).to(ACC)
+
+        carry = dh * z
+        dn = dh * (1.0 - z) * (1.0 - n * n)
+        gz = dh * (h_prev - n) * z * (1.0 - z)
+        gr = dn * hn * r * (1.0 - r)
+        gn = dn * r
+
+        d_t = dxp_ptr + tt * B * G + bg
+        tl.store(d_t, gr.to(DT), mask=mask)
+        tl.store(d_t + H, gz.to(DT), mask=mask)
+        tl.store(d_t + 2 * H, dn.to(DT), mask=mask)
+        d_t = dgh_ptr + tt * B * G + bg
+        tl.store(d_t, gr.to(DT), mask=mask)
+        tl.store(d_t + H, gz.to(DT), mask=mask)
+        tl.store(d_t + 2 * H, gn.to(DT), mask=mask)
+        if SYNC:
+            grid_barrier(sync_ptr + pid_b, (s - s0 + 1) * tl.num_programs(0))
+
+    tl.store(carry_ptr + bh, carry.to(carry_ptr.dtype.element_ty), mask=mask)
+    if FINAL:
+        rec = carry
+        rec = rec_gate(
+            rec,
+            dgh_ptr,
+            0,
+            B,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wr,
+            gr,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        rec = rec_gate(
+            rec,
+            dgh_ptr,
+            1,
+            B,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wz,
+            gz,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        rec = rec_gate(
+            rec,
+            dgh_ptr,
+            2,
+            B,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            wn,
+            gn,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+        )
+        tl.store(dh0_ptr + bh, rec.to(dh0_ptr.dtype.element_ty), mask=mask)
+
+
+def _forward(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor, store_gates: bool):
+    T, B, G = xp.shape
+    H = G // 3
+    xp, w_hh = xp.contiguous(), w_hh.contiguous()
+    hs = xp.new_empty(T + 1, B, H)  # [T + 1, B, H]
+    hs[0] = h0
+    gates = xp.new_empty(T, B, G) if store_gates else xp.new_empty(0)
+    hn = xp.new_empty(T, B, H) if store_gates else xp.new_empty(0)
+    p = plan(B, H, 3, xp)
+    args = (xp, b_hn.contiguous(), w_hh, hs, gates, hn, B, H, store_gates)
+    launch(_fwd_kernel, p, args, T, H, xp, backward=False)
+    return hs, gates, hn
+
+
+def gru_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor):
+    """Sequence forward; see the module docstring for shapes and what is saved."""
+    hs, gates, hn = _forward(xp, h0, w_hh, b_hn, store_gates=True)
+    return hs[1:], hs[-1].clone(), gates, hn
+
+
+def gru_bwd(
+    grad_out: Tensor,
+    grad_h_n: Tensor,
+    w_hh: Tensor,
+    h0: Tensor,
+    out: Tensor,
+    gates: Tensor,
+    hn: Tensor,
+):
+    """Sequence backward: grad_xp [T, B, G], grad_gh [T, B, G], grad_h0 [B, H]."""
+    T, B, G = gates.shape
+    H = G // 3
+    grad_xp = gates.new_empty(T, B, G)  # [T, B, G]
+    grad_gh = gates.new_empty(T, B, G)  # [T, B, G]
+    carry = gates.new_zeros(B, H, dtype=acc_dtype(gates.dtype))  # [B, H]
+    grad_h0 = h0.new_empty(B, H)
+    p = plan(B, H, 3, gates)
+    args = (
+        grad_out.contiguous(),
+        grad_h_n.contiguous(),
+        w_hh.contiguous(),
+        h0.contiguous(),
+        out.contiguous(),
+        gates.contiguous(),
+        hn.contiguous(),
+        grad_xp,
+        grad_gh,
+        carry,
+        grad_h0,
+        T,
+        B,
+        H,
+    )
+    launch(_bwd_kernel, p, args, T, H, gates, backward=True)
+    return grad_xp, grad_gh, grad_h0
+
+
+def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One step from raw input x [B, I]: h' [B, H]."""
+    H = w_hh.shape[1]
+    b_x, b_hn = _split_bias(x, H, b_ih, b_hh)
+    xp = F.linear(x, w_ih, b_x).unsqueeze(0)  # [1, B, G]
+    hs, _, _ = _forward(xp, h, w_hh, b_hn, store_gates=False)
+    return hs[1].clone()
