@@ -1,0 +1,254 @@
+"""Character data: vocabulary, the default corpus, file loading, splits and batches.
+
+Shape letters: N corpus length, B batch, T block (time) length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import sysconfig
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Well-known, mostly pure-Python standard-library modules: about 2 MB of varied
+# code, comments and docstrings. Sorted, so the corpus order is fixed.
+DEFAULT_CORPUS_FILES = (
+    "argparse.py",
+    "ast.py",
+    "asyncio/base_events.py",
+    "asyncio/tasks.py",
+    "calendar.py",
+    "collections/__init__.py",
+    "configparser.py",
+    "contextlib.py",
+    "csv.py",
+    "dataclasses.py",
+    "datetime.py",
+    "difflib.py",
+    "email/message.py",
+    "enum.py",
+    "fractions.py",
+    "functools.py",
+    "gettext.py",
+    "gzip.py",
+    "heapq.py",
+    "http/client.py",
+    "inspect.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "logging/__init__.py",
+    "optparse.py",
+    "os.py",
+    "pathlib.py",
+    "pickle.py",
+    "pprint.py",
+    "queue.py",
+    "random.py",
+    "shutil.py",
+    "statistics.py",
+    "string.py",
+    "subprocess.py",
+    "tarfile.py",
+    "textwrap.py",
+    "threading.py",
+    "tokenize.py",
+    "traceback.py",
+    "typing.py",
+    "unittest/case.py",
+    "urllib/parse.py",
+    "warnings.py",
+    "weakref.py",
+    "zipfile.py",
+)
+
+
+class DataError(ValueError):
+    """A data file or corpus that cannot be used for training; the message says why."""
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Vocab:
+    """Sorted set of characters; ids are positions in that order."""
+
+    def __init__(self, chars: Sequence[str]):
+        chars = list(chars)
+        if not chars:
+            raise DataError("a vocabulary needs at least one character")
+        if any(not isinstance(c, str) or len(c) != 1 for c in chars):
+            raise DataError("vocabulary entries must be single characters")
+        if len(set(chars)) != len(chars):
+            raise DataError("vocabulary has duplicate characters")
+        self.chars = sorted(chars)
+        self._codes = np.array([ord(c) for c in self.chars], dtype=np.int64)  # sorted
+        self._stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> Vocab:
+        if not text:
+            raise DataError("cannot build a vocabulary from empty text")
+        return cls(set(text))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def __contains__(self, ch: str) -> bool:
+        return ch in self._stoi
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocab) and self.chars == other.chars
+
+    def __repr__(self) -> str:
+        return f"Vocab({len(self)} characters)"
+
+    def unknown(self, text: str) -> list[str]:
+        """Characters of ``text`` outside the vocabulary, sorted."""
+        return sorted(set(text) - self._stoi.keys())
+
+    def encode(self, text: str) -> Tensor:
+        """``text`` as a LongTensor [N] of ids; ValueError naming any unknown characters."""
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(
+            np.int64
+        )
+        ids = np.searchsorted(self._codes, codes)
+        ids_clipped = np.minimum(ids, len(self._codes) - 1)
+        if codes.size and not np.array_equal(self._codes[ids_clipped], codes):
+            missing = ", ".join(repr(c) for c in self.unknown(text))
+            raise ValueError(f"characters not in the vocabulary: {missing}")
+        return torch.from_numpy(ids)
+
+    def decode(self, ids: Tensor | Sequence[int]) -> str:
+        if isinstance(ids, Tensor):
+            ids = ids.reshape(-1).tolist()
+        n = len(self.chars)
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"ids out of range for a vocabulary of {n}: {bad[:5]}")
+        return "".join(self.chars[i] for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"chars": "".join(self.chars)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Vocab:
+        if not isinstance(d, dict) or not isinstance(d.get("chars"), str):
+            raise DataError("vocabulary data must be a dict with a 'chars' string")
+        return cls(d["chars"])
+
+
+def stdlib_dir() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def default_corpus() -> tuple[str, dict]:
+    """The standard-library sources in ``DEFAULT_CORPUS_FILES`` joined into one text.
+
+    Returns (text, manifest); the manifest names every file used with its
+    SHA-256, so a run can be traced to its exact data. Missing files are skipped
+    (and listed), so the corpus is fixed for a given Python installation.
+    """
+    root = stdlib_dir()
+    parts, files, missing = [], [], []
+    for rel in DEFAULT_CORPUS_FILES:
+        path = os.path.join(root, rel)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+            part = raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            missing.append(rel)
+            continue
+        parts.append(part)
+        files.append({"path": rel, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)})
+    text = "\n".join(parts)
+    if len(text) < 10_000:
+        raise DataError(
+            f"the default corpus is missing from {root} ({len(missing)} of "
+            f"{len(DEFAULT_CORPUS_FILES)} files not found); pass --data FILE"
+        )
+    manifest = {
+        "source": "python-stdlib",
+        "python": sys.version.split()[0],
+        "root": root,
+        "files": files,
+        "missing": missing,
+        "chars": len(text),
+        "sha256": sha256_text(text),
+    }
+    return text, manifest
+
+
+def load_text(path: str | os.PathLike) -> str:
+    """Read a UTF-8 text file; DataError saying what is wrong when it cannot be used."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"data file not found: {path}")
+    if os.path.isdir(path):
+        raise DataError(f"data path is a directory, not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror or e}") from None
+    if not raw:
+        raise DataError(f"data file is empty: {path}")
+    if b"\x00" in raw:
+        raise DataError(f"data file looks binary (it has NUL bytes), not text: {path}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"data file is not UTF-8 text (bad byte at offset {e.start}): {path}"
+        ) from None
+    return text
+
+
+def file_manifest(path: str | os.PathLike, text: str) -> dict:
+    return {
+        "source": "file",
+        "path": os.path.abspath(path),
+        "chars": len(text),
+        "sha256": sha256_text(text),
+    }
+
+
+def split(ids: Tensor, val_frac: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Positional split: the first (1 - val_frac) of ``ids`` trains, the rest validates."""
+    if not 0.0 < val_frac < 1.0:
+        raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
+    n_val = int(round(len(ids) * val_frac))
+    if n_val < 1 or n_val >= len(ids):
+        raise DataError(f"{len(ids)} characters are too few to split off {val_frac:.0%} validation")
+    cut = len(ids) - n_val
+    return ids[:cut], ids[cut:]
+
+
+def check_length(data: Tensor, block_size: int, what: str = "data") -> None:
+    if len(data) < block_size + 1:
+        raise DataError(
+            f"{what} has {len(data)} characters, fewer than one window of "
+            f"block_size + 1 = {block_size + 1}; use more text or a smaller --block-size"
+        )
+
+
+def get_batch(
+    data: Tensor, batch_size: int, block_size: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Random contiguous windows of ``block_size + 1`` ids from ``data`` [N].
+
+    Returns inputs x [B, T] and targets y [B, T] = x shifted left by one.
+    """
+    if batch_size < 1 or block_size < 1:
+        raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size}, {block_size}")
+    check_length(data, block_size)
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # [B]
+    idx = starts[:, None] + torch.arange(block_size + 1)  # [B, T+1]
+    windows = data[idx]  # [B, T+1]
+    return windows[:, :-1], windows[:, 1:]

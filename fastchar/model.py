@@ -1,0 +1,132 @@
+"""CharRNN: embedding -> fastchar recurrent stack -> dropout -> linear head.
+
+Shape letters: B batch, T time, E embedding, H hidden, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastchar.nn import MODULES
+
+MODEL_KINDS = tuple(MODULES)
+NONLINEARITIES = ("tanh", "relu")
+
+
+class CharRNN(nn.Module):
+    """A character language model over a fastchar LSTM, GRU or RNN stack.
+
+    ``forward(idx [B, T], state=None) -> (logits [B, T, V], state)`` trains and
+    primes; ``step(idx [B], state) -> (logits [B, V], state)`` advances one
+    character with the single-step cell ops, for sampling.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        model: str = "lstm",
+        emb_dim: int = 64,
+        hidden: int = 256,
+        layers: int = 2,
+        dropout: float = 0.0,
+        impl: str = "fused",
+        nonlinearity: str = "tanh",
+    ):
+        super().__init__()
+        if model not in MODULES:
+            raise ValueError(f"model must be one of {MODEL_KINDS}, got {model!r}")
+        for name, value in (("vocab_size", vocab_size), ("emb_dim", emb_dim), ("hidden", hidden)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
+        self.kind = model
+        self.embedding = nn.Embedding(vocab_size, emb_dim)
+        kwargs = {"nonlinearity": nonlinearity} if model == "rnn" else {}
+        self.rnn = MODULES[model](
+            emb_dim,
+            hidden,
+            num_layers=layers,
+            batch_first=True,
+            dropout=dropout if layers > 1 else 0.0,
+            impl=impl,
+            **kwargs,
+        )
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, vocab_size)
+
+    @property
+    def impl(self) -> str:
+        return self.rnn.impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self.rnn.impl = value
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedding.num_embeddings
+
+    def forward(self, idx: Tensor, state=None):
+        x = self.embedding(idx)  # [B, T, E]
+        out, state = self.rnn(x, state)  # [B, T, H]
+        logits = self.head(self.drop(out))  # [B, T, V]
+        return logits, state
+
+    def step(self, idx: Tensor, state=None):
+        x = self.embedding(idx)  # [B, E]
+        out, state = self.rnn.step(x, state)  # [B, H]
+        return self.head(out), state  # [B, V]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prime: Tensor,
+        length: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample ``length`` ids after ``prime`` [P] (P >= 1); returns the new ids [length].
+
+        The prime runs through ``forward`` once; every new character is one
+        ``step``, carrying the recurrent state, never re-running the prefix.
+        """
+        if prime.dim() != 1 or prime.numel() < 1:
+            raise ValueError("prime must be a non-empty 1-D tensor of ids")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        was_training = self.training
+        self.eval()
+        try:
+            device = self.head.weight.device
+            logits, state = self(prime.to(device)[None])  # [1, P, V]
+            logits = logits[:, -1]  # [1, V]
+            out = torch.empty(length, dtype=torch.long)
+            for t in range(length):
+                probs = _probs(logits.float(), temperature, top_k)  # [1, V]
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator)  # [1, 1]
+                out[t] = nxt[0, 0]
+                if t + 1 < length:
+                    logits, state = self.step(nxt[:, 0].to(device), state)
+            return out
+        finally:
+            self.train(was_training)
+
+
+def _probs(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return F.softmax(logits, dim=-1)

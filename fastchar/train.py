@@ -1,0 +1,695 @@
+"""Train a character language model: ``python -m fastchar.train [flags]``.
+
+``TrainConfig`` is the single config surface (flags map 1:1 to its fields and
+it is saved as a plain dict in every checkpoint). ``Trainer`` holds the run
+state and splits the loop into batching, one optimisation step, evaluation and
+checkpoint save/load, so each can be replaced on its own.
+
+Shape letters: B batch, T block (time) length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fastchar import data as fdata
+from fastchar.backends import IMPLS, resolve, why_not
+from fastchar.model import MODEL_KINDS, NONLINEARITIES, CharRNN
+
+PROG = "fastchar.train"
+CKPT_FORMAT = "fastchar-charrnn"
+CKPT_VERSION = 1
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class TrainError(Exception):
+    """An error the CLI reports as one line (bad flag, bad file, bad checkpoint)."""
+
+
+class ConfigError(TrainError, ValueError):
+    pass
+
+
+class CheckpointError(TrainError):
+    pass
+
+
+def _meta(help: str, **kw) -> dict:
+    return {"help": help, **kw}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Field ``x_y`` is the flag ``--x-y``."""
+
+    impl: str = field(default="fused", metadata=_meta("kernel implementation", choices=IMPLS))
+    model: str = field(default="lstm", metadata=_meta("recurrent cell", choices=MODEL_KINDS))
+    data: str | None = field(
+        default=None, metadata=_meta("UTF-8 text file (default: Python stdlib sources)")
+    )
+    steps: int = field(default=400, metadata=_meta("optimisation steps"))
+    batch_size: int = field(default=32, metadata=_meta("sequences per batch"))
+    block_size: int = field(default=128, metadata=_meta("characters per sequence (BPTT length)"))
+    lr: float = field(default=3e-3, metadata=_meta("peak learning rate (AdamW)"))
+    min_lr: float = field(default=3e-4, metadata=_meta("learning rate at the end of the decay"))
+    warmup: int = field(default=20, metadata=_meta("linear warm-up steps"))
+    schedule: str = field(
+        default="cosine", metadata=_meta("decay after warm-up", choices=SCHEDULES)
+    )
+    weight_decay: float = field(default=0.0, metadata=_meta("AdamW weight decay"))
+    emb_dim: int = field(default=64, metadata=_meta("character embedding size"))
+    hidden: int = field(default=256, metadata=_meta("hidden units per layer"))
+    layers: int = field(default=2, metadata=_meta("recurrent layers"))
+    dropout: float = field(
+        default=0.0, metadata=_meta("dropout between layers and before the head")
+    )
+    nonlinearity: str = field(
+        default="tanh", metadata=_meta("RNN nonlinearity (--model rnn)", choices=NONLINEARITIES)
+    )
+    grad_clip: float = field(default=1.0, metadata=_meta("gradient norm clip (0 disables)"))
+    eval_interval: int = field(default=100, metadata=_meta("steps between evaluations"))
+    eval_iters: int = field(default=10, metadata=_meta("batches per evaluation and split"))
+    log_interval: int = field(default=10, metadata=_meta("steps between log lines (no terminal)"))
+    seed: int = field(default=1337, metadata=_meta("random seed"))
+    device: str = field(default="auto", metadata=_meta("device", choices=DEVICES))
+    dtype: str = field(
+        default="float32",
+        metadata=_meta("compute dtype (bfloat16: float32 weights + autocast)", choices=DTYPES),
+    )
+    out: str | None = field(default=None, metadata=_meta("run directory (default: runs/<model>)"))
+    sample_length: int = field(default=200, metadata=_meta("characters sampled at the end"))
+    stop_at: int | None = field(
+        default=None,
+        metadata=_meta("stop after this step with a checkpoint, as if interrupted (see --resume)"),
+    )
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError naming the flag of the first nonsensical setting."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(
+                    f"{_flag(f.name)} must be one of {', '.join(choices)}, got {value!r}"
+                )
+        for name in (
+            "steps", "batch_size", "block_size", "emb_dim", "hidden", "layers",
+            "eval_interval", "eval_iters", "log_interval",
+        ):  # fmt: skip
+            _at_least(name, getattr(self, name), 1)
+        _at_least("warmup", self.warmup, 0)
+        _at_least("sample_length", self.sample_length, 0)
+        if self.stop_at is not None:
+            _at_least("stop_at", self.stop_at, 1)
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+        if self.lr == 0:
+            raise ConfigError("--lr must be > 0")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+        if self.dropout >= 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+    def run_dir(self) -> str:
+        return self.out or os.path.join("runs", self.model)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+# Settings that may change when resuming: how long and how to run, not what is trained.
+RESUME_OVERRIDES = frozenset(
+    {"impl", "steps", "eval_interval", "eval_iters", "log_interval", "device", "out",
+     "sample_length", "stop_at", "data"}
+)  # fmt: skip
+# Run control: on resume these come from the command line, never from the checkpoint.
+RUN_CONTROL = frozenset({"stop_at", "out", "device"})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{_flag(name)} must be >= {low}, got {value}")
+
+
+# ---------------------------------------------------------------------------- CLI parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m fastchar.train",
+        description="Train a character-level LSTM/GRU/RNN language model with fastchar kernels.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        kw = {"type": kind, "help": f"{f.metadata['help']} (default: {f.default})"}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        p.add_argument(_flag(f.name), dest=f.name, **kw)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its ckpt.pt (model, optimizer, schedule, RNG)",
+    )
+    return p
+
+
+def parse_args(argv: list[str] | None) -> tuple[dict, bool]:
+    """The flags given explicitly (as TrainConfig fields) and whether to resume."""
+    ns = vars(build_parser().parse_args(argv))
+    resume = ns.pop("resume", False)
+    return ns, resume
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state(device: torch.device) -> dict:
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj: dict, path: str) -> None:
+    """Write ``obj`` so that ``path`` always holds either the old or the new complete file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """Read a fastchar checkpoint (a run directory means its ckpt.pt) as data only."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (corrupt, truncated or not a checkpoint): "
+            f"{_first_line(e)}"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path} is not a fastchar checkpoint")
+    if ckpt.get("version") != CKPT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint version {ckpt.get('version')!r}; this fastchar reads "
+            f"version {CKPT_VERSION}"
+        )
+    missing = [k for k in ("model", "config", "vocab", "step") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is missing {', '.join(missing)}")
+    return ckpt
+
+
+def model_from_checkpoint(
+    ckpt: dict, *, impl: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[CharRNN, fdata.Vocab, TrainConfig]:
+    """Rebuild the trained CharRNN (eval mode), its vocabulary and config."""
+    try:
+        cfg = TrainConfig.from_dict(ckpt["config"])
+        vocab = fdata.Vocab.from_dict(ckpt["vocab"])
+        model = build_model(cfg, len(vocab), impl=impl or cfg.impl)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(
+            f"checkpoint does not describe a usable model: {_first_line(e)}"
+        ) from None
+    return model.to(device).eval(), vocab, cfg
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, impl: str | None = None) -> CharRNN:
+    return CharRNN(
+        vocab_size,
+        model=cfg.model,
+        emb_dim=cfg.emb_dim,
+        hidden=cfg.hidden,
+        layers=cfg.layers,
+        dropout=cfg.dropout,
+        impl=impl or cfg.impl,
+        nonlinearity=cfg.nonlinearity,
+    )
+
+
+# ---------------------------------------------------------------------------- devices and data
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available")
+    return torch.device(name)
+
+
+def check_impl(impl: str, device: torch.device) -> tuple[str, str | None]:
+    """The impl that will run and, for a fused fallback, the note that says why."""
+    if impl not in ("fused", "reference", "torch"):
+        reason = why_not(impl, device.type)
+        if reason is not None:
+            raise ConfigError(f"--impl {impl} cannot run on {device.type}: {reason}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kind = resolve(impl, device)
+    note = str(caught[0].message) if caught else None
+    return kind, note
+
+
+def load_corpus(data: str | None) -> tuple[str, dict]:
+    if data is None:
+        return fdata.default_corpus()
+    text = fdata.load_text(data)
+    return text, fdata.file_manifest(data, text)
+
+
+def describe_data(manifest: dict) -> str:
+    digest = manifest["sha256"][:12]
+    if manifest["source"] == "file":
+        return f"{manifest['path']}: {manifest['chars']:,} chars, sha256 {digest}"
+    return (
+        f"Python {manifest['python']} stdlib sources: {len(manifest['files'])} files, "
+        f"{manifest['chars']:,} chars, sha256 {digest}"
+    )
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for optimisation step ``step`` (0-based): warm-up, then decay."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(cfg.steps - cfg.warmup, 1)
+    progress = min((step - cfg.warmup) / span, 1.0)
+    if cfg.schedule == "cosine":
+        scale = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        scale = 1.0 - progress
+    return cfg.lr - (cfg.lr - cfg.min_lr) * (1.0 - scale)
+
+
+class Progress:
+    """One self-updating line on a terminal; plain log lines every ``interval`` steps otherwise."""
+
+    def __init__(self, total: int, interval: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.interval = interval
+        self.tty = self.stream.isatty()
+        self._open = False
+
+    def update(self, step: int, loss: float, tok_s: float, lr: float) -> None:
+        text = (
+            f"step {step}/{self.total} | loss {loss:.4f} ({loss / math.log(2):.3f} bpc) | "
+            f"{tok_s:,.0f} tok/s | lr {lr:.2e}"
+        )
+        if self.tty:
+            width = 30
+            done = int(width * step / self.total)
+            self.stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {text}\x1b[K")
+            self.stream.flush()
+            self._open = True
+        elif step % self.interval == 0:
+            self.log(text)
+
+    def log(self, text: str) -> None:
+        if self._open:
+            self.stream.write("\n")
+            self._open = False
+        print(text, file=self.stream, flush=True)
+
+
+class Trainer:
+    """One training run: model, optimizer, schedule, data, RNG and step counter."""
+
+    def __init__(
+        self, cfg: TrainConfig, text: str, manifest: dict, vocab: fdata.Vocab | None = None
+    ):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        if cfg.dtype == "bfloat16" and self.device.type not in ("cpu", "cuda"):
+            raise ConfigError(
+                f"--dtype bfloat16 needs a cpu or cuda device, not {self.device.type}"
+            )
+        self.kind, self.impl_note = check_impl(cfg.impl, self.device)
+        self.manifest = manifest
+        self.vocab = vocab or fdata.Vocab.from_text(text)
+        try:
+            ids = self.vocab.encode(text)  # [N]
+        except ValueError as e:
+            raise fdata.DataError(f"the data does not match the vocabulary: {e}") from None
+        self.train_data, self.val_data = fdata.split(ids)
+        fdata.check_length(self.train_data, cfg.block_size, "the training split")
+        fdata.check_length(self.val_data, cfg.block_size, "the validation split (last 10%)")
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = build_model(cfg, len(self.vocab)).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=lr_at(cfg, 0), betas=(0.9, 0.99),
+            weight_decay=cfg.weight_decay,
+        )  # fmt: skip
+        self.batch_gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.best_val = math.inf
+        self.elapsed = 0.0
+        self.is_main = True
+
+    def autocast(self):
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16"
+        )
+
+    def next_batch(self, split: str = "train", generator: torch.Generator | None = None):
+        source = self.train_data if split == "train" else self.val_data
+        x, y = fdata.get_batch(
+            source, self.cfg.batch_size, self.cfg.block_size, generator or self.batch_gen
+        )  # [B, T]
+        return x.to(self.device), y.to(self.device)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits, _ = self.model(x)  # [B, T, V]
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    def train_step(self) -> float:
+        """One optimisation step on a fresh batch; returns its loss."""
+        lr = lr_at(self.cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.next_batch()
+        self.model.train()
+        loss = self.loss(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over ``eval_iters`` batches per split, with fixed batches every time."""
+        self.model.eval()
+        result = {}
+        for split in ("train", "val"):
+            gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+            losses = [
+                self.loss(*self.next_batch(split, gen)).item() for _ in range(self.cfg.eval_iters)
+            ]
+            result[split] = sum(losses) / len(losses)
+        self.model.train()
+        return result
+
+    def state_dict(self) -> dict:
+        return {
+            "format": CKPT_FORMAT,
+            "version": CKPT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {
+                "name": self.cfg.schedule,
+                "warmup": self.cfg.warmup,
+                "steps": self.cfg.steps,
+                "next_lr": lr_at(self.cfg, self.step),
+            },
+            "step": self.step,
+            "best_val_loss": self.best_val,
+            "elapsed_sec": self.elapsed,
+            "rng": {**_rng_state(self.device), "batch": self.batch_gen.get_state()},
+            "config": self.cfg.to_dict(),
+            "vocab": self.vocab.to_dict(),
+            "data_manifest": self.manifest,
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.step = int(ckpt["step"])
+            self.best_val = float(ckpt["best_val_loss"])
+            self.elapsed = float(ckpt["elapsed_sec"])
+            _set_rng_state(ckpt["rng"])
+            self.batch_gen.set_state(ckpt["rng"]["batch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"cannot restore the run from its checkpoint: {_first_line(e)}"
+            ) from None
+
+    def save(self, path: str) -> None:
+        atomic_torch_save(self.state_dict(), path)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def _resume_config(given: dict, ckpt: dict) -> TrainConfig:
+    try:
+        saved = TrainConfig.from_dict(ckpt["config"])
+    except (TypeError, ConfigError) as e:
+        raise CheckpointError(f"checkpoint config is unusable: {_first_line(e)}") from None
+    for name, value in given.items():
+        if name not in RESUME_OVERRIDES and value != getattr(saved, name):
+            raise ConfigError(
+                f"{_flag(name)} {value} differs from the checkpoint's {getattr(saved, name)}; "
+                "a resumed run keeps its model, optimiser and data settings"
+            )
+    values = saved.to_dict()
+    for name in RUN_CONTROL:
+        values[name] = TrainConfig.__dataclass_fields__[name].default
+    values.update(given)
+    return TrainConfig(**values)
+
+
+def _trim_metrics(path: str, step: int) -> None:
+    """Drop records past the checkpoint's step: they belong to steps that will be redone."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            if json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run(given: dict, resume: bool = False) -> Trainer:
+    """Train with the explicitly given settings (TrainConfig field -> value)."""
+    out = given.get("out") or TrainConfig(**{"model": given.get("model", "lstm")}).run_dir()
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    ckpt = None
+    if resume:
+        if not os.path.exists(ckpt_path):
+            raise CheckpointError(f"--resume: no checkpoint to resume at {ckpt_path}")
+        ckpt = load_checkpoint(ckpt_path)
+        cfg = _resume_config({**given, "out": out}, ckpt)
+    else:
+        cfg = TrainConfig(**given)
+        cfg.out = out
+    cfg.validate()
+    progress = Progress(cfg.steps, cfg.log_interval)
+    log = progress.log
+
+    text, manifest = load_corpus(cfg.data)
+    vocab = None
+    if ckpt is not None:
+        if manifest["sha256"] != ckpt.get("data_manifest", {}).get("sha256"):
+            raise CheckpointError(
+                "--resume: the training data changed since the checkpoint (SHA-256 differs)"
+            )
+        try:
+            vocab = fdata.Vocab.from_dict(ckpt["vocab"])
+        except fdata.DataError as e:
+            raise CheckpointError(f"checkpoint vocabulary is unusable: {e}") from None
+    trainer = Trainer(cfg, text, manifest, vocab)
+    os.makedirs(out, exist_ok=True)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        _trim_metrics(metrics_path, trainer.step)
+        log(f"resumed {ckpt_path} at step {trainer.step}")
+    else:
+        open(metrics_path, "w").close()
+        _write_json(os.path.join(out, "data_manifest.json"), manifest)
+    _write_json(os.path.join(out, "config.json"), cfg.to_dict())
+
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    log(f"data: {describe_data(manifest)} (manifest: {os.path.join(out, 'data_manifest.json')})")
+    log(
+        f"model: {cfg.model} {cfg.layers}x{cfg.hidden}, {n_params:,} parameters, vocab "
+        f"{len(trainer.vocab)} | impl {cfg.impl} -> {trainer.kind} on {trainer.device} "
+        f"({cfg.dtype}, {torch.get_num_threads()} threads)"
+    )
+    if trainer.impl_note:
+        log(trainer.impl_note)
+
+    last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    window_tokens, window_time = 0, 0.0
+    while trainer.step < last:
+        t0 = time.perf_counter()
+        loss = trainer.train_step()
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise TrainError(
+                f"loss became {loss} at step {trainer.step}; stopping without saving "
+                "(try a lower --lr or --grad-clip)"
+            )
+        trainer.elapsed += dt
+        window_tokens += tokens_per_step
+        window_time += dt
+        progress.update(trainer.step, loss, tokens_per_step / dt, lr_at(cfg, trainer.step - 1))
+        if trainer.step % cfg.eval_interval == 0 or trainer.step == last:
+            losses = trainer.evaluate()
+            record = {
+                "step": trainer.step,
+                "train_loss": losses["train"],
+                "val_loss": losses["val"],
+                "train_bpc": losses["train"] / math.log(2),
+                "val_bpc": losses["val"] / math.log(2),
+                "loss": loss,
+                "tokens_per_sec": window_tokens / window_time,
+                "elapsed_sec": trainer.elapsed,
+                "lr": lr_at(cfg, trainer.step - 1),
+                "tokens": trainer.step * tokens_per_step,
+                "impl": trainer.kind,
+            }
+            window_tokens, window_time = 0, 0.0
+            best = losses["val"] < trainer.best_val
+            if best:
+                trainer.best_val = losses["val"]
+            if trainer.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                trainer.save(ckpt_path)
+                if best:
+                    trainer.save(os.path.join(out, "best.pt"))
+            log(
+                f"eval step {trainer.step}: train {losses['train']:.4f} "
+                f"({record['train_bpc']:.3f} bpc) | val {losses['val']:.4f} "
+                f"({record['val_bpc']:.3f} bpc) | {record['tokens_per_sec']:,.0f} tok/s"
+                + (" | best" if best else "")
+            )
+    if trainer.step < cfg.steps:
+        log(f"stopped at step {trainer.step} of {cfg.steps}; continue with --resume --out {out}")
+    elif cfg.sample_length > 0:
+        prime = "\n" if "\n" in trainer.vocab else trainer.vocab.chars[0]
+        ids = trainer.model.generate(
+            trainer.vocab.encode(prime),
+            cfg.sample_length,
+            temperature=0.8,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        log(f"sample ({cfg.sample_length} chars, temperature 0.8):")
+        print(prime + trainer.vocab.decode(ids), flush=True)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        given, resume = parse_args(argv)
+        run(given, resume)
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except (TrainError, fdata.DataError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except OSError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

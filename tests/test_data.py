@@ -1,0 +1,149 @@
+"""fastchar.data: vocabulary, default corpus, file loading, splits and batches."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import torch
+
+from fastchar import data
+from fastchar.data import DataError, Vocab
+
+
+def test_vocab_round_trip():
+    text = "hello, wörld!\n\tπ"
+    v = Vocab.from_text(text)
+    assert v.chars == sorted(set(text))
+    ids = v.encode(text)
+    assert ids.dtype == torch.long and ids.shape == (len(text),)
+    assert v.decode(ids) == text
+    assert v.decode(ids.tolist()) == text
+    v2 = Vocab.from_dict(v.to_dict())
+    assert v2 == v and torch.equal(v2.encode(text), ids)
+    assert isinstance(v.to_dict()["chars"], str)
+
+
+def test_vocab_ids_follow_sorted_order():
+    v = Vocab.from_text("cab")
+    assert v.encode("abc").tolist() == [0, 1, 2]
+    assert v.encode("").tolist() == []
+
+
+def test_vocab_unknown_characters_are_named():
+    v = Vocab.from_text("abc")
+    with pytest.raises(ValueError, match="'z'.*'é'|'é'.*'z'") as info:
+        v.encode("abzcé")
+    assert "'a'" not in str(info.value)
+    assert v.unknown("abzcé") == ["z", "é"]
+
+
+def test_vocab_rejects_bad_input():
+    with pytest.raises(DataError):
+        Vocab.from_text("")
+    with pytest.raises(DataError):
+        Vocab.from_dict({"chars": ["a", "b"]})
+    with pytest.raises(DataError, match="duplicate"):
+        Vocab(["a", "a"])
+    with pytest.raises(ValueError, match="out of range"):
+        Vocab.from_text("ab").decode([0, 2])
+
+
+def _write(path, raw: bytes):
+    path.write_bytes(raw)
+    return path
+
+
+def test_load_text_reads_utf8(tmp_path):
+    p = _write(tmp_path / "ok.txt", "naïve café\n".encode())
+    assert data.load_text(p) == "naïve café\n"
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", "not found"),
+        ("directory", "directory"),
+        ("empty", "empty"),
+        ("binary", "binary"),
+        ("latin1", "not UTF-8"),
+    ],
+)
+def test_load_text_errors(tmp_path, case, match):
+    path = tmp_path / "f.txt"
+    if case == "directory":
+        path.mkdir()
+    elif case == "empty":
+        _write(path, b"")
+    elif case == "binary":
+        _write(path, b"abc\x00\x01\x02def")
+    elif case == "latin1":
+        _write(path, "caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(DataError, match=match) as info:
+        data.load_text(path)
+    assert str(path) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_split_is_positional():
+    ids = torch.arange(100)
+    train, val = data.split(ids)
+    assert train.tolist() == list(range(90))
+    assert val.tolist() == list(range(90, 100))
+    train, val = data.split(ids, val_frac=0.25)
+    assert len(train) == 75 and val[0].item() == 75
+    with pytest.raises(ValueError):
+        data.split(ids, val_frac=0.0)
+    with pytest.raises(DataError):
+        data.split(torch.arange(3))
+
+
+def test_get_batch_windows_are_contiguous_and_shifted():
+    d = torch.arange(1000) * 3  # distinct values reveal each id's position
+    g = torch.Generator().manual_seed(0)
+    x, y = data.get_batch(d, 16, 8, g)
+    assert x.shape == y.shape == (16, 8)
+    starts = x[:, 0] // 3
+    expected = starts[:, None] + torch.arange(9)  # [B, T+1]
+    assert torch.equal(x, d[expected[:, :-1]])
+    assert torch.equal(y, d[expected[:, 1:]])
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    assert starts.max().item() <= 1000 - 9
+
+
+def test_get_batch_is_seeded_and_covers_the_ends():
+    d = torch.arange(10)
+    a = data.get_batch(d, 64, 4, torch.Generator().manual_seed(1))
+    b = data.get_batch(d, 64, 4, torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    starts = set(a[0][:, 0].tolist())
+    assert starts == set(range(6))  # every valid start, and none past the last window
+
+
+def test_get_batch_exact_and_too_short():
+    d = torch.arange(9)
+    x, y = data.get_batch(d, 2, 8, torch.Generator().manual_seed(0))
+    assert x.tolist() == [list(range(8))] * 2 and y.tolist() == [list(range(1, 9))] * 2
+    with pytest.raises(DataError, match="block_size"):
+        data.get_batch(d, 2, 9)
+    with pytest.raises(ValueError):
+        data.get_batch(d, 0, 4)
+
+
+def test_default_corpus_is_deterministic_and_traced():
+    text, manifest = data.default_corpus()
+    text2, manifest2 = data.default_corpus()
+    assert text == text2 and manifest == manifest2
+    assert 200_000 < len(text) < 5_000_000
+    assert manifest["chars"] == len(text)
+    assert manifest["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    paths = [f["path"] for f in manifest["files"]]
+    assert paths == sorted(paths) and len(paths) >= 10
+    assert set(paths) | set(manifest["missing"]) == set(data.DEFAULT_CORPUS_FILES)
+    for f in manifest["files"][:5]:
+        with open(os.path.join(manifest["root"], f["path"]), "rb") as fh:
+            raw = fh.read()
+        assert f["sha256"] == hashlib.sha256(raw).hexdigest() and f["bytes"] == len(raw)
+        assert raw.decode() in text
+    Vocab.from_text(text).encode(text[:1000])

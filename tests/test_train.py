@@ -1,0 +1,287 @@
+"""fastchar.train: a few-step CLI run, resume equivalence, the schedule and every bad-input path."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastchar import train
+from fastchar.model import CharRNN
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRIC_KEYS = {
+    "step", "train_loss", "val_loss", "train_bpc", "val_bpc", "tokens_per_sec", "elapsed_sec", "lr",
+}  # fmt: skip
+
+
+def make_text(n_chars: int = 6000, seed: int = 0) -> str:
+    words = "the quick brown fox jumps over a lazy dog while seven wizards box".split()
+    rng = random.Random(seed)
+    out, size = [], 0
+    while size < n_chars:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + ".\n"
+        out.append(line)
+        size += len(line)
+    return "".join(out)[:n_chars]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_text())
+    return path
+
+
+def tiny_args(data, out, *extra):
+    return [
+        "--impl", "reference", "--data", str(data), "--out", str(out),
+        "--emb-dim", "8", "--hidden", "16", "--layers", "1",
+        "--batch-size", "4", "--block-size", "16", "--steps", "6", "--warmup", "2",
+        "--eval-interval", "3", "--eval-iters", "2", "--sample-length", "20", "--seed", "3",
+        *extra,
+    ]  # fmt: skip
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_one_line_error(err: str, prog: str = "fastchar.train"):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: "), err
+    assert "Traceback" not in err
+
+
+def test_few_step_run_writes_metrics_and_checkpoints(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(text_file, out)) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "eval step 6" in captured.err and "bpc" in captured.err
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [3, 6]
+    for r in records:
+        assert METRIC_KEYS <= r.keys()
+        assert r["train_bpc"] == pytest.approx(r["train_loss"] / math.log(2))
+        assert r["val_bpc"] == pytest.approx(r["val_loss"] / math.log(2))
+        assert r["tokens_per_sec"] > 0 and r["elapsed_sec"] > 0
+    assert records[0]["val_loss"] < math.log(len(set(make_text()))) + 0.5
+    for name in ("ckpt.pt", "best.pt", "data_manifest.json", "config.json"):
+        assert (out / name).is_file(), name
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6
+    assert {"model", "optimizer", "schedule", "rng", "config", "vocab", "data_manifest"} <= set(
+        ckpt
+    )
+    assert {"torch", "python", "batch"} <= set(ckpt["rng"])
+    assert ckpt["config"]["hidden"] == 16 and ckpt["config"]["data"] == str(text_file)
+    assert ckpt["data_manifest"]["sha256"] == train.fdata.sha256_text(make_text())
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["best_val_loss"] == min(r["val_loss"] for r in records)
+
+    model, vocab, cfg = train.model_from_checkpoint(ckpt)
+    assert isinstance(model, CharRNN) and cfg.model == "lstm"
+    sample = captured.out.rstrip("\n")
+    assert len(sample) == 1 + 20 and not vocab.unknown(sample)
+
+
+def test_resume_continues_exactly(text_file, tmp_path, capsys):
+    """8 steps straight == 4 steps, stop, --resume, 4 more: same loss and weights bit for bit."""
+    extra = ["--steps", "8", "--eval-interval", "2", "--layers", "2", "--dropout", "0.2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(tiny_args(text_file, straight, *extra)) == 0
+    assert train.main(tiny_args(text_file, split, *extra, "--stop-at", "4")) == 0
+    assert torch.load(split / "ckpt.pt", weights_only=True)["step"] == 4
+    assert train.main(["--resume", "--out", str(split)]) == 0
+    assert "resumed" in capsys.readouterr().err
+
+    a, b = read_metrics(straight), read_metrics(split)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4, 6, 8]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "train_loss", "val_loss", "lr"):
+            assert ra[key] == rb[key], (ra["step"], key)
+    ca = torch.load(straight / "ckpt.pt", weights_only=True)
+    cb = torch.load(split / "ckpt.pt", weights_only=True)
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    for pa, pb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg"], pb["exp_avg"])
+        assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    assert torch.equal(ca["rng"]["batch"], cb["rng"]["batch"])
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+
+
+def test_resume_drops_metrics_past_the_checkpoint(text_file, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(text_file, out, "--stop-at", "3")) == 0
+    with open(out / "metrics.jsonl", "a") as f:  # as if killed after logging step 4
+        f.write(json.dumps({"step": 4, "val_loss": 0.0}) + "\n")
+    assert train.main(["--resume", "--out", str(out)]) == 0
+    assert [r["step"] for r in read_metrics(out)] == [3, 6]
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = train.TrainConfig(lr=1e-2, min_lr=1e-3, warmup=4, steps=20)
+    lrs = [train.lr_at(cfg, s) for s in range(20)]
+    assert lrs[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert train.lr_at(cfg, 20) == pytest.approx(1e-3)
+    linear = train.TrainConfig(lr=1e-2, min_lr=0.0, warmup=0, steps=10, schedule="linear")
+    assert train.lr_at(linear, 5) == pytest.approx(5e-3)
+
+
+def test_config_round_trip():
+    cfg = train.TrainConfig(hidden=7, data="x.txt")
+    assert train.TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(train.ConfigError, match="unknown"):
+        train.TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--batch-size", "-2"], "--batch-size must be >= 1"),
+        (["--block-size", "0"], "--block-size must be >= 1"),
+        (["--hidden", "0"], "--hidden must be >= 1"),
+        (["--layers", "-1"], "--layers must be >= 1"),
+        (["--eval-iters", "0"], "--eval-iters must be >= 1"),
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--lr", "nan"], "--lr must be a finite"),
+        (["--dropout", "1.0"], "--dropout must be in"),
+        (["--grad-clip", "-1"], "--grad-clip must be"),
+        (["--model", "transformer"], "invalid choice"),
+        (["--steps", "many"], "invalid int"),
+        (["--no-such-flag"], "unrecognized"),
+    ],
+)
+def test_bad_flags(text_file, tmp_path, capsys, flags, match):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(text_file, out, *flags)) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert match in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", "not found"),
+        ("directory", "directory"),
+        ("empty", "empty"),
+        ("binary", "binary"),
+        ("latin1", "not UTF-8"),
+        ("short", "fewer than one window"),
+    ],
+)
+def test_bad_data_is_an_error_not_a_fallback(tmp_path, capsys, case, match):
+    path = tmp_path / "data.txt"
+    if case == "directory":
+        path.mkdir()
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "binary":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif case == "latin1":
+        path.write_bytes(("d\xe9j\xe0 vu " * 100).encode("latin-1"))
+    elif case == "short":
+        path.write_text(make_text(100))  # the 10% validation split is shorter than 17 chars
+    out = tmp_path / "run"
+    assert train.main(tiny_args(path, out)) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert match in err
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_block_size_longer_than_corpus(text_file, tmp_path, capsys):
+    assert train.main(tiny_args(text_file, tmp_path / "r", "--block-size", "100000")) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "--block-size" in err
+
+
+def test_unrunnable_impl_is_refused(text_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert train.main(tiny_args(text_file, tmp_path / "r", "--impl", "triton")) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "--impl triton cannot run on cpu" in err
+
+
+def test_resume_errors(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--resume", "--out", str(out)]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+    assert train.main(tiny_args(text_file, out, "--stop-at", "3")) == 0
+    capsys.readouterr()
+    assert train.main(["--resume", "--out", str(out), "--hidden", "32"]) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "--hidden 32 differs" in err
+
+    text_file.write_text(make_text(seed=1))
+    assert train.main(["--resume", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "data changed" in err
+
+    (out / "ckpt.pt").write_bytes((out / "best.pt").read_bytes()[:500])
+    assert train.main(["--resume", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "cannot read checkpoint" in err
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.atomic_torch_save({"a": torch.ones(2)}, path)
+
+    def boom(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        train.atomic_torch_save({"a": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_cli_fused_smoke(text_file, tmp_path):
+    """`python -m fastchar.train --impl fused` runs end to end (kernels or the fallback)."""
+    out = tmp_path / "run"
+    args = tiny_args(text_file, out, "--impl", "fused", "--steps", "3")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastchar.train", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "impl fused -> " in proc.stderr
+    assert [r["step"] for r in read_metrics(out)] == [3]
+    assert (out / "ckpt.pt").is_file()
+
+
+def test_cli_error_via_subprocess(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastchar.train", "--data", str(tmp_path / "nope.txt")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert_one_line_error(proc.stderr)
+    assert "not found" in proc.stderr
