@@ -1,0 +1,228 @@
+// Shared pieces of the CPU kernels: argument checks, the recurrent GEMMs and
+// the fast activations used by every cell's pointwise pass.
+//
+// Shape letters: T time, B batch, I input, H hidden, G gates (4H / 3H / H).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Config.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+// Each op defines `constexpr const char* OP` so the messages name the op too.
+#define CHECK_CPU(x) \
+  TORCH_CHECK((x).device().is_cpu(), OP, ": ", #x, " must be a CPU tensor, got ", (x).device())
+#define CHECK_DTYPE(x, dtype)                                                             \
+  TORCH_CHECK((x).scalar_type() == (dtype), OP, ": ", #x, " has dtype ", (x).scalar_type(), \
+              ", expected ", (dtype))
+#define CHECK_SHAPE(x, ...)                                                           \
+  TORCH_CHECK_VALUE((x).sizes() == at::IntArrayRef({__VA_ARGS__}), OP, ": ", #x,      \
+                    " must have shape ", at::IntArrayRef({__VA_ARGS__}), ", got ", \
+                    (x).sizes())
+#define CHECK_DIM(x, n)                                                                   \
+  TORCH_CHECK_VALUE((x).dim() == (n), OP, ": ", #x, " must be ", (n), "-D, got shape ", \
+                    (x).sizes())
+// A like-typed CPU tensor of the given shape.
+#define CHECK_ARG(x, dtype, ...) \
+  CHECK_CPU(x);                  \
+  CHECK_DTYPE(x, dtype);         \
+  CHECK_SHAPE(x, __VA_ARGS__)
+
+// The pointwise passes are compiled for AVX-512 and AVX2 as well as the
+// baseline, and the loader picks the best one the CPU runs; a plain
+// `-march=native` build would crash on an older CPU.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTCHAR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTCHAR_CLONES
+#endif
+#define FASTCHAR_INLINE inline __attribute__((always_inline))
+
+namespace fastchar {
+
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+inline at::ScalarType state_type(at::ScalarType t) {
+  return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
+}
+
+inline void check_float_dtype(const char* OP, const at::Tensor& x) {
+  auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16, OP,
+              ": dtype ", t, " is not supported (float32, float64 or bfloat16)");
+}
+
+// Rows per parallel task: small passes stay on one thread, where a fork and
+// join would cost more than the work.
+inline int64_t row_grain(int64_t H) {
+  return std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1));
+}
+
+// Activations. float: a branch-free Cephes-style exp (about 1 ulp) that the compiler
+// vectorises; double is the gradcheck path and uses libm.
+
+FASTCHAR_INLINE float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // Round to nearest by adding and removing 1.5 * 2^23, which vectorises.
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float z = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * z + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+FASTCHAR_INLINE float sigmoid_act(float x) {
+  return 1.0f / (1.0f + fast_exp(-x));
+}
+
+FASTCHAR_INLINE float tanh_act(float x) {
+  float ax = std::fabs(x);
+  // Near zero 1 - 2 / (e^2x + 1) cancels; use Cephes' odd polynomial there.
+  float z = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  float small = x + x * z * p;
+  float big = 1.0f - 2.0f / (fast_exp(2.0f * ax) + 1.0f);
+  big = x < 0.0f ? -big : big;
+  return ax < 0.625f ? small : big;
+}
+
+FASTCHAR_INLINE double sigmoid_act(double x) {
+  return 1.0 / (1.0 + std::exp(-x));
+}
+
+FASTCHAR_INLINE double tanh_act(double x) {
+  return std::tanh(x);
+}
+
+template <typename A>
+FASTCHAR_INLINE A relu_act(A x) {
+  return x > A(0) ? x : A(0);
+}
+
+// Recurrent GEMMs, row-major, C in the accumulation type:
+//   gemm_nt: C[M, N] = beta * C + A[M, K] @ W[N, K]^T   (forward: h @ W_hh^T)
+//   gemm_nn: C[M, N] = beta * C + A[M, K] @ W[K, N]     (backward: dgates @ W_hh)
+// With MKL (torch's CPU BLAS on x86) the BLAS is called directly: the time
+// loop runs one small GEMM per step, where the dispatcher's overhead shows.
+
+#if AT_MKL_ENABLED()
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*);
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*);
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k,
+                            float alpha, const uint16_t* a, int lda, const uint16_t* b,
+                            int ldb, float beta, float* c, int ldc);
+}
+
+namespace blas {
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+inline void gemm(bool trans_w, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                 const float* W, int64_t ldw, float beta, float* C, int64_t ldc) {
+  // Column-major view: C^T [N, M] = op(W) @ A^T.
+  const char tw = trans_w ? 'T' : 'N', ta = 'N';
+  const int m = N, n = M, k = K, la = lda, lw = ldw, lc = ldc;
+  const float one = 1.0f;
+  sgemm_(&tw, &ta, &m, &n, &k, &one, W, &lw, A, &la, &beta, C, &lc);
+}
+
+inline void gemm(bool trans_w, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                 const double* W, int64_t ldw, double beta, double* C, int64_t ldc) {
+  const char tw = trans_w ? 'T' : 'N', ta = 'N';
+  const int m = N, n = M, k = K, la = lda, lw = ldw, lc = ldc;
+  const double one = 1.0;
+  dgemm_(&tw, &ta, &m, &n, &k, &one, W, &lw, A, &la, &beta, C, &lc);
+}
+
+inline void gemm(bool trans_w, int64_t M, int64_t N, int64_t K, const at::BFloat16* A,
+                 int64_t lda, const at::BFloat16* W, int64_t ldw, float beta, float* C,
+                 int64_t ldc) {
+  cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, trans_w ? kTrans : kNoTrans, M, N, K, 1.0f,
+                         reinterpret_cast<const uint16_t*>(A), lda,
+                         reinterpret_cast<const uint16_t*>(W), ldw, beta, C, ldc);
+}
+}  // namespace blas
+#endif
+
+template <typename T>
+void gemm(bool trans_w, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W,
+          int64_t ldw, acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
+  if (M == 0 || N == 0) {
+    return;
+  }
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) {
+        C[m * ldc + n] = beta == acc_t<T>(0) ? acc_t<T>(0) : C[m * ldc + n];
+      }
+    }
+    return;
+  }
+#if AT_MKL_ENABLED()
+  blas::gemm(trans_w, M, N, K, A, lda, W, ldw, beta, C, ldc);
+#else
+  auto dtype = c10::CppTypeToScalarType<T>::value;
+  auto a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, at::dtype(dtype));
+  auto w = trans_w ? at::from_blob(const_cast<T*>(W), {N, K}, {ldw, 1}, at::dtype(dtype)).t()
+                   : at::from_blob(const_cast<T*>(W), {K, N}, {ldw, 1}, at::dtype(dtype));
+  auto c = at::from_blob(C, {M, N}, {ldc, 1}, at::dtype(c10::CppTypeToScalarType<acc_t<T>>::value));
+  auto prod = at::mm(a, w).to(c.scalar_type());
+  if (beta == acc_t<T>(0)) {
+    c.copy_(prod);
+  } else {
+    c.add_(prod);
+  }
+#endif
+}
+
+template <typename T>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
+             acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
+  gemm<T>(true, M, N, K, A, lda, W, ldw, beta, C, ldc);
+}
+
+template <typename T>
+void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
+             acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
+  gemm<T>(false, M, N, K, A, lda, W, ldw, beta, C, ldc);
+}
+
+// Bias b_ih + b_hh (either may be absent) as an accumulation-type vector [G].
+inline at::Tensor bias_acc(const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh, int64_t G,
+                           at::ScalarType acc) {
+  auto sum = at::zeros({G}, at::dtype(acc));
+  if (b_ih.has_value()) {
+    sum.add_(b_ih->to(acc));
+  }
+  if (b_hh.has_value()) {
+    sum.add_(b_hh->to(acc));
+  }
+  return sum;
+}
+
+}  // namespace fastchar

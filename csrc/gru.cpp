@@ -1,0 +1,255 @@
+// GRU CPU kernels: gru_fwd, gru_bwd (whole sequence, time loop here) and
+// gru_cell (one step, for sampling). Gate order r, z, n; G = 3H, with b_hn
+// inside the reset product: n = tanh(x_n + r * (W_hn h + b_hn)).
+#include "common.h"
+
+namespace fastchar {
+namespace {
+
+// One step's pointwise pass for rows [b0, b1). `acc` is h_{t-1} @ W_hh^T,
+// `x` the input side of the gates (x W_ih^T + b_ih + [b_hr, b_hz, 0]).
+template <typename T, typename X>
+FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t H, const acc_t<T>* acc,
+                              const X* x, const acc_t<T>* b_hn, const T* h_prev, T* gates,
+                              T* hn_out, T* h_new) {
+  using A = acc_t<T>;
+  const int64_t G = 3 * H;
+  for (int64_t b = b0; b < b1; ++b) {
+    const A* a = acc + b * G;
+    const X* xr = x + b * G;
+    const T* hp = h_prev + b * H;
+    T* g = gates + b * G;
+    T* hnr = hn_out + b * H;
+    T* h = h_new + b * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      A r = sigmoid_act(a[j] + A(xr[j]));
+      A z = sigmoid_act(a[H + j] + A(xr[H + j]));
+      A hn = a[2 * H + j] + b_hn[j];
+      A n = tanh_act(A(xr[2 * H + j]) + r * hn);
+      g[j] = T(r);
+      g[H + j] = T(z);
+      g[2 * H + j] = T(n);
+      hnr[j] = T(hn);
+      h[j] = T((A(1) - z) * n + z * A(hp[j]));
+    }
+  }
+}
+
+// One backward step for rows [b0, b1): reads dh (gradient from step t+1) and
+// overwrites it with the direct path dh * z; the GEMM adds dgh @ W_hh after.
+template <typename T>
+FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t H, const T* grad_out,
+                              const T* gates, const T* hn, const T* h_prev, acc_t<T>* dh,
+                              T* dxp, T* dgh) {
+  using A = acc_t<T>;
+  const int64_t G = 3 * H;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* go = grad_out + b * H;
+    const T* g = gates + b * G;
+    const T* hnr = hn + b * H;
+    const T* hp = h_prev + b * H;
+    A* dhr = dh + b * H;
+    T* dx = dxp + b * G;
+    T* dg = dgh + b * G;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      A r = A(g[j]), z = A(g[H + j]), n = A(g[2 * H + j]);
+      A dht = dhr[j] + A(go[j]);
+      A dn = dht * (A(1) - z) * (A(1) - n * n);
+      A dz = dht * (A(hp[j]) - n) * z * (A(1) - z);
+      A dr = dn * A(hnr[j]) * r * (A(1) - r);
+      dx[j] = T(dr);
+      dx[H + j] = T(dz);
+      dx[2 * H + j] = T(dn);
+      dg[j] = T(dr);
+      dg[H + j] = T(dz);
+      dg[2 * H + j] = T(dn * r);
+      dhr[j] = dht * z;
+    }
+  }
+}
+
+template <typename T>
+void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& w_hh,
+              const at::Tensor& b_hn, at::Tensor& out, at::Tensor& gates, at::Tensor& hn) {
+  using A = acc_t<T>;
+  const int64_t T_ = xp.size(0), B = xp.size(1), G = xp.size(2), H = G / 3;
+  at::Tensor acc = at::empty({B, G}, xp.options().dtype(c10::CppTypeToScalarType<A>::value));
+  A* acc_p = acc.data_ptr<A>();
+  const T* xp_p = xp.const_data_ptr<T>();
+  const T* w = w_hh.const_data_ptr<T>();
+  const A* bhn = b_hn.const_data_ptr<A>();
+  T* out_p = out.data_ptr<T>();
+  T* gates_p = gates.data_ptr<T>();
+  T* hn_p = hn.data_ptr<T>();
+  const T* h_prev = h0.const_data_ptr<T>();
+  for (int64_t t = 0; t < T_; ++t) {
+    gemm_nt<T>(B, G, H, h_prev, H, w, H, A(0), acc_p, G);  // [B, G]
+    const T* x_t = xp_p + t * B * G;
+    T* g_t = gates_p + t * B * G;
+    T* hn_t = hn_p + t * B * H;
+    T* h_t = out_p + t * B * H;
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
+      fwd_rows<T, T>(b0, b1, H, acc_p, x_t, bhn, h_prev, g_t, hn_t, h_t);
+    });
+    h_prev = h_t;
+  }
+}
+
+template <typename T>
+void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tensor& h0,
+              const at::Tensor& out, const at::Tensor& gates, const at::Tensor& hn,
+              at::Tensor& dh, at::Tensor& grad_xp, at::Tensor& grad_gh) {
+  using A = acc_t<T>;
+  const int64_t T_ = gates.size(0), B = gates.size(1), G = gates.size(2), H = G / 3;
+  const T* go_p = grad_out.const_data_ptr<T>();
+  const T* g_p = gates.const_data_ptr<T>();
+  const T* hn_p = hn.const_data_ptr<T>();
+  const T* out_p = out.const_data_ptr<T>();
+  const T* h0_p = h0.const_data_ptr<T>();
+  const T* w = w_hh.const_data_ptr<T>();
+  A* dh_p = dh.data_ptr<A>();
+  T* dx_p = grad_xp.data_ptr<T>();
+  T* dg_p = grad_gh.data_ptr<T>();
+  for (int64_t t = T_ - 1; t >= 0; --t) {
+    const T* go_t = go_p + t * B * H;
+    const T* g_t = g_p + t * B * G;
+    const T* hn_t = hn_p + t * B * H;
+    const T* hp_t = t > 0 ? out_p + (t - 1) * B * H : h0_p;
+    T* dx_t = dx_p + t * B * G;
+    T* dg_t = dg_p + t * B * G;
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
+      bwd_rows<T>(b0, b1, H, go_t, g_t, hn_t, hp_t, dh_p, dx_t, dg_t);
+    });
+    gemm_nn<T>(B, H, G, dg_t, G, w, H, A(1), dh_p, H);  // dh_{t-1} += dgh @ W_hh
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& xp,
+                                                                   const at::Tensor& h0,
+                                                                   const at::Tensor& w_hh,
+                                                                   const at::Tensor& b_hn) {
+  constexpr const char* OP = "fastchar::gru_fwd";
+  CHECK_CPU(xp);
+  CHECK_DIM(xp, 3);
+  check_float_dtype(OP, xp);
+  const auto dt = xp.scalar_type();
+  const int64_t T_ = xp.size(0), B = xp.size(1), G = xp.size(2), H = G / 3;
+  TORCH_CHECK_VALUE(G % 3 == 0, OP, ": xp must be [T, B, 3H], got shape ", xp.sizes());
+  CHECK_ARG(h0, dt, B, H);
+  CHECK_ARG(w_hh, dt, G, H);
+  CHECK_ARG(b_hn, dt, H);
+
+  auto out = at::empty({T_, B, H}, xp.options());  // [T, B, H]
+  auto gates = at::empty({T_, B, G}, xp.options());  // [T, B, G]
+  auto hn = at::empty({T_, B, H}, xp.options());  // [T, B, H]
+  auto bhn = b_hn.to(state_type(dt)).contiguous();  // [H]
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_fwd", [&] {
+    fwd_loop<scalar_t>(xp.contiguous(), h0.contiguous(), w_hh.contiguous(), bhn, out, gates, hn);
+  });
+  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
+  return {out, h_n, gates, hn};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(
+    const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& w_hh,
+    const at::Tensor& h0, const at::Tensor& out, const at::Tensor& gates, const at::Tensor& hn) {
+  constexpr const char* OP = "fastchar::gru_bwd";
+  CHECK_CPU(gates);
+  CHECK_DIM(gates, 3);
+  check_float_dtype(OP, gates);
+  const auto dt = gates.scalar_type();
+  const int64_t T_ = gates.size(0), B = gates.size(1), G = gates.size(2), H = G / 3;
+  TORCH_CHECK_VALUE(G % 3 == 0, OP, ": gates must be [T, B, 3H], got shape ", gates.sizes());
+  CHECK_ARG(grad_out, dt, T_, B, H);
+  CHECK_ARG(grad_h_n, dt, B, H);
+  CHECK_ARG(w_hh, dt, G, H);
+  CHECK_ARG(h0, dt, B, H);
+  CHECK_ARG(out, dt, T_, B, H);
+  CHECK_ARG(hn, dt, T_, B, H);
+
+  auto dh = at::empty({B, H}, gates.options().dtype(state_type(dt))).copy_(grad_h_n);  // [B, H]
+  auto grad_xp = at::empty({T_, B, G}, gates.options());  // [T, B, G]
+  auto grad_gh = at::empty({T_, B, G}, gates.options());  // [T, B, G]
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_bwd", [&] {
+    bwd_loop<scalar_t>(grad_out.contiguous(), w_hh.contiguous(), h0.contiguous(),
+                       out.contiguous(), gates.contiguous(), hn.contiguous(), dh, grad_xp,
+                       grad_gh);
+  });
+  return {grad_xp, grad_gh, dh.to(dt)};
+}
+
+at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
+                    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                    const std::optional<at::Tensor>& b_hh) {
+  constexpr const char* OP = "fastchar::gru_cell";
+  CHECK_CPU(x);
+  CHECK_DIM(x, 2);
+  check_float_dtype(OP, x);
+  CHECK_CPU(w_hh);
+  CHECK_DIM(w_hh, 2);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1), G = 3 * H;
+  CHECK_ARG(w_hh, dt, G, H);
+  CHECK_ARG(w_ih, dt, G, I);
+  CHECK_ARG(h, dt, B, H);
+  if (b_ih.has_value()) {
+    CHECK_ARG(*b_ih, dt, G);
+  }
+  if (b_hh.has_value()) {
+    CHECK_ARG(*b_hh, dt, G);
+  }
+
+  const auto st = state_type(dt);
+  // x side carries b_ih + [b_hr, b_hz, 0]; b_hn stays with the hidden side.
+  auto b_x = at::zeros({G}, x.options().dtype(st));  // [G]
+  auto b_hn = at::zeros({H}, x.options().dtype(st));  // [H]
+  if (b_ih.has_value()) {
+    b_x.add_(b_ih->to(st));
+  }
+  if (b_hh.has_value()) {
+    b_x.narrow(0, 0, 2 * H).add_(b_hh->narrow(0, 0, 2 * H).to(st));
+    b_hn.add_(b_hh->narrow(0, 2 * H, H).to(st));
+  }
+  auto gx = at::empty({B, G}, x.options().dtype(st));  // [B, G]
+  auto gh = at::empty({B, G}, x.options().dtype(st));  // [B, G]
+  auto h_new = at::empty({B, H}, x.options());
+  auto gates = at::empty({B, G}, x.options());
+  auto hn = at::empty({B, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_cell", [&] {
+    using A = acc_t<scalar_t>;
+    auto xc = x.contiguous(), hc = h.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
+    A* gxp = gx.data_ptr<A>();
+    A* ghp = gh.data_ptr<A>();
+    gemm_nt<scalar_t>(B, G, I, xc.const_data_ptr<scalar_t>(), I, wi.const_data_ptr<scalar_t>(),
+                      I, A(0), gxp, G);
+    gemm_nt<scalar_t>(B, G, H, hc.const_data_ptr<scalar_t>(), H, wh.const_data_ptr<scalar_t>(),
+                      H, A(0), ghp, G);
+    const A* bx = b_x.const_data_ptr<A>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t j = 0; j < G; ++j) {
+        gxp[b * G + j] += bx[j];
+      }
+    }
+    const A* bhn = b_hn.const_data_ptr<A>();
+    const scalar_t* hp = hc.const_data_ptr<scalar_t>();
+    scalar_t* gp = gates.data_ptr<scalar_t>();
+    scalar_t* hnp = hn.data_ptr<scalar_t>();
+    scalar_t* hout = h_new.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
+      fwd_rows<scalar_t, A>(b0, b1, H, ghp, gxp, bhn, hp, gp, hnp, hout);
+    });
+  });
+  return h_new;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastchar, CPU, m) {
+  m.impl("gru_fwd", &gru_fwd);
+  m.impl("gru_bwd", &gru_bwd);
+  m.impl("gru_cell", &gru_cell);
+}
+
+}  // namespace fastchar

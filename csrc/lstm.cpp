@@ -1,0 +1,243 @@
+// LSTM CPU kernels: lstm_fwd, lstm_bwd (whole sequence, time loop here) and
+// lstm_cell (one step, for sampling). Gate order i, f, g, o; G = 4H.
+// Per step: one GEMM against W_hh into an accumulation-type buffer, then one
+// fused pointwise pass over [B, H] rows split across threads.
+#include "common.h"
+
+namespace fastchar {
+namespace {
+
+// One step's pointwise pass for rows [b0, b1): activate the gates, update the
+// cell and hidden state. `x` holds the input side of the gates with row stride
+// `xs` (G for a projected sequence, 0 for a broadcast bias vector).
+template <typename T, typename X>
+FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t H, const acc_t<T>* acc,
+                              const X* x, int64_t xs, const acc_t<T>* c_prev, T* gates,
+                              acc_t<T>* c_new, T* h_new) {
+  using A = acc_t<T>;
+  const int64_t G = 4 * H;
+  for (int64_t b = b0; b < b1; ++b) {
+    const A* a = acc + b * G;
+    const X* xr = x + b * xs;
+    const A* cp = c_prev + b * H;
+    T* g = gates + b * G;
+    A* cn = c_new + b * H;
+    T* h = h_new + b * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      A gi = sigmoid_act(a[j] + A(xr[j]));
+      A gf = sigmoid_act(a[H + j] + A(xr[H + j]));
+      A gg = tanh_act(a[2 * H + j] + A(xr[2 * H + j]));
+      A go = sigmoid_act(a[3 * H + j] + A(xr[3 * H + j]));
+      A c = gf * cp[j] + gi * gg;
+      g[j] = T(gi);
+      g[H + j] = T(gf);
+      g[2 * H + j] = T(gg);
+      g[3 * H + j] = T(go);
+      cn[j] = c;
+      h[j] = T(go * tanh_act(c));
+    }
+  }
+}
+
+// One backward step for rows [b0, b1): dh (in: gradient from step t+1, before
+// grad_out is added) and dc (in/out) are accumulation-type; writes dgates.
+template <typename T>
+FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t H, const T* grad_out,
+                              const T* gates, const acc_t<T>* c, const acc_t<T>* c_prev,
+                              const acc_t<T>* dh, acc_t<T>* dc, T* dgates) {
+  using A = acc_t<T>;
+  const int64_t G = 4 * H;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* go_ = grad_out + b * H;
+    const T* g = gates + b * G;
+    const A* cr = c + b * H;
+    const A* cp = c_prev + b * H;
+    const A* dhr = dh + b * H;
+    A* dcr = dc + b * H;
+    T* d = dgates + b * G;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      A gi = A(g[j]), gf = A(g[H + j]), gg = A(g[2 * H + j]), go = A(g[3 * H + j]);
+      A dht = dhr[j] + A(go_[j]);
+      A tc = tanh_act(cr[j]);
+      A dcv = dcr[j] + dht * go * (A(1) - tc * tc);
+      d[j] = T(dcv * gg * gi * (A(1) - gi));
+      d[H + j] = T(dcv * cp[j] * gf * (A(1) - gf));
+      d[2 * H + j] = T(dcv * gi * (A(1) - gg * gg));
+      d[3 * H + j] = T(dht * tc * go * (A(1) - go));
+      dcr[j] = dcv * gf;
+    }
+  }
+}
+
+template <typename T>
+void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& c0,
+              const at::Tensor& w_hh, at::Tensor& out, at::Tensor& gates, at::Tensor& cs) {
+  using A = acc_t<T>;
+  const int64_t T_ = xp.size(0), B = xp.size(1), G = xp.size(2), H = G / 4;
+  at::Tensor acc = at::empty({B, G}, xp.options().dtype(c10::CppTypeToScalarType<A>::value));
+  A* acc_p = acc.data_ptr<A>();
+  const T* xp_p = xp.const_data_ptr<T>();
+  const T* w = w_hh.const_data_ptr<T>();
+  T* out_p = out.data_ptr<T>();
+  T* gates_p = gates.data_ptr<T>();
+  A* cs_p = cs.data_ptr<A>();
+  const T* h_prev = h0.const_data_ptr<T>();
+  const A* c_prev = c0.const_data_ptr<A>();
+  for (int64_t t = 0; t < T_; ++t) {
+    gemm_nt<T>(B, G, H, h_prev, H, w, H, A(0), acc_p, G);  // [B, G]
+    const T* x_t = xp_p + t * B * G;
+    T* g_t = gates_p + t * B * G;
+    A* c_t = cs_p + t * B * H;
+    T* h_t = out_p + t * B * H;
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
+      fwd_rows<T, T>(b0, b1, H, acc_p, x_t, G, c_prev, g_t, c_t, h_t);
+    });
+    h_prev = h_t;
+    c_prev = c_t;
+  }
+}
+
+template <typename T>
+void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tensor& c0,
+              const at::Tensor& gates, const at::Tensor& cs, at::Tensor& dh, at::Tensor& dc,
+              at::Tensor& grad_xp) {
+  using A = acc_t<T>;
+  const int64_t T_ = gates.size(0), B = gates.size(1), G = gates.size(2), H = G / 4;
+  const T* go_p = grad_out.const_data_ptr<T>();
+  const T* g_p = gates.const_data_ptr<T>();
+  const A* cs_p = cs.const_data_ptr<A>();
+  const A* c0_p = c0.const_data_ptr<A>();
+  const T* w = w_hh.const_data_ptr<T>();
+  A* dh_p = dh.data_ptr<A>();
+  A* dc_p = dc.data_ptr<A>();
+  T* dx_p = grad_xp.data_ptr<T>();
+  for (int64_t t = T_ - 1; t >= 0; --t) {
+    const T* go_t = go_p + t * B * H;
+    const T* g_t = g_p + t * B * G;
+    const A* c_t = cs_p + t * B * H;
+    const A* cp_t = t > 0 ? cs_p + (t - 1) * B * H : c0_p;
+    T* dx_t = dx_p + t * B * G;
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
+      bwd_rows<T>(b0, b1, H, go_t, g_t, c_t, cp_t, dh_p, dc_p, dx_t);
+    });
+    gemm_nn<T>(B, H, G, dx_t, G, w, H, A(0), dh_p, H);  // dh_{t-1} [B, H]
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
+    const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh) {
+  constexpr const char* OP = "fastchar::lstm_fwd";
+  CHECK_CPU(xp);
+  CHECK_DIM(xp, 3);
+  check_float_dtype(OP, xp);
+  const auto dt = xp.scalar_type();
+  const int64_t T_ = xp.size(0), B = xp.size(1), G = xp.size(2), H = G / 4;
+  TORCH_CHECK_VALUE(G % 4 == 0, OP, ": xp must be [T, B, 4H], got shape ", xp.sizes());
+  CHECK_ARG(h0, dt, B, H);
+  CHECK_ARG(c0, dt, B, H);
+  CHECK_ARG(w_hh, dt, G, H);
+
+  const auto st = state_type(dt);
+  auto out = at::empty({T_, B, H}, xp.options());  // [T, B, H]
+  auto gates = at::empty({T_, B, G}, xp.options());  // [T, B, G]
+  auto cs = at::empty({T_, B, H}, xp.options().dtype(st));  // [T, B, H]
+  auto c0s = c0.to(st).contiguous();  // [B, H]
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_fwd", [&] {
+    fwd_loop<scalar_t>(xp.contiguous(), h0.contiguous(), c0s, w_hh.contiguous(), out, gates, cs);
+  });
+  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
+  auto c_n = T_ > 0 ? cs[T_ - 1].to(dt, false, true) : c0.clone();
+  return {out, h_n, c_n, gates, cs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
+    const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& w_hh, const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cs) {
+  constexpr const char* OP = "fastchar::lstm_bwd";
+  CHECK_CPU(gates);
+  CHECK_DIM(gates, 3);
+  check_float_dtype(OP, gates);
+  const auto dt = gates.scalar_type();
+  const int64_t T_ = gates.size(0), B = gates.size(1), G = gates.size(2), H = G / 4;
+  TORCH_CHECK_VALUE(G % 4 == 0, OP, ": gates must be [T, B, 4H], got shape ", gates.sizes());
+  const auto st = state_type(dt);
+  CHECK_ARG(grad_out, dt, T_, B, H);
+  CHECK_ARG(grad_h_n, dt, B, H);
+  CHECK_ARG(grad_c_n, dt, B, H);
+  CHECK_ARG(w_hh, dt, G, H);
+  CHECK_ARG(c0, dt, B, H);
+  CHECK_ARG(cs, st, T_, B, H);
+
+  auto dh = at::empty({B, H}, gates.options().dtype(st)).copy_(grad_h_n);  // [B, H]
+  auto dc = at::empty({B, H}, gates.options().dtype(st)).copy_(grad_c_n);  // [B, H]
+  auto grad_xp = at::empty({T_, B, G}, gates.options());  // [T, B, G]
+  auto c0s = c0.to(st).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_bwd", [&] {
+    bwd_loop<scalar_t>(grad_out.contiguous(), w_hh.contiguous(), c0s, gates.contiguous(),
+                       cs.contiguous(), dh, dc, grad_xp);
+  });
+  return {grad_xp, dh.to(dt), dc.to(dt)};
+}
+
+std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tensor& h,
+                                             const at::Tensor& c, const at::Tensor& w_ih,
+                                             const at::Tensor& w_hh,
+                                             const std::optional<at::Tensor>& b_ih,
+                                             const std::optional<at::Tensor>& b_hh) {
+  constexpr const char* OP = "fastchar::lstm_cell";
+  CHECK_CPU(x);
+  CHECK_DIM(x, 2);
+  check_float_dtype(OP, x);
+  CHECK_CPU(w_hh);
+  CHECK_DIM(w_hh, 2);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1), G = 4 * H;
+  CHECK_ARG(w_hh, dt, G, H);
+  CHECK_ARG(w_ih, dt, G, I);
+  CHECK_ARG(h, dt, B, H);
+  CHECK_ARG(c, dt, B, H);
+  if (b_ih.has_value()) {
+    CHECK_ARG(*b_ih, dt, G);
+  }
+  if (b_hh.has_value()) {
+    CHECK_ARG(*b_hh, dt, G);
+  }
+
+  const auto st = state_type(dt);
+  auto bias = bias_acc(b_ih, b_hh, G, st);  // [G]
+  auto acc = at::empty({B, G}, x.options().dtype(st));  // [B, G]
+  auto c_old = c.to(st).contiguous();
+  auto c_new = at::empty({B, H}, x.options().dtype(st));
+  auto h_new = at::empty({B, H}, x.options());
+  auto gates = at::empty({B, G}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_cell", [&] {
+    using A = acc_t<scalar_t>;
+    auto xc = x.contiguous(), hc = h.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
+    A* a = acc.data_ptr<A>();
+    gemm_nt<scalar_t>(B, G, I, xc.const_data_ptr<scalar_t>(), I, wi.const_data_ptr<scalar_t>(),
+                      I, A(0), a, G);
+    gemm_nt<scalar_t>(B, G, H, hc.const_data_ptr<scalar_t>(), H, wh.const_data_ptr<scalar_t>(),
+                      H, A(1), a, G);
+    const A* bp = bias.const_data_ptr<A>();
+    const A* cp = c_old.const_data_ptr<A>();
+    scalar_t* gp = gates.data_ptr<scalar_t>();
+    A* cn = c_new.data_ptr<A>();
+    scalar_t* hn = h_new.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
+      fwd_rows<scalar_t, A>(b0, b1, H, a, bp, 0, cp, gp, cn, hn);
+    });
+  });
+  return {h_new, c_new.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastchar, CPU, m) {
+  m.impl("lstm_fwd", &lstm_fwd);
+  m.impl("lstm_bwd", &lstm_bwd);
+  m.impl("lstm_cell", &lstm_cell);
+}
+
+}  // namespace fastchar

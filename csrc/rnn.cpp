@@ -1,0 +1,193 @@
+// Elman RNN CPU kernels (tanh or relu): rnn_fwd, rnn_bwd (whole sequence, time
+// loop here) and rnn_cell (one step, for sampling). G = H.
+#include "common.h"
+
+namespace fastchar {
+namespace {
+
+// h = act(acc + x) for rows [b0, b1); `x` has row stride `xs` (H, or 0 for a
+// broadcast bias vector).
+template <typename T, typename X, bool RELU>
+FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t H, const acc_t<T>* acc,
+                              const X* x, int64_t xs, T* h_new) {
+  using A = acc_t<T>;
+  for (int64_t b = b0; b < b1; ++b) {
+    const A* a = acc + b * H;
+    const X* xr = x + b * xs;
+    T* h = h_new + b * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      A pre = a[j] + A(xr[j]);
+      h[j] = T(RELU ? relu_act(pre) : tanh_act(pre));
+    }
+  }
+}
+
+// dpre = (dh + grad_out) * act'(pre), with act' taken from the output h.
+template <typename T, bool RELU>
+FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t H, const T* grad_out,
+                              const T* out, const acc_t<T>* dh, T* dpre) {
+  using A = acc_t<T>;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* go = grad_out + b * H;
+    const T* h = out + b * H;
+    const A* dhr = dh + b * H;
+    T* d = dpre + b * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      A dht = dhr[j] + A(go[j]);
+      A hv = A(h[j]);
+      d[j] = T(RELU ? (hv > A(0) ? dht : A(0)) : dht * (A(1) - hv * hv));
+    }
+  }
+}
+
+template <typename T, bool RELU>
+void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& w_hh,
+              at::Tensor& out) {
+  using A = acc_t<T>;
+  const int64_t T_ = xp.size(0), B = xp.size(1), H = xp.size(2);
+  at::Tensor acc = at::empty({B, H}, xp.options().dtype(c10::CppTypeToScalarType<A>::value));
+  A* acc_p = acc.data_ptr<A>();
+  const T* xp_p = xp.const_data_ptr<T>();
+  const T* w = w_hh.const_data_ptr<T>();
+  T* out_p = out.data_ptr<T>();
+  const T* h_prev = h0.const_data_ptr<T>();
+  for (int64_t t = 0; t < T_; ++t) {
+    gemm_nt<T>(B, H, H, h_prev, H, w, H, A(0), acc_p, H);  // [B, H]
+    const T* x_t = xp_p + t * B * H;
+    T* h_t = out_p + t * B * H;
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
+      fwd_rows<T, T, RELU>(b0, b1, H, acc_p, x_t, H, h_t);
+    });
+    h_prev = h_t;
+  }
+}
+
+template <typename T, bool RELU>
+void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tensor& out,
+              at::Tensor& dh, at::Tensor& grad_xp) {
+  using A = acc_t<T>;
+  const int64_t T_ = out.size(0), B = out.size(1), H = out.size(2);
+  const T* go_p = grad_out.const_data_ptr<T>();
+  const T* out_p = out.const_data_ptr<T>();
+  const T* w = w_hh.const_data_ptr<T>();
+  A* dh_p = dh.data_ptr<A>();
+  T* dx_p = grad_xp.data_ptr<T>();
+  for (int64_t t = T_ - 1; t >= 0; --t) {
+    const T* go_t = go_p + t * B * H;
+    const T* h_t = out_p + t * B * H;
+    T* dx_t = dx_p + t * B * H;
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
+      bwd_rows<T, RELU>(b0, b1, H, go_t, h_t, dh_p, dx_t);
+    });
+    gemm_nn<T>(B, H, H, dx_t, H, w, H, A(0), dh_p, H);  // dh_{t-1} [B, H]
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& xp, const at::Tensor& h0,
+                                           const at::Tensor& w_hh, bool relu) {
+  constexpr const char* OP = "fastchar::rnn_fwd";
+  CHECK_CPU(xp);
+  CHECK_DIM(xp, 3);
+  check_float_dtype(OP, xp);
+  const auto dt = xp.scalar_type();
+  const int64_t T_ = xp.size(0), B = xp.size(1), H = xp.size(2);
+  CHECK_ARG(h0, dt, B, H);
+  CHECK_ARG(w_hh, dt, H, H);
+
+  auto out = at::empty({T_, B, H}, xp.options());  // [T, B, H]
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "rnn_fwd", [&] {
+    auto xc = xp.contiguous(), hc = h0.contiguous(), wc = w_hh.contiguous();
+    if (relu) {
+      fwd_loop<scalar_t, true>(xc, hc, wc, out);
+    } else {
+      fwd_loop<scalar_t, false>(xc, hc, wc, out);
+    }
+  });
+  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
+  return {out, h_n};
+}
+
+std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& grad_out,
+                                           const at::Tensor& grad_h_n,
+                                           const at::Tensor& w_hh, const at::Tensor& out,
+                                           bool relu) {
+  constexpr const char* OP = "fastchar::rnn_bwd";
+  CHECK_CPU(out);
+  CHECK_DIM(out, 3);
+  check_float_dtype(OP, out);
+  const auto dt = out.scalar_type();
+  const int64_t T_ = out.size(0), B = out.size(1), H = out.size(2);
+  CHECK_ARG(grad_out, dt, T_, B, H);
+  CHECK_ARG(grad_h_n, dt, B, H);
+  CHECK_ARG(w_hh, dt, H, H);
+
+  auto dh = at::empty({B, H}, out.options().dtype(state_type(dt))).copy_(grad_h_n);  // [B, H]
+  auto grad_xp = at::empty({T_, B, H}, out.options());  // [T, B, H]
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "rnn_bwd", [&] {
+    auto gc = grad_out.contiguous(), wc = w_hh.contiguous(), oc = out.contiguous();
+    if (relu) {
+      bwd_loop<scalar_t, true>(gc, wc, oc, dh, grad_xp);
+    } else {
+      bwd_loop<scalar_t, false>(gc, wc, oc, dh, grad_xp);
+    }
+  });
+  return {grad_xp, dh.to(dt)};
+}
+
+at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
+                    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                    const std::optional<at::Tensor>& b_hh, bool relu) {
+  constexpr const char* OP = "fastchar::rnn_cell";
+  CHECK_CPU(x);
+  CHECK_DIM(x, 2);
+  check_float_dtype(OP, x);
+  CHECK_CPU(w_hh);
+  CHECK_DIM(w_hh, 2);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1);
+  CHECK_ARG(w_hh, dt, H, H);
+  CHECK_ARG(w_ih, dt, H, I);
+  CHECK_ARG(h, dt, B, H);
+  if (b_ih.has_value()) {
+    CHECK_ARG(*b_ih, dt, H);
+  }
+  if (b_hh.has_value()) {
+    CHECK_ARG(*b_hh, dt, H);
+  }
+
+  const auto st = state_type(dt);
+  auto bias = bias_acc(b_ih, b_hh, H, st);  // [H]
+  auto acc = at::empty({B, H}, x.options().dtype(st));  // [B, H]
+  auto h_new = at::empty({B, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "rnn_cell", [&] {
+    using A = acc_t<scalar_t>;
+    auto xc = x.contiguous(), hc = h.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
+    A* a = acc.data_ptr<A>();
+    gemm_nt<scalar_t>(B, H, I, xc.const_data_ptr<scalar_t>(), I, wi.const_data_ptr<scalar_t>(),
+                      I, A(0), a, H);
+    gemm_nt<scalar_t>(B, H, H, hc.const_data_ptr<scalar_t>(), H, wh.const_data_ptr<scalar_t>(),
+                      H, A(1), a, H);
+    const A* bp = bias.const_data_ptr<A>();
+    scalar_t* hp = h_new.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
+      if (relu) {
+        fwd_rows<scalar_t, A, true>(b0, b1, H, a, bp, 0, hp);
+      } else {
+        fwd_rows<scalar_t, A, false>(b0, b1, H, a, bp, 0, hp);
+      }
+    });
+  });
+  return h_new;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastchar, CPU, m) {
+  m.impl("rnn_fwd", &rnn_fwd);
+  m.impl("rnn_bwd", &rnn_bwd);
+  m.impl("rnn_cell", &rnn_cell);
+}
+
+}  // namespace fastchar
