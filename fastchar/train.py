@@ -16,7 +16,9 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
+import re
 import sys
 import tempfile
 import time
@@ -236,7 +238,7 @@ def atomic_torch_save(obj: dict, path: str) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip() or type(e).__name__
     return text.splitlines()[0]
 
 
@@ -248,6 +250,15 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        why = (
+            f"it holds code or objects ({refused.group(1)}), and checkpoints are loaded as "
+            "data only (weights_only=True)"
+            if refused
+            else _first_line(e)
+        )
+        raise CheckpointError(f"cannot read checkpoint {path}: {why}") from None
     except Exception as e:
         raise CheckpointError(
             f"cannot read checkpoint {path} (corrupt, truncated or not a checkpoint): "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -108,7 +109,7 @@ def test_resume_continues_exactly(text_file, tmp_path, capsys):
 
     a, b = read_metrics(straight), read_metrics(split)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4, 6, 8]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "train_loss", "val_loss", "lr"):
             assert ra[key] == rb[key], (ra["step"], key)
     ca = torch.load(straight / "ckpt.pt", weights_only=True)
@@ -116,7 +117,8 @@ def test_resume_continues_exactly(text_file, tmp_path, capsys):
     assert ca["model"].keys() == cb["model"].keys()
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
-    for pa, pb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+    states = ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()
+    for pa, pb in zip(*states, strict=True):
         assert torch.equal(pa["exp_avg"], pb["exp_avg"])
         assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
     assert torch.equal(ca["rng"]["batch"], cb["rng"]["batch"])
@@ -136,7 +138,7 @@ def test_schedule_warms_up_then_decays():
     cfg = train.TrainConfig(lr=1e-2, min_lr=1e-3, warmup=4, steps=20)
     lrs = [train.lr_at(cfg, s) for s in range(20)]
     assert lrs[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
     assert train.lr_at(cfg, 20) == pytest.approx(1e-3)
     linear = train.TrainConfig(lr=1e-2, min_lr=0.0, warmup=0, steps=10, schedule="linear")
     assert train.lr_at(linear, 5) == pytest.approx(5e-3)
