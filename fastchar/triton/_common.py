@@ -188,6 +188,14 @@ def tile_mask(rows, cols, n_rows, n_cols):
 
 
 @triton.jit
+def load_prev(first_ptr, seq_ptr, tt, rows, cols, B, H, CM: tl.constexpr = ""):
+    """Tile of step tt-1's [B, H] state: ``first_ptr`` (h0, c0) at tt == 0, else seq[tt-1]."""
+    a = load_tile(first_ptr, rows, cols, tl.where(tt == 0, B, 0), H, H, CM)
+    b = load_tile(seq_ptr + (tt - 1) * B * H, rows, cols, tl.where(tt > 0, B, 0), H, H, CM)
+    return a + b
+
+
+@triton.jit
 def load_w_t(w_ptr, gate, k0, j0, H, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     """W_gate^T[k0:k0+BK, j0:j0+BH] from w_hh [G, H]: the forward product's operand."""
     k = k0 + tl.arange(0, BLOCK_K)

@@ -24,7 +24,7 @@ from fastchar.triton._common import (
     acc_dtype,
     grid_barrier,
     launch,
-    load_tile,
+    load_prev,
     load_w,
     load_w_t,
     plan,
@@ -37,9 +37,10 @@ from fastchar.triton._common import (
 @triton.jit(do_not_specialize=["t0", "n_steps"])
 def _fwd_kernel(
     xp_ptr,  # [T, B, G]
+    h0_ptr,  # [B, H]
     bhn_ptr,  # [H]
     w_ptr,  # [G, H]
-    hs_ptr,  # [T + 1, B, H]: hs[0] = h0, hs[t + 1] = h_t
+    out_ptr,  # [T, B, H]
     gates_ptr,  # [T, B, G]
     hn_ptr,  # [T, B, H]
     B,
@@ -72,7 +73,7 @@ def _fwd_kernel(
     first = tl.cast(t0, tl.int64)
 
     # this program's columns of h_{t-1}, for the z * h_{t-1} term (all of h when H_IN_REGS)
-    h = tl.load(hs_ptr + first * B * H + bh, mask=mask, other=0.0).to(ACC)
+    h = load_prev(h0_ptr, out_ptr, first, rows, cols, B, H).to(ACC)
     b_hn = tl.load(bhn_ptr + cols, mask=cols < H, other=0.0).to(ACC)[None, :]  # [1, BH]
     if W_RESIDENT:
         wr = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
@@ -81,12 +82,11 @@ def _fwd_kernel(
 
     for t in range(t0, t0 + n_steps):
         tt = tl.cast(t, tl.int64)
-        h_prev = hs_ptr + tt * B * H
         if W_RESIDENT:
             if H_IN_REGS:
                 hk = h.to(WT)
             else:
-                hk = load_tile(h_prev, rows, kk, B, H, H, CM).to(WT)
+                hk = load_prev(h0_ptr, out_ptr, tt, rows, kk, B, H, CM).to(WT)
             ar = tl.dot(hk, wr, input_precision=PREC, out_dtype=ACC)
             az = tl.dot(hk, wz, input_precision=PREC, out_dtype=ACC)
             an = tl.dot(hk, wn, input_precision=PREC, out_dtype=ACC)
@@ -95,7 +95,7 @@ def _fwd_kernel(
             az = tl.zeros((BLOCK_B, BLOCK_H), ACC)
             an = tl.zeros((BLOCK_B, BLOCK_H), ACC)
             for k0 in range(0, H, BLOCK_K):
-                hk = load_tile(h_prev, rows, k0 + kk, B, H, H, CM).to(WT)
+                hk = load_prev(h0_ptr, out_ptr, tt, rows, k0 + kk, B, H, CM).to(WT)
                 w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H)
                 ar = tl.dot(hk, w, ar, input_precision=PREC, out_dtype=ACC)
                 w = load_w_t(w_ptr, 1, k0, j0, H, BLOCK_K, BLOCK_H)
@@ -110,7 +110,7 @@ def _fwd_kernel(
         n = tanh(tl.load(x_t + 2 * H, mask=mask, other=0.0).to(ACC) + r * hn)
         h = (1.0 - z) * n + z * h
 
-        tl.store(hs_ptr + (tt + 1) * B * H + bh, h.to(hs_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + tt * B * H + bh, h.to(out_ptr.dtype.element_ty), mask=mask)
         if STORE_GATES:
             g_t = gates_ptr + tt * B * G + bg
             GT = gates_ptr.dtype.element_ty
@@ -254,10 +254,7 @@ def _bwd_kernel(
         z = tl.load(g_t + H, mask=mask, other=0.0).to(ACC)
         n = tl.load(g_t + 2 * H, mask=mask, other=0.0).to(ACC)
         hn = tl.load(hn_ptr + tt * B * H + bh, mask=mask, other=0.0).to(ACC)
-        from_h0 = tile_mask(rows, cols, tl.where(tt == 0, B, 0), H)
-        from_out = tile_mask(rows, cols, tl.where(tt > 0, B, 0), H)
-        h_prev = tl.load(h0_ptr + bh, mask=from_h0, other=0.0).to(ACC)
-        h_prev += tl.load(out_ptr + (tt - 1) * B * H + bh, mask=from_out, other=0.0).to(ACC)
+        h_prev = load_prev(h0_ptr, out_ptr, tt, rows, cols, B, H).to(ACC)
 
         carry = dh * z
         dn = dh * (1.0 - z) * (1.0 - n * n)
@@ -349,20 +346,19 @@ def _forward(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor, store_gates: bo
     T, B, G = xp.shape
     H = G // 3
     xp, w_hh = xp.contiguous(), w_hh.contiguous()
-    hs = xp.new_empty(T + 1, B, H)  # [T + 1, B, H]
-    hs[0] = h0
+    out = xp.new_empty(T, B, H)  # [T, B, H]
     gates = xp.new_empty(T, B, G) if store_gates else xp.new_empty(0)
     hn = xp.new_empty(T, B, H) if store_gates else xp.new_empty(0)
     p = plan(B, H, 3, xp)
-    args = (xp, b_hn.contiguous(), w_hh, hs, gates, hn, B, H, store_gates)
+    args = (xp, h0.contiguous(), b_hn.contiguous(), w_hh, out, gates, hn, B, H, store_gates)
     launch(_fwd_kernel, p, args, T, H, xp, backward=False)
-    return hs, gates, hn
+    return out, gates, hn
 
 
 def gru_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor):
     """Sequence forward; see the module docstring for shapes and what is saved."""
-    hs, gates, hn = _forward(xp, h0, w_hh, b_hn, store_gates=True)
-    return hs[1:], hs[-1].clone(), gates, hn
+    out, gates, hn = _forward(xp, h0, w_hh, b_hn, store_gates=True)
+    return out, out[-1].clone(), gates, hn
 
 
 def gru_bwd(
@@ -407,5 +403,4 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     H = w_hh.shape[1]
     b_x, b_hn = _split_bias(x, H, b_ih, b_hh)
     xp = F.linear(x, w_ih, b_x).unsqueeze(0)  # [1, B, G]
-    hs, _, _ = _forward(xp, h, w_hh, b_hn, store_gates=False)
-    return hs[1].clone()
+    return _forward(xp, h, w_hh, b_hn, store_gates=False)[0][0]

@@ -24,7 +24,7 @@ from fastchar.triton._common import (
     acc_dtype,
     grid_barrier,
     launch,
-    load_tile,
+    load_prev,
     load_w,
     load_w_t,
     plan,
@@ -37,9 +37,10 @@ from fastchar.triton._common import (
 @triton.jit(do_not_specialize=["t0", "n_steps"])
 def _fwd_kernel(
     xp_ptr,  # [T, B, G]
+    h0_ptr,  # [B, H]
     c0_ptr,  # [B, H]
     w_ptr,  # [G, H]
-    hs_ptr,  # [T + 1, B, H]: hs[0] = h0, hs[t + 1] = h_t
+    out_ptr,  # [T, B, H]
     gates_ptr,  # [T, B, G]
     cs_ptr,  # [T, B, H]
     B,
@@ -71,12 +72,9 @@ def _fwd_kernel(
     WT = w_ptr.dtype.element_ty
     first = tl.cast(t0, tl.int64)
 
-    from_c0 = tile_mask(rows, cols, tl.where(first == 0, B, 0), H)
-    from_cs = tile_mask(rows, cols, tl.where(first > 0, B, 0), H)
-    c = tl.load(c0_ptr + bh, mask=from_c0, other=0.0).to(ACC)
-    c += tl.load(cs_ptr + (first - 1) * B * H + bh, mask=from_cs, other=0.0).to(ACC)
+    c = load_prev(c0_ptr, cs_ptr, first, rows, cols, B, H).to(ACC)
     if H_IN_REGS:
-        h = tl.load(hs_ptr + first * B * H + bh, mask=mask, other=0.0).to(ACC)
+        h = load_prev(h0_ptr, out_ptr, first, rows, cols, B, H).to(ACC)
     if W_RESIDENT:
         wi = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
         wf = load_w_t(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H)
@@ -85,12 +83,11 @@ def _fwd_kernel(
 
     for t in range(t0, t0 + n_steps):
         tt = tl.cast(t, tl.int64)
-        h_prev = hs_ptr + tt * B * H
         if W_RESIDENT:
             if H_IN_REGS:
                 hk = h.to(WT)
             else:
-                hk = load_tile(h_prev, rows, kk, B, H, H, CM).to(WT)
+                hk = load_prev(h0_ptr, out_ptr, tt, rows, kk, B, H, CM).to(WT)
             ai = tl.dot(hk, wi, input_precision=PREC, out_dtype=ACC)
             af = tl.dot(hk, wf, input_precision=PREC, out_dtype=ACC)
             ag = tl.dot(hk, wg, input_precision=PREC, out_dtype=ACC)
@@ -101,7 +98,7 @@ def _fwd_kernel(
             ag = tl.zeros((BLOCK_B, BLOCK_H), ACC)
             ao = tl.zeros((BLOCK_B, BLOCK_H), ACC)
             for k0 in range(0, H, BLOCK_K):
-                hk = load_tile(h_prev, rows, k0 + kk, B, H, H, CM).to(WT)
+                hk = load_prev(h0_ptr, out_ptr, tt, rows, k0 + kk, B, H, CM).to(WT)
                 w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H)
                 ai = tl.dot(hk, w, ai, input_precision=PREC, out_dtype=ACC)
                 w = load_w_t(w_ptr, 1, k0, j0, H, BLOCK_K, BLOCK_H)
@@ -119,7 +116,7 @@ def _fwd_kernel(
         c = f * c + i * g
         h_new = o * tanh(c)
 
-        tl.store(hs_ptr + (tt + 1) * B * H + bh, h_new.to(hs_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + tt * B * H + bh, h_new.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(cs_ptr + tt * B * H + bh, c.to(cs_ptr.dtype.element_ty), mask=mask)
         if STORE_GATES:
             g_t = gates_ptr + tt * B * G + bg
@@ -289,10 +286,7 @@ def _bwd_kernel(
         g = tl.load(g_t + 2 * H, mask=mask, other=0.0).to(ACC)
         o = tl.load(g_t + 3 * H, mask=mask, other=0.0).to(ACC)
         c = tl.load(cs_ptr + tt * B * H + bh, mask=mask, other=0.0).to(ACC)
-        from_c0 = tile_mask(rows, cols, tl.where(tt == 0, B, 0), H)
-        from_cs = tile_mask(rows, cols, tl.where(tt > 0, B, 0), H)
-        c_prev = tl.load(c0_ptr + bh, mask=from_c0, other=0.0).to(ACC)
-        c_prev += tl.load(cs_ptr + (tt - 1) * B * H + bh, mask=from_cs, other=0.0).to(ACC)
+        c_prev = load_prev(c0_ptr, cs_ptr, tt, rows, cols, B, H).to(ACC)
 
         tc = tanh(c)
         dc += dh * o * (1.0 - tc * tc)
@@ -404,20 +398,19 @@ def _forward(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, store_gates: bool
     T, B, G = xp.shape
     H = G // 4
     xp, w_hh = xp.contiguous(), w_hh.contiguous()
-    hs = xp.new_empty(T + 1, B, H)  # [T + 1, B, H]
-    hs[0] = h0
+    out = xp.new_empty(T, B, H)  # [T, B, H]
     gates = xp.new_empty(T, B, G) if store_gates else xp.new_empty(0)
     cs = xp.new_empty(T, B, H, dtype=state_dtype(xp.dtype))  # [T, B, H]
     p = plan(B, H, 4, xp)
-    args = (xp, c0.contiguous(), w_hh, hs, gates, cs, B, H, store_gates)
+    args = (xp, h0.contiguous(), c0.contiguous(), w_hh, out, gates, cs, B, H, store_gates)
     launch(_fwd_kernel, p, args, T, H, xp, backward=False)
-    return hs, gates, cs
+    return out, gates, cs
 
 
 def lstm_fwd(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):
     """Sequence forward; see the module docstring for shapes and what is saved."""
-    hs, gates, cs = _forward(xp, h0, c0, w_hh, store_gates=True)
-    return hs[1:], hs[-1].clone(), cs[-1].to(xp.dtype, copy=True), gates, cs
+    out, gates, cs = _forward(xp, h0, c0, w_hh, store_gates=True)
+    return out, out[-1].clone(), cs[-1].to(xp.dtype, copy=True), gates, cs
 
 
 def lstm_bwd(
@@ -458,5 +451,5 @@ def lstm_bwd(
 def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     """One step from raw input x [B, I]: (h', c') [B, H]."""
     xp = F.linear(x, w_ih, bias_sum(b_ih, b_hh)).unsqueeze(0)  # [1, B, G]
-    hs, _, cs = _forward(xp, h, c, w_hh, store_gates=False)
-    return hs[1].clone(), cs[0].to(x.dtype, copy=True)
+    out, _, cs = _forward(xp, h, c, w_hh, store_gates=False)
+    return out[0], cs[0].to(x.dtype, copy=True)

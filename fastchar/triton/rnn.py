@@ -21,7 +21,7 @@ from fastchar.reference import bias_sum
 from fastchar.triton._common import (
     grid_barrier,
     launch,
-    load_tile,
+    load_prev,
     load_w,
     load_w_t,
     plan,
@@ -34,8 +34,9 @@ from fastchar.triton._common import (
 @triton.jit(do_not_specialize=["t0", "n_steps"])
 def _fwd_kernel(
     xp_ptr,  # [T, B, H]
+    h0_ptr,  # [B, H]
     w_ptr,  # [H, H]
-    hs_ptr,  # [T + 1, B, H]: hs[0] = h0, hs[t + 1] = h_t
+    out_ptr,  # [T, B, H]
     B,
     H,
     RELU: tl.constexpr,
@@ -64,23 +65,22 @@ def _fwd_kernel(
     first = tl.cast(t0, tl.int64)
 
     if H_IN_REGS:
-        h = tl.load(hs_ptr + first * B * H + bh, mask=mask, other=0.0).to(ACC)
+        h = load_prev(h0_ptr, out_ptr, first, rows, cols, B, H).to(ACC)
     if W_RESIDENT:
         w_t = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
 
     for t in range(t0, t0 + n_steps):
         tt = tl.cast(t, tl.int64)
-        h_prev = hs_ptr + tt * B * H
         if W_RESIDENT:
             if H_IN_REGS:
                 hk = h.to(WT)
             else:
-                hk = load_tile(h_prev, rows, kk, B, H, H, CM).to(WT)
+                hk = load_prev(h0_ptr, out_ptr, tt, rows, kk, B, H, CM).to(WT)
             a = tl.dot(hk, w_t, input_precision=PREC, out_dtype=ACC)
         else:
             a = tl.zeros((BLOCK_B, BLOCK_H), ACC)
             for k0 in range(0, H, BLOCK_K):
-                hk = load_tile(h_prev, rows, k0 + kk, B, H, H, CM).to(WT)
+                hk = load_prev(h0_ptr, out_ptr, tt, rows, k0 + kk, B, H, CM).to(WT)
                 w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H)
                 a = tl.dot(hk, w, a, input_precision=PREC, out_dtype=ACC)
 
@@ -89,7 +89,7 @@ def _fwd_kernel(
             h_new = tl.maximum(a, 0.0)
         else:
             h_new = tanh(a)
-        tl.store(hs_ptr + (tt + 1) * B * H + bh, h_new.to(hs_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + tt * B * H + bh, h_new.to(out_ptr.dtype.element_ty), mask=mask)
         if H_IN_REGS:
             h = h_new
         if SYNC:
@@ -202,17 +202,17 @@ def _bwd_kernel(
 def _forward(xp: Tensor, h0: Tensor, w_hh: Tensor, relu: bool) -> Tensor:
     T, B, H = xp.shape
     xp = xp.contiguous()
-    hs = xp.new_empty(T + 1, B, H)  # [T + 1, B, H]
-    hs[0] = h0
+    out = xp.new_empty(T, B, H)  # [T, B, H]
     p = plan(B, H, 1, xp)
-    launch(_fwd_kernel, p, (xp, w_hh.contiguous(), hs, B, H, relu), T, H, xp, backward=False)
-    return hs
+    args = (xp, h0.contiguous(), w_hh.contiguous(), out, B, H, relu)
+    launch(_fwd_kernel, p, args, T, H, xp, backward=False)
+    return out
 
 
 def rnn_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, relu: bool):
     """Sequence forward: out [T, B, H], h_n [B, H]."""
-    hs = _forward(xp, h0, w_hh, relu)
-    return hs[1:], hs[-1].clone()
+    out = _forward(xp, h0, w_hh, relu)
+    return out, out[-1].clone()
 
 
 def rnn_bwd(grad_out: Tensor, grad_h_n: Tensor, w_hh: Tensor, out: Tensor, relu: bool):
@@ -240,4 +240,4 @@ def rnn_bwd(grad_out: Tensor, grad_h_n: Tensor, w_hh: Tensor, out: Tensor, relu:
 def rnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, relu=False):
     """One step from raw input x [B, I]: h' [B, H]."""
     xp = F.linear(x, w_ih, bias_sum(b_ih, b_hh)).unsqueeze(0)  # [1, B, H]
-    return _forward(xp, h, w_hh, relu)[1].clone()
+    return _forward(xp, h, w_hh, relu)[0]

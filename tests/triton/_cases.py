@@ -1,0 +1,80 @@
+"""Inputs, runners and the device/variants under test, shared by the Triton test files.
+
+Shape letters: T time, B batch, I input, H hidden, G gates (4H / 3H / H).
+Tolerances come from tests/parity.py, the one place they are set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastchar import ops
+from fastchar.backends import interpreter_on
+
+# Under the interpreter the kernels run on CPU tensors; otherwise this directory is only
+# collected with a CUDA device (see conftest.py).
+DEVICE = "cpu" if interpreter_on() else "cuda"
+# the persistent variant's grid barrier deadlocks in the interpreter, which runs
+# programs one after another
+VARIANTS = ("loop", "step") if DEVICE == "cpu" else ("loop", "step", "persistent")
+
+# cell name -> (gates per unit, states, layer op, cell op, extra keyword arguments)
+CELLS = {
+    "lstm": (4, 2, ops.lstm, ops.lstm_cell, {}),
+    "gru": (3, 1, ops.gru, ops.gru_cell, {}),
+    "rnn_tanh": (1, 1, ops.rnn, ops.rnn_cell, {"nonlinearity": "tanh"}),
+    "rnn_relu": (1, 1, ops.rnn, ops.rnn_cell, {"nonlinearity": "relu"}),
+}
+STATE_NAMES = ("h0", "c0")
+
+
+def make_inputs(
+    cell: str,
+    T: int | None,
+    B: int,
+    I: int,
+    H: int,
+    dtype: torch.dtype,
+    with_state: bool = True,
+    bias: bool = True,
+    device: str = DEVICE,
+) -> dict[str, torch.Tensor | None]:
+    """x [T, B, I] (or [B, I] when T is None), states [B, H], weights with torch.nn's init."""
+    n_gates, n_states, *_ = CELLS[cell]
+    G = n_gates * H
+    kw = dict(dtype=dtype, device=device)
+    bound = 1 / math.sqrt(H)
+
+    def uniform(*shape):
+        return torch.empty(*shape, **kw).uniform_(-bound, bound)
+
+    inputs = {"x": torch.randn(*((B, I) if T is None else (T, B, I)), **kw)}
+    for name in STATE_NAMES[:n_states]:
+        inputs[name] = torch.randn(B, H, **kw) if with_state else None
+    inputs.update(w_ih=uniform(G, I), w_hh=uniform(G, H))
+    inputs.update(b_ih=uniform(G) if bias else None, b_hh=uniform(G) if bias else None)
+    return inputs
+
+
+def run_layer(cell: str, impl: str, inputs: dict) -> tuple[list[torch.Tensor], dict]:
+    """Forward and backward of one layer op; returns (outputs, gradient of every input)."""
+    *_, layer, _, extra = CELLS[cell]
+    leaves = {k: None if v is None else v.clone().requires_grad_() for k, v in inputs.items()}
+    results = list(layer(*leaves.values(), **extra, impl=impl))
+    # a fixed random weight on every output, so each gradient path is exercised
+    gen = torch.Generator(device=results[0].device).manual_seed(1)
+    loss = sum(
+        (r * torch.randn(r.shape, generator=gen, dtype=r.dtype, device=r.device)).sum()
+        for r in results
+    )
+    loss.backward()
+    grads = {k: v.grad for k, v in leaves.items() if v is not None}
+    return [r.detach() for r in results], grads
+
+
+def run_cell(cell: str, impl: str, inputs: dict) -> list[torch.Tensor]:
+    *_, step, extra = CELLS[cell]
+    result = step(*inputs.values(), **extra, impl=impl)
+    return list(result) if isinstance(result, tuple) else [result]

@@ -1,0 +1,125 @@
+"""Triton layer and cell ops vs ``reference`` and ``torch``: outputs, final states and
+the gradient of every input (x, weights, biases, initial states), in every launch
+variant that runs on this device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _cases import CELLS, DEVICE, VARIANTS, make_inputs, run_cell, run_layer
+from parity import assert_close
+
+import fastchar.triton._common as tcommon
+from fastchar.triton._common import use_variant
+
+SHAPES = {  # (T, B, I, H)
+    "T17_B3_H33": (17, 3, 5, 33),
+    "T1_B1_H17": (1, 1, 4, 17),
+    "T5_B2_H16": (5, 2, 3, 16),
+}
+DTYPES = {"f64": torch.float64, "f32": torch.float32}
+OUT_NAMES = ("out", "h_n", "c_n")
+
+
+def check_layer(cell, inputs, dtype, variant):
+    with use_variant(variant):
+        got, got_grads = run_layer(cell, "triton", inputs)
+    for impl in ("reference", "torch"):
+        want, want_grads = run_layer(cell, impl, inputs)
+        assert len(got) == len(want)
+        for name, a, b in zip(OUT_NAMES[: len(want)], got, want, strict=True):
+            assert_close(a, b, dtype, f"{name} vs {impl}")
+        assert got_grads.keys() == want_grads.keys()
+        for name, g in want_grads.items():
+            assert_close(got_grads[name], g, dtype, f"grad {name} vs {impl}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_parity(cell, shape, dtype, variant):
+    check_layer(cell, make_inputs(cell, *shape, dtype), dtype, variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_zero_state_and_no_bias(cell, variant):
+    inputs = make_inputs(cell, 6, 3, 4, 20, torch.float64, with_state=False, bias=False)
+    check_layer(cell, inputs, torch.float64, variant)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_streams_weights_in_chunks(cell, monkeypatch):
+    """W_hh too large to keep resident: the product loops over BK-wide chunks of H."""
+    monkeypatch.setattr(tcommon, "RESIDENT_MAX", 0)
+    variant = "step" if DEVICE == "cpu" else "persistent"
+    check_layer(cell, make_inputs(cell, 4, 3, 5, 40, torch.float64), torch.float64, variant)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("B", [1, 3], ids=["B1", "B3"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_parity(cell, B, dtype):
+    inputs = make_inputs(cell, None, B, 5, 33, dtype)
+    got = run_cell(cell, "triton", inputs)
+    for impl in ("reference", "torch"):
+        want = run_cell(cell, impl, inputs)
+        assert len(got) == len(want)
+        for name, a, b in zip(("h", "c")[: len(want)], got, want, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert_close(a, b, dtype, f"cell {name} vs {impl}")
+
+
+def test_cell_without_bias_and_state_dtypes():
+    inputs = make_inputs("lstm", None, 2, 3, 16, torch.float32, bias=False)
+    h, c = run_cell("lstm", "triton", inputs)
+    want_h, want_c = run_cell("lstm", "reference", inputs)
+    assert_close(h, want_h, torch.float32, "h")
+    assert_close(c, want_c, torch.float32, "c")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_opcheck(cell):
+    """Schema, fake (meta) and autograd registration of the Triton custom ops."""
+    n_gates, n_states, *_ = CELLS[cell]
+    name = cell.split("_")[0]
+    T, B, H = 3, 2, 16
+    kw = dict(dtype=torch.float64, device=DEVICE)
+    xp = torch.randn(T, B, n_gates * H, **kw, requires_grad=True)
+    h0 = torch.randn(B, H, **kw, requires_grad=True)
+    w_hh = (torch.randn(n_gates * H, H, **kw) / 4).requires_grad_()
+    args = {
+        "lstm": (xp, h0, torch.randn(B, H, **kw, requires_grad=True), w_hh),
+        "gru": (xp, h0, w_hh, torch.randn(H, **kw, requires_grad=True)),
+        "rnn": (xp, h0, w_hh, True),
+    }[name]
+    fwd = getattr(torch.ops.fastchar, f"triton_{name}_fwd")
+    torch.library.opcheck(fwd, args)
+
+    saved = [t.detach() for t in fwd(*args)]
+    grads = [torch.randn_like(saved[0]), torch.randn_like(saved[1])]
+    bwd_args = {
+        "lstm": lambda: (*grads, torch.randn_like(saved[2]), w_hh, args[2], *saved[3:]),
+        "gru": lambda: (*grads, w_hh, h0, saved[0], *saved[2:]),
+        "rnn": lambda: (*grads, w_hh, saved[0], True),
+    }[name]()
+    bwd_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in bwd_args)
+    torch.library.opcheck(getattr(torch.ops.fastchar, f"triton_{name}_bwd"), bwd_args)
+
+    inputs = make_inputs(cell, None, B, 4, H, torch.float64)
+    cell_args = tuple(inputs.values()) + ((True,) if name == "rnn" else ())
+    torch.library.opcheck(getattr(torch.ops.fastchar, f"triton_{name}_cell"), cell_args)
+
+
+def test_forcing_an_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        with use_variant("warp-speed"):
+            pass
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs on CPU tensors")
+def test_persistent_variant_is_refused_under_the_interpreter():
+    inputs = make_inputs("rnn_tanh", 2, 1, 3, 16, torch.float32)
+    with use_variant("persistent"), pytest.raises(RuntimeError, match="needs a CUDA device"):
+        run_layer("rnn_tanh", "triton", inputs)
