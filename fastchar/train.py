@@ -164,9 +164,6 @@ def _at_least(name: str, value: int, low: int) -> None:
         raise ConfigError(f"{_flag(name)} must be >= {low}, got {value}")
 
 
-# ---------------------------------------------------------------------------- CLI parsing
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise ConfigError(message)
@@ -197,9 +194,6 @@ def parse_args(argv: list[str] | None) -> tuple[dict, bool]:
     ns = vars(build_parser().parse_args(argv))
     resume = ns.pop("resume", False)
     return ns, resume
-
-
-# ---------------------------------------------------------------------------- checkpoints
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -306,9 +300,6 @@ def build_model(cfg: TrainConfig, vocab_size: int, impl: str | None = None) -> C
     )
 
 
-# ---------------------------------------------------------------------------- devices and data
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -351,9 +342,6 @@ def describe_data(manifest: dict) -> str:
         f"Python {manifest['python']} stdlib sources: {len(manifest['files'])} files, "
         f"{manifest['chars']:,} chars, sha256 {digest}"
     )
-
-
-# ---------------------------------------------------------------------------- the trainer
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -522,8 +510,79 @@ class Trainer:
     def save(self, path: str) -> None:
         atomic_torch_save(self.state_dict(), path)
 
+    def eval_and_checkpoint(self, out: str, record: dict) -> tuple[dict, bool]:
+        """Evaluate, append to metrics.jsonl, write ckpt.pt (and best.pt when val improves)."""
+        losses = self.evaluate()
+        record = {
+            "step": self.step,
+            "train_loss": losses["train"],
+            "val_loss": losses["val"],
+            "train_bpc": losses["train"] / math.log(2),
+            "val_bpc": losses["val"] / math.log(2),
+            **record,
+        }
+        best = losses["val"] < self.best_val
+        if best:
+            self.best_val = losses["val"]
+        if self.is_main:
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.save(os.path.join(out, "ckpt.pt"))
+            if best:
+                self.save(os.path.join(out, "best.pt"))
+        return record, best
 
-# ---------------------------------------------------------------------------- the run
+    def fit(self, out: str, progress: Progress) -> None:
+        """Train up to ``steps`` (or ``stop_at``), evaluating and checkpointing on the way."""
+        cfg = self.cfg
+        last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+        tokens_per_step = cfg.batch_size * cfg.block_size
+        window_tokens, window_time = 0, 0.0
+        while self.step < last:
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise TrainError(
+                    f"loss became {loss} at step {self.step}; stopping without saving "
+                    "(try a lower --lr or --grad-clip)"
+                )
+            self.elapsed += dt
+            window_tokens += tokens_per_step
+            window_time += dt
+            lr = lr_at(cfg, self.step - 1)
+            progress.update(self.step, loss, tokens_per_step / dt, lr)
+            if self.step % cfg.eval_interval and self.step != last:
+                continue
+            record, best = self.eval_and_checkpoint(
+                out,
+                {
+                    "loss": loss,
+                    "tokens_per_sec": window_tokens / window_time,
+                    "elapsed_sec": self.elapsed,
+                    "lr": lr,
+                    "tokens": self.step * tokens_per_step,
+                    "impl": self.kind,
+                },
+            )
+            window_tokens, window_time = 0, 0.0
+            progress.log(
+                f"eval step {self.step}: train {record['train_loss']:.4f} "
+                f"({record['train_bpc']:.3f} bpc) | val {record['val_loss']:.4f} "
+                f"({record['val_bpc']:.3f} bpc) | {record['tokens_per_sec']:,.0f} tok/s"
+                + (" | best" if best else "")
+            )
+
+    def sample(self, length: int, temperature: float = 0.8) -> str:
+        """A seeded sample from a newline prime (or the first character), prime included."""
+        prime = "\n" if "\n" in self.vocab else self.vocab.chars[0]
+        ids = self.model.generate(
+            self.vocab.encode(prime),
+            length,
+            temperature=temperature,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+        return prime + self.vocab.decode(ids)
 
 
 def _resume_config(given: dict, ckpt: dict) -> TrainConfig:
@@ -602,13 +661,12 @@ def run(given: dict, resume: bool = False) -> Trainer:
             raise CheckpointError(f"checkpoint vocabulary is unusable: {e}") from None
     trainer = Trainer(cfg, text, manifest, vocab)
     os.makedirs(out, exist_ok=True)
-    metrics_path = os.path.join(out, "metrics.jsonl")
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-        _trim_metrics(metrics_path, trainer.step)
+        _trim_metrics(os.path.join(out, "metrics.jsonl"), trainer.step)
         log(f"resumed {ckpt_path} at step {trainer.step}")
     else:
-        open(metrics_path, "w").close()
+        open(os.path.join(out, "metrics.jsonl"), "w").close()
         _write_json(os.path.join(out, "data_manifest.json"), manifest)
     _write_json(os.path.join(out, "config.json"), cfg.to_dict())
 
@@ -622,65 +680,13 @@ def run(given: dict, resume: bool = False) -> Trainer:
     if trainer.impl_note:
         log(trainer.impl_note)
 
-    last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
-    tokens_per_step = cfg.batch_size * cfg.block_size
-    window_tokens, window_time = 0, 0.0
-    while trainer.step < last:
-        t0 = time.perf_counter()
-        loss = trainer.train_step()
-        dt = time.perf_counter() - t0
-        if not math.isfinite(loss):
-            raise TrainError(
-                f"loss became {loss} at step {trainer.step}; stopping without saving "
-                "(try a lower --lr or --grad-clip)"
-            )
-        trainer.elapsed += dt
-        window_tokens += tokens_per_step
-        window_time += dt
-        progress.update(trainer.step, loss, tokens_per_step / dt, lr_at(cfg, trainer.step - 1))
-        if trainer.step % cfg.eval_interval == 0 or trainer.step == last:
-            losses = trainer.evaluate()
-            record = {
-                "step": trainer.step,
-                "train_loss": losses["train"],
-                "val_loss": losses["val"],
-                "train_bpc": losses["train"] / math.log(2),
-                "val_bpc": losses["val"] / math.log(2),
-                "loss": loss,
-                "tokens_per_sec": window_tokens / window_time,
-                "elapsed_sec": trainer.elapsed,
-                "lr": lr_at(cfg, trainer.step - 1),
-                "tokens": trainer.step * tokens_per_step,
-                "impl": trainer.kind,
-            }
-            window_tokens, window_time = 0, 0.0
-            best = losses["val"] < trainer.best_val
-            if best:
-                trainer.best_val = losses["val"]
-            if trainer.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                trainer.save(ckpt_path)
-                if best:
-                    trainer.save(os.path.join(out, "best.pt"))
-            log(
-                f"eval step {trainer.step}: train {losses['train']:.4f} "
-                f"({record['train_bpc']:.3f} bpc) | val {losses['val']:.4f} "
-                f"({record['val_bpc']:.3f} bpc) | {record['tokens_per_sec']:,.0f} tok/s"
-                + (" | best" if best else "")
-            )
+    trainer.fit(out, progress)
     if trainer.step < cfg.steps:
         log(f"stopped at step {trainer.step} of {cfg.steps}; continue with --resume --out {out}")
     elif cfg.sample_length > 0:
-        prime = "\n" if "\n" in trainer.vocab else trainer.vocab.chars[0]
-        ids = trainer.model.generate(
-            trainer.vocab.encode(prime),
-            cfg.sample_length,
-            temperature=0.8,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        text = trainer.sample(cfg.sample_length)
         log(f"sample ({cfg.sample_length} chars, temperature 0.8):")
-        print(prime + trainer.vocab.decode(ids), flush=True)
+        print(text, flush=True)
     return trainer
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -287,3 +288,33 @@ def test_cli_error_via_subprocess(tmp_path):
     assert proc.returncode == 1
     assert_one_line_error(proc.stderr)
     assert "not found" in proc.stderr
+
+
+def test_progress_bar_on_a_terminal_and_lines_otherwise():
+    class Stream(io.StringIO):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    tty, pipe = Stream(True), Stream(False)
+    for stream in (tty, pipe):
+        progress = train.Progress(total=4, interval=2, stream=stream)
+        for step in range(1, 5):
+            progress.update(step, 2.0, 1000.0, 1e-3)
+        progress.log("eval")
+    assert tty.getvalue().count("\r") == 4 and "#" in tty.getvalue()
+    assert tty.getvalue().endswith("\neval\n")
+    lines = pipe.getvalue().splitlines()
+    assert "\r" not in pipe.getvalue() and len(lines) == 3
+    assert lines[0].startswith("step 2/4 | loss 2.0000 (2.885 bpc) | 1,000 tok/s")
+
+
+def test_bfloat16_autocast_run(text_file, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(text_file, out, "--dtype", "bfloat16", "--sample-length", "0")) == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in ckpt["model"].values())
+    assert all(math.isfinite(r["val_loss"]) for r in read_metrics(out))
