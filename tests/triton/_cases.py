@@ -58,17 +58,25 @@ def make_inputs(
     return inputs
 
 
-def run_layer(cell: str, impl: str, inputs: dict) -> tuple[list[torch.Tensor], dict]:
-    """Forward and backward of one layer op; returns (outputs, gradient of every input)."""
+def run_layer(
+    cell: str, impl: str, inputs: dict, round_to: torch.dtype | None = None
+) -> tuple[list[torch.Tensor], dict]:
+    """Forward and backward of one layer op; returns (outputs, gradient of every input).
+
+    The loss puts a fixed random weight on every output, so each gradient path is
+    exercised; the weights are drawn in float64 and rounded to ``round_to`` (default:
+    the outputs' dtype), so runs in different dtypes see the same loss.
+    """
     *_, layer, _, extra = CELLS[cell]
     leaves = {k: None if v is None else v.clone().requires_grad_() for k, v in inputs.items()}
     results = list(layer(*leaves.values(), **extra, impl=impl))
-    # a fixed random weight on every output, so each gradient path is exercised
     gen = torch.Generator(device=results[0].device).manual_seed(1)
-    loss = sum(
-        (r * torch.randn(r.shape, generator=gen, dtype=r.dtype, device=r.device)).sum()
-        for r in results
-    )
+
+    def weight(r):
+        w = torch.randn(r.shape, generator=gen, dtype=torch.float64, device=r.device)
+        return w.to(round_to or r.dtype).to(r.dtype)
+
+    loss = sum((r * weight(r)).sum() for r in results)
     loss.backward()
     grads = {k: v.grad for k, v in leaves.items() if v is not None}
     return [r.detach() for r in results], grads

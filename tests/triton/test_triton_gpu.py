@@ -1,0 +1,93 @@
+"""GPU-only checks: bfloat16/float16/float32 against cuDNN with bounds tied to cuDNN's
+own error, every launch variant at sizes the interpreter cannot afford (persistent
+grid, several batch tiles, streamed weights), and CUDA-graph capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _cases import CELLS, make_inputs, run_layer
+from parity import assert_close
+
+from fastchar import ops
+from fastchar.triton._common import use_variant
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+CASES = {  # id -> ((T, B, I, H), variants)
+    "T64_B16_H48": ((64, 16, 32, 48), ("loop", "step", "persistent")),
+    "T33_B70_H256": ((33, 70, 32, 256), ("step", "persistent")),
+}
+NAMES = ("out", "h_n", "c_n")
+
+
+def rel_errors(got, want) -> dict[str, float]:
+    """Largest error of each output and gradient relative to the largest reference value."""
+    outs, grads = got
+    ref_outs, ref_grads = want
+    pairs = dict(zip(NAMES[: len(outs)], zip(outs, ref_outs, strict=True), strict=True))
+    pairs.update({f"grad {k}": (grads[k], ref_grads[k]) for k in ref_grads})
+    return {
+        k: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        for k, (a, b) in pairs.items()
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("cell", CELLS)
+def test_error_within_cudnns(cell, case, dtype):
+    """Against a float64 reference on the same rounded inputs, triton's error is at most
+    twice cuDNN's plus a few ulps of the dtype, for every output and gradient."""
+    shape, variants = case
+    inputs = make_inputs(cell, *shape, torch.float64, device="cuda")
+    low = {k: None if v is None else v.to(dtype) for k, v in inputs.items()}
+    exact = {k: None if v is None else v.double() for k, v in low.items()}
+    want = run_layer(cell, "reference", exact, round_to=dtype)
+    cudnn = rel_errors(run_layer(cell, "torch", low), want)
+    eps = torch.finfo(dtype).eps
+    for variant in variants:
+        with use_variant(variant):
+            ours = rel_errors(run_layer(cell, "triton", low), want)
+        for name, err in ours.items():
+            bound = 2 * cudnn[name] + 4 * eps
+            assert err <= bound, (
+                f"{variant} {name}: error {err:.3g} > {bound:.3g} (cuDNN {cudnn[name]:.3g})"
+            )
+
+
+@pytest.mark.parametrize("variant", ["step", "persistent", "loop"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_forward_replays_in_a_cuda_graph(cell, variant):
+    H = 32 if variant == "loop" else 256
+    static = make_inputs(cell, 16, 8, 32, H, torch.float32, device="cuda")
+    *_, layer, _, extra = CELLS[cell]
+    with use_variant(variant):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile outside the capture
+            layer(*static.values(), **extra, impl="triton")
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = layer(*static.values(), **extra, impl="triton")
+    fresh = make_inputs(cell, 16, 8, 32, H, torch.float32, device="cuda")
+    for k, v in fresh.items():
+        static[k].copy_(v)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = layer(*fresh.values(), **extra, impl="reference")
+    for name, a, b in zip(NAMES[: len(want)], got, want, strict=True):
+        assert_close(a, b, torch.float32, f"graph replay {name}")
+
+
+def test_fp64_runs_on_the_gpu():
+    inputs = make_inputs("lstm", 5, 3, 4, 33, torch.float64, device="cuda")
+    got = ops.lstm(*inputs.values(), impl="triton")
+    want = ops.lstm(*inputs.values(), impl="reference")
+    for name, a, b in zip(NAMES[: len(want)], got, want, strict=True):
+        assert_close(a, b, torch.float64, name)
