@@ -1,0 +1,585 @@
+"""Benchmark table for fastchar: every cell x every impl that can run, side by side.
+
+    python benchmarks/run.py [--device cpu|cuda] [--quick] [--json FILE] [--plot FILE.png]
+        [--cells lstm,gru,rnn_tanh] [--impls cpp,reference,torch] [--dtype float32|bfloat16]
+        [--shapes "B,T,I,H;..."] [--threads N] [--parts layers,sample,train,memory]
+
+Parts, all measured in this one process (memory: one fresh child process per case):
+  layers  one layer through ``fastchar.ops.<cell>(..., impl=...)`` with grad enabled as in
+          training: forward alone, then forward + backward (``torch.autograd.grad`` of
+          every input); tokens/s, GFLOP/s and the ratios are for forward + backward.
+  sample  time per character of ``CharRNN.step`` (2 x 512 LSTM, batch 1, no grad).
+  train   CharRNN training tokens/s (2 x 256, batch 32, AdamW, cross-entropy).
+  memory  peak training memory of one CharRNN step above the state after a warm-up step.
+
+Ratios are speed-ups: ``x torch`` = torch time / impl time, so above 1 is faster than torch.
+Exits 1 when any case failed (its error is in the table and the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CELL_CHOICES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
+PARTS = ("layers", "sample", "train", "memory")
+IMPL_CHOICES = ("fused", "cpp", "triton", "reference", "torch")
+
+QUICK = {
+    "layer": dict(warmup=1, min_repeats=3, max_repeats=10, budget_s=0.3),
+    "sample_steps": 50,
+    "train": dict(batch=16, block=64, hidden=256, steps=3),
+}
+FULL = {
+    "layer": dict(warmup=2, min_repeats=3, max_repeats=50, budget_s=2.0),
+    "sample_steps": 200,
+    "train": dict(batch=32, block=128, hidden=256, steps=8),
+}
+VOCAB = 96
+SAMPLE_MODEL = dict(model="lstm", emb_dim=64, hidden=512, layers=2)
+TRAIN_MODEL = dict(emb_dim=64, layers=2)
+
+
+def _csv(choices: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{bad or text!r}: choose from {','.join(choices)}")
+        return items
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/run.py",
+        description="Time fastchar's kernels against torch and the reference, side by side.",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="T/4 on the standard grid, few repeats")
+    p.add_argument("--json", metavar="FILE", help="write every number and the environment")
+    p.add_argument("--plot", metavar="FILE.png", help="fwd+bwd speed-up vs torch per shape")
+    p.add_argument("--cells", type=_csv(CELL_CHOICES), default=list(DEFAULT_CELLS))
+    p.add_argument(
+        "--impls",
+        type=_csv(IMPL_CHOICES),
+        default=None,
+        help="default: cpp, triton, reference, torch (those that can run on --device)",
+    )
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--shapes", metavar="B,T,I,H;...", help="default: DESIGN section 5 grid")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--parts", type=_csv(PARTS), default=list(PARTS))
+    p.add_argument(
+        "--train-config",
+        metavar="B,T,H",
+        help="batch, block size and hidden size of the train and memory parts "
+        "(default 32,128,256; quick 16,64,256)",
+    )
+    p.add_argument(
+        "--sample-steps", type=int, help="characters per timed block (default 200; quick 50)"
+    )
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    return p
+
+
+def _fmt_ms(t: dict) -> str:
+    return f"{t['median_ms']:.3g}±{100 * t['spread']:.0f}%"
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num and den else None
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    print()
+
+
+def bench_layers(H, cells, shapes, impls, dtype, device, cfg) -> list[dict]:
+    import torch
+
+    rows = []
+    for cell in cells:
+        for s in shapes:
+            case = H.make_layer_case(cell, s, dtype, device)
+            group = {
+                impl: {"cell": cell, **vars(s), "dtype": str(dtype)[6:], "impl": impl}
+                for impl in impls
+            }
+            for mode, call in (("fwd", case.forward), ("fwd_bwd", case.forward_backward)):
+                live = [i for i in impls if "error" not in group[i]]
+                with torch.enable_grad():
+                    timings, errors = H.time_interleaved(
+                        {impl: partial(call, impl) for impl in live}, device, **cfg
+                    )
+                for impl, err in errors.items():
+                    group[impl] = {k: v for k, v in group[impl].items() if k in _LAYER_KEYS}
+                    group[impl]["error"] = f"{mode}: {err}"
+                    print(f"  {cell} {s.label()} {impl} {mode}: FAILED {err}", file=sys.stderr)
+                for impl, t in timings.items():
+                    seconds = t.median_ms / 1e3
+                    flops = H.layer_flops(cell, s) if mode == "fwd" else H.fwd_bwd_flops(cell, s)
+                    group[impl][mode] = vars(t) | {"spread": t.spread()}
+                    group[impl][f"tokens_per_s_{mode}"] = s.B * s.T / seconds
+                    group[impl][f"gflops_{mode}"] = flops / seconds / 1e9
+                for impl in timings:
+                    for base in ("torch", "reference"):
+                        ref = timings.get(base)
+                        ratio = _ratio(ref.median_ms if ref else None, timings[impl].median_ms)
+                        group[impl][f"vs_{base}_{mode}"] = ratio
+            rows.extend(group.values())
+    return rows
+
+
+_LAYER_KEYS = ("cell", "B", "T", "I", "H", "dtype", "impl")
+
+
+def print_layers(rows: list[dict]) -> None:
+    print("Layers: one layer, one direction, grad enabled; tok/s, GFLOP/s and ratios are fwd+bwd")
+    headers = ["cell", "B", "T", "I", "H", "dtype", "impl", "fwd ms", "fwd+bwd ms", "tok/s"]
+    headers += ["GFLOP/s", "x torch", "x reference"]
+    table = []
+    for r in rows:
+        head = [r["cell"], *(str(r[k]) for k in "BTIH"), r["dtype"], r["impl"]]
+        if "error" in r:
+            table.append(head + ["FAILED", r["error"][:40], "", "", "", ""])
+            continue
+        table.append(
+            head
+            + [
+                _fmt_ms(r["fwd"]),
+                _fmt_ms(r["fwd_bwd"]),
+                f"{r['tokens_per_s_fwd_bwd']:.3g}",
+                f"{r['gflops_fwd_bwd']:.3g}",
+                _fmt_ratio(r["vs_torch_fwd_bwd"]),
+                _fmt_ratio(r["vs_reference_fwd_bwd"]),
+            ]
+        )
+    _print_table(headers, table)
+
+
+def _char_model(impl: str, dtype, device, **kw):
+    from fastchar.model import CharRNN
+
+    return CharRNN(VOCAB, impl=impl, **kw).to(device=device, dtype=dtype)
+
+
+def bench_sampling(H, impls, dtype, device, steps: int) -> list[dict]:
+    """Blocks of ``steps`` characters from a fresh state; time per character."""
+    import torch
+
+    rows = {
+        impl: {"impl": impl, "dtype": str(dtype)[6:], **SAMPLE_MODEL, "steps": steps}
+        for impl in impls
+    }
+    runs = {}
+    for impl in impls:
+        try:
+            torch.manual_seed(0)
+            model = _char_model(impl, dtype, device, **SAMPLE_MODEL).eval()
+        except Exception as e:
+            rows[impl]["error"] = H.error_line(e)
+            continue
+        idx = torch.zeros(1, dtype=torch.long, device=device)  # [B]
+
+        def run(idx=idx, model=model) -> None:
+            state = None
+            for _ in range(steps):
+                _, state = model.step(idx, state)
+
+        runs[impl] = run
+    with torch.no_grad():
+        timings, errors = H.time_interleaved(
+            runs, device, warmup=1, min_repeats=3, max_repeats=5, budget_s=0.5
+        )
+    for impl, err in errors.items():
+        rows[impl]["error"] = err
+    for impl, t in timings.items():
+        rows[impl]["ms_per_char"] = t.median_ms / steps
+        rows[impl]["chars_per_s"] = 1e3 / rows[impl]["ms_per_char"]
+        rows[impl]["spread"] = t.spread()
+    rows = list(rows.values())
+    _add_speedups(rows, "ms_per_char", lower_is_better=True)
+    return rows
+
+
+def _train_setup(cell: str, impl: str, dtype, device, batch: int, block: int, hidden: int):
+    import torch
+    import torch.nn.functional as F
+
+    kind, _, nonlin = cell.partition("_")
+    torch.manual_seed(0)
+    model = _char_model(
+        impl, dtype, device, model=kind, nonlinearity=nonlin or "tanh", hidden=hidden, **TRAIN_MODEL
+    ).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = torch.randint(0, VOCAB, (batch, block + 1), device=device)  # [B, T+1]
+
+    def step() -> None:
+        logits, _ = model(data[:, :-1])  # [B, T, V]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), data[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_training(H, cells, impls, dtype, device, cfg) -> list[dict]:
+    """Median training-step time, the impls' steps interleaved (the first is a warm-up)."""
+    rows = []
+    for cell in cells:
+        group = {
+            impl: {"cell": cell, "impl": impl, "dtype": str(dtype)[6:], **TRAIN_MODEL, **cfg}
+            for impl in impls
+        }
+        steps = {}
+        for impl in impls:
+            try:
+                steps[impl] = _train_setup(
+                    cell, impl, dtype, device, cfg["batch"], cfg["block"], cfg["hidden"]
+                )
+            except Exception as e:
+                group[impl]["error"] = H.error_line(e)
+        n = cfg["steps"]
+        timings, errors = H.time_interleaved(
+            steps, device, warmup=1, min_repeats=n, max_repeats=n, budget_s=0.0
+        )
+        for impl, err in errors.items():
+            group[impl]["error"] = err
+        for impl, t in timings.items():
+            group[impl]["step_ms"] = t.median_ms
+            group[impl]["spread"] = t.spread()
+            group[impl]["tokens_per_s"] = cfg["batch"] * cfg["block"] / (t.median_ms / 1e3)
+        rows.extend(group.values())
+    _add_speedups(rows, "tokens_per_s", lower_is_better=False)
+    return rows
+
+
+def _add_speedups(rows: list[dict], key: str, lower_is_better: bool) -> None:
+    """``vs_torch`` / ``vs_reference`` within each cell: above 1 means better than the base."""
+    for row in rows:
+        for base in ("torch", "reference"):
+            ref = next(
+                (
+                    r
+                    for r in rows
+                    if r["impl"] == base and r.get("cell") == row.get("cell") and key in r
+                ),
+                None,
+            )
+            if key not in row or ref is None or min(row[key], ref[key]) <= 0:
+                row[f"vs_{base}"] = None
+            elif lower_is_better:
+                row[f"vs_{base}"] = ref[key] / row[key]
+            else:
+                row[f"vs_{base}"] = row[key] / ref[key]
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def memory_child(spec: dict) -> dict:
+    """One CharRNN training step's peak memory above the state after a warm-up step.
+
+    The warm-up step allocates AdamW's state and any lazy buffers, which are the
+    same for every impl, and ends with the gradients freed; what the timed step
+    adds is activations, saved tensors, gradients and the kernels' scratch.
+    """
+    import torch
+
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    step = _train_setup(
+        spec["cell"], spec["impl"], dtype, device, spec["batch"], spec["block"], spec["hidden"]
+    )
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return {
+            "peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20,
+            "method": "torch.cuda.max_memory_allocated above the allocated bytes after warm-up",
+        }
+    base_kb = _status_kb("VmRSS")
+    try:
+        # "5" resets VmHWM to the current RSS, so the peak below belongs to the timed step.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        method = "VmHWM of one step, reset after a warm-up step; minus VmRSS then"
+    except OSError:
+        method = "VmHWM since process start minus VmRSS after a warm-up step"
+    step()
+    peak_kb = _status_kb("VmHWM")
+    if base_kb is None or peak_kb is None:
+        import resource
+
+        raise RuntimeError(
+            "no /proc/self/status; ru_maxrss alone "
+            f"({resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} kB) cannot isolate one step"
+        )
+    return {"peak_mb": (peak_kb - base_kb) / 1024, "baseline_mb": base_kb / 1024, "method": method}
+
+
+def bench_memory(cells, impls, dtype, device, cfg, threads) -> list[dict]:
+    # A fixed mmap threshold turns off glibc's dynamic one, which would keep freed tensors
+    # resident in the heap and hide the timed step's allocations from VmHWM.
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    rows = []
+    for cell in cells:
+        for impl in impls:
+            spec = {"cell": cell, "impl": impl, "device": str(device), "dtype": str(dtype)[6:]}
+            spec |= {k: cfg[k] for k in ("batch", "block", "hidden")}
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)]
+            if threads:
+                cmd += ["--threads", str(threads)]
+            row = {k: spec[k] for k in ("cell", "impl", "batch", "block", "hidden")}
+            row |= TRAIN_MODEL
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = proc.stdout.strip().splitlines()
+            if proc.returncode != 0 or not lines:
+                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                row["error"] = f"child exited {proc.returncode}: {err}"
+            else:
+                row |= json.loads(lines[-1])
+            rows.append(row)
+    _add_speedups(rows, "peak_mb", lower_is_better=True)
+    return rows
+
+
+def print_extras(result: dict) -> None:
+    if result.get("sampling"):
+        m = SAMPLE_MODEL
+        print(f"Sampling: CharRNN.step, {m['layers']}x{m['hidden']} {m['model']}, batch 1, no grad")
+        table = [
+            [r["impl"], "FAILED " + r["error"][:50], "", "", ""]
+            if "error" in r
+            else [
+                r["impl"],
+                f"{r['ms_per_char']:.3g}",
+                f"{r['chars_per_s']:.3g}",
+                _fmt_ratio(r["vs_torch"]),
+                _fmt_ratio(r["vs_reference"]),
+            ]
+            for r in result["sampling"]
+        ]
+        _print_table(["impl", "ms/char", "char/s", "x torch", "x reference"], table)
+    if result.get("training"):
+        r0 = result["training"][0]
+        print(
+            f"Training: CharRNN {TRAIN_MODEL['layers']}x{r0['hidden']} {r0['dtype']}, "
+            f"batch {r0['batch']}, block {r0['block']}, AdamW, median of {r0['steps']} steps"
+        )
+        table = [
+            [r["cell"], r["impl"], "FAILED " + r["error"][:50], "", "", ""]
+            if "error" in r
+            else [
+                r["cell"],
+                r["impl"],
+                f"{r['step_ms']:.3g}",
+                f"{r['tokens_per_s']:.3g}",
+                _fmt_ratio(r["vs_torch"]),
+                _fmt_ratio(r["vs_reference"]),
+            ]
+            for r in result["training"]
+        ]
+        _print_table(["cell", "impl", "step ms", "tok/s", "x torch", "x reference"], table)
+    if result.get("memory"):
+        r0 = result["memory"][0]
+        print(
+            f"Peak training memory: one step of the training model (batch {r0['batch']}, block "
+            f"{r0['block']}) above the state after a warm-up step, a fresh process each"
+        )
+        table = [
+            [r["cell"], r["impl"], "FAILED " + r["error"][:60], ""]
+            if "error" in r
+            else [
+                r["cell"],
+                r["impl"],
+                f"{r['peak_mb']:.1f}",
+                "-" if r["vs_torch"] is None else f"{1 / r['vs_torch']:.2f}x",
+            ]
+            for r in result["memory"]
+        ]
+        _print_table(["cell", "impl", "peak MB", "/ torch"], table)
+
+
+def write_plot(path: str, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(dict.fromkeys(r["cell"] for r in rows))
+    impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "torch"]
+    fig, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 4), squeeze=False)
+    for ax, cell in zip(axes[0], cells, strict=True):
+        shapes = list(
+            dict.fromkeys((r["B"], r["T"], r["I"], r["H"]) for r in rows if r["cell"] == cell)
+        )
+        width = 0.8 / max(len(impls), 1)
+        for k, impl in enumerate(impls):
+            ys = []
+            for shape in shapes:
+                match = [
+                    r
+                    for r in rows
+                    if r["cell"] == cell
+                    and (r["B"], r["T"], r["I"], r["H"]) == shape
+                    and r["impl"] == impl
+                ]
+                ys.append((match[0].get("vs_torch_fwd_bwd") if match else None) or float("nan"))
+            ax.bar([i + k * width for i in range(len(shapes))], ys, width, label=impl)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(shapes))])
+        ax.set_xticklabels([f"B{b} T{t}\nI{i} H{h}" for b, t, i, h in shapes], fontsize=8)
+        ax.set_title(f"{cell}: fwd+bwd speed-up vs torch")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _header(env: dict, args) -> str:
+    dev = env["gpu"] if env["device"] == "cuda" else f"{env['cpu']} ({env['cpu_count']} cpus)"
+    return (
+        f"fastchar benchmarks  commit {env['fastchar_commit']}  {env['date_utc']}\n"
+        f"device {env['device']}: {dev}  flags {','.join(env['cpu_flags']) or '-'}\n"
+        f"dtype {env['dtype']}  threads {env['threads']}  torch {env['torch']}  "
+        f"triton {env['triton'] or '-'}  python {env['python']}  "
+        f"cpp extension {'built' if env['cpp_extension'] else 'not built'}  "
+        f"{'quick' if args.quick else 'full'} run\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print(
+            "benchmarks/run.py: TRITON_INTERPRET=1 is set; the Triton interpreter is a test "
+            "tool and its timings mean nothing. Unset it and run again.",
+            file=sys.stderr,
+        )
+        return 2
+    if importlib.util.find_spec("fastchar") is None:
+        # Run from a checkout that is not pip-installed: use the checkout's package.
+        sys.path.insert(0, ROOT)
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            print("benchmarks/run.py: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/run.py: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+
+    import _harness as H
+
+    try:
+        if args.shapes:
+            shapes = H.parse_shapes(args.shapes)
+        elif args.quick:
+            shapes = [H.Shape(s.B, max(1, s.T // 4), s.I, s.H) for s in H.STANDARD_GRID]
+        else:
+            shapes = list(H.STANDARD_GRID)
+    except ValueError as e:
+        print(f"benchmarks/run.py: --shapes: {e}", file=sys.stderr)
+        return 2
+
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.train_config:
+        try:
+            batch, block, hidden = H.parse_ints(args.train_config, 3, "B,T,H")
+        except ValueError as e:
+            print(f"benchmarks/run.py: --train-config: {e}", file=sys.stderr)
+            return 2
+        cfg["train"] = cfg["train"] | dict(batch=batch, block=block, hidden=hidden)
+    if args.sample_steps is not None:
+        if args.sample_steps < 1:
+            print("benchmarks/run.py: --sample-steps must be >= 1", file=sys.stderr)
+            return 2
+        cfg["sample_steps"] = args.sample_steps
+    device = torch.device(args.device)
+    dtype = H.DTYPES[args.dtype]
+    env = H.environment(device, dtype)
+    print(_header(env, args))
+
+    skipped = {}
+    impls = []
+    for impl in args.impls or list(H.KERNEL_IMPLS):
+        reason = H.runnable(impl, device.type)
+        if reason is None:
+            impls.append(impl)
+        else:
+            skipped[impl] = reason
+            print(f"skipping impl {impl}: {reason}")
+    if skipped:
+        print()
+
+    result = {"env": env, "settings": {"quick": args.quick, "cells": args.cells}}
+    result["settings"] |= {"impls": impls, "parts": args.parts, "timing": cfg["layer"]}
+    result["settings"] |= {"train": cfg["train"], "sample_steps": cfg["sample_steps"]}
+    result["skipped"] = skipped
+    if "layers" in args.parts:
+        result["layers"] = bench_layers(H, args.cells, shapes, impls, dtype, device, cfg["layer"])
+        print_layers(result["layers"])
+    if "sample" in args.parts:
+        result["sampling"] = bench_sampling(H, impls, dtype, device, cfg["sample_steps"])
+    if "train" in args.parts:
+        result["training"] = bench_training(H, args.cells, impls, dtype, device, cfg["train"])
+    if "memory" in args.parts:
+        result["memory"] = bench_memory(
+            args.cells, impls, dtype, device, cfg["train"], args.threads
+        )
+    print_extras(result)
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot and result.get("layers"):
+        write_plot(args.plot, result["layers"])
+        print(f"wrote {args.plot}")
+    failed = [r for part in PARTS for r in result.get(_KEYS[part], []) if "error" in r]
+    return 1 if failed else 0
+
+
+_KEYS = {"layers": "layers", "sample": "sampling", "train": "training", "memory": "memory"}
+
+if __name__ == "__main__":
+    sys.exit(main())

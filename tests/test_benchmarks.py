@@ -1,0 +1,103 @@
+"""benchmarks/run.py works end to end: tiny shapes, every part, JSON fields filled in.
+
+This proves the harness runs and records what it must; it times nothing meaningful.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+RUN = os.path.join(BENCH_DIR, "run.py")
+
+
+@pytest.fixture
+def run_main(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH_DIR)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location("fastchar_bench_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_quick_run_writes_json_table_and_plot(run_main, tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["--quick", "--shapes", "2,4,8,16;1,3,5,7", "--cells", "lstm,rnn_relu"]
+    argv += ["--impls", "reference,torch", "--parts", "layers,sample,train"]
+    argv += ["--train-config", "2,8,16", "--sample-steps", "3"]
+    argv += ["--json", str(out), "--plot", str(png)]
+    assert run_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "fwd+bwd ms" in printed and "x reference" in printed
+
+    data = json.loads(out.read_text())
+    env = data["env"]
+    for key in ("device", "cpu", "dtype", "threads", "torch", "triton", "python"):
+        assert key in env
+    assert env["device"] == "cpu" and env["dtype"] == "float32" and env["threads"] >= 1
+    assert env["fastchar_commit"] and env["cpu"]
+
+    rows = data["layers"]
+    assert {(r["cell"], r["B"], r["impl"]) for r in rows} == {
+        (c, b, i) for c in ("lstm", "rnn_relu") for b in (2, 1) for i in ("reference", "torch")
+    }
+    for r in rows:
+        assert "error" not in r, r
+        for mode in ("fwd", "fwd_bwd"):
+            t = r[mode]
+            assert _positive(t["median_ms"]) and t["repeats"] >= 3
+            assert t["min_ms"] <= t["p25_ms"] <= t["median_ms"] <= t["p75_ms"]
+            for key in (f"tokens_per_s_{mode}", f"gflops_{mode}", f"vs_torch_{mode}"):
+                assert _positive(r[key]), key
+            ratio = r[f"vs_reference_{mode}"]
+            assert ratio == 1.0 if r["impl"] == "reference" else _positive(ratio)
+    lstm = next(r for r in rows if r["cell"] == "lstm" and r["B"] == 2)
+    assert lstm["gflops_fwd"] == pytest.approx(2 * 4 * 2 * 64 * 24 / lstm["fwd"]["median_ms"] / 1e6)
+
+    assert {r["impl"] for r in data["sampling"]} == {"reference", "torch"}
+    for r in data["sampling"]:
+        assert _positive(r["ms_per_char"]) and _positive(r["vs_torch"])
+    assert {(r["cell"], r["impl"]) for r in data["training"]} == {
+        (c, i) for c in ("lstm", "rnn_relu") for i in ("reference", "torch")
+    }
+    for r in data["training"]:
+        assert (r["batch"], r["block"], r["hidden"]) == (2, 8, 16)
+        assert _positive(r["tokens_per_s"]) and _positive(r["vs_reference"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_part_in_a_fresh_process(run_main, tmp_path):
+    out = tmp_path / "mem.json"
+    argv = ["--quick", "--cells", "lstm", "--impls", "torch", "--parts", "memory"]
+    argv += ["--train-config", "8,32,64", "--json", str(out)]
+    assert run_main(argv) == 0
+    (row,) = json.loads(out.read_text())["memory"]
+    assert row["cell"] == "lstm" and row["impl"] == "torch" and "error" not in row
+    assert (row["batch"], row["block"], row["hidden"]) == (8, 32, 64)
+    # The step's logits alone take 8 * 32 * 96 * 4 bytes (0.09 MB); the LSTM saves far more.
+    assert 0.09 < row["peak_mb"] < 100 and row["method"]
+
+
+def test_refuses_triton_interpreter():
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, RUN, "--quick"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert "TRITON_INTERPRET=1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_shapes_is_one_line_error(run_main, capsys):
+    assert run_main(["--shapes", "2,4,8", "--parts", "layers"]) == 2
+    err = capsys.readouterr().err
+    assert "--shapes" in err and "B,T,I,H" in err and len(err.strip().splitlines()) == 1
