@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One command for a machine with a CUDA GPU: the GPU tests, the Triton launch-variant
+# timings and the benchmark table against cuDNN. Installs nothing.
+#
+#   benchmarks/gpu.sh [--quick]
+#
+# Results go to $OUT/gpu-results/<UTC stamp>/ when OUT is set (a device runner's
+# output folder), else benchmarks/gpu-results/<UTC stamp>/: one log per step,
+# tests.xml, tune-*.json, bench-*.json and summary.json (each step's exit status and
+# the environment). Every step runs even if an earlier one fails; the exit status is
+# non-zero when any failed. PYTHON picks the interpreter (default: .venv/bin/python if
+# present, else python3); STEP_TIMEOUT bounds each step in seconds (default 1500), so a
+# hung kernel (a persistent grid whose barrier never opens) cannot eat the whole run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=""
+if [[ "${1:-}" == "--quick" ]]; then
+    QUICK="--quick"
+elif [[ $# -gt 0 ]]; then
+    echo "usage: benchmarks/gpu.sh [--quick]" >&2
+    exit 2
+fi
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if [[ "${TRITON_INTERPRET:-}" == "1" ]]; then
+    echo "benchmarks/gpu.sh: unset TRITON_INTERPRET; this script times the real kernels" >&2
+    exit 2
+fi
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "benchmarks/gpu.sh: no CUDA device visible to $PYTHON" >&2
+    exit 2
+fi
+
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+DIR="${OUT:-benchmarks}/gpu-results/$STAMP"
+mkdir -p "$DIR"
+STEPS=()
+failed=0
+
+step() {
+    local name=$1
+    shift
+    echo "== $name: $*"
+    local start=$SECONDS
+    timeout "${STEP_TIMEOUT:-1500}" "$@" >"$DIR/$name.log" 2>&1
+    local rc=$?
+    tail -n 40 "$DIR/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    STEPS+=("$name=$rc=$((SECONDS - start))")
+    [[ $rc -eq 0 ]] || failed=1
+}
+
+step info "$PYTHON" -m fastchar.info
+step nvidia-smi nvidia-smi
+# all of tests/triton runs on the GPU here (parity in fp64/fp32 for every variant, then
+# the gpu-marked bf16/fp16 bounds vs cuDNN, persistent grids and CUDA graphs)
+step tests "$PYTHON" -m pytest tests/triton -q -p no:cacheprovider --junitxml="$DIR/tests.xml"
+step tune-bf16 "$PYTHON" benchmarks/gpu_tune.py --dtype bfloat16 $QUICK --json "$DIR/tune-bf16.json"
+step tune-fp32 "$PYTHON" benchmarks/gpu_tune.py --dtype float32 --cells lstm $QUICK \
+    --json "$DIR/tune-fp32.json"
+step bench-fp32 "$PYTHON" benchmarks/run.py --device cuda --dtype float32 --parts layers $QUICK \
+    --json "$DIR/bench-fp32.json"
+step bench-bf16 "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 --parts layers $QUICK \
+    --json "$DIR/bench-bf16.json"
+# the long-sequence case of issue 5: B=16, T=1024, I=H=768, bfloat16
+step bench-long-bf16 "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 --parts layers \
+    --shapes "16,1024,768,768" --cells lstm,gru,rnn_tanh --json "$DIR/bench-long-bf16.json"
+step bench-model "$PYTHON" benchmarks/run.py --device cuda --parts sample,train,memory $QUICK \
+    --json "$DIR/bench-model.json"
+
+"$PYTHON" - "$DIR" "${STEPS[@]}" <<'EOF'
+import json, sys
+
+sys.path.insert(0, "benchmarks")
+import torch
+import _harness
+
+out, steps = sys.argv[1], sys.argv[2:]
+summary = {
+    "env": _harness.environment("cuda", torch.float32),
+    "steps": {s.split("=")[0]: {"exit": int(s.split("=")[1]), "seconds": int(s.split("=")[2])}
+              for s in steps},
+}
+with open(f"{out}/summary.json", "w") as f:
+    json.dump(summary, f, indent=1)
+print(json.dumps(summary["steps"]))
+EOF
+echo "results in $DIR"
+exit $failed
