@@ -69,7 +69,9 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata=_meta("sequences per batch"))
     block_size: int = field(default=128, metadata=_meta("characters per sequence (BPTT length)"))
     lr: float = field(default=3e-3, metadata=_meta("peak learning rate (AdamW)"))
-    min_lr: float = field(default=3e-4, metadata=_meta("learning rate at the end of the decay"))
+    min_lr: float | None = field(
+        default=None, metadata=_meta("learning rate at the end of the decay (default: lr / 10)")
+    )
     warmup: int = field(default=20, metadata=_meta("linear warm-up steps"))
     schedule: str = field(
         default="cosine", metadata=_meta("decay after warm-up", choices=SCHEDULES)
@@ -121,15 +123,20 @@ class TrainConfig:
             _at_least("stop_at", self.stop_at, 1)
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout"):
             value = getattr(self, name)
+            if value is None:
+                continue
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {value}")
         if self.lr == 0:
             raise ConfigError("--lr must be > 0")
-        if self.min_lr > self.lr:
+        if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
         if self.dropout >= 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         return self
+
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
 
     def run_dir(self) -> str:
         return self.out or os.path.join("runs", self.model)
@@ -356,7 +363,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         scale = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
         scale = 1.0 - progress
-    return cfg.lr - (cfg.lr - cfg.min_lr) * (1.0 - scale)
+    return cfg.lr - (cfg.lr - cfg.final_lr()) * (1.0 - scale)
 
 
 class Progress:
@@ -424,6 +431,23 @@ class Trainer:
         self.best_val = math.inf
         self.elapsed = 0.0
         self.is_main = True
+        if cfg.dtype == "bfloat16":
+            self._probe_autocast()
+
+    def _probe_autocast(self) -> None:
+        """Fail early, in one line, where a kernel cannot run under bf16 autocast yet."""
+        x = self.train_data[:2].to(self.device)[None]  # [1, 2]
+        self.model.eval()  # no dropout: the probe must not draw from the RNG
+        try:
+            with torch.no_grad():
+                self.loss(x, x)
+        except RuntimeError as e:
+            raise ConfigError(
+                f"--dtype bfloat16 does not run with impl {self.kind} here: {_first_line(e)}; "
+                "use --impl reference or --impl torch"
+            ) from None
+        finally:
+            self.model.train()
 
     def autocast(self):
         return torch.autocast(
