@@ -77,6 +77,9 @@ def why_not(impl: str, device_type: str) -> str | None:
 _warned: set[str] = set()
 
 
+# Under torch.compile the choice is made once at trace time, as plain Python:
+# dynamo cannot trace the cached import check inside.
+@torch.compiler.assume_constant_result
 def resolve(impl: str, device: torch.device | str) -> str:
     """Map ``impl`` to the concrete implementation that runs on ``device``."""
     if impl not in IMPLS:

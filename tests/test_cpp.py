@@ -1,0 +1,350 @@
+"""The C++ CPU kernels (impl="cpp") against reference and torch.nn: parity of outputs,
+final states and every gradient, bfloat16 error, gradcheck, opcheck, torch.compile,
+training and bad input.
+
+Shape letters: T time, B batch, I input, H hidden, G gates (4H / 3H / H).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from parity import CELLS, assert_close, check_module_parity, flatten_out, make_pair
+
+import fastchar.nn
+from fastchar import ops
+from fastchar.backends import cpp_loaded, resolve
+from fastchar.model import CharRNN
+
+pytestmark = pytest.mark.skipif(
+    not cpp_loaded(),
+    reason="fastchar._C is not built (pip install --no-build-isolation -e .)",
+)
+
+N_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+SHAPES = {  # (T, B, I, H)
+    "T1_B1": (1, 1, 3, 5),
+    "T17_B3_H33": (17, 3, 4, 33),
+    "T6_B8_H64": (6, 8, 16, 64),
+}
+LAYOUTS = {
+    "2layers_bidir_batchfirst": dict(num_layers=2, bidirectional=True, batch_first=True),
+    "3layers_bidir": dict(num_layers=3, bidirectional=True),
+    "nobias": dict(bias=False),
+}
+DTYPES = {"f64": torch.float64, "f32": torch.float32}
+
+
+def make_inputs(cell, T, B, I, H, dtype, bias=True, state=True, seq=True):
+    """Leaf tensors for one layer (seq) or one cell step, named as in fastchar.ops."""
+    G = N_GATES[cell] * H
+    kw = dict(dtype=dtype)
+    inputs = {"x": torch.randn(*((T, B, I) if seq else (B, I)), **kw)}
+    inputs["h0"] = torch.randn(B, H, **kw) if state else None
+    if cell == "lstm":
+        inputs["c0"] = torch.randn(B, H, **kw) if state else None
+    inputs["w_ih"] = torch.randn(G, I, **kw) / I**0.5
+    inputs["w_hh"] = torch.randn(G, H, **kw) / H**0.5
+    inputs["b_ih"] = torch.randn(G, **kw) if bias else None
+    inputs["b_hh"] = torch.randn(G, **kw) if bias else None
+    return inputs
+
+
+def run_op(cell, impl, inputs, seq=True):
+    name = cell.split("_")[0]
+    fn = getattr(ops, name if seq else f"{name}_cell")
+    extra = {"nonlinearity": cell.split("_")[1]} if name == "rnn" else {}
+    result = fn(*inputs.values(), **extra, impl=impl)
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+def forward_backward(cell, impl, inputs):
+    """Outputs and the gradient of every tensor input under random output weights."""
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
+    results = run_op(cell, impl, {k: leaves.get(k) for k in inputs})
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((r * torch.randn(r.shape, generator=gen, dtype=r.dtype)).sum() for r in results)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return [r.detach() for r in results], dict(zip(leaves, grads, strict=True))
+
+
+def assert_same_run(cell, inputs, dtype, impl="cpp", oracle="reference"):
+    got, got_grads = forward_backward(cell, impl, inputs)
+    want, want_grads = forward_backward(cell, oracle, inputs)
+    for name, a, b in zip(["out", "h_n", "c_n"], got, want, strict=False):
+        assert_close(a, b, dtype, name)
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name], dtype, f"grad {name}")
+
+
+def test_fused_runs_cpp_on_cpu():
+    assert resolve("fused", "cpu") == "cpp"
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("cell", CELLS)
+def test_module_matches_torch(cell, shape, dtype):
+    check_module_parity(cell, "cpp", *shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "zeros"])
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("cell", CELLS)
+def test_module_layouts_match_torch(cell, layout, with_state):
+    check_module_parity(cell, "cpp", 7, 3, 4, 9, with_state=with_state, **layout)
+
+
+@pytest.mark.parametrize("state", [True, False], ids=["h0", "zeros"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_matches_reference(cell, dtype, state):
+    inputs = make_inputs(cell, 17, 3, 4, 33, dtype, state=state)
+    assert_same_run(cell, inputs, dtype)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_without_bias_matches_reference(cell):
+    inputs = make_inputs(cell, 5, 2, 3, 8, torch.float64, bias=False)
+    assert_same_run(cell, inputs, torch.float64)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_matches_reference_and_torch(cell, dtype, bias):
+    inputs = make_inputs(cell, None, 3, 5, 33, dtype, bias=bias, seq=False)
+    got = run_op(cell, "cpp", inputs, seq=False)
+    for oracle in ("reference", "torch"):
+        want = run_op(cell, oracle, inputs, seq=False)
+        for name, a, b in zip(["h", "c"], got, want, strict=False):
+            assert_close(a, b, dtype, f"{name} vs {oracle}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_matches_forward(cell):
+    ours, _ = make_pair(cell, "cpp", 3, 6, num_layers=2)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    out, hx_full = ours(x)
+    hx, steps = None, []
+    for t in range(x.shape[0]):
+        y, hx = ours.step(x[t], hx)
+        steps.append(y)
+    assert_close(torch.stack(steps), out, torch.float64, "step outputs")
+    for a, b in zip(flatten_out((None, hx))[1:], flatten_out((None, hx_full))[1:], strict=True):
+        assert_close(a, b, torch.float64, "step state")
+
+
+def _errors(module, x, ref_out, ref_grads):
+    """Max abs error of the output and of each gradient against float64 results."""
+    xi = x.to(next(module.parameters()).dtype).requires_grad_()
+    out = module(xi)[0]
+    (out.float() * ref_out["w"]).sum().backward()
+    errs = {"out": (out.double() - ref_out["out"]).abs().max().item()}
+    errs["x"] = (xi.grad.double() - ref_grads["x"]).abs().max().item()
+    for n, p in module.named_parameters():
+        errs[n] = (p.grad.double() - ref_grads[n]).abs().max().item()
+    return errs
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bfloat16_error_within_torchs(cell):
+    """Our bf16 error against a float64 run is at most 2x torch's own bf16 error (+ eps)."""
+    ours, theirs = make_pair(cell, "cpp", 16, 32, dtype=torch.float64)
+    x = torch.randn(24, 4, 16, dtype=torch.float64)
+    ref = copy.deepcopy(theirs)
+    xr = x.clone().requires_grad_()
+    out = ref(xr)[0]
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    ref_out = {"out": out.detach(), "w": w.float()}
+    ref_grads = {"x": xr.grad, **{n: p.grad for n, p in ref.named_parameters()}}
+    mine = _errors(ours.to(torch.bfloat16), x, ref_out, ref_grads)
+    torch_bf16 = _errors(theirs.to(torch.bfloat16), x, ref_out, ref_grads)
+    for name, err in mine.items():
+        assert err <= 2 * torch_bf16[name] + 1e-2, (name, err, torch_bf16[name])
+        assert err > 0, f"{name}: bf16 result equals float64 exactly, so it was not bf16"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck(cell):
+    """float64 gradcheck of the sequence op through the autograd glue (checks *_bwd)."""
+    inputs = make_inputs(cell, 4, 2, 3, 5, torch.float64)
+    names = list(inputs)
+    leaves = tuple(v.requires_grad_() for v in inputs.values())
+
+    def fn(*args):
+        return tuple(run_op(cell, "cpp", dict(zip(names, args, strict=True))))
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def _op_args(cell):
+    """Sample args for the fwd, bwd and cell ops of one cell (float64, small)."""
+    name = cell.split("_")[0]
+    relu = cell == "rnn_relu"
+    T, B, H = 3, 2, 8
+    G = N_GATES[cell] * H
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    xp, h0 = torch.randn(T, B, G, **kw), torch.randn(B, H, **kw)
+    w_hh = (torch.randn(G, H, dtype=torch.float64) / 4).requires_grad_()
+    fwd_args = {
+        "lstm": (xp, h0, torch.randn(B, H, **kw), w_hh),
+        "gru": (xp, h0, w_hh, torch.randn(H, **kw)),
+        "rnn": (xp, h0, w_hh, relu),
+    }[name]
+    fwd = getattr(torch.ops.fastchar, f"{name}_fwd")
+    saved = [t.detach() for t in fwd(*fwd_args)]
+    g_out, g_h = torch.randn_like(saved[0]), torch.randn_like(saved[1])
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args]
+    bwd_args = {
+        "lstm": lambda: (g_out, g_h, torch.randn_like(saved[2]), plain[3], plain[2], *saved[3:]),
+        "gru": lambda: (g_out, g_h, plain[2], plain[1], saved[0], *saved[2:]),
+        "rnn": lambda: (g_out, g_h, plain[2], saved[0], relu),
+    }[name]()
+    inputs = make_inputs(cell, None, B, 4, H, torch.float64, seq=False)
+    cell_args = tuple(inputs.values()) + ((relu,) if name == "rnn" else ())
+    return {"fwd": fwd_args, "bwd": bwd_args, "cell": cell_args}
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd", "cell"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_opcheck(cell, kind):
+    """Schema, fake (meta) and autograd registration of every C++ op."""
+    op = getattr(torch.ops.fastchar, f"{cell.split('_')[0]}_{kind}")
+    torch.library.opcheck(op, _op_args(cell)[kind])
+
+
+def test_compile_fullgraph_matches_eager():
+    """A small two-layer LSTM model traces as one graph and matches eager."""
+    lstm = fastchar.nn.LSTM(6, 12, num_layers=2, batch_first=True, impl="cpp")
+    head = torch.nn.Linear(12, 3)
+
+    def loss_fn(x):
+        return head(lstm(x)[0]).square().mean()
+
+    x = torch.randn(2, 5, 6)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    # fastchar.nn.LSTM subclasses torch.nn.LSTM, which dynamo refuses unless told
+    with torch._dynamo.config.patch(allow_rnn=True):
+        got = compiled(x)
+    got.backward()
+    got_grads = [p.grad.clone() for p in lstm.parameters()]
+    lstm.zero_grad()
+    want = loss_fn(x)
+    want.backward()
+    assert_close(got, want, torch.float32, "compiled loss")
+    for a, p in zip(got_grads, lstm.parameters(), strict=True):
+        assert_close(a, p.grad, torch.float32, "compiled grad")
+
+
+def test_training_loss_curve_matches_reference():
+    """A few dozen Adam steps of a CharRNN give the same losses on cpp and reference."""
+    # a learnable stream: each character follows from the two before it
+    stream = [1, 2]
+    for _ in range(40 * 4 * 17):
+        stream.append((stream[-1] + 2 * stream[-2]) % 11)
+    data = torch.tensor(stream[: 40 * 4 * 17]).view(40, 4, 17)
+    curves = {}
+    for impl in ("cpp", "reference"):
+        torch.manual_seed(0)
+        model = CharRNN(11, model="lstm", emb_dim=8, hidden=16, layers=2, impl=impl)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        losses = []
+        for batch in data:
+            logits, _ = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves[impl] = torch.tensor(losses)
+    assert curves["cpp"][-1] < curves["cpp"][0] - 0.1, "training did not reduce the loss"
+    torch.testing.assert_close(curves["cpp"], curves["reference"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_non_contiguous_inputs(cell):
+    """Transposed and strided views give the same results as contiguous copies."""
+    inputs = make_inputs(cell, 6, 3, 5, 7, torch.float64)
+    views = {}
+    for k, v in inputs.items():
+        if v.dim() == 1:
+            views[k] = torch.stack([v, v], 1)[:, 0]  # stride 2
+        elif v.dim() == 2:
+            views[k] = v.t().contiguous().t()
+        else:
+            views[k] = v.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not views[k].is_contiguous()
+    assert_same_run(cell, views, torch.float64, oracle="reference")
+    xp = torch.randn(3, 4, 2 * N_GATES[cell] * 5, dtype=torch.float64)[..., ::2]
+    fwd = getattr(torch.ops.fastchar, f"{cell.split('_')[0]}_fwd")
+    rest = {
+        "lstm": (torch.zeros(4, 5), torch.zeros(4, 5), torch.eye(20, 5)),
+        "gru": (torch.zeros(4, 5), torch.eye(15, 5), torch.zeros(5)),
+        "rnn_tanh": (torch.zeros(4, 5), torch.eye(5), False),
+        "rnn_relu": (torch.zeros(4, 5), torch.eye(5), True),
+    }[cell]
+    rest = tuple(r.double() if isinstance(r, torch.Tensor) else r for r in rest)
+    for a, b in zip(fwd(xp, *rest), fwd(xp.contiguous(), *rest), strict=True):
+        assert torch.equal(a, b)
+
+
+def _lstm_fwd_args(**change):
+    T, B, H = 3, 2, 4
+    args = dict(
+        xp=torch.randn(T, B, 4 * H),
+        h0=torch.randn(B, H),
+        c0=torch.randn(B, H),
+        w_hh=torch.randn(4 * H, H),
+    )
+    args.update(change)
+    return tuple(args.values())
+
+
+BAD_FWD = {
+    "h0_dtype": (dict(h0=torch.randn(2, 4, dtype=torch.float64)), RuntimeError, "h0 has dtype"),
+    "c0_shape": (dict(c0=torch.randn(2, 5)), ValueError, "c0 must have shape"),
+    "w_hh_shape": (dict(w_hh=torch.randn(16, 5)), ValueError, "w_hh must have shape"),
+    "xp_gates": (dict(xp=torch.randn(3, 2, 15)), ValueError, "xp must be"),
+    "xp_rank": (dict(xp=torch.randn(2, 16)), ValueError, "xp must be 3-D"),
+    "half": (
+        {k: v.half() for k, v in zip(["xp", "h0", "c0", "w_hh"], _lstm_fwd_args(), strict=True)},
+        RuntimeError,
+        "Half is not supported",
+    ),
+    "int": (dict(xp=torch.zeros(3, 2, 16, dtype=torch.int32)), RuntimeError, "Int is not"),
+}
+
+
+@pytest.mark.parametrize("change, exc, match", BAD_FWD.values(), ids=BAD_FWD.keys())
+def test_bad_op_input_names_the_argument(change, exc, match):
+    with pytest.raises(exc, match=match):
+        torch.ops.fastchar.lstm_fwd(*_lstm_fwd_args(**change))
+
+
+def test_bad_bwd_and_cell_input_names_the_argument():
+    xp, h0, c0, w_hh = _lstm_fwd_args()
+    out, h_n, c_n, gates, cs = torch.ops.fastchar.lstm_fwd(xp, h0, c0, w_hh)
+    with pytest.raises(RuntimeError, match="cs has dtype"):
+        torch.ops.fastchar.lstm_bwd(out, h_n, c_n, w_hh, c0, gates, cs.double())
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        torch.ops.fastchar.lstm_bwd(out[:2], h_n, c_n, w_hh, c0, gates, cs)
+    with pytest.raises(ValueError, match="hn must have shape"):
+        g = torch.randn(3, 2, 12)
+        torch.ops.fastchar.gru_bwd(out, h_n, w_hh[:12], h0, out, g, out[:, :1])
+    with pytest.raises(ValueError, match="b_ih must have shape"):
+        torch.ops.fastchar.rnn_cell(h0, h0, w_hh[:4], w_hh[:4], torch.zeros(5), None, False)
+    with pytest.raises(RuntimeError, match="w_ih has dtype"):
+        torch.ops.fastchar.gru_cell(h0, h0, w_hh[:12].double(), w_hh[:12], None, None)
+
+
+def test_wrong_device_is_refused():
+    x, w = torch.randn(3, 2, 4, device="meta"), torch.randn(16, 4, device="meta")
+    with pytest.raises(RuntimeError, match="C\\+\\+ kernels run on CPU tensors only"):
+        ops.lstm(x, None, None, w, w, impl="cpp")
+    with pytest.raises(RuntimeError, match="h0 is on meta"):
+        ops.gru(torch.randn(3, 2, 4), torch.zeros(2, 4, device="meta"), *[torch.randn(12, 4)] * 2)
