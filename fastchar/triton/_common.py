@@ -17,6 +17,16 @@ cell's pointwise math. The launch plan decides who owns what:
                 another, so the first program would wait forever.
 ``step``        the same grid with one launch per step (the launch boundary is the
                 barrier); runs everywhere, including the interpreter.
+
+``plan`` picks ``loop`` on CUDA when the padded H is at most LOOP_MAX_H (64 for LSTM
+and GRU, 128 for RNN), else ``persistent`` when its grid fits on the SMs at once (BH
+grows from 16 to 128 to make it fit), else ``step``; under the interpreter ``loop``
+up to INTERPRETER_LOOP_MAX weights (LSTM H <= 64), else ``step``. ``use_variant`` or the environment
+variable FASTCHAR_TRITON_VARIANT forces one (tests, benchmarks/gpu_tune.py).
+
+Products run in the input dtype with fp32 accumulation (fp64 for fp64): bf16/fp16
+operands go to the tensor cores, so h is rounded to the input dtype before each
+product, as cuDNN does; gates, cell state and every pointwise step are fp32.
 """
 
 from __future__ import annotations
@@ -34,11 +44,14 @@ _ENV_VARIANT = "FASTCHAR_TRITON_VARIANT"
 _forced: list[str] = []
 
 # Register budget (elements) for the slice of W_hh one program keeps resident; above
-# it the reduction streams W_hh from L2 in BK chunks every step. To be tuned on a GPU
-# with benchmarks/gpu_tune.py.
-RESIDENT_MAX = 16384
+# it the reduction streams W_hh from L2 in BK chunks every step. Compiled for sm_90
+# (no GPU run yet), 4 gates x BH=16 x BK=256 already spills in the LSTM backward, so
+# the default stops below that. To be tuned on a GPU with benchmarks/gpu_tune.py.
+RESIDENT_MAX = 8192
 # Largest padded H for which the ``loop`` variant is chosen on CUDA, per gate count.
 LOOP_MAX_H = {4: 64, 3: 64, 1: 128}
+# Under the interpreter registers cost nothing: ``loop`` up to this many W_hh elements.
+INTERPRETER_LOOP_MAX = 32768
 
 
 @contextlib.contextmanager
@@ -97,14 +110,16 @@ def plan(B: int, H: int, n_gates: int, like: torch.Tensor) -> Plan:
             "programs one at a time, so its grid barrier would never open"
         )
     if variant is None:
-        if (not cuda and n_gates * Hp * Hp <= 4 * RESIDENT_MAX) or (
+        if (not cuda and n_gates * Hp * Hp <= INTERPRETER_LOOP_MAX) or (
             cuda and Hp <= LOOP_MAX_H[n_gates]
         ):
             variant = "loop"
         else:
             variant = "persistent" if cuda else "step"
+    # ptxas reports spills for most kernels at 4 warps and none or few at 8 (sm_90, bf16)
+    num_warps = 8 if cuda else 4
     if variant == "loop":
-        return Plan("loop", BB, Hp, Hp, 8 if n_gates * Hp * Hp > 8192 else 4, nb, 1)
+        return Plan("loop", BB, Hp, Hp, num_warps, nb, 1)
     BK = 32 if like.dtype in (torch.float32, torch.float64) else 64
     BH = 16 if cuda else 32
     if variant == "persistent":
@@ -117,16 +132,17 @@ def plan(B: int, H: int, n_gates: int, like: torch.Tensor) -> Plan:
                     f"persistent variant: {nb * triton.cdiv(H, BH)} programs do not fit "
                     f"on {sms} SMs at once"
                 )
-            variant = "step"
+            variant, BH = "step", 16
     BH = min(BH, Hp)
     if n_gates * BH * Hp <= RESIDENT_MAX:
         BK = Hp
-    return Plan(variant, BB, BH, BK, 4, nb, triton.cdiv(H, BH))
+    return Plan(variant, BB, BH, BK, num_warps, nb, triton.cdiv(H, BH))
 
 
 def dot_precision(like: torch.Tensor) -> str:
-    """IEEE fp32 products unless torch itself allows TF32 for CUDA matmuls."""
-    if like.is_cuda and like.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    """TF32 for float32 CUDA products exactly when cuDNN's RNNs would use it
+    (``torch.backends.cudnn.allow_tf32``, on by default), else IEEE."""
+    if like.is_cuda and like.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
 
