@@ -12,7 +12,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -167,14 +167,14 @@ def error_line(e: BaseException) -> str:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]],
+    fns: dict[Hashable, Callable[[], object]],
     device: torch.device | str,
     *,
     warmup: int,
     min_repeats: int,
     max_repeats: int,
     budget_s: float,
-) -> tuple[dict[str, Timing], dict[str, str]]:
+) -> tuple[dict[Hashable, Timing], dict[Hashable, str]]:
     """Wall time of each ``fns`` entry, CUDA synchronised inside each timed call.
 
     The calls are timed in rounds, one of each per round, so that load from
@@ -183,8 +183,8 @@ def time_interleaved(
     at large shapes) stay within ``budget_s`` yet get ``min_repeats``; its calls
     are spread evenly over the rounds. Returns (timings, errors) by name.
     """
-    errors: dict[str, str] = {}
-    repeats: dict[str, int] = {}
+    errors: dict[Hashable, str] = {}
+    repeats: dict[Hashable, int] = {}
     for name, fn in fns.items():
         try:
             start = time.perf_counter()
@@ -197,7 +197,7 @@ def time_interleaved(
         per_call = (time.perf_counter() - start) / max(warmup, 1)
         repeats[name] = int(min(max_repeats, max(min_repeats, budget_s / max(per_call, 1e-9))))
     rounds = max(repeats.values(), default=0)
-    samples: dict[str, list[float]] = {name: [] for name in repeats}
+    samples: dict[Hashable, list[float]] = {name: [] for name in repeats}
     for r in range(rounds):
         for name, n in repeats.items():
             if name in errors or (r * n) // rounds == ((r + 1) * n) // rounds:
@@ -239,6 +239,14 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load: above the core count, other jobs shared the CPU."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def git_commit() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -278,6 +286,7 @@ def environment(device: torch.device | str, dtype: torch.dtype) -> dict:
         "cpp_extension": cpp_loaded(),
         "fastchar_commit": git_commit(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_start": load_average(),
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda

@@ -124,27 +124,32 @@ def bench_layers(H, cells, shapes, impls, dtype, device, cfg) -> list[dict]:
                 impl: {"cell": cell, **vars(s), "dtype": str(dtype)[6:], "impl": impl}
                 for impl in impls
             }
-            for mode, call in (("fwd", case.forward), ("fwd_bwd", case.forward_backward)):
-                live = [i for i in impls if "error" not in group[i]]
-                with torch.enable_grad():
-                    timings, errors = H.time_interleaved(
-                        {impl: partial(call, impl) for impl in live}, device, **cfg
-                    )
-                for impl, err in errors.items():
-                    group[impl] = {k: v for k, v in group[impl].items() if k in _LAYER_KEYS}
-                    group[impl]["error"] = f"{mode}: {err}"
-                    print(f"  {cell} {s.label()} {impl} {mode}: FAILED {err}", file=sys.stderr)
-                for impl, t in timings.items():
-                    seconds = t.median_ms / 1e3
-                    flops = H.layer_flops(cell, s) if mode == "fwd" else H.fwd_bwd_flops(cell, s)
-                    group[impl][mode] = vars(t) | {"spread": t.spread()}
-                    group[impl][f"tokens_per_s_{mode}"] = s.B * s.T / seconds
-                    group[impl][f"gflops_{mode}"] = flops / seconds / 1e9
-                for impl in timings:
-                    for base in ("torch", "reference"):
-                        ref = timings.get(base)
-                        ratio = _ratio(ref.median_ms if ref else None, timings[impl].median_ms)
-                        group[impl][f"vs_{base}_{mode}"] = ratio
+            # fwd and fwd+bwd of every impl share the rounds, so load hits all columns alike.
+            calls = {
+                (impl, mode): partial(call, impl)
+                for impl in impls
+                for mode, call in (("fwd", case.forward), ("fwd_bwd", case.forward_backward))
+            }
+            with torch.enable_grad():
+                timings, errors = H.time_interleaved(calls, device, **cfg)
+            for (impl, mode), err in errors.items():
+                group[impl].setdefault("error", f"{mode}: {err}")
+                print(f"  {cell} {s.label()} {impl} {mode}: FAILED {err}", file=sys.stderr)
+            for (impl, mode), t in timings.items():
+                if "error" in group[impl]:
+                    continue
+                seconds = t.median_ms / 1e3
+                flops = H.layer_flops(cell, s) if mode == "fwd" else H.fwd_bwd_flops(cell, s)
+                group[impl][mode] = vars(t) | {"spread": t.spread()}
+                group[impl][f"tokens_per_s_{mode}"] = s.B * s.T / seconds
+                group[impl][f"gflops_{mode}"] = flops / seconds / 1e9
+                for base in ("torch", "reference"):
+                    ref = timings.get((base, mode))
+                    ratio = _ratio(ref.median_ms if ref else None, t.median_ms)
+                    group[impl][f"vs_{base}_{mode}"] = ratio
+            for impl, row in group.items():
+                if "error" in row:
+                    group[impl] = {k: v for k, v in row.items() if k in _LAYER_KEYS + ("error",)}
             rows.extend(group.values())
     return rows
 
@@ -160,7 +165,7 @@ def print_layers(rows: list[dict]) -> None:
     for r in rows:
         head = [r["cell"], *(str(r[k]) for k in "BTIH"), r["dtype"], r["impl"]]
         if "error" in r:
-            table.append(head + ["FAILED", r["error"][:40], "", "", "", ""])
+            table.append(head + ["FAILED", r["error"][:60], "", "", "", ""])
             continue
         table.append(
             head
@@ -433,38 +438,43 @@ def print_extras(result: dict) -> None:
         _print_table(["cell", "impl", "peak MB", "/ torch"], table)
 
 
-def write_plot(path: str, rows: list[dict]) -> None:
+def write_plot(path: str, rows: list[dict], env: dict) -> None:
+    """Grouped bars per cell: fwd+bwd speed-up vs torch for each impl and shape, log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     cells = list(dict.fromkeys(r["cell"] for r in rows))
     impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "torch"]
-    fig, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 4), squeeze=False)
+    width = 0.8 / max(len(impls), 1)
+    fig, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 4.2), squeeze=False)
     for ax, cell in zip(axes[0], cells, strict=True):
-        shapes = list(
-            dict.fromkeys((r["B"], r["T"], r["I"], r["H"]) for r in rows if r["cell"] == cell)
-        )
-        width = 0.8 / max(len(impls), 1)
+        ratios = {
+            ((r["B"], r["T"], r["I"], r["H"]), r["impl"]): r.get("vs_torch_fwd_bwd")
+            for r in rows
+            if r["cell"] == cell
+        }
+        shapes = list(dict.fromkeys(shape for shape, _ in ratios))
         for k, impl in enumerate(impls):
-            ys = []
-            for shape in shapes:
-                match = [
-                    r
-                    for r in rows
-                    if r["cell"] == cell
-                    and (r["B"], r["T"], r["I"], r["H"]) == shape
-                    and r["impl"] == impl
-                ]
-                ys.append((match[0].get("vs_torch_fwd_bwd") if match else None) or float("nan"))
-            ax.bar([i + k * width for i in range(len(shapes))], ys, width, label=impl)
+            ys = [ratios.get((shape, impl)) or float("nan") for shape in shapes]
+            bars = ax.bar([i + k * width for i in range(len(shapes))], ys, width, label=impl)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
         ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(shapes))])
         ax.set_xticklabels([f"B{b} T{t}\nI{i} H{h}" for b, t, i, h in shapes], fontsize=8)
-        ax.set_title(f"{cell}: fwd+bwd speed-up vs torch")
+        ax.set_title(f"{cell}: fwd+bwd, torch time / impl time")
         ax.legend(fontsize=8)
+    dev = env["gpu"] if env["device"] == "cuda" else env["cpu"]
+    fig.suptitle(
+        f"{dev}, {env['dtype']}, {env['threads']} threads, torch {env['torch']}, "
+        f"fastchar {env['fastchar_commit']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -479,6 +489,8 @@ def _header(env: dict, args) -> str:
         f"triton {env['triton'] or '-'}  python {env['python']}  "
         f"cpp extension {'built' if env['cpp_extension'] else 'not built'}  "
         f"{'quick' if args.quick else 'full'} run\n"
+        f"load average at start {env['loadavg_start']} on {env['cpu_count']} cpus "
+        "(ratios are measured in one process, impls interleaved)\n"
     )
 
 
@@ -568,12 +580,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     print_extras(result)
 
+    env["loadavg_end"] = H.load_average()
+    print(f"load average at end {env['loadavg_end']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {args.json}")
     if args.plot and result.get("layers"):
-        write_plot(args.plot, result["layers"])
+        write_plot(args.plot, result["layers"], env)
         print(f"wrote {args.plot}")
     failed = [r for part in PARTS for r in result.get(_KEYS[part], []) if "error" in r]
     return 1 if failed else 0

@@ -44,7 +44,7 @@ def test_quick_run_writes_json_table_and_plot(run_main, tmp_path, capsys):
 
     data = json.loads(out.read_text())
     env = data["env"]
-    for key in ("device", "cpu", "dtype", "threads", "torch", "triton", "python"):
+    for key in ("device", "cpu", "dtype", "threads", "torch", "triton", "python", "loadavg_end"):
         assert key in env
     assert env["device"] == "cpu" and env["dtype"] == "float32" and env["threads"] >= 1
     assert env["fastchar_commit"] and env["cpu"]
@@ -101,3 +101,28 @@ def test_bad_shapes_is_one_line_error(run_main, capsys):
     assert run_main(["--shapes", "2,4,8", "--parts", "layers"]) == 2
     err = capsys.readouterr().err
     assert "--shapes" in err and "B,T,I,H" in err and len(err.strip().splitlines()) == 1
+
+
+def test_failing_impl_is_reported_and_exit_code_is_1(run_main, tmp_path, monkeypatch, capsys):
+    import fastchar.ops
+
+    real = fastchar.ops.lstm
+
+    def broken_reference(*args, impl, **kwargs):
+        if impl == "reference":
+            raise RuntimeError("simulated kernel failure")
+        return real(*args, impl=impl, **kwargs)
+
+    monkeypatch.setattr(fastchar.ops, "lstm", broken_reference)
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--shapes", "2,4,8,16", "--cells", "lstm", "--impls", "reference,torch"]
+    argv += ["--parts", "layers", "--json", str(out)]
+    assert run_main(argv) == 1
+    printed = capsys.readouterr()
+    assert "FAILED" in printed.out and "simulated kernel failure" in printed.err
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["layers"]}
+    assert "simulated kernel failure" in rows["reference"]["error"]
+    assert "fwd" not in rows["reference"]
+    assert rows["torch"]["vs_reference_fwd_bwd"] is None and _positive(
+        rows["torch"]["vs_torch_fwd"]
+    )
