@@ -347,8 +347,10 @@ def _forward(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor, store_gates: bo
     H = G // 3
     xp, w_hh = xp.contiguous(), w_hh.contiguous()
     out = xp.new_empty(T, B, H)  # [T, B, H]
-    gates = xp.new_empty(T, B, G) if store_gates else xp.new_empty(0)
-    hn = xp.new_empty(T, B, H) if store_gates else xp.new_empty(0)
+    # the cell stores no gates; a one-element stand-in, since a zero-size CUDA tensor
+    # has a null pointer that Triton's launcher refuses
+    gates = xp.new_empty(T, B, G) if store_gates else xp.new_empty(1)
+    hn = xp.new_empty(T, B, H) if store_gates else xp.new_empty(1)
     p = plan(B, H, 3, xp)
     args = (xp, h0.contiguous(), b_hn.contiguous(), w_hh, out, gates, hn, B, H, store_gates)
     launch(_fwd_kernel, p, args, T, H, xp, backward=False)

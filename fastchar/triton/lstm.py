@@ -399,7 +399,9 @@ def _forward(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, store_gates: bool
     H = G // 4
     xp, w_hh = xp.contiguous(), w_hh.contiguous()
     out = xp.new_empty(T, B, H)  # [T, B, H]
-    gates = xp.new_empty(T, B, G) if store_gates else xp.new_empty(0)
+    # the cell stores no gates; a one-element stand-in, since a zero-size CUDA tensor
+    # has a null pointer that Triton's launcher refuses
+    gates = xp.new_empty(T, B, G) if store_gates else xp.new_empty(1)
     cs = xp.new_empty(T, B, H, dtype=state_dtype(xp.dtype))  # [T, B, H]
     p = plan(B, H, 4, xp)
     args = (xp, h0.contiguous(), c0.contiguous(), w_hh, out, gates, cs, B, H, store_gates)
