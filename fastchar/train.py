@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         kw = {"type": kind, "help": f"{f.metadata['help']} (default: {f.default})"}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
+        else:
+            kw["metavar"] = {int: "N", float: "X"}.get(kind, {"data": "FILE"}.get(f.name, "DIR"))
         p.add_argument(_flag(f.name), dest=f.name, **kw)
     p.add_argument(
         "--resume",

@@ -47,7 +47,7 @@ def run_sample(capsys, *args):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize("impl", ["reference", "torch"])
+@pytest.mark.parametrize("impl", ["reference", "torch", "fused"])
 def test_step_matches_forward(kind, impl):
     torch.manual_seed(0)
     model = CharRNN(11, model=kind, emb_dim=5, hidden=7, layers=2, impl=impl).eval()

@@ -98,9 +98,11 @@ def test_few_step_run_writes_metrics_and_checkpoints(text_file, tmp_path, capsys
     assert len(sample) == 1 + 20 and not vocab.unknown(sample)
 
 
-def test_resume_continues_exactly(text_file, tmp_path, capsys):
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_resume_continues_exactly(text_file, tmp_path, capsys, impl):
     """8 steps straight == 4 steps, stop, --resume, 4 more: same loss and weights bit for bit."""
     extra = ["--steps", "8", "--eval-interval", "2", "--layers", "2", "--dropout", "0.2"]
+    extra += ["--impl", impl]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(tiny_args(text_file, straight, *extra)) == 0
     assert train.main(tiny_args(text_file, split, *extra, "--stop-at", "4")) == 0
