@@ -2,7 +2,13 @@
 # One command for a machine with a CUDA GPU: the GPU tests, the Triton launch-variant
 # timings and the benchmark table against cuDNN. Installs nothing.
 #
-#   benchmarks/gpu.sh [--quick]
+#   benchmarks/gpu.sh [--quick] [STEP ...]     STEP: info tests tune bench long model
+#
+# No STEP runs them all, in that order. Every Triton kernel specialisation compiles
+# on first use (seconds each, tests compile a few hundred), so where one call is
+# limited to ~10 minutes run it in parts on the same warm machine, which keeps
+# Triton's compile cache (~/.triton/cache):  gpu.sh info tests;  gpu.sh tune;
+# gpu.sh bench long model.
 #
 # Results go to $OUT/gpu-results/<UTC stamp>/ when OUT is set (a device runner's
 # output folder), else benchmarks/gpu-results/<UTC stamp>/: one log per step,
@@ -14,13 +20,21 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+ALL_STEPS=(info tests tune bench long model)
 QUICK=""
-if [[ "${1:-}" == "--quick" ]]; then
-    QUICK="--quick"
-elif [[ $# -gt 0 ]]; then
-    echo "usage: benchmarks/gpu.sh [--quick]" >&2
-    exit 2
-fi
+WANT=()
+for arg in "$@"; do
+    case "$arg" in
+        --quick) QUICK="--quick" ;;
+        info | tests | tune | bench | long | model) WANT+=("$arg") ;;
+        *)
+            echo "usage: benchmarks/gpu.sh [--quick] [${ALL_STEPS[*]}]" >&2
+            exit 2
+            ;;
+    esac
+done
+[[ ${#WANT[@]} -gt 0 ]] || WANT=("${ALL_STEPS[@]}")
+wanted() { [[ " ${WANT[*]} " == *" $1 "* ]]; }
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -52,23 +66,37 @@ step() {
     [[ $rc -eq 0 ]] || failed=1
 }
 
-step info "$PYTHON" -m fastchar.info
-step nvidia-smi nvidia-smi
-# all of tests/triton runs on the GPU here (parity in fp64/fp32 for every variant, then
-# the gpu-marked bf16/fp16 bounds vs cuDNN, persistent grids and CUDA graphs)
-step tests "$PYTHON" -m pytest tests/triton -q -p no:cacheprovider --junitxml="$DIR/tests.xml"
-step tune-bf16 "$PYTHON" benchmarks/gpu_tune.py --dtype bfloat16 $QUICK --json "$DIR/tune-bf16.json"
-step tune-fp32 "$PYTHON" benchmarks/gpu_tune.py --dtype float32 --cells lstm $QUICK \
-    --json "$DIR/tune-fp32.json"
-step bench-fp32 "$PYTHON" benchmarks/run.py --device cuda --dtype float32 --parts layers $QUICK \
-    --json "$DIR/bench-fp32.json"
-step bench-bf16 "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 --parts layers $QUICK \
-    --json "$DIR/bench-bf16.json"
-# the long-sequence case of issue 5: B=16, T=1024, I=H=768, bfloat16
-step bench-long-bf16 "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 --parts layers \
-    --shapes "16,1024,768,768" --cells lstm,gru,rnn_tanh --json "$DIR/bench-long-bf16.json"
-step bench-model "$PYTHON" benchmarks/run.py --device cuda --parts sample,train,memory $QUICK \
-    --json "$DIR/bench-model.json"
+if wanted info; then
+    step info "$PYTHON" -m fastchar.info
+    if command -v nvidia-smi >/dev/null; then step nvidia-smi nvidia-smi; fi
+fi
+if wanted tests; then
+    # all of tests/triton runs on the GPU here: parity for every variant, then the
+    # gpu-marked bf16/fp16/fp32 bounds vs cuDNN, persistent grids and CUDA graphs
+    step tests "$PYTHON" -m pytest tests/triton -q -p no:cacheprovider \
+        --junitxml="$DIR/tests.xml"
+fi
+if wanted tune; then
+    step tune-bf16 "$PYTHON" benchmarks/gpu_tune.py --dtype bfloat16 $QUICK \
+        --json "$DIR/tune-bf16.json"
+    step tune-fp32 "$PYTHON" benchmarks/gpu_tune.py --dtype float32 --cells lstm $QUICK \
+        --json "$DIR/tune-fp32.json"
+fi
+if wanted bench; then
+    step bench-fp32 "$PYTHON" benchmarks/run.py --device cuda --dtype float32 --parts layers \
+        $QUICK --json "$DIR/bench-fp32.json"
+    step bench-bf16 "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 --parts layers \
+        $QUICK --json "$DIR/bench-bf16.json"
+fi
+if wanted long; then
+    # the long-sequence case of issue 5: B=16, T=1024, I=H=768, bfloat16
+    step bench-long-bf16 "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 \
+        --parts layers --shapes "16,1024,768,768" --json "$DIR/bench-long-bf16.json"
+fi
+if wanted model; then
+    step bench-model "$PYTHON" benchmarks/run.py --device cuda --parts sample,train,memory \
+        $QUICK --json "$DIR/bench-model.json"
+fi
 
 "$PYTHON" - "$DIR" "${STEPS[@]}" <<'EOF'
 import json, sys

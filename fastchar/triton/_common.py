@@ -179,6 +179,13 @@ def launch(kernel, p: Plan, args: tuple, T: int, H: int, like: torch.Tensor, bac
         num_warps=p.num_warps,
     )
     grid = (p.n_htiles, p.n_btiles)
+    # Triton launches on the current device, which need not be the tensors' one
+    guard = torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext()
+    with guard:
+        _launch_steps(kernel, grid, p, args, T, sync, meta, backward)
+
+
+def _launch_steps(kernel, grid, p: Plan, args: tuple, T: int, sync, meta: dict, backward: bool):
     if p.variant != "step":
         kernel[grid](*args, 0, T, sync, **meta, **({"FINAL": True} if backward else {}))
         return
