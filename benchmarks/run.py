@@ -27,6 +27,14 @@ import sys
 from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if importlib.util.find_spec("fastchar") is None:
+    # Run from a checkout that is not pip-installed: use the checkout's package.
+    sys.path.insert(0, ROOT)
+
+import _harness as bench  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 CELL_CHOICES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
 PARTS = ("layers", "sample", "train", "memory")
@@ -113,13 +121,11 @@ def _print_table(headers: list[str], rows: list[list[str]]) -> None:
     print()
 
 
-def bench_layers(H, cells, shapes, impls, dtype, device, cfg) -> list[dict]:
-    import torch
-
+def bench_layers(cells, shapes, impls, dtype, device, cfg) -> list[dict]:
     rows = []
     for cell in cells:
         for s in shapes:
-            case = H.make_layer_case(cell, s, dtype, device)
+            case = bench.make_layer_case(cell, s, dtype, device)
             group = {
                 impl: {"cell": cell, **vars(s), "dtype": str(dtype)[6:], "impl": impl}
                 for impl in impls
@@ -131,7 +137,7 @@ def bench_layers(H, cells, shapes, impls, dtype, device, cfg) -> list[dict]:
                 for mode, call in (("fwd", case.forward), ("fwd_bwd", case.forward_backward))
             }
             with torch.enable_grad():
-                timings, errors = H.time_interleaved(calls, device, **cfg)
+                timings, errors = bench.time_interleaved(calls, device, **cfg)
             for (impl, mode), err in errors.items():
                 group[impl].setdefault("error", f"{mode}: {err}")
                 print(f"  {cell} {s.label()} {impl} {mode}: FAILED {err}", file=sys.stderr)
@@ -139,7 +145,9 @@ def bench_layers(H, cells, shapes, impls, dtype, device, cfg) -> list[dict]:
                 if "error" in group[impl]:
                     continue
                 seconds = t.median_ms / 1e3
-                flops = H.layer_flops(cell, s) if mode == "fwd" else H.fwd_bwd_flops(cell, s)
+                flops = (
+                    bench.layer_flops(cell, s) if mode == "fwd" else bench.fwd_bwd_flops(cell, s)
+                )
                 group[impl][mode] = vars(t) | {"spread": t.spread()}
                 group[impl][f"tokens_per_s_{mode}"] = s.B * s.T / seconds
                 group[impl][f"gflops_{mode}"] = flops / seconds / 1e9
@@ -187,10 +195,8 @@ def _char_model(impl: str, dtype, device, **kw):
     return CharRNN(VOCAB, impl=impl, **kw).to(device=device, dtype=dtype)
 
 
-def bench_sampling(H, impls, dtype, device, steps: int) -> list[dict]:
+def bench_sampling(impls, dtype, device, steps: int) -> list[dict]:
     """Blocks of ``steps`` characters from a fresh state; time per character."""
-    import torch
-
     rows = {
         impl: {"impl": impl, "dtype": str(dtype)[6:], **SAMPLE_MODEL, "steps": steps}
         for impl in impls
@@ -201,7 +207,7 @@ def bench_sampling(H, impls, dtype, device, steps: int) -> list[dict]:
             torch.manual_seed(0)
             model = _char_model(impl, dtype, device, **SAMPLE_MODEL).eval()
         except Exception as e:
-            rows[impl]["error"] = H.error_line(e)
+            rows[impl]["error"] = bench.error_line(e)
             continue
         idx = torch.zeros(1, dtype=torch.long, device=device)  # [B]
 
@@ -212,7 +218,7 @@ def bench_sampling(H, impls, dtype, device, steps: int) -> list[dict]:
 
         runs[impl] = run
     with torch.no_grad():
-        timings, errors = H.time_interleaved(
+        timings, errors = bench.time_interleaved(
             runs, device, warmup=1, min_repeats=3, max_repeats=5, budget_s=0.5
         )
     for impl, err in errors.items():
@@ -227,9 +233,6 @@ def bench_sampling(H, impls, dtype, device, steps: int) -> list[dict]:
 
 
 def _train_setup(cell: str, impl: str, dtype, device, batch: int, block: int, hidden: int):
-    import torch
-    import torch.nn.functional as F
-
     kind, _, nonlin = cell.partition("_")
     torch.manual_seed(0)
     model = _char_model(
@@ -248,7 +251,7 @@ def _train_setup(cell: str, impl: str, dtype, device, batch: int, block: int, hi
     return step
 
 
-def bench_training(H, cells, impls, dtype, device, cfg) -> list[dict]:
+def bench_training(cells, impls, dtype, device, cfg) -> list[dict]:
     """Median training-step time, the impls' steps interleaved (the first is a warm-up)."""
     rows = []
     for cell in cells:
@@ -263,9 +266,9 @@ def bench_training(H, cells, impls, dtype, device, cfg) -> list[dict]:
                     cell, impl, dtype, device, cfg["batch"], cfg["block"], cfg["hidden"]
                 )
             except Exception as e:
-                group[impl]["error"] = H.error_line(e)
+                group[impl]["error"] = bench.error_line(e)
         n = cfg["steps"]
-        timings, errors = H.time_interleaved(
+        timings, errors = bench.time_interleaved(
             steps, device, warmup=1, min_repeats=n, max_repeats=n, budget_s=0.0
         )
         for impl, err in errors.items():
@@ -317,8 +320,6 @@ def memory_child(spec: dict) -> dict:
     same for every impl, and ends with the gradients freed; what the timed step
     adds is activations, saved tensors, gradients and the kernels' scratch.
     """
-    import torch
-
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
     step = _train_setup(
@@ -503,11 +504,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if importlib.util.find_spec("fastchar") is None:
-        # Run from a checkout that is not pip-installed: use the checkout's package.
-        sys.path.insert(0, ROOT)
-    import torch
-
     if args.threads is not None:
         if args.threads < 1:
             print("benchmarks/run.py: --threads must be >= 1", file=sys.stderr)
@@ -520,15 +516,13 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks/run.py: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
 
-    import _harness as H
-
     try:
         if args.shapes:
-            shapes = H.parse_shapes(args.shapes)
+            shapes = bench.parse_shapes(args.shapes)
         elif args.quick:
-            shapes = [H.Shape(s.B, max(1, s.T // 4), s.I, s.H) for s in H.STANDARD_GRID]
+            shapes = [bench.Shape(s.B, max(1, s.T // 4), s.I, s.H) for s in bench.STANDARD_GRID]
         else:
-            shapes = list(H.STANDARD_GRID)
+            shapes = list(bench.STANDARD_GRID)
     except ValueError as e:
         print(f"benchmarks/run.py: --shapes: {e}", file=sys.stderr)
         return 2
@@ -536,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dict(QUICK if args.quick else FULL)
     if args.train_config:
         try:
-            batch, block, hidden = H.parse_ints(args.train_config, 3, "B,T,H")
+            batch, block, hidden = bench.parse_ints(args.train_config, 3, "B,T,H")
         except ValueError as e:
             print(f"benchmarks/run.py: --train-config: {e}", file=sys.stderr)
             return 2
@@ -547,14 +541,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         cfg["sample_steps"] = args.sample_steps
     device = torch.device(args.device)
-    dtype = H.DTYPES[args.dtype]
-    env = H.environment(device, dtype)
+    dtype = bench.DTYPES[args.dtype]
+    env = bench.environment(device, dtype)
     print(_header(env, args))
 
     skipped = {}
     impls = []
-    for impl in args.impls or list(H.KERNEL_IMPLS):
-        reason = H.runnable(impl, device.type)
+    for impl in args.impls or list(bench.KERNEL_IMPLS):
+        reason = bench.runnable(impl, device.type)
         if reason is None:
             impls.append(impl)
         else:
@@ -568,19 +562,19 @@ def main(argv: list[str] | None = None) -> int:
     result["settings"] |= {"train": cfg["train"], "sample_steps": cfg["sample_steps"]}
     result["skipped"] = skipped
     if "layers" in args.parts:
-        result["layers"] = bench_layers(H, args.cells, shapes, impls, dtype, device, cfg["layer"])
+        result["layers"] = bench_layers(args.cells, shapes, impls, dtype, device, cfg["layer"])
         print_layers(result["layers"])
     if "sample" in args.parts:
-        result["sampling"] = bench_sampling(H, impls, dtype, device, cfg["sample_steps"])
+        result["sampling"] = bench_sampling(impls, dtype, device, cfg["sample_steps"])
     if "train" in args.parts:
-        result["training"] = bench_training(H, args.cells, impls, dtype, device, cfg["train"])
+        result["training"] = bench_training(args.cells, impls, dtype, device, cfg["train"])
     if "memory" in args.parts:
         result["memory"] = bench_memory(
             args.cells, impls, dtype, device, cfg["train"], args.threads
         )
     print_extras(result)
 
-    env["loadavg_end"] = H.load_average()
+    env["loadavg_end"] = bench.load_average()
     print(f"load average at end {env['loadavg_end']}")
     if args.json:
         with open(args.json, "w") as f:
