@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 // Each op defines `constexpr const char* OP` so the messages name the op too.
 #define CHECK_CPU(x) \
@@ -133,13 +134,18 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
             const double*, const int*, const double*, const int*, const double*, double*,
             const int*);
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest);
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc);
 void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k,
                             float alpha, const uint16_t* a, int lda, const uint16_t* b,
                             int ldb, float beta, float* c, int ldc);
 }
 
 namespace blas {
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
 
 inline void gemm(bool trans_w, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                  const float* W, int64_t ldw, float beta, float* C, int64_t ldc) {
@@ -210,6 +216,48 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
              acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
   gemm<T>(false, M, N, K, A, lda, W, ldw, beta, C, ldc);
 }
+
+// C[M, N] = beta * C + A[M, K] @ op(W) for one W used on every step of a time
+// loop (op(W) = W^T when trans_w). float weights are packed once for MKL's
+// packed GEMM, which otherwise re-packs W on every small per-step call.
+template <typename T>
+class StepGemm {
+ public:
+  StepGemm(bool trans_w, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw)
+      : trans_w_(trans_w), M_(M), N_(N), K_(K), W_(W), ldw_(ldw) {
+#if AT_MKL_ENABLED()
+    if constexpr (std::is_same_v<T, float>) {
+      if (M > 0 && N > 0 && K > 0) {
+        size_t bytes = cblas_sgemm_pack_get_size(blas::kBMatrix, M, N, K);
+        packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, at::kFloat);
+        cblas_sgemm_pack(blas::kRowMajor, blas::kBMatrix,
+                               trans_w ? blas::kTrans : blas::kNoTrans, M, N, K, 1.0f, W, ldw,
+                               packed_.data_ptr<float>());
+      }
+    }
+#endif
+  }
+
+  void operator()(const T* A, int64_t lda, acc_t<T> beta, acc_t<T>* C, int64_t ldc) const {
+#if AT_MKL_ENABLED()
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_.defined()) {
+        cblas_sgemm_compute(blas::kRowMajor, blas::kNoTrans, blas::kPacked, M_, N_, K_, A,
+                                  lda, packed_.const_data_ptr<float>(), ldw_, beta, C, ldc);
+        return;
+      }
+    }
+#endif
+    gemm<T>(trans_w_, M_, N_, K_, A, lda, W_, ldw_, beta, C, ldc);
+  }
+
+ private:
+  bool trans_w_;
+  int64_t M_, N_, K_;
+  const T* W_;
+  int64_t ldw_;
+  at::Tensor packed_;
+};
 
 // Bias b_ih + b_hh (either may be absent) as an accumulation-type vector [G].
 inline at::Tensor bias_acc(const std::optional<at::Tensor>& b_ih,

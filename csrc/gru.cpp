@@ -84,8 +84,9 @@ void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& w_hh
   T* gates_p = gates.data_ptr<T>();
   T* hn_p = hn.data_ptr<T>();
   const T* h_prev = h0.const_data_ptr<T>();
+  const StepGemm<T> step_gemm(true, B, G, H, w, H);  // h @ W_hh^T
   for (int64_t t = 0; t < T_; ++t) {
-    gemm_nt<T>(B, G, H, h_prev, H, w, H, A(0), acc_p, G);  // [B, G]
+    step_gemm(h_prev, H, A(0), acc_p, G);  // [B, G]
     const T* x_t = xp_p + t * B * G;
     T* g_t = gates_p + t * B * G;
     T* hn_t = hn_p + t * B * H;
@@ -112,6 +113,7 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   A* dh_p = dh.data_ptr<A>();
   T* dx_p = grad_xp.data_ptr<T>();
   T* dg_p = grad_gh.data_ptr<T>();
+  const StepGemm<T> step_gemm(false, B, H, G, w, H);  // dgh @ W_hh
   for (int64_t t = T_ - 1; t >= 0; --t) {
     const T* go_t = go_p + t * B * H;
     const T* g_t = g_p + t * B * G;
@@ -122,7 +124,7 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
       bwd_rows<T>(b0, b1, H, go_t, g_t, hn_t, hp_t, dh_p, dx_t, dg_t);
     });
-    gemm_nn<T>(B, H, G, dg_t, G, w, H, A(1), dh_p, H);  // dh_{t-1} += dgh @ W_hh
+    step_gemm(dg_t, G, A(1), dh_p, H);  // dh_{t-1} += dgh @ W_hh
   }
 }
 

@@ -85,8 +85,9 @@ void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& c0,
   A* cs_p = cs.data_ptr<A>();
   const T* h_prev = h0.const_data_ptr<T>();
   const A* c_prev = c0.const_data_ptr<A>();
+  const StepGemm<T> step_gemm(true, B, G, H, w, H);  // h @ W_hh^T
   for (int64_t t = 0; t < T_; ++t) {
-    gemm_nt<T>(B, G, H, h_prev, H, w, H, A(0), acc_p, G);  // [B, G]
+    step_gemm(h_prev, H, A(0), acc_p, G);  // [B, G]
     const T* x_t = xp_p + t * B * G;
     T* g_t = gates_p + t * B * G;
     A* c_t = cs_p + t * B * H;
@@ -113,6 +114,7 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   A* dh_p = dh.data_ptr<A>();
   A* dc_p = dc.data_ptr<A>();
   T* dx_p = grad_xp.data_ptr<T>();
+  const StepGemm<T> step_gemm(false, B, H, G, w, H);  // dgates @ W_hh
   for (int64_t t = T_ - 1; t >= 0; --t) {
     const T* go_t = go_p + t * B * H;
     const T* g_t = g_p + t * B * G;
@@ -122,7 +124,7 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
       bwd_rows<T>(b0, b1, H, go_t, g_t, c_t, cp_t, dh_p, dc_p, dx_t);
     });
-    gemm_nn<T>(B, H, G, dx_t, G, w, H, A(0), dh_p, H);  // dh_{t-1} [B, H]
+    step_gemm(dx_t, G, A(0), dh_p, H);  // dh_{t-1} [B, H]
   }
 }
 

@@ -53,8 +53,9 @@ void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& w_hh
   const T* w = w_hh.const_data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   const T* h_prev = h0.const_data_ptr<T>();
+  const StepGemm<T> step_gemm(true, B, H, H, w, H);  // h @ W_hh^T
   for (int64_t t = 0; t < T_; ++t) {
-    gemm_nt<T>(B, H, H, h_prev, H, w, H, A(0), acc_p, H);  // [B, H]
+    step_gemm(h_prev, H, A(0), acc_p, H);  // [B, H]
     const T* x_t = xp_p + t * B * H;
     T* h_t = out_p + t * B * H;
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
@@ -74,6 +75,7 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   const T* w = w_hh.const_data_ptr<T>();
   A* dh_p = dh.data_ptr<A>();
   T* dx_p = grad_xp.data_ptr<T>();
+  const StepGemm<T> step_gemm(false, B, H, H, w, H);  // dpre @ W_hh
   for (int64_t t = T_ - 1; t >= 0; --t) {
     const T* go_t = go_p + t * B * H;
     const T* h_t = out_p + t * B * H;
@@ -81,7 +83,7 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
       bwd_rows<T, RELU>(b0, b1, H, go_t, h_t, dh_p, dx_t);
     });
-    gemm_nn<T>(B, H, H, dx_t, H, w, H, A(0), dh_p, H);  // dh_{t-1} [B, H]
+    step_gemm(dx_t, H, A(0), dh_p, H);  // dh_{t-1} [B, H]
   }
 }
 
