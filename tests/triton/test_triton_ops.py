@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 from _cases import CELLS, DEVICE, VARIANTS, make_inputs, run_cell, run_layer
 from parity import assert_close
 
@@ -125,3 +126,22 @@ def test_persistent_variant_is_refused_under_the_interpreter():
     inputs = make_inputs("rnn_tanh", 2, 1, 3, 16, torch.float32)
     with use_variant("persistent"), pytest.raises(RuntimeError, match="needs a CUDA device"):
         run_layer("rnn_tanh", "triton", inputs)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs the real persistent grid")
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "streamed"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_persistent_code_path_with_one_program_per_batch_tile(cell, resident, monkeypatch):
+    """The persistent kernels (grid barrier, state carried across steps in registers,
+    h_{t-1} read back from memory) under the interpreter: with a single program per
+    batch tile every barrier is already complete when reached, so nothing waits."""
+    from fastchar.triton import gru, lstm, rnn
+
+    def one_program_per_tile(B, H, n_gates, like):
+        Hp = max(16, triton.next_power_of_2(H))
+        return tcommon.Plan("persistent", 16, Hp, Hp if resident else 16, 4, triton.cdiv(B, 16), 1)
+
+    for module in (lstm, gru, rnn):
+        monkeypatch.setattr(module, "plan", one_program_per_tile)
+    inputs = make_inputs(cell, 5, 20, 3, 40, torch.float64)  # B=20: two batch tiles
+    check_layer(cell, inputs, torch.float64, None)
