@@ -659,7 +659,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 def run(given: dict, resume: bool = False) -> Trainer:
     """Train with the explicitly given settings (TrainConfig field -> value)."""
-    out = given.get("out") or TrainConfig(**{"model": given.get("model", "lstm")}).run_dir()
+    out = given.get("out") or TrainConfig(model=given.get("model", "lstm")).run_dir()
     ckpt_path = os.path.join(out, "ckpt.pt")
     ckpt = None
     if resume:
