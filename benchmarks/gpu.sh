@@ -78,7 +78,7 @@ if wanted tests; then
 fi
 if wanted tune; then
     step tune-bf16 "$PYTHON" benchmarks/gpu_tune.py --dtype bfloat16 $QUICK \
-        --json "$DIR/tune-bf16.json"
+        --resident 0,8192,16384 --json "$DIR/tune-bf16.json"
     step tune-fp32 "$PYTHON" benchmarks/gpu_tune.py --dtype float32 --cells lstm $QUICK \
         --json "$DIR/tune-fp32.json"
 fi
