@@ -212,3 +212,24 @@ def test_info_reports_every_impl(capsys):
     assert "torch    " + torch.__version__ in text
     for impl in backends.IMPLS:
         assert f"  {impl}" in text
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_autocast_runs_in_bf16_with_float32_grads(cell, impl, no_fallback_warning):
+    if impl == "fused" and backends.why_not("cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not built")
+    ours_cls, _, extra = CELLS[cell]
+    m = ours_cls(6, 8, num_layers=2, batch_first=True, impl=impl, **extra)
+    x = torch.randn(3, 5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = m(x)
+        y, _ = m.step(x[:, 0])
+    assert out.dtype == y.dtype == torch.bfloat16
+    out.float().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+    m.impl = "reference"
+    with torch.no_grad():
+        ref, _ = m(x)  # float32, no autocast
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=0)

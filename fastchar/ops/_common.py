@@ -66,6 +66,21 @@ def check_args(
     return B, H
 
 
+def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under autocast the ops run in the autocast dtype, as torch's own RNN ops do.
+
+    The casts are differentiable, so float32 master weights still get float32 gradients.
+    Anything that is not a floating-point tensor is left for the argument checks.
+    """
+    first = tensors[0]
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors
+    )
+
+
 def prev_hidden(h0: Tensor, out: Tensor) -> Tensor:
     """h_{t-1} for every step: [h0, out[0], ..., out[T-2]] as [T, B, H]."""
     return torch.cat([h0.unsqueeze(0), out[:-1]])

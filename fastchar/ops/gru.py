@@ -19,7 +19,13 @@ from torch import Tensor
 
 from fastchar import reference
 from fastchar.backends import cpp_loaded, resolve
-from fastchar.ops._common import check_args, prev_hidden, torch_params, weight_grad
+from fastchar.ops._common import (
+    autocast_inputs,
+    check_args,
+    prev_hidden,
+    torch_params,
+    weight_grad,
+)
 
 
 def _fake_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor):
@@ -139,6 +145,7 @@ def gru(
     b_ih, b_hh [3H] or None. Returns out [T, B, H], h_n [B, H].
     Differentiable with respect to every tensor argument.
     """
+    x, h0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, w_ih, w_hh, b_ih, b_hh)
     check_args("gru", x, 3, w_ih, w_hh, b_ih, b_hh, {"h0": h0})
     kind = resolve(impl, x.device)
     if kind == "reference":
@@ -167,6 +174,7 @@ def gru_cell(
     impl: str = "fused",
 ) -> Tensor:
     """One GRU step for sampling (no autograd through the kernels). x [B, I]; h [B, H] -> h'."""
+    x, h, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h, w_ih, w_hh, b_ih, b_hh)
     check_args("gru_cell", x, 3, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
     kind = resolve(impl, x.device)
     if kind == "reference":

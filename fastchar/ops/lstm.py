@@ -17,7 +17,14 @@ from torch import Tensor
 
 from fastchar import reference
 from fastchar.backends import cpp_loaded, resolve
-from fastchar.ops._common import check_args, prev_hidden, state_dtype, torch_params, weight_grad
+from fastchar.ops._common import (
+    autocast_inputs,
+    check_args,
+    prev_hidden,
+    state_dtype,
+    torch_params,
+    weight_grad,
+)
 
 
 def _fake_fwd(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):
@@ -135,6 +142,7 @@ def lstm(
     b_ih, b_hh [4H] or None. Returns out [T, B, H], h_n [B, H], c_n [B, H].
     Differentiable with respect to every tensor argument.
     """
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     check_args("lstm", x, 4, w_ih, w_hh, b_ih, b_hh, {"h0": h0, "c0": c0})
     kind = resolve(impl, x.device)
     if kind == "reference":
@@ -169,6 +177,7 @@ def lstm_cell(
 
     x [B, I]; h, c [B, H]. Returns (h', c') [B, H].
     """
+    x, h, c, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h, c, w_ih, w_hh, b_ih, b_hh)
     check_args("lstm_cell", x, 4, w_ih, w_hh, b_ih, b_hh, {"h": h, "c": c}, seq=False)
     kind = resolve(impl, x.device)
     if kind == "reference":

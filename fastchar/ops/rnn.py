@@ -18,7 +18,13 @@ from torch import Tensor
 
 from fastchar import reference
 from fastchar.backends import cpp_loaded, resolve
-from fastchar.ops._common import check_args, prev_hidden, torch_params, weight_grad
+from fastchar.ops._common import (
+    autocast_inputs,
+    check_args,
+    prev_hidden,
+    torch_params,
+    weight_grad,
+)
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -130,6 +136,7 @@ def rnn(
     Returns out [T, B, H], h_n [B, H]. Differentiable with respect to every tensor argument.
     """
     relu = _check_nonlinearity(nonlinearity)
+    x, h0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, w_ih, w_hh, b_ih, b_hh)
     check_args("rnn", x, 1, w_ih, w_hh, b_ih, b_hh, {"h0": h0})
     kind = resolve(impl, x.device)
     if kind == "reference":
@@ -159,6 +166,7 @@ def rnn_cell(
 ) -> Tensor:
     """One RNN step for sampling (no autograd through the kernels). x [B, I]; h [B, H] -> h'."""
     relu = _check_nonlinearity(nonlinearity)
+    x, h, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h, w_ih, w_hh, b_ih, b_hh)
     check_args("rnn_cell", x, 1, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
     kind = resolve(impl, x.device)
     if kind == "reference":
