@@ -94,11 +94,8 @@ class LayerCase:
 
     cell: str
     shape: Shape
-    args: list[Tensor | None]
+    args: list[Tensor]  # x, h0 (, c0), w_ih, w_hh, b_ih, b_hh
     grad_out: Tensor  # [T, B, H]
-
-    def leaves(self) -> list[Tensor]:
-        return [a for a in self.args if a is not None]
 
     def forward(self, impl: str) -> Tensor:
         if self.cell == "lstm":
@@ -109,7 +106,7 @@ class LayerCase:
 
     def forward_backward(self, impl: str) -> list[Tensor]:
         out = self.forward(impl)  # [T, B, H]
-        return list(torch.autograd.grad(out, self.leaves(), self.grad_out))
+        return list(torch.autograd.grad(out, self.args, self.grad_out))
 
 
 def make_layer_case(

@@ -35,7 +35,6 @@ import _harness as bench  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-CELL_CHOICES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
 PARTS = ("layers", "sample", "train", "memory")
 IMPL_CHOICES = ("fused", "cpp", "triton", "reference", "torch")
@@ -75,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="T/4 on the standard grid, few repeats")
     p.add_argument("--json", metavar="FILE", help="write every number and the environment")
     p.add_argument("--plot", metavar="FILE.png", help="fwd+bwd speed-up vs torch per shape")
-    p.add_argument("--cells", type=_csv(CELL_CHOICES), default=list(DEFAULT_CELLS))
+    p.add_argument("--cells", type=_csv(bench.CELLS), default=list(DEFAULT_CELLS))
     p.add_argument(
         "--impls",
         type=_csv(IMPL_CHOICES),
@@ -560,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"env": env, "settings": {"quick": args.quick, "cells": args.cells}}
     result["settings"] |= {"impls": impls, "parts": args.parts, "timing": cfg["layer"]}
     result["settings"] |= {"train": cfg["train"], "sample_steps": cfg["sample_steps"]}
+    result["settings"]["shapes"] = [vars(s) for s in shapes]
     result["skipped"] = skipped
     if "layers" in args.parts:
         result["layers"] = bench_layers(args.cells, shapes, impls, dtype, device, cfg["layer"])
@@ -583,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and result.get("layers"):
         write_plot(args.plot, result["layers"], env)
         print(f"wrote {args.plot}")
+    elif args.plot:
+        print(f"not writing {args.plot}: the plot shows the layers part, which did not run")
     failed = [r for part in PARTS for r in result.get(_KEYS[part], []) if "error" in r]
     return 1 if failed else 0
 
