@@ -18,10 +18,13 @@ SHAPES = {  # (T, B, I, H)
     "T1_B1_H17": (1, 1, 4, 17),
     "T5_B2_H16": (5, 2, 3, 16),
 }
+if DEVICE == "cuda":  # each shape compiles its own kernels there; T=1 and B=1 stay
+    del SHAPES["T5_B2_H16"]
 # float64 is the interpreter's exact check; on a GPU every case is a fresh compile, so
 # the grid runs in float32 there (test_triton_gpu.py has float64 and the half types)
 DTYPES = {"f64": torch.float64, "f32": torch.float32} if DEVICE == "cpu" else {"f32": torch.float32}
 OUT_NAMES = ("out", "h_n", "c_n")
+EXACT = torch.float64 if DEVICE == "cpu" else torch.float32  # for the single-dtype tests
 
 
 def check_layer(cell, inputs, dtype, variant):
@@ -48,8 +51,9 @@ def test_layer_parity(cell, shape, dtype, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("cell", CELLS)
 def test_layer_zero_state_and_no_bias(cell, variant):
-    inputs = make_inputs(cell, 6, 3, 4, 20, torch.float64, with_state=False, bias=False)
-    check_layer(cell, inputs, torch.float64, variant)
+    # H and B as in T17_B3_H33, so that a GPU run reuses its compiled kernels
+    inputs = make_inputs(cell, 6, 3, 4, 33, EXACT, with_state=False, bias=False)
+    check_layer(cell, inputs, EXACT, variant)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -57,7 +61,7 @@ def test_layer_streams_weights_in_chunks(cell, monkeypatch):
     """W_hh too large to keep resident: the product loops over BK-wide chunks of H."""
     monkeypatch.setattr(tcommon, "RESIDENT_MAX", 0)
     variant = "step" if DEVICE == "cpu" else "persistent"
-    check_layer(cell, make_inputs(cell, 4, 3, 5, 40, torch.float64), torch.float64, variant)
+    check_layer(cell, make_inputs(cell, 4, 3, 5, 40, EXACT), EXACT, variant)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
