@@ -124,6 +124,7 @@ def bench_layers(cells, shapes, impls, dtype, device, cfg) -> list[dict]:
     rows = []
     for cell in cells:
         for s in shapes:
+            print(f"timing {cell} {s.label()} ...", file=sys.stderr, flush=True)
             case = bench.make_layer_case(cell, s, dtype, device)
             group = {
                 impl: {"cell": cell, **vars(s), "dtype": str(dtype)[6:], "impl": impl}
@@ -196,6 +197,7 @@ def _char_model(impl: str, dtype, device, **kw):
 
 def bench_sampling(impls, dtype, device, steps: int) -> list[dict]:
     """Blocks of ``steps`` characters from a fresh state; time per character."""
+    print("timing sampling ...", file=sys.stderr, flush=True)
     rows = {
         impl: {"impl": impl, "dtype": str(dtype)[6:], **SAMPLE_MODEL, "steps": steps}
         for impl in impls
@@ -254,6 +256,7 @@ def bench_training(cells, impls, dtype, device, cfg) -> list[dict]:
     """Median training-step time, the impls' steps interleaved (the first is a warm-up)."""
     rows = []
     for cell in cells:
+        print(f"timing training {cell} ...", file=sys.stderr, flush=True)
         group = {
             impl: {"cell": cell, "impl": impl, "dtype": str(dtype)[6:], **TRAIN_MODEL, **cfg}
             for impl in impls
@@ -364,6 +367,7 @@ def bench_memory(cells, impls, dtype, device, cfg, threads) -> list[dict]:
         for impl in impls:
             spec = {"cell": cell, "impl": impl, "device": str(device), "dtype": str(dtype)[6:]}
             spec |= {k: cfg[k] for k in ("batch", "block", "hidden")}
+            print(f"measuring memory {cell} {impl} ...", file=sys.stderr, flush=True)
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)]
             if threads:
                 cmd += ["--threads", str(threads)]
