@@ -218,21 +218,33 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
 }
 
 // C[M, N] = beta * C + A[M, K] @ op(W) for one W used on every step of a time
-// loop (op(W) = W^T when trans_w). float weights are packed once for MKL's
-// packed GEMM, which otherwise re-packs W on every small per-step call.
+// loop (op(W) = W^T when trans_w). With MKL, W is packed once for the packed
+// GEMM, which otherwise re-packs W on every small per-step call. bfloat16 runs
+// this GEMM in float32 (W widened once, A widened per step): without AMX, as
+// on the machines measured so far, MKL's float32 GEMM beats its bf16 one, and
+// the per-step A is only [B, H].
 template <typename T>
 class StepGemm {
  public:
   StepGemm(bool trans_w, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw)
       : trans_w_(trans_w), M_(M), N_(N), K_(K), W_(W), ldw_(ldw) {
 #if AT_MKL_ENABLED()
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (kPack) {
       if (M > 0 && N > 0 && K > 0) {
+        const float* w32 = reinterpret_cast<const float*>(W);
+        at::Tensor wide;
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          const int64_t rows = trans_w ? N : K, cols = trans_w ? K : N;
+          wide = at::empty({rows, cols}, at::kFloat);
+          widen(rows, cols, W, ldw, wide.data_ptr<float>(), cols);
+          w32 = wide.const_data_ptr<float>();
+          ldw = cols;
+          scratch_ = at::empty({M, K}, at::kFloat);
+        }
         size_t bytes = cblas_sgemm_pack_get_size(blas::kBMatrix, M, N, K);
         packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, at::kFloat);
-        cblas_sgemm_pack(blas::kRowMajor, blas::kBMatrix,
-                               trans_w ? blas::kTrans : blas::kNoTrans, M, N, K, 1.0f, W, ldw,
-                               packed_.data_ptr<float>());
+        cblas_sgemm_pack(blas::kRowMajor, blas::kBMatrix, trans_w ? blas::kTrans : blas::kNoTrans,
+                         M, N, K, 1.0f, w32, ldw, packed_.data_ptr<float>());
       }
     }
 #endif
@@ -240,10 +252,17 @@ class StepGemm {
 
   void operator()(const T* A, int64_t lda, acc_t<T> beta, acc_t<T>* C, int64_t ldc) const {
 #if AT_MKL_ENABLED()
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (kPack) {
       if (packed_.defined()) {
-        cblas_sgemm_compute(blas::kRowMajor, blas::kNoTrans, blas::kPacked, M_, N_, K_, A,
-                                  lda, packed_.const_data_ptr<float>(), ldw_, beta, C, ldc);
+        const float* a32 = reinterpret_cast<const float*>(A);
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          float* s = scratch_.data_ptr<float>();
+          widen(M_, K_, A, lda, s, K_);
+          a32 = s;
+          lda = K_;
+        }
+        cblas_sgemm_compute(blas::kRowMajor, blas::kNoTrans, blas::kPacked, M_, N_, K_, a32, lda,
+                            packed_.const_data_ptr<float>(), N_, beta, C, ldc);
         return;
       }
     }
@@ -252,11 +271,23 @@ class StepGemm {
   }
 
  private:
+  static constexpr bool kPack = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
+
+  static void widen(int64_t rows, int64_t cols, const T* src, int64_t ld_src, float* dst,
+                    int64_t ld_dst) {
+    for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        dst[r * ld_dst + c] = float(src[r * ld_src + c]);
+      }
+    }
+  }
+
   bool trans_w_;
   int64_t M_, N_, K_;
   const T* W_;
   int64_t ldw_;
-  at::Tensor packed_;
+  at::Tensor packed_, scratch_;
 };
 
 // Bias b_ih + b_hh (either may be absent) as an accumulation-type vector [G].
