@@ -77,10 +77,10 @@ if wanted tests; then
         --junitxml="$DIR/tests.xml"
 fi
 if wanted tune; then
-    step tune-bf16 "$PYTHON" benchmarks/gpu_tune.py --dtype bfloat16 $QUICK \
+    step tune-bf16 "$PYTHON" benchmarks/gpu_tune.py --dtype bfloat16 --jobs 12 $QUICK \
         --resident 0,8192,16384 --json "$DIR/tune-bf16.json"
-    step tune-fp32 "$PYTHON" benchmarks/gpu_tune.py --dtype float32 --cells lstm $QUICK \
-        --json "$DIR/tune-fp32.json"
+    step tune-fp32 "$PYTHON" benchmarks/gpu_tune.py --dtype float32 --cells lstm --jobs 12 \
+        $QUICK --json "$DIR/tune-fp32.json"
 fi
 if wanted bench; then
     step bench-fp32 "$PYTHON" benchmarks/run.py --device cuda --dtype float32 --parts layers \

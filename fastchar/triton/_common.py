@@ -134,8 +134,7 @@ def plan(B: int, H: int, n_gates: int, like: torch.Tensor) -> Plan:
                 )
             variant, BH = "step", 16
     BH = min(BH, Hp)
-    if n_gates * BH * Hp <= RESIDENT_MAX:
-        BK = Hp
+    BK = Hp if n_gates * BH * Hp <= RESIDENT_MAX else min(BK, Hp)
     return Plan(variant, BB, BH, BK, num_warps, nb, triton.cdiv(H, BH))
 
 
