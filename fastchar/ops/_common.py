@@ -73,7 +73,9 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     Anything that is not a floating-point tensor is left for the argument checks.
     """
     first = tensors[0]
-    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+    if not isinstance(first, Tensor) or not torch.amp.is_autocast_available(first.device.type):
+        return tensors  # e.g. meta: left for the device checks, which say what is wrong
+    if not torch.is_autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(
