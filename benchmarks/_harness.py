@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 import fastchar.ops as ops
-from fastchar.backends import cpp_loaded, triton_version, why_not
+from fastchar.backends import cpp_loaded, interpreter_on, triton_version, why_not
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -82,6 +82,8 @@ def runnable(impl: str, device_type: str) -> str | None:
     """None when ``impl`` can be benchmarked on ``device_type``, else why not."""
     if impl == "triton" and device_type == "cpu":
         return "Triton is benchmarked on CUDA only (the interpreter is a test tool, not a kernel)"
+    if impl == "triton" and interpreter_on():
+        return "TRITON_INTERPRET=1 is set: the interpreter's timings mean nothing"
     if impl == "fused":
         kernel = {"cpu": "cpp", "cuda": "triton"}.get(device_type)
         return why_not(kernel, device_type) if kernel else f"no fastchar kernel for {device_type}"
