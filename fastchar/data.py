@@ -252,3 +252,39 @@ def get_batch(
     idx = starts[:, None] + torch.arange(block_size + 1)  # [B, T+1]
     windows = data[idx]  # [B, T+1]
     return windows[:, :-1], windows[:, 1:]
+
+
+class Streams:
+    """``data`` [N] cut into B parallel streams read in consecutive windows (char-rnn BPTT).
+
+    Stream b is ``data[b * L : (b + 1) * L]`` with L = N // B (the tail is
+    dropped). Window k of an epoch starts at ``k * T`` in every stream, so the
+    state a model ends window k with is the right start for window k + 1. An
+    epoch has ``(L - 1) // T`` windows; window index ``n`` wraps to ``n % epoch``,
+    and index 0 of each epoch is where a carried state must be reset.
+    """
+
+    def __init__(self, data: Tensor, batch_size: int, block_size: int, what: str = "data"):
+        if batch_size < 1 or block_size < 1:
+            raise ValueError(
+                f"batch_size and block_size must be >= 1, got {batch_size}, {block_size}"
+            )
+        L = len(data) // batch_size
+        if L < block_size + 1:
+            raise DataError(
+                f"{what} has {len(data)} characters: {batch_size} streams of {L} are shorter "
+                f"than one window of block_size + 1 = {block_size + 1}; use more text or a "
+                "smaller --batch-size or --block-size"
+            )
+        self.streams = data[: batch_size * L].view(batch_size, L)  # [B, L]
+        self.block_size = block_size
+        self.epoch = (L - 1) // block_size
+
+    def starts_epoch(self, index: int) -> bool:
+        return index % self.epoch == 0
+
+    def window(self, index: int) -> tuple[Tensor, Tensor]:
+        """Inputs x [B, T] and targets y [B, T] of window ``index`` (counted from 0, wrapping)."""
+        pos = (index % self.epoch) * self.block_size
+        chunk = self.streams[:, pos : pos + self.block_size + 1]  # [B, T+1]
+        return chunk[:, :-1], chunk[:, 1:]

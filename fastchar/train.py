@@ -5,7 +5,24 @@ it is saved as a plain dict in every checkpoint). ``Trainer`` holds the run
 state and splits the loop into batching, one optimisation step, evaluation and
 checkpoint save/load, so each can be replaced on its own.
 
-Shape letters: B batch, T block (time) length, V vocabulary.
+Under ``torchrun --nproc_per_node N -m fastchar.train ...`` the model is wrapped
+in DistributedDataParallel. ``--batch-size`` is the global batch: every rank
+draws the same global batch (the batch generator is seeded alike on all ranks)
+and trains on its own B / N rows, so N ranks take the same steps as one process
+with the same flags, up to float summation order (dropout masks differ per
+rank). Rank 0 logs and writes checkpoints; evaluation losses are averaged over
+ranks; ``--stateful`` gives each rank its B / N streams.
+
+Faults: checkpoints are written to a temp file and renamed, so a kill at any
+moment leaves the previous complete ``ckpt.pt``; SIGINT or SIGTERM finishes the
+current step, writes ``ckpt.pt`` and exits 0 (a second signal stops at once); a
+non-finite loss or gradient stops the run before the update, keeping the last
+good checkpoint (or skips the step, with ``--skip-nonfinite``).
+
+Resuming with a different ``--steps`` recomputes the decay for the new total:
+the learning rate continues from the new schedule's value at the saved step.
+
+Shape letters: B batch, T block (time) length, V vocabulary, L layers, H hidden.
 """
 
 from __future__ import annotations
@@ -19,8 +36,10 @@ import os
 import pickle
 import random
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from fastchar import data as fdata
+from fastchar import distributed
 from fastchar.backends import IMPLS, resolve, why_not
 from fastchar.model import MODEL_KINDS, NONLINEARITIES, CharRNN
 
@@ -36,7 +56,8 @@ PROG = "fastchar.train"
 CKPT_FORMAT = "fastchar-charrnn"
 CKPT_VERSION = 1
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -94,7 +115,25 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_meta("device", choices=DEVICES))
     dtype: str = field(
         default="float32",
-        metadata=_meta("compute dtype (bfloat16: float32 weights + autocast)", choices=DTYPES),
+        metadata=_meta(
+            "compute dtype; bfloat16/float16 keep float32 weights and autocast "
+            "(float16: CUDA only, with a grad scaler)",
+            choices=DTYPES,
+        ),
+    )
+    stateful: bool = field(
+        default=False,
+        metadata=_meta(
+            "truncated BPTT as char-rnn: B parallel streams read in consecutive windows, "
+            "hidden state carried across windows and reset each epoch"
+        ),
+    )
+    skip_nonfinite: int = field(
+        default=0,
+        metadata=_meta(
+            "skip the update of a step whose loss or gradients are not finite, up to N "
+            "steps in a row (0: stop the run)"
+        ),
     )
     out: str | None = field(default=None, metadata=_meta("run directory (default: runs/<model>)"))
     sample_length: int = field(default=200, metadata=_meta("characters sampled at the end"))
@@ -119,6 +158,7 @@ class TrainConfig:
             _at_least(name, getattr(self, name), 1)
         _at_least("warmup", self.warmup, 0)
         _at_least("sample_length", self.sample_length, 0)
+        _at_least("skip_nonfinite", self.skip_nonfinite, 0)
         if self.stop_at is not None:
             _at_least("stop_at", self.stop_at, 1)
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout"):
@@ -133,6 +173,13 @@ class TrainConfig:
             raise ConfigError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
         if self.dropout >= 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.impl == "cpp" and self.device not in ("auto", "cpu"):
+            raise ConfigError(
+                f"--impl cpp runs on CPU tensors only, not --device {self.device}; use "
+                "--device cpu, or --impl fused to pick the kernel for the device"
+            )
+        if self.dtype == "float16" and self.device in ("cpu", "mps"):
+            raise ConfigError(_FP16_NEEDS_CUDA.format(device=self.device))
         return self
 
     def final_lr(self) -> float:
@@ -153,10 +200,15 @@ class TrainConfig:
         return cls(**d)
 
 
+_FP16_NEEDS_CUDA = (
+    "--dtype float16 needs a CUDA device (it trains with a grad scaler); on {device} "
+    "use --dtype bfloat16"
+)
+
 # Settings that may change when resuming: how long and how to run, not what is trained.
 RESUME_OVERRIDES = frozenset(
     {"impl", "steps", "eval_interval", "eval_iters", "log_interval", "device", "out",
-     "sample_length", "stop_at", "data"}
+     "sample_length", "stop_at", "data", "skip_nonfinite"}
 )  # fmt: skip
 # Run control: on resume these come from the command line, never from the checkpoint.
 RUN_CONTROL = frozenset({"stop_at", "out", "device"})
@@ -183,9 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     for f in dataclasses.fields(TrainConfig):
-        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        kind = {"int": int, "float": float, "bool": bool}.get(str(f.type).split(" ")[0], str)
         kw = {"type": kind, "help": f"{f.metadata['help']} (default: {f.default})"}
-        if "choices" in f.metadata:
+        if kind is bool:
+            kw = {"action": argparse.BooleanOptionalAction, "help": f.metadata["help"]}
+        elif "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         else:
             kw["metavar"] = {int: "N", float: "X"}.get(kind, {"data": "FILE"}.get(f.name, "DIR"))
@@ -224,6 +278,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Test hook: a path; a save that would replace an existing file creates it, then
+# sleeps with the new file complete but not yet renamed, so a kill lands inside the write.
+SAVE_PAUSE_ENV = "FASTCHAR_TEST_SAVE_PAUSE"
+
+
 def atomic_torch_save(obj: dict, path: str) -> None:
     """Write ``obj`` so that ``path`` always holds either the old or the new complete file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -233,11 +292,37 @@ def atomic_torch_save(obj: dict, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        marker = os.environ.get(SAVE_PAUSE_ENV)
+        if marker and os.path.exists(path):
+            open(marker, "w").close()
+            time.sleep(600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    # The rename itself must reach the disk before the old file counts as replaced.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def remove_stale_temps(out: str) -> list[str]:
+    """Delete temp files a killed run left in ``out`` (the completed files are untouched)."""
+    removed = []
+    for name in os.listdir(out):
+        stale = name.endswith(".tmp") and (
+            name.startswith((".ckpt.pt", ".best.pt"))
+            or name in ("metrics.jsonl.tmp", "config.json.tmp", "data_manifest.json.tmp")
+        )
+        if stale:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out, name))
+                removed.append(name)
+    return removed
 
 
 def _first_line(e: BaseException) -> str:
@@ -369,16 +454,22 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 class Progress:
-    """One self-updating line on a terminal; plain log lines every ``interval`` steps otherwise."""
+    """One self-updating line on a terminal; plain log lines every ``interval`` steps otherwise.
 
-    def __init__(self, total: int, interval: int, stream=None):
+    A disabled Progress (the ranks other than 0) prints nothing.
+    """
+
+    def __init__(self, total: int, interval: int, stream=None, enabled: bool = True):
         self.stream = stream or sys.stderr
         self.total = total
         self.interval = interval
+        self.enabled = enabled
         self.tty = self.stream.isatty()
         self._open = False
 
     def update(self, step: int, loss: float, tok_s: float, lr: float) -> None:
+        if not self.enabled:
+            return
         text = (
             f"step {step}/{self.total} | loss {loss:.4f} ({loss / math.log(2):.3f} bpc) | "
             f"{tok_s:,.0f} tok/s | lr {lr:.2e}"
@@ -393,23 +484,53 @@ class Progress:
             self.log(text)
 
     def log(self, text: str) -> None:
+        if not self.enabled:
+            return
         if self._open:
             self.stream.write("\n")
             self._open = False
         print(text, file=self.stream, flush=True)
 
 
+def _detach(state):
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)
+    return state.detach()
+
+
+def _state_list(state) -> list[torch.Tensor]:
+    return list(state) if isinstance(state, tuple) else [state]
+
+
 class Trainer:
-    """One training run: model, optimizer, schedule, data, RNG and step counter."""
+    """One training run: model, optimizer, schedule, data, RNG and step counter.
+
+    ``world`` is this process's data-parallel rank (``distributed.World()`` when
+    alone); with more than one rank the process group must already be up.
+    """
 
     def __init__(
-        self, cfg: TrainConfig, text: str, manifest: dict, vocab: fdata.Vocab | None = None
+        self,
+        cfg: TrainConfig,
+        text: str,
+        manifest: dict,
+        vocab: fdata.Vocab | None = None,
+        world: distributed.World | None = None,
+        device: torch.device | None = None,
     ):
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
-        if cfg.dtype == "bfloat16" and self.device.type not in ("cpu", "cuda"):
+        self.world = world or distributed.World()
+        self.device = device or pick_device(cfg.device)
+        if cfg.dtype != "float32" and self.device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"--dtype {cfg.dtype} needs a cpu or cuda device, not {self.device}")
+        if cfg.dtype == "float16" and self.device.type != "cuda":
+            raise ConfigError(_FP16_NEEDS_CUDA.format(device=self.device.type))
+        if cfg.batch_size % self.world.size:
             raise ConfigError(
-                f"--dtype bfloat16 needs a cpu or cuda device, not {self.device.type}"
+                f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+                f"number of processes, {self.world.size}"
             )
         self.kind, self.impl_note = check_impl(cfg.impl, self.device)
         self.manifest = manifest
@@ -419,87 +540,149 @@ class Trainer:
         except ValueError as e:
             raise fdata.DataError(f"the data does not match the vocabulary: {e}") from None
         self.train_data, self.val_data = fdata.split(ids)
-        fdata.check_length(self.train_data, cfg.block_size, "the training split")
-        fdata.check_length(self.val_data, cfg.block_size, "the validation split (last 10%)")
+        what = {"train": "the training split", "val": "the validation split (last 10%)"}
+        if cfg.stateful:
+            self.streams = {
+                split: fdata.Streams(data, cfg.batch_size, cfg.block_size, what[split])
+                for split, data in (("train", self.train_data), ("val", self.val_data))
+            }
+        else:
+            fdata.check_length(self.train_data, cfg.block_size, what["train"])
+            fdata.check_length(self.val_data, cfg.block_size, what["val"])
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.model = build_model(cfg, len(self.vocab)).to(self.device)
+        self.net: torch.nn.Module = self.model
+        if self.world.size > 1:
+            # Same initial weights on every rank (same seed), different dropout masks.
+            torch.manual_seed(cfg.seed + self.world.rank)
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=lr_at(cfg, 0), betas=(0.9, 0.99),
             weight_decay=cfg.weight_decay,
         )  # fmt: skip
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "float16")
         self.batch_gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.best_val = math.inf
         self.elapsed = 0.0
-        self.is_main = True
-        if cfg.dtype == "bfloat16":
-            self._probe_autocast()
+        self.state = None  # --stateful: this rank's carried hidden state, detached
+        self.skipped = 0  # steps skipped in a row for a non-finite loss
+        self.stop_signal: int | None = None  # set by a signal handler
+        self.stop_requested = False  # the signal reached every rank: stop after this step
 
-    def _probe_autocast(self) -> None:
-        """Fail early, in one line, where a kernel cannot run under bf16 autocast yet."""
-        x = self.train_data[:2].to(self.device)[None]  # [1, 2]
-        self.model.eval()  # no dropout: the probe must not draw from the RNG
-        try:
-            with torch.no_grad():
-                self.loss(x, x)
-        except RuntimeError as e:
-            raise ConfigError(
-                f"--dtype bfloat16 does not run with impl {self.kind} here: {_first_line(e)}; "
-                "use --impl reference or --impl torch"
-            ) from None
-        finally:
-            self.model.train()
+    @property
+    def is_main(self) -> bool:
+        return self.world.is_main
 
     def autocast(self):
+        dtype = AUTOCAST_DTYPES.get(self.cfg.dtype)
         return torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16"
+            self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
         )
 
     def next_batch(self, split: str = "train", generator: torch.Generator | None = None):
+        """Random windows: this rank's rows of the global batch (x, y [B / ranks, T])."""
         source = self.train_data if split == "train" else self.val_data
         x, y = fdata.get_batch(
             source, self.cfg.batch_size, self.cfg.block_size, generator or self.batch_gen
         )  # [B, T]
-        return x.to(self.device), y.to(self.device)
+        rows = self.world.rows(self.cfg.batch_size)
+        return x[rows].to(self.device), y[rows].to(self.device)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def stream_batch(self, split: str, index: int):
+        """Window ``index`` of this rank's streams (x, y [B / ranks, T])."""
+        x, y = self.streams[split].window(index)  # [B, T]
+        rows = self.world.rows(self.cfg.batch_size)
+        return x[rows].to(self.device), y[rows].to(self.device)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, state=None, net=None):
+        """Mean cross-entropy of predicting y [B, T] from x [B, T]; returns (loss, final state)."""
         with self.autocast():
-            logits, _ = self.model(x)  # [B, T, V]
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            logits, state = (net or self.net)(x, state)  # [B, T, V]
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), state
 
     def train_step(self) -> float:
-        """One optimisation step on a fresh batch; returns its loss."""
-        lr = lr_at(self.cfg, self.step)
+        """One optimisation step on the next batch; returns its loss (mean over ranks)."""
+        cfg = self.cfg
+        lr = lr_at(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = self.next_batch()
-        self.model.train()
-        loss = self.loss(x, y)
+        self.net.train()
+        if cfg.stateful:
+            if self.streams["train"].starts_epoch(self.step):
+                self.state = None
+            x, y = self.stream_batch("train", self.step)
+        else:
+            x, y = self.next_batch()
+        loss, state = self.loss(x, y, self.state)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        # One collective for both: every rank must take the same branch below.
+        mean_loss, stop = self.world.mean([loss.item(), float(self.stop_signal is not None)])
+        self.stop_requested = stop > 0
+        # The grad scaler skips float16 overflow steps itself and lowers its scale.
+        finite = math.isfinite(mean_loss) and (self.scaler.is_enabled() or math.isfinite(norm))
         self.step += 1
-        return loss.item()
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.skipped = 0
+            self.state = _detach(state) if cfg.stateful else None
+            return mean_loss
+        what = f"loss {mean_loss}" if not math.isfinite(mean_loss) else f"gradient norm {norm}"
+        if self.skipped < cfg.skip_nonfinite:
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state = None
+            return mean_loss
+        raise TrainError(
+            f"non-finite {what} at step {self.step}; stopped before updating the weights, "
+            "the last checkpoint is kept (try a lower --lr, a --grad-clip, or --skip-nonfinite N)"
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over ``eval_iters`` batches per split, with fixed batches every time."""
+        """Mean loss over ``eval_iters`` batches per split, the same batches every time.
+
+        Random windows come from a fixed seed; ``--stateful`` reads the first
+        ``eval_iters`` windows of each split's streams from a zero state, carrying it.
+        Each rank evaluates its rows of every batch and the means are averaged.
+        """
         self.model.eval()
-        result = {}
+        result = []
         for split in ("train", "val"):
-            gen = torch.Generator().manual_seed(self.cfg.seed + 1)
-            losses = [
-                self.loss(*self.next_batch(split, gen)).item() for _ in range(self.cfg.eval_iters)
-            ]
-            result[split] = sum(losses) / len(losses)
+            losses = []
+            if self.cfg.stateful:
+                state = None
+                for k in range(self.cfg.eval_iters):
+                    if self.streams[split].starts_epoch(k):
+                        state = None
+                    loss, state = self.loss(*self.stream_batch(split, k), state, net=self.model)
+                    losses.append(loss.item())
+            else:
+                gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+                for _ in range(self.cfg.eval_iters):
+                    losses.append(self.loss(*self.next_batch(split, gen), net=self.model)[0].item())
+            result.append(sum(losses) / len(losses))
         self.model.train()
-        return result
+        train_loss, val_loss = self.world.mean(result)
+        return {"train": train_loss, "val": val_loss}
 
     def state_dict(self) -> dict:
-        return {
+        """The checkpoint. Collective under torchrun: every rank must call it."""
+        rng = {**_rng_state(self.device), "batch": self.batch_gen.get_state()}
+        if self.world.size > 1:
+            rng["ranks"] = self.world.gather(_rng_state(self.device))
+        stream_state = None
+        if self.state is not None:
+            stream_state = [self.world.cat_rows(s, 1) for s in _state_list(self.state)]
+        ckpt = {
             "format": CKPT_FORMAT,
             "version": CKPT_VERSION,
             "model": self.model.state_dict(),
@@ -513,11 +696,16 @@ class Trainer:
             "step": self.step,
             "best_val_loss": self.best_val,
             "elapsed_sec": self.elapsed,
-            "rng": {**_rng_state(self.device), "batch": self.batch_gen.get_state()},
+            "rng": rng,
+            "stream_state": stream_state,  # [L, B, H] per state tensor, all ranks' rows
+            "world_size": self.world.size,
             "config": self.cfg.to_dict(),
             "vocab": self.vocab.to_dict(),
             "data_manifest": self.manifest,
         }
+        if self.scaler.is_enabled():
+            ckpt["scaler"] = self.scaler.state_dict()
+        return ckpt
 
     def load_state_dict(self, ckpt: dict) -> None:
         try:
@@ -526,15 +714,38 @@ class Trainer:
             self.step = int(ckpt["step"])
             self.best_val = float(ckpt["best_val_loss"])
             self.elapsed = float(ckpt["elapsed_sec"])
-            _set_rng_state(ckpt["rng"])
-            self.batch_gen.set_state(ckpt["rng"]["batch"])
+            rng = ckpt["rng"]
+            ranks = rng.get("ranks")
+            if self.world.size > 1 and ranks is not None and len(ranks) == self.world.size:
+                _set_rng_state(ranks[self.world.rank])
+            else:
+                _set_rng_state(rng)
+            self.batch_gen.set_state(rng["batch"])
+            self.state = self._restore_stream_state(ckpt.get("stream_state"))
+            if self.scaler.is_enabled() and "scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["scaler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(
                 f"cannot restore the run from its checkpoint: {_first_line(e)}"
             ) from None
 
-    def save(self, path: str) -> None:
-        atomic_torch_save(self.state_dict(), path)
+    def _restore_stream_state(self, saved):
+        if not self.cfg.stateful or saved is None:
+            return None
+        n_states = 2 if self.cfg.model == "lstm" else 1
+        want = (self.cfg.layers, self.cfg.batch_size, self.cfg.hidden)
+        if len(saved) != n_states or any(tuple(s.shape) != want for s in saved):
+            raise ValueError(f"the carried stream state does not fit [L, B, H] = {list(want)}")
+        rows = self.world.rows(self.cfg.batch_size)
+        parts = [s[:, rows].to(self.device) for s in saved]  # [L, B / ranks, H]
+        return tuple(parts) if n_states == 2 else parts[0]
+
+    def save(self, path: str, ckpt: dict | None = None) -> None:
+        """Write the checkpoint to ``path`` from rank 0. Collective under torchrun."""
+        ckpt = ckpt or self.state_dict()
+        if self.is_main:
+            atomic_torch_save(ckpt, path)
+        self.world.barrier()
 
     def eval_and_checkpoint(self, out: str, record: dict) -> tuple[dict, bool]:
         """Evaluate, append to metrics.jsonl, write ckpt.pt (and best.pt when val improves)."""
@@ -553,13 +764,17 @@ class Trainer:
         if self.is_main:
             with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-            self.save(os.path.join(out, "ckpt.pt"))
-            if best:
-                self.save(os.path.join(out, "best.pt"))
+        ckpt = self.state_dict()
+        self.save(os.path.join(out, "ckpt.pt"), ckpt)
+        if best:
+            self.save(os.path.join(out, "best.pt"), ckpt)
         return record, best
 
     def fit(self, out: str, progress: Progress) -> None:
-        """Train up to ``steps`` (or ``stop_at``), evaluating and checkpointing on the way."""
+        """Train up to ``steps`` (or ``stop_at``), evaluating and checkpointing on the way.
+
+        Returns early, with ``ckpt.pt`` written, once a stop signal reached every rank.
+        """
         cfg = self.cfg
         last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
         tokens_per_step = cfg.batch_size * cfg.block_size
@@ -568,16 +783,19 @@ class Trainer:
             t0 = time.perf_counter()
             loss = self.train_step()
             dt = time.perf_counter() - t0
-            if not math.isfinite(loss):
-                raise TrainError(
-                    f"loss became {loss} at step {self.step}; stopping without saving "
-                    "(try a lower --lr or --grad-clip)"
-                )
             self.elapsed += dt
             window_tokens += tokens_per_step
             window_time += dt
             lr = lr_at(cfg, self.step - 1)
+            if self.skipped:
+                progress.log(
+                    f"step {self.step}: loss {loss}, update skipped "
+                    f"({self.skipped} of at most {cfg.skip_nonfinite} in a row)"
+                )
             progress.update(self.step, loss, tokens_per_step / dt, lr)
+            if self.stop_requested:
+                self.save(os.path.join(out, "ckpt.pt"))
+                return
             if self.step % cfg.eval_interval and self.step != last:
                 continue
             record, best = self.eval_and_checkpoint(
@@ -609,6 +827,27 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
         return prime + self.vocab.decode(ids)
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """SIGINT/SIGTERM ask ``trainer`` to stop after its current step; a second one acts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        trainer.stop_signal = signum
+        signal.signal(
+            signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        )
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _resume_config(given: dict, ckpt: dict) -> TrainConfig:
@@ -658,7 +897,10 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def run(given: dict, resume: bool = False) -> Trainer:
-    """Train with the explicitly given settings (TrainConfig field -> value)."""
+    """Train with the explicitly given settings (TrainConfig field -> value).
+
+    Under torchrun this joins the process group first and leaves it on return.
+    """
     out = given.get("out") or TrainConfig(model=given.get("model", "lstm")).run_dir()
     ckpt_path = os.path.join(out, "ckpt.pt")
     ckpt = None
@@ -671,7 +913,21 @@ def run(given: dict, resume: bool = False) -> Trainer:
         cfg = TrainConfig(**given)
         cfg.out = out
     cfg.validate()
-    progress = Progress(cfg.steps, cfg.log_interval)
+    try:
+        world = distributed.world_from_env()
+    except distributed.DistError as e:
+        raise ConfigError(str(e)) from None
+    device = distributed.init(world, pick_device(cfg.device))
+    try:
+        return _train(cfg, ckpt, world, device)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device) -> Trainer:
+    out = cfg.out
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    progress = Progress(cfg.steps, cfg.log_interval, enabled=world.is_main)
     log = progress.log
 
     text, manifest = load_corpus(cfg.data)
@@ -685,31 +941,44 @@ def run(given: dict, resume: bool = False) -> Trainer:
             vocab = fdata.Vocab.from_dict(ckpt["vocab"])
         except fdata.DataError as e:
             raise CheckpointError(f"checkpoint vocabulary is unusable: {e}") from None
-    trainer = Trainer(cfg, text, manifest, vocab)
-    os.makedirs(out, exist_ok=True)
+    trainer = Trainer(cfg, text, manifest, vocab, world=world, device=device)
+    if world.is_main:
+        os.makedirs(out, exist_ok=True)
+        removed = remove_stale_temps(out)
+        if removed:
+            log(f"removed temp files of an interrupted write: {', '.join(sorted(removed))}")
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-        _trim_metrics(os.path.join(out, "metrics.jsonl"), trainer.step)
+        if world.is_main:
+            _trim_metrics(os.path.join(out, "metrics.jsonl"), trainer.step)
         log(f"resumed {ckpt_path} at step {trainer.step}")
-    else:
+    elif world.is_main:
         open(os.path.join(out, "metrics.jsonl"), "w").close()
         _write_json(os.path.join(out, "data_manifest.json"), manifest)
-    _write_json(os.path.join(out, "config.json"), cfg.to_dict())
+    if world.is_main:
+        _write_json(os.path.join(out, "config.json"), cfg.to_dict())
 
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log(f"data: {describe_data(manifest)} (manifest: {os.path.join(out, 'data_manifest.json')})")
+    ranks = f", {world.size} processes (DDP)" if world.size > 1 else ""
     log(
         f"model: {cfg.model} {cfg.layers}x{cfg.hidden}, {n_params:,} parameters, vocab "
         f"{len(trainer.vocab)} | impl {cfg.impl} -> {trainer.kind} on {trainer.device} "
-        f"({cfg.dtype}, {torch.get_num_threads()} threads)"
+        f"({cfg.dtype}, {torch.get_num_threads()} threads{ranks})"
     )
     if trainer.impl_note:
         log(trainer.impl_note)
 
-    trainer.fit(out, progress)
-    if trainer.step < cfg.steps:
+    with stop_on_signals(trainer):
+        trainer.fit(out, progress)
+    if trainer.stop_requested:
+        log(
+            f"stopped by a signal at step {trainer.step} of {cfg.steps}; checkpoint written; "
+            f"continue with --resume --out {out}"
+        )
+    elif trainer.step < cfg.steps:
         log(f"stopped at step {trainer.step} of {cfg.steps}; continue with --resume --out {out}")
-    elif cfg.sample_length > 0:
+    elif cfg.sample_length > 0 and world.is_main:
         text = trainer.sample(cfg.sample_length)
         log(f"sample ({cfg.sample_length} chars, temperature 0.8):")
         print(text, flush=True)
@@ -722,16 +991,20 @@ def main(argv: list[str] | None = None) -> int:
         run(given, resume)
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
-    except (TrainError, fdata.DataError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except (TrainError, fdata.DataError, OSError) as e:
+        print(f"{PROG}: error: {_rank_tag()}{e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
-    except OSError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _rank_tag() -> str:
+    """``[rank R] `` under torchrun with several processes, so each rank's line is told apart."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and "RANK" in os.environ:
+        return f"[rank {os.environ['RANK']}] "
+    return ""
 
 
 if __name__ == "__main__":
