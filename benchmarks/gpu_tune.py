@@ -1,5 +1,5 @@
 """Time every Triton launch variant against cuDNN on one GPU, to set the thresholds in
-``fastchar/triton/_common.py`` (LOOP_MAX_H, RESIDENT_MAX) from one run.
+``fastchar/triton/_common.py`` (LOOP_MAX_BYTES, LOOP_ACC_MAX, RESIDENT_MAX) from one run.
 
     python benchmarks/gpu_tune.py [--dtype bfloat16|float32|float16]
         [--cells lstm,gru,rnn_tanh] [--shapes "B,T,I,H;..."]
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = ("loop", "step", "persistent")
 LOOP_LIMIT_H = 128
-# DESIGN section 5's grid, the long-sequence case, and small H to place LOOP_MAX_H
+# DESIGN section 5's grid, the long-sequence case, and small H to place LOOP_MAX_BYTES
 DEFAULT_SHAPES = "32,128,64,256;64,128,128,512;1,256,64,256;8,256,64,512;16,1024,768,768"
 DEFAULT_SHAPES += ";32,128,64,32;32,128,64,64;32,128,64,128;128,128,64,1024"
 

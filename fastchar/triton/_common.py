@@ -18,9 +18,10 @@ cell's pointwise math. The launch plan decides who owns what:
 ``step``        the same grid with one launch per step (the launch boundary is the
                 barrier); runs everywhere, including the interpreter.
 
-``plan`` picks ``loop`` on CUDA when the padded H is at most LOOP_MAX_H (64 for LSTM
-and GRU, 128 for RNN), else ``persistent`` when its grid fits on the SMs at once (BH
-grows from 16 to 128 to make it fit), else ``step``; under the interpreter ``loop``
+``plan`` picks ``loop`` on CUDA when the padded W_hh fits in LOOP_MAX_BYTES (bf16:
+H <= 64 for LSTM and GRU, H <= 128 for RNN; fp32: half that), else ``persistent``
+when its grid fits on the SMs at once (BH grows from 16 to 128 to make it fit), else
+``step``; under the interpreter ``loop``
 up to INTERPRETER_LOOP_MAX weights (LSTM H <= 64), else ``step``. ``use_variant`` or the environment
 variable FASTCHAR_TRITON_VARIANT forces one (tests, benchmarks/gpu_tune.py).
 
@@ -48,8 +49,12 @@ _forced: list[str] = []
 # (no GPU run yet), 4 gates x BH=16 x BK=256 already spills in the LSTM backward, so
 # the default stops below that. To be tuned on a GPU with benchmarks/gpu_tune.py.
 RESIDENT_MAX = 8192
-# Largest padded H for which the ``loop`` variant is chosen on CUDA, per gate count.
-LOOP_MAX_H = {4: 64, 3: 64, 1: 128}
+# The ``loop`` variant is chosen on CUDA while all of W_hh (padded) takes at most this
+# many bytes: compiled for sm_90 at 8 warps, LSTM bf16 H=64 and RNN bf16 H=128 show no
+# spills, LSTM fp32 H=64 spills heavily.
+LOOP_MAX_BYTES = 32768
+# Gate accumulator elements per ``loop`` program (BB x G): bounds BB for register room.
+LOOP_ACC_MAX = 4096
 # Under the interpreter registers cost nothing: ``loop`` up to this many W_hh elements.
 INTERPRETER_LOOP_MAX = 32768
 
@@ -110,8 +115,9 @@ def plan(B: int, H: int, n_gates: int, like: torch.Tensor) -> Plan:
             "programs one at a time, so its grid barrier would never open"
         )
     if variant is None:
-        if (not cuda and n_gates * Hp * Hp <= INTERPRETER_LOOP_MAX) or (
-            cuda and Hp <= LOOP_MAX_H[n_gates]
+        w_elems = n_gates * Hp * Hp
+        if (not cuda and w_elems <= INTERPRETER_LOOP_MAX) or (
+            cuda and w_elems * like.dtype.itemsize <= LOOP_MAX_BYTES
         ):
             variant = "loop"
         else:
@@ -119,7 +125,9 @@ def plan(B: int, H: int, n_gates: int, like: torch.Tensor) -> Plan:
     # ptxas reports spills for most kernels at 4 warps and none or few at 8 (sm_90, bf16)
     num_warps = 8 if cuda else 4
     if variant == "loop":
-        return Plan("loop", BB, Hp, Hp, num_warps, nb, 1)
+        fit = max(16, LOOP_ACC_MAX // (n_gates * Hp))
+        BB = min(BB, 1 << (fit.bit_length() - 1))
+        return Plan("loop", BB, Hp, Hp, num_warps, triton.cdiv(B, BB), 1)
     BK = 32 if like.dtype in (torch.float32, torch.float64) else 64
     BH = 16 if cuda else 32
     if variant == "persistent":

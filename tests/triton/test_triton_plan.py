@@ -23,9 +23,10 @@ def h100(monkeypatch):
 @pytest.mark.parametrize(
     "B, H, n_gates, want",
     [
-        (32, 64, 4, ("loop", 32, 64, 1, 1)),
-        (128, 33, 3, ("loop", 64, 64, 1, 2)),
+        (32, 64, 4, ("loop", 16, 64, 1, 2)),
+        (128, 33, 3, ("loop", 16, 64, 1, 8)),
         (8, 128, 1, ("loop", 16, 128, 1, 1)),
+        (64, 16, 1, ("loop", 64, 16, 1, 1)),
         (16, 768, 4, ("persistent", 16, 16, 48, 1)),
         (64, 512, 3, ("persistent", 64, 16, 32, 1)),
         (128, 1024, 4, ("persistent", 64, 16, 64, 2)),
@@ -39,6 +40,13 @@ def test_cuda_plan(h100, B, H, n_gates, want):
     assert p.n_htiles * p.BLOCK_H >= H and p.n_btiles * p.BLOCK_B >= B
     if p.variant == "persistent":
         assert p.n_htiles * p.n_btiles <= 132
+
+
+def test_loop_variant_up_to_a_byte_budget(h100):
+    assert tc.plan(32, 64, 4, cuda_like(torch.bfloat16)).variant == "loop"
+    assert tc.plan(32, 64, 4, cuda_like(torch.float32)).variant == "persistent"
+    assert tc.plan(32, 32, 4, cuda_like(torch.float32)).variant == "loop"
+    assert tc.plan(32, 65, 4, cuda_like(torch.bfloat16)).variant == "persistent"
 
 
 def test_resident_weights_only_within_budget(h100):
