@@ -50,7 +50,7 @@ def rel_errors(got, want) -> dict[str, float]:
 @pytest.mark.parametrize("cell_dtype", CELL_DTYPES.values(), ids=CELL_DTYPES.keys())
 def test_error_within_cudnns(cell_dtype, case):
     """Against a float64 reference on the same rounded inputs, triton's error is at most
-    twice cuDNN's plus a few ulps of the dtype, for every output and gradient."""
+    twice cuDNN's plus 8 ulps of the dtype, for every output and gradient."""
     cell, dtype = cell_dtype
     shape, variants = case
     inputs = make_inputs(cell, *shape, torch.float64, device="cuda")
@@ -63,7 +63,7 @@ def test_error_within_cudnns(cell_dtype, case):
         with use_variant(variant):
             ours = rel_errors(run_layer(cell, "triton", low), want)
         for name, err in ours.items():
-            bound = 2 * cudnn[name] + 4 * eps
+            bound = 2 * cudnn[name] + 8 * eps
             assert err <= bound, (
                 f"{variant} {name}: error {err:.3g} > {bound:.3g} (cuDNN {cudnn[name]:.3g})"
             )
