@@ -74,17 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="T/4 on the standard grid, few repeats")
     p.add_argument("--json", metavar="FILE", help="write every number and the environment")
     p.add_argument("--plot", metavar="FILE.png", help="fwd+bwd speed-up vs torch per shape")
-    p.add_argument("--cells", type=_csv(bench.CELLS), default=list(DEFAULT_CELLS))
+    p.add_argument(
+        "--cells",
+        type=_csv(bench.CELLS),
+        default=list(DEFAULT_CELLS),
+        metavar="CELL,...",
+        help=f"from {','.join(bench.CELLS)} (default: {','.join(DEFAULT_CELLS)})",
+    )
     p.add_argument(
         "--impls",
         type=_csv(IMPL_CHOICES),
         default=None,
+        metavar="IMPL,...",
         help="default: cpp, triton, reference, torch (those that can run on --device)",
     )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--shapes", metavar="B,T,I,H;...", help="default: DESIGN section 5 grid")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--parts", type=_csv(PARTS), default=list(PARTS))
+    p.add_argument(
+        "--threads", type=int, metavar="N", help="torch.set_num_threads (default: torch's)"
+    )
+    p.add_argument(
+        "--parts",
+        type=_csv(PARTS),
+        default=list(PARTS),
+        metavar="PART,...",
+        help=f"from {','.join(PARTS)} (default: all)",
+    )
     p.add_argument(
         "--train-config",
         metavar="B,T,H",
@@ -92,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 32,128,256; quick 16,64,256)",
     )
     p.add_argument(
-        "--sample-steps", type=int, help="characters per timed block (default 200; quick 50)"
+        "--sample-steps",
+        type=int,
+        metavar="N",
+        help="characters per timed block (default 200; quick 50)",
     )
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     return p
