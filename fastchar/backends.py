@@ -7,8 +7,8 @@ reason; an explicit ``cpp`` or ``triton`` that cannot run raises RuntimeError.
 
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.metadata
 import os
 import warnings
 
@@ -22,27 +22,30 @@ BUILD_HINT = (
 )
 
 
-@functools.cache
-def _cpp_import_error() -> str | None:
+def _import_error(module: str) -> str | None:
     try:
-        importlib.import_module("fastchar._C")
+        importlib.import_module(module)
     except ImportError as e:
         return str(e)
     return None
 
 
+# Settled once at import, so that resolve() is plain Python that torch.compile can
+# trace: loading the extension registers its ops; Triton is found without importing it.
+_CPP_IMPORT_ERROR = _import_error("fastchar._C")
+try:
+    _TRITON_VERSION: str | None = importlib.metadata.version("triton")
+except importlib.metadata.PackageNotFoundError:
+    _TRITON_VERSION = None
+
+
 def cpp_loaded() -> bool:
     """True when the C++ extension imported, which registers its ops."""
-    return _cpp_import_error() is None
+    return _CPP_IMPORT_ERROR is None
 
 
-@functools.cache
 def triton_version() -> str | None:
-    try:
-        import triton
-    except Exception:
-        return None
-    return triton.__version__
+    return _TRITON_VERSION
 
 
 def interpreter_on() -> bool:
@@ -56,8 +59,9 @@ def why_not(impl: str, device_type: str) -> str | None:
     if impl == "cpp":
         if device_type != "cpu":
             return f"the C++ kernels run on CPU tensors only, not {device_type}"
-        err = _cpp_import_error()
-        return None if err is None else f"the C++ extension is not built ({err}); {BUILD_HINT}"
+        if _CPP_IMPORT_ERROR is None:
+            return None
+        return f"the C++ extension is not built ({_CPP_IMPORT_ERROR}); {BUILD_HINT}"
     if impl == "triton":
         if triton_version() is None:
             return "Triton is not installed (pip install 'fastchar[triton]')"
@@ -77,9 +81,6 @@ def why_not(impl: str, device_type: str) -> str | None:
 _warned: set[str] = set()
 
 
-# Under torch.compile the choice is made once at trace time, as plain Python:
-# dynamo cannot trace the cached import check inside.
-@torch.compiler.assume_constant_result
 def resolve(impl: str, device: torch.device | str) -> str:
     """Map ``impl`` to the concrete implementation that runs on ``device``."""
     if impl not in IMPLS:
