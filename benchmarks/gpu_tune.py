@@ -79,7 +79,7 @@ def _entries(tc, H, s, n_gates: int, x, variants, residents) -> dict[str, tuple]
             tc.RESIDENT_MAX = r
             try:
                 with tc.use_variant(v):
-                    p = tc.plan(s.B, s.H, n_gates, x)
+                    p = tc.plan(s.B, s.H, n_gates, x, s.T)
             except RuntimeError as e:
                 entries[f"triton:{v}"] = ("triton", v, r, H.error_line(e)[:40])
                 continue

@@ -102,8 +102,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def plan(B: int, H: int, n_gates: int, like: torch.Tensor) -> Plan:
-    """Pick the launch variant and block sizes for a [B, H] recurrence on ``like``'s device."""
+def plan(B: int, H: int, n_gates: int, like: torch.Tensor, T: int = 0) -> Plan:
+    """Pick the launch variant and block sizes for a [B, H] recurrence on ``like``'s device.
+
+    A single step (T == 1, the sampling cell) has nothing to wait for between steps, so
+    it takes the ``step`` grid rather than paying for the persistent barrier.
+    """
     Hp = max(16, triton.next_power_of_2(H))
     BB = min(64, max(16, triton.next_power_of_2(B)))
     nb = triton.cdiv(B, BB)
@@ -121,7 +125,7 @@ def plan(B: int, H: int, n_gates: int, like: torch.Tensor) -> Plan:
         ):
             variant = "loop"
         else:
-            variant = "persistent" if cuda else "step"
+            variant = "persistent" if cuda and T != 1 else "step"
     # ptxas reports spills for most kernels at 4 warps and none or few at 8 (sm_90, bf16)
     num_warps = 8 if cuda else 4
     if variant == "loop":

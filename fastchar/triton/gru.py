@@ -351,7 +351,7 @@ def _forward(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor, store_gates: bo
     # has a null pointer that Triton's launcher refuses
     gates = xp.new_empty(T, B, G) if store_gates else xp.new_empty(1)
     hn = xp.new_empty(T, B, H) if store_gates else xp.new_empty(1)
-    p = plan(B, H, 3, xp)
+    p = plan(B, H, 3, xp, T)
     args = (xp, h0.contiguous(), b_hn.contiguous(), w_hh, out, gates, hn, B, H, store_gates)
     launch(_fwd_kernel, p, args, T, H, xp, backward=False)
     return out, gates, hn
@@ -379,7 +379,7 @@ def gru_bwd(
     grad_gh = gates.new_empty(T, B, G)  # [T, B, G]
     carry = gates.new_zeros(B, H, dtype=acc_dtype(gates.dtype))  # [B, H]
     grad_h0 = h0.new_empty(B, H)
-    p = plan(B, H, 3, gates)
+    p = plan(B, H, 3, gates, T)
     args = (
         grad_out.contiguous(),
         grad_h_n.contiguous(),

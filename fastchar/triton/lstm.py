@@ -403,7 +403,7 @@ def _forward(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, store_gates: bool
     # has a null pointer that Triton's launcher refuses
     gates = xp.new_empty(T, B, G) if store_gates else xp.new_empty(1)
     cs = xp.new_empty(T, B, H, dtype=state_dtype(xp.dtype))  # [T, B, H]
-    p = plan(B, H, 4, xp)
+    p = plan(B, H, 4, xp, T)
     args = (xp, h0.contiguous(), c0.contiguous(), w_hh, out, gates, cs, B, H, store_gates)
     launch(_fwd_kernel, p, args, T, H, xp, backward=False)
     return out, gates, cs
@@ -431,7 +431,7 @@ def lstm_bwd(
     grad_xp = gates.new_empty(T, B, G)  # [T, B, G]
     dc = grad_c_n.to(acc_dtype(dtype), copy=True).contiguous()  # [B, H]
     grad_h0 = c0.new_empty(B, H)
-    p = plan(B, H, 4, gates)
+    p = plan(B, H, 4, gates, T)
     args = (
         grad_out.contiguous(),
         grad_h_n.contiguous(),

@@ -203,7 +203,7 @@ def _forward(xp: Tensor, h0: Tensor, w_hh: Tensor, relu: bool) -> Tensor:
     T, B, H = xp.shape
     xp = xp.contiguous()
     out = xp.new_empty(T, B, H)  # [T, B, H]
-    p = plan(B, H, 1, xp)
+    p = plan(B, H, 1, xp, T)
     args = (xp, h0.contiguous(), w_hh.contiguous(), out, B, H, relu)
     launch(_fwd_kernel, p, args, T, H, xp, backward=False)
     return out
@@ -220,7 +220,7 @@ def rnn_bwd(grad_out: Tensor, grad_h_n: Tensor, w_hh: Tensor, out: Tensor, relu:
     T, B, H = out.shape
     grad_xp = out.new_empty(T, B, H)  # [T, B, H]
     grad_h0 = out.new_empty(B, H)
-    p = plan(B, H, 1, out)
+    p = plan(B, H, 1, out, T)
     args = (
         grad_out.contiguous(),
         grad_h_n.contiguous(),

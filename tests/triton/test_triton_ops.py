@@ -141,7 +141,7 @@ def test_persistent_code_path_with_one_program_per_batch_tile(cell, resident, mo
     batch tile every barrier is already complete when reached, so nothing waits."""
     from fastchar.triton import gru, lstm, rnn
 
-    def one_program_per_tile(B, H, n_gates, like):
+    def one_program_per_tile(B, H, n_gates, like, T=0):
         Hp = max(16, triton.next_power_of_2(H))
         return tcommon.Plan("persistent", 16, Hp, Hp if resident else 16, 4, triton.cdiv(B, 16), 1)
 

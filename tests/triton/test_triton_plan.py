@@ -42,6 +42,11 @@ def test_cuda_plan(h100, B, H, n_gates, want):
         assert p.n_htiles * p.n_btiles <= 132
 
 
+def test_single_step_skips_the_barrier(h100):
+    assert tc.plan(1, 512, 4, cuda_like(), T=1).variant == "step"
+    assert tc.plan(1, 512, 4, cuda_like(), T=2).variant == "persistent"
+
+
 def test_loop_variant_up_to_a_byte_budget(h100):
     assert tc.plan(32, 64, 4, cuda_like(torch.bfloat16)).variant == "loop"
     assert tc.plan(32, 64, 4, cuda_like(torch.float32)).variant == "persistent"
