@@ -82,6 +82,9 @@ def _forced_variant() -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    """A launch: variant, block sizes (batch rows, owned hidden columns, reduction chunk),
+    warps per program and the grid (hidden tiles x batch tiles)."""
+
     variant: str
     BLOCK_B: int
     BLOCK_H: int
@@ -164,6 +167,7 @@ def acc_type(dtype: torch.dtype):
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``acc_type`` as a torch dtype, for host-side buffers the kernels accumulate into."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
