@@ -161,6 +161,23 @@ def dot_precision(like: torch.Tensor) -> str:
     return "ieee"
 
 
+_TL_TYPES = {
+    torch.float64: tl.float64,
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
+
+
+def dot_type(like: torch.Tensor):
+    """Operand type of the recurrent products: the input dtype on CUDA (tensor cores for
+    the half types); float32 for half types under the interpreter, which cannot compute
+    in bfloat16."""
+    if like.is_cuda:
+        return _TL_TYPES[like.dtype]
+    return tl.float64 if like.dtype == torch.float64 else tl.float32
+
+
 def acc_type(dtype: torch.dtype):
     """Accumulation and state type: float64 stays float64, everything else float32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -191,6 +208,7 @@ def launch(kernel, p: Plan, args: tuple, T: int, H: int, like: torch.Tensor, bac
         CM=".cg" if p.variant == "persistent" else "",
         ACC=acc_type(like.dtype),
         PREC=dot_precision(like),
+        DOT=dot_type(like),
         num_warps=p.num_warps,
     )
     grid = (p.n_htiles, p.n_btiles)
@@ -274,6 +292,7 @@ def rec_gate(
     CM: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """acc + d_gate @ W_gate[:, j0:j0+BH]: one gate's share of dh_{t-1} = d_gates W_hh.
 
@@ -281,18 +300,17 @@ def rec_gate(
     ``n_rows`` read as zero), or ``d_regs`` when the program holds it in registers;
     W_gate comes from ``w_res`` when resident, else in BK chunks from ``w_ptr``.
     """
-    WT = w_ptr.dtype.element_ty
     kk = tl.arange(0, BLOCK_K)
     if H_IN_REGS:
-        acc = tl.dot(d_regs.to(WT), w_res, acc, input_precision=PREC, out_dtype=ACC)
+        acc = tl.dot(d_regs.to(DOT), w_res, acc, input_precision=PREC, out_dtype=ACC)
     elif W_RESIDENT:
         d = load_tile(src_ptr + gate * H, rows, kk, n_rows, H, G, CM)
-        acc = tl.dot(d.to(WT), w_res, acc, input_precision=PREC, out_dtype=ACC)
+        acc = tl.dot(d.to(DOT), w_res, acc, input_precision=PREC, out_dtype=ACC)
     else:
         for m0 in range(0, H, BLOCK_K):
             d = load_tile(src_ptr + gate * H, rows, m0 + kk, n_rows, H, G, CM)
-            w = load_w(w_ptr, gate, m0, j0, H, BLOCK_K, BLOCK_H)
-            acc = tl.dot(d.to(WT), w, acc, input_precision=PREC, out_dtype=ACC)
+            w = load_w(w_ptr, gate, m0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
+            acc = tl.dot(d.to(DOT), w, acc, input_precision=PREC, out_dtype=ACC)
     return acc
 
 

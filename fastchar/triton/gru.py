@@ -58,6 +58,7 @@ def _fwd_kernel(
     CM: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -69,24 +70,23 @@ def _fwd_kernel(
     mask = tile_mask(rows, cols, B, H)
     bh = rows.to(tl.int64)[:, None] * H + cols[None, :]  # [BB, BH] in a [B, H] slab
     bg = rows.to(tl.int64)[:, None] * G + cols[None, :]  # gate r's [BB, BH] in a [B, G] slab
-    WT = w_ptr.dtype.element_ty
     first = tl.cast(t0, tl.int64)
 
     # this program's columns of h_{t-1}, for the z * h_{t-1} term (all of h when H_IN_REGS)
     h = load_prev(h0_ptr, out_ptr, first, rows, cols, B, H).to(ACC)
     b_hn = tl.load(bhn_ptr + cols, mask=cols < H, other=0.0).to(ACC)[None, :]  # [1, BH]
     if W_RESIDENT:
-        wr = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
-        wz = load_w_t(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H)
-        wn = load_w_t(w_ptr, 2, 0, j0, H, BLOCK_K, BLOCK_H)
+        wr = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)  # [BK, BH]
+        wz = load_w_t(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
+        wn = load_w_t(w_ptr, 2, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
 
     for t in range(t0, t0 + n_steps):
         tt = tl.cast(t, tl.int64)
         if W_RESIDENT:
             if H_IN_REGS:
-                hk = h.to(WT)
+                hk = h.to(DOT)
             else:
-                hk = load_prev(h0_ptr, out_ptr, tt, rows, kk, B, H, CM).to(WT)
+                hk = load_prev(h0_ptr, out_ptr, tt, rows, kk, B, H, CM).to(DOT)
             ar = tl.dot(hk, wr, input_precision=PREC, out_dtype=ACC)
             az = tl.dot(hk, wz, input_precision=PREC, out_dtype=ACC)
             an = tl.dot(hk, wn, input_precision=PREC, out_dtype=ACC)
@@ -95,12 +95,12 @@ def _fwd_kernel(
             az = tl.zeros((BLOCK_B, BLOCK_H), ACC)
             an = tl.zeros((BLOCK_B, BLOCK_H), ACC)
             for k0 in range(0, H, BLOCK_K):
-                hk = load_prev(h0_ptr, out_ptr, tt, rows, k0 + kk, B, H, CM).to(WT)
-                w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H)
+                hk = load_prev(h0_ptr, out_ptr, tt, rows, k0 + kk, B, H, CM).to(DOT)
+                w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
                 ar = tl.dot(hk, w, ar, input_precision=PREC, out_dtype=ACC)
-                w = load_w_t(w_ptr, 1, k0, j0, H, BLOCK_K, BLOCK_H)
+                w = load_w_t(w_ptr, 1, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
                 az = tl.dot(hk, w, az, input_precision=PREC, out_dtype=ACC)
-                w = load_w_t(w_ptr, 2, k0, j0, H, BLOCK_K, BLOCK_H)
+                w = load_w_t(w_ptr, 2, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
                 an = tl.dot(hk, w, an, input_precision=PREC, out_dtype=ACC)
 
         x_t = xp_ptr + tt * B * G + bg
@@ -150,6 +150,7 @@ def _bwd_kernel(
     CM: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
+    DOT: tl.constexpr,
     FINAL: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
@@ -165,9 +166,9 @@ def _bwd_kernel(
 
     carry = tl.load(carry_ptr + bh, mask=mask, other=0.0).to(ACC)
     if W_RESIDENT:
-        wr = load_w(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
-        wz = load_w(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H)
-        wn = load_w(w_ptr, 2, 0, j0, H, BLOCK_K, BLOCK_H)
+        wr = load_w(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)  # [BK, BH]
+        wz = load_w(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
+        wn = load_w(w_ptr, 2, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
     else:
         wr = 0
         wz = 0
@@ -202,6 +203,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         rec = rec_gate(
             rec,
@@ -223,6 +225,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         rec = rec_gate(
             rec,
@@ -244,6 +247,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         dh = rec + carry + tl.load(grad_out_ptr + tt * B * H + bh, mask=mask, other=0.0).to(ACC)
         last = tile_mask(rows, cols, tl.where(s == 0, B, 0), H)
@@ -296,6 +300,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         rec = rec_gate(
             rec,
@@ -317,6 +322,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         rec = rec_gate(
             rec,
@@ -338,6 +344,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         tl.store(dh0_ptr + bh, rec.to(dh0_ptr.dtype.element_ty), mask=mask)
 

@@ -58,6 +58,7 @@ def _fwd_kernel(
     CM: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -69,25 +70,24 @@ def _fwd_kernel(
     mask = (rows < B)[:, None] & (cols < H)[None, :]
     bh = rows.to(tl.int64)[:, None] * H + cols[None, :]  # [BB, BH] in a [B, H] slab
     bg = rows.to(tl.int64)[:, None] * G + cols[None, :]  # gate i's [BB, BH] in a [B, G] slab
-    WT = w_ptr.dtype.element_ty
     first = tl.cast(t0, tl.int64)
 
     c = load_prev(c0_ptr, cs_ptr, first, rows, cols, B, H).to(ACC)
     if H_IN_REGS:
         h = load_prev(h0_ptr, out_ptr, first, rows, cols, B, H).to(ACC)
     if W_RESIDENT:
-        wi = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
-        wf = load_w_t(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H)
-        wg = load_w_t(w_ptr, 2, 0, j0, H, BLOCK_K, BLOCK_H)
-        wo = load_w_t(w_ptr, 3, 0, j0, H, BLOCK_K, BLOCK_H)
+        wi = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)  # [BK, BH]
+        wf = load_w_t(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
+        wg = load_w_t(w_ptr, 2, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
+        wo = load_w_t(w_ptr, 3, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
 
     for t in range(t0, t0 + n_steps):
         tt = tl.cast(t, tl.int64)
         if W_RESIDENT:
             if H_IN_REGS:
-                hk = h.to(WT)
+                hk = h.to(DOT)
             else:
-                hk = load_prev(h0_ptr, out_ptr, tt, rows, kk, B, H, CM).to(WT)
+                hk = load_prev(h0_ptr, out_ptr, tt, rows, kk, B, H, CM).to(DOT)
             ai = tl.dot(hk, wi, input_precision=PREC, out_dtype=ACC)
             af = tl.dot(hk, wf, input_precision=PREC, out_dtype=ACC)
             ag = tl.dot(hk, wg, input_precision=PREC, out_dtype=ACC)
@@ -98,14 +98,14 @@ def _fwd_kernel(
             ag = tl.zeros((BLOCK_B, BLOCK_H), ACC)
             ao = tl.zeros((BLOCK_B, BLOCK_H), ACC)
             for k0 in range(0, H, BLOCK_K):
-                hk = load_prev(h0_ptr, out_ptr, tt, rows, k0 + kk, B, H, CM).to(WT)
-                w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H)
+                hk = load_prev(h0_ptr, out_ptr, tt, rows, k0 + kk, B, H, CM).to(DOT)
+                w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
                 ai = tl.dot(hk, w, ai, input_precision=PREC, out_dtype=ACC)
-                w = load_w_t(w_ptr, 1, k0, j0, H, BLOCK_K, BLOCK_H)
+                w = load_w_t(w_ptr, 1, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
                 af = tl.dot(hk, w, af, input_precision=PREC, out_dtype=ACC)
-                w = load_w_t(w_ptr, 2, k0, j0, H, BLOCK_K, BLOCK_H)
+                w = load_w_t(w_ptr, 2, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
                 ag = tl.dot(hk, w, ag, input_precision=PREC, out_dtype=ACC)
-                w = load_w_t(w_ptr, 3, k0, j0, H, BLOCK_K, BLOCK_H)
+                w = load_w_t(w_ptr, 3, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
                 ao = tl.dot(hk, w, ao, input_precision=PREC, out_dtype=ACC)
 
         x_t = xp_ptr + tt * B * G + bg
@@ -157,6 +157,7 @@ def _bwd_kernel(
     CM: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
+    DOT: tl.constexpr,
     FINAL: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
@@ -172,10 +173,10 @@ def _bwd_kernel(
 
     dc = tl.load(dc_ptr + bh, mask=mask, other=0.0).to(ACC)
     if W_RESIDENT:
-        wi = load_w(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
-        wf = load_w(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H)
-        wg = load_w(w_ptr, 2, 0, j0, H, BLOCK_K, BLOCK_H)
-        wo = load_w(w_ptr, 3, 0, j0, H, BLOCK_K, BLOCK_H)
+        wi = load_w(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)  # [BK, BH]
+        wf = load_w(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
+        wg = load_w(w_ptr, 2, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
+        wo = load_w(w_ptr, 3, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
     else:
         wi = 0
         wf = 0
@@ -212,6 +213,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         rec = rec_gate(
             rec,
@@ -233,6 +235,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         rec = rec_gate(
             rec,
@@ -254,6 +257,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         rec = rec_gate(
             rec,
@@ -275,6 +279,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         dh = rec + tl.load(grad_out_ptr + tt * B * H + bh, mask=mask, other=0.0).to(ACC)
         last = tile_mask(rows, cols, tl.where(s == 0, B, 0), H)
@@ -327,6 +332,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         rec = rec_gate(
             rec,
@@ -348,6 +354,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         rec = rec_gate(
             rec,
@@ -369,6 +376,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         rec = rec_gate(
             rec,
@@ -390,6 +398,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         tl.store(dh0_ptr + bh, rec.to(dh0_ptr.dtype.element_ty), mask=mask)
 

@@ -52,6 +52,7 @@ def _fwd_kernel(
     CM: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -61,27 +62,26 @@ def _fwd_kernel(
     kk = tl.arange(0, BLOCK_K)
     mask = tile_mask(rows, cols, B, H)
     bh = rows.to(tl.int64)[:, None] * H + cols[None, :]  # [BB, BH] in a [B, H] slab
-    WT = w_ptr.dtype.element_ty
     first = tl.cast(t0, tl.int64)
 
     if H_IN_REGS:
         h = load_prev(h0_ptr, out_ptr, first, rows, cols, B, H).to(ACC)
     if W_RESIDENT:
-        w_t = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
+        w_t = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)  # [BK, BH]
 
     for t in range(t0, t0 + n_steps):
         tt = tl.cast(t, tl.int64)
         if W_RESIDENT:
             if H_IN_REGS:
-                hk = h.to(WT)
+                hk = h.to(DOT)
             else:
-                hk = load_prev(h0_ptr, out_ptr, tt, rows, kk, B, H, CM).to(WT)
+                hk = load_prev(h0_ptr, out_ptr, tt, rows, kk, B, H, CM).to(DOT)
             a = tl.dot(hk, w_t, input_precision=PREC, out_dtype=ACC)
         else:
             a = tl.zeros((BLOCK_B, BLOCK_H), ACC)
             for k0 in range(0, H, BLOCK_K):
-                hk = load_prev(h0_ptr, out_ptr, tt, rows, k0 + kk, B, H, CM).to(WT)
-                w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H)
+                hk = load_prev(h0_ptr, out_ptr, tt, rows, k0 + kk, B, H, CM).to(DOT)
+                w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
                 a = tl.dot(hk, w, a, input_precision=PREC, out_dtype=ACC)
 
         a += tl.load(xp_ptr + tt * B * H + bh, mask=mask, other=0.0).to(ACC)
@@ -120,6 +120,7 @@ def _bwd_kernel(
     CM: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
+    DOT: tl.constexpr,
     FINAL: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
@@ -131,7 +132,7 @@ def _bwd_kernel(
     bh = rows.to(tl.int64)[:, None] * H + cols[None, :]  # [BB, BH]
 
     if W_RESIDENT:
-        w = load_w(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H)  # [BK, BH]
+        w = load_w(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)  # [BK, BH]
     else:
         w = 0
     # the pre-activation gradient of step t+1 when the program owns all of it
@@ -161,6 +162,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         last = tile_mask(rows, cols, tl.where(s == 0, B, 0), H)
         dh += tl.load(grad_hn_ptr + bh, mask=last, other=0.0).to(ACC)
@@ -195,6 +197,7 @@ def _bwd_kernel(
             CM,
             ACC,
             PREC,
+            DOT,
         )
         tl.store(dh0_ptr + bh, dh0.to(dh0_ptr.dtype.element_ty), mask=mask)
 

@@ -12,6 +12,7 @@ import torch
 
 from fastchar import ops
 from fastchar.backends import interpreter_on
+from fastchar.triton._common import use_variant
 
 # Under the interpreter the kernels run on CPU tensors; otherwise this directory is only
 # collected with a CUDA device (see conftest.py).
@@ -28,6 +29,11 @@ CELLS = {
     "rnn_relu": (1, 1, ops.rnn, ops.rnn_cell, {"nonlinearity": "relu"}),
 }
 STATE_NAMES = ("h0", "c0")
+OUT_NAMES = ("out", "h_n", "c_n")
+# bfloat16/float16 bound: error vs a float64 reference at most this many times torch's
+# own (cuDNN or oneDNN) error, plus this many ulps of the dtype
+HALF_ERROR_FACTOR = 2.0
+HALF_ERROR_ULPS = 4
 
 
 def make_inputs(
@@ -86,3 +92,35 @@ def run_cell(cell: str, impl: str, inputs: dict) -> list[torch.Tensor]:
     *_, step, extra = CELLS[cell]
     result = step(*inputs.values(), **extra, impl=impl)
     return list(result) if isinstance(result, tuple) else [result]
+
+
+def rel_errors(got, want) -> dict[str, float]:
+    """Largest error of each output and gradient relative to the largest reference value."""
+    outs, grads = got
+    ref_outs, ref_grads = want
+    pairs = dict(zip(OUT_NAMES[: len(outs)], zip(outs, ref_outs, strict=True), strict=True))
+    pairs.update({f"grad {k}": (grads[k], ref_grads[k]) for k in ref_grads})
+    return {
+        k: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        for k, (a, b) in pairs.items()
+    }
+
+
+def check_error_within_torch(cell, shape, dtype, variants, device=DEVICE) -> None:
+    """In a low-precision dtype, triton's error against a float64 reference on the same
+    rounded inputs stays within HALF_ERROR_FACTOR x torch's own error + HALF_ERROR_ULPS,
+    for every output and gradient and every launch variant."""
+    inputs = make_inputs(cell, *shape, torch.float64, device=device)
+    low = {k: None if v is None else v.to(dtype) for k, v in inputs.items()}
+    exact = {k: None if v is None else v.double() for k, v in low.items()}
+    want = run_layer(cell, "reference", exact, round_to=dtype)
+    theirs = rel_errors(run_layer(cell, "torch", low), want)
+    ulps = HALF_ERROR_ULPS * torch.finfo(dtype).eps
+    for variant in variants:
+        with use_variant(variant):
+            ours = rel_errors(run_layer(cell, "triton", low), want)
+        for name, err in ours.items():
+            bound = HALF_ERROR_FACTOR * theirs[name] + ulps
+            assert err <= bound, (
+                f"{variant} {name}: error {err:.3g} > {bound:.3g} (torch {theirs[name]:.3g})"
+            )

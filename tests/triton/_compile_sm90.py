@@ -16,6 +16,7 @@ from fastchar.triton import gru, lstm, rnn
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER = {"bf16": "*bf16", "fp32": "*fp32"}
+DOT = {"bf16": tl.bfloat16, "fp32": tl.float32}
 # accumulation-dtype buffers, whatever the input dtype
 FP32_BUFFERS = ("dc_ptr", "carry_ptr", "cs_ptr")
 VARIANTS = {
@@ -63,6 +64,7 @@ def main() -> int:
             (module._bwd_kernel, {**bwd_extra, "FINAL": True}),
         ):
             consts = {**VARIANTS[variant], **extra, "ACC": tl.float32, "PREC": "ieee"}
+            consts["DOT"] = DOT[dtype]
             src = ASTSource(
                 kernel,
                 signature(kernel, dtype, consts),

@@ -7,7 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from _cases import CELLS, DEVICE, VARIANTS, make_inputs, run_cell, run_layer
+from _cases import (
+    CELLS,
+    DEVICE,
+    OUT_NAMES,
+    VARIANTS,
+    check_error_within_torch,
+    make_inputs,
+    run_cell,
+    run_layer,
+)
 from parity import assert_close
 
 import fastchar.triton._common as tcommon
@@ -23,7 +32,6 @@ if DEVICE == "cuda":  # each shape compiles its own kernels there; T=1 and B=1 s
 # float64 is the interpreter's exact check; on a GPU every case is a fresh compile, so
 # the grid runs in float32 there (test_triton_gpu.py has float64 and the half types)
 DTYPES = {"f64": torch.float64, "f32": torch.float32} if DEVICE == "cpu" else {"f32": torch.float32}
-OUT_NAMES = ("out", "h_n", "c_n")
 EXACT = torch.float64 if DEVICE == "cpu" else torch.float32  # for the single-dtype tests
 
 
@@ -54,6 +62,15 @@ def test_layer_zero_state_and_no_bias(cell, variant):
     # H and B as in T17_B3_H33, so that a GPU run reuses its compiled kernels
     inputs = make_inputs(cell, 6, 3, 4, 33, EXACT, with_state=False, bias=False)
     check_layer(cell, inputs, EXACT, variant)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="test_triton_gpu.py checks the GPU against cuDNN")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_half_types_within_torch_error(cell, dtype):
+    """bfloat16/float16 under the interpreter (products in float32 there) vs torch's CPU
+    kernels' own error."""
+    check_error_within_torch(cell, (9, 3, 5, 33), dtype, ("loop", "step"))
 
 
 @pytest.mark.parametrize("cell", CELLS)
