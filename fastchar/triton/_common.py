@@ -25,9 +25,11 @@ when its grid fits on the SMs at once (BH grows from 16 to 128 to make it fit), 
 up to INTERPRETER_LOOP_MAX weights (LSTM H <= 64), else ``step``. ``use_variant`` or the environment
 variable FASTCHAR_TRITON_VARIANT forces one (tests, benchmarks/gpu_tune.py).
 
-Products run in the input dtype with fp32 accumulation (fp64 for fp64): bf16/fp16
-operands go to the tensor cores, so h is rounded to the input dtype before each
-product, as cuDNN does; gates, cell state and every pointwise step are fp32.
+Products run in the input dtype with fp32 accumulation (fp64 for fp64): on CUDA
+bf16/fp16 operands go to the tensor cores, so h is rounded to the input dtype before
+each product, as cuDNN does; under the interpreter, which cannot compute in bf16, the
+half types multiply in fp32 (``dot_type``). Gates, cell state and every pointwise
+step are fp32; float32 products use TF32 only where cuDNN would (``dot_precision``).
 """
 
 from __future__ import annotations
