@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -288,6 +290,72 @@ class StepGemm {
   const T* W_;
   int64_t ldw_;
   at::Tensor packed_, scratch_;
+};
+
+// Hidden units split into contiguous slices, one per thread, for time loops
+// that run inside a single parallel region: a thread keeps its slice of W_hh
+// in its own core's cache and meets the others at one barrier per step,
+// instead of a GEMM fork and a pointwise fork per step.
+class UnitSlices {
+ public:
+  UnitSlices(int64_t H, int64_t n_gates) : H_(H), n_gates_(n_gates) {
+    int64_t threads = omp_in_parallel() ? 1 : at::get_num_threads();
+    if (H < 32) {
+      threads = 1;
+    }
+    // Slices are whole 16-lane vectors except the last.
+    chunk_ = (H + threads - 1) / threads;
+    chunk_ = std::max<int64_t>(1, (chunk_ + 15) / 16 * 16);
+    count = (H + chunk_ - 1) / chunk_;
+  }
+
+  int64_t begin(int64_t s) const {
+    return std::min(s * chunk_, H_);
+  }
+  int64_t size(int64_t s) const {
+    return std::min((s + 1) * chunk_, H_) - begin(s);
+  }
+
+  // The W rows of slice s for every gate: [n_gates * n, K], gate-major.
+  at::Tensor gate_rows(const at::Tensor& w, int64_t s) const {
+    return w.view({n_gates_, H_, w.size(1)}).narrow(1, begin(s), size(s)).reshape({-1, w.size(1)}).contiguous();
+  }
+  // The W columns of slice s: [rows, n].
+  at::Tensor columns(const at::Tensor& w, int64_t s) const {
+    return w.narrow(1, begin(s), size(s)).contiguous();
+  }
+
+  // For steps i = 0..steps-1: before(s, i) for every slice, a barrier, then
+  // after(s, i). A thread always serves the same slices, so a slice's own
+  // data needs no barrier between after(s, i) and before(s, i + 1).
+  template <typename Before, typename After>
+  void run(int64_t steps, const Before& before, const After& after) const {
+    if (count == 1) {
+      for (int64_t i = 0; i < steps; ++i) {
+        before(0, i);
+        after(0, i);
+      }
+      return;
+    }
+#pragma omp parallel num_threads(count)
+    {
+      const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      for (int64_t i = 0; i < steps; ++i) {
+        for (int64_t s = tid; s < count; s += nth) {
+          before(s, i);
+        }
+#pragma omp barrier
+        for (int64_t s = tid; s < count; s += nth) {
+          after(s, i);
+        }
+      }
+    }
+  }
+
+  int64_t count;
+
+ private:
+  int64_t H_, n_gates_, chunk_;
 };
 
 // Bias b_ih + b_hh (either may be absent) as an accumulation-type vector [G].

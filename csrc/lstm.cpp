@@ -1,34 +1,37 @@
 // LSTM CPU kernels: lstm_fwd, lstm_bwd (whole sequence, time loop here) and
 // lstm_cell (one step, for sampling). Gate order i, f, g, o; G = 4H.
-// Per step: one GEMM against W_hh into an accumulation-type buffer, then one
-// fused pointwise pass over [B, H] rows split across threads.
+// Per step and thread: one GEMM against the thread's slice of W_hh into an
+// accumulation-type buffer, then one fused pointwise pass over its units.
 #include "common.h"
 
 namespace fastchar {
 namespace {
 
-// One step's pointwise pass for rows [b0, b1): activate the gates, update the
-// cell and hidden state. `x` holds the input side of the gates with row stride
-// `xs` (G for a projected sequence, 0 for a broadcast bias vector).
+// One step's pointwise pass for rows [b0, b1) and hidden units [0, n) of a
+// slice (pointers start at the slice's first unit). `acc` is h @ W_hh^T for the
+// slice: row stride `acc_ld`, gate q at column q * `acc_gs`. `x` holds the
+// input side of the gates (gate q at q * H) with row stride `xs` (G for a
+// projected sequence, 0 for a broadcast bias vector). gates: rows of G; states
+// and outputs: rows of H.
 template <typename T, typename X>
-FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t H, const acc_t<T>* acc,
-                              const X* x, int64_t xs, const acc_t<T>* c_prev, T* gates,
-                              acc_t<T>* c_new, T* h_new) {
+FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, const acc_t<T>* acc,
+                              int64_t acc_ld, int64_t acc_gs, const X* x, int64_t xs,
+                              const acc_t<T>* c_prev, T* gates, acc_t<T>* c_new, T* h_new) {
   using A = acc_t<T>;
   const int64_t G = 4 * H;
   for (int64_t b = b0; b < b1; ++b) {
-    const A* a = acc + b * G;
+    const A* a = acc + b * acc_ld;
     const X* xr = x + b * xs;
     const A* cp = c_prev + b * H;
     T* g = gates + b * G;
     A* cn = c_new + b * H;
     T* h = h_new + b * H;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       A gi = sigmoid_act(a[j] + A(xr[j]));
-      A gf = sigmoid_act(a[H + j] + A(xr[H + j]));
-      A gg = tanh_act(a[2 * H + j] + A(xr[2 * H + j]));
-      A go = sigmoid_act(a[3 * H + j] + A(xr[3 * H + j]));
+      A gf = sigmoid_act(a[acc_gs + j] + A(xr[H + j]));
+      A gg = tanh_act(a[2 * acc_gs + j] + A(xr[2 * H + j]));
+      A go = sigmoid_act(a[3 * acc_gs + j] + A(xr[3 * H + j]));
       A c = gf * cp[j] + gi * gg;
       g[j] = T(gi);
       g[H + j] = T(gf);
@@ -40,10 +43,11 @@ FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t H, const acc_t<T>*
   }
 }
 
-// One backward step for rows [b0, b1): dh (in: gradient from step t+1, before
-// grad_out is added) and dc (in/out) are accumulation-type; writes dgates.
+// One backward step for rows [b0, b1) and units [0, n) of a slice: dh (in:
+// gradient from step t+1, before grad_out is added) and dc (in/out) are
+// accumulation-type; writes dgates.
 template <typename T>
-FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t H, const T* grad_out,
+FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, const T* grad_out,
                               const T* gates, const acc_t<T>* c, const acc_t<T>* c_prev,
                               const acc_t<T>* dh, acc_t<T>* dc, T* dgates) {
   using A = acc_t<T>;
@@ -57,7 +61,7 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t H, const T* grad_o
     A* dcr = dc + b * H;
     T* d = dgates + b * G;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       A gi = A(g[j]), gf = A(g[H + j]), gg = A(g[2 * H + j]), go = A(g[3 * H + j]);
       A dht = dhr[j] + A(go_[j]);
       A tc = tanh_act(cr[j]);
@@ -76,28 +80,31 @@ void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& c0,
               const at::Tensor& w_hh, at::Tensor& out, at::Tensor& gates, at::Tensor& cs) {
   using A = acc_t<T>;
   const int64_t T_ = xp.size(0), B = xp.size(1), G = xp.size(2), H = G / 4;
-  at::Tensor acc = at::empty({B, G}, xp.options().dtype(c10::CppTypeToScalarType<A>::value));
-  A* acc_p = acc.data_ptr<A>();
   const T* xp_p = xp.const_data_ptr<T>();
-  const T* w = w_hh.const_data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   T* gates_p = gates.data_ptr<T>();
   A* cs_p = cs.data_ptr<A>();
-  const T* h_prev = h0.const_data_ptr<T>();
-  const A* c_prev = c0.const_data_ptr<A>();
-  const StepGemm<T> step_gemm(true, B, G, H, w, H);  // h @ W_hh^T
-  for (int64_t t = 0; t < T_; ++t) {
-    step_gemm(h_prev, H, A(0), acc_p, G);  // [B, G]
-    const T* x_t = xp_p + t * B * G;
-    T* g_t = gates_p + t * B * G;
-    A* c_t = cs_p + t * B * H;
-    T* h_t = out_p + t * B * H;
-    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      fwd_rows<T, T>(b0, b1, H, acc_p, x_t, G, c_prev, g_t, c_t, h_t);
-    });
-    h_prev = h_t;
-    c_prev = c_t;
+  const UnitSlices slices(H, 4);
+  std::vector<at::Tensor> w_slices, accs;
+  std::vector<StepGemm<T>> gemms;
+  for (int64_t s = 0; s < slices.count; ++s) {
+    const int64_t n = slices.size(s);
+    w_slices.push_back(slices.gate_rows(w_hh, s));  // [4 n, H]
+    gemms.emplace_back(true, B, 4 * n, H, w_slices.back().template const_data_ptr<T>(), H);
+    accs.push_back(at::empty({B, 4 * n}, xp.options().dtype(c10::CppTypeToScalarType<A>::value)));
   }
+  const T* h0_p = h0.const_data_ptr<T>();
+  const A* c0_p = c0.const_data_ptr<A>();
+  auto step = [&](int64_t s, int64_t t) {
+    const int64_t j0 = slices.begin(s), n = slices.size(s);
+    const T* h_prev = t > 0 ? out_p + (t - 1) * B * H : h0_p;
+    const A* c_prev = t > 0 ? cs_p + (t - 1) * B * H : c0_p;
+    A* acc = accs[s].template data_ptr<A>();
+    gemms[s](h_prev, H, A(0), acc, 4 * n);  // [B, 4 n]
+    fwd_rows<T, T>(0, B, n, H, acc, 4 * n, n, xp_p + t * B * G + j0, G, c_prev + j0,
+                   gates_p + t * B * G + j0, cs_p + t * B * H + j0, out_p + t * B * H + j0);
+  };
+  slices.run(T_, step, [](int64_t, int64_t) {});
 }
 
 template <typename T>
@@ -110,22 +117,30 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   const T* g_p = gates.const_data_ptr<T>();
   const A* cs_p = cs.const_data_ptr<A>();
   const A* c0_p = c0.const_data_ptr<A>();
-  const T* w = w_hh.const_data_ptr<T>();
   A* dh_p = dh.data_ptr<A>();
   A* dc_p = dc.data_ptr<A>();
   T* dx_p = grad_xp.data_ptr<T>();
-  const StepGemm<T> step_gemm(false, B, H, G, w, H);  // dgates @ W_hh
-  for (int64_t t = T_ - 1; t >= 0; --t) {
-    const T* go_t = go_p + t * B * H;
-    const T* g_t = g_p + t * B * G;
-    const A* c_t = cs_p + t * B * H;
-    const A* cp_t = t > 0 ? cs_p + (t - 1) * B * H : c0_p;
-    T* dx_t = dx_p + t * B * G;
-    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      bwd_rows<T>(b0, b1, H, go_t, g_t, c_t, cp_t, dh_p, dc_p, dx_t);
-    });
-    step_gemm(dx_t, G, A(0), dh_p, H);  // dh_{t-1} [B, H]
+  const UnitSlices slices(H, 4);
+  std::vector<at::Tensor> w_slices;
+  std::vector<StepGemm<T>> gemms;
+  for (int64_t s = 0; s < slices.count; ++s) {
+    const int64_t n = slices.size(s);
+    w_slices.push_back(slices.columns(w_hh, s));  // [G, n]
+    gemms.emplace_back(false, B, n, G, w_slices.back().template const_data_ptr<T>(), n);
   }
+  // Step t's pointwise pass needs only the slice's own columns of dh; the GEMM
+  // for dh_{t-1}[:, slice] needs every slice's dgates_t, hence the barrier.
+  auto pointwise = [&](int64_t s, int64_t i) {
+    const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s);
+    const A* cp_t = t > 0 ? cs_p + (t - 1) * B * H : c0_p;
+    bwd_rows<T>(0, B, n, H, go_p + t * B * H + j0, g_p + t * B * G + j0, cs_p + t * B * H + j0,
+                cp_t + j0, dh_p + j0, dc_p + j0, dx_p + t * B * G + j0);
+  };
+  auto gemm = [&](int64_t s, int64_t i) {
+    const int64_t t = T_ - 1 - i, j0 = slices.begin(s);
+    gemms[s](dx_p + t * B * G, G, A(0), dh_p + j0, H);  // dh_{t-1}[:, slice]
+  };
+  slices.run(T_, pointwise, gemm);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
@@ -228,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tens
     A* cn = c_new.data_ptr<A>();
     scalar_t* hn = h_new.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      fwd_rows<scalar_t, A>(b0, b1, H, a, bp, 0, cp, gp, cn, hn);
+      fwd_rows<scalar_t, A>(b0, b1, H, H, a, G, H, bp, 0, cp, gp, cn, hn);
     });
   });
   return {h_new, c_new.to(dt)};
