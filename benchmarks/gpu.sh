@@ -10,10 +10,11 @@
 # Triton's compile cache (~/.triton/cache):  gpu.sh info tests;  gpu.sh tune;
 # gpu.sh bench long model.
 #
-# Results go to $OUT/gpu-results/<UTC stamp>/ when OUT is set (a device runner's
-# output folder), else benchmarks/gpu-results/<UTC stamp>/: one log per step,
-# tests-*.xml, tune-*.json, bench-*.json and summary.json (each step's exit status and
-# the environment). Every step runs even if an earlier one fails; the exit status is
+# Results go to benchmarks/gpu-results/<UTC stamp>/: one log per step, tests-*.xml,
+# tune-*.json, bench-*.json and summary.json (each step's exit status and the
+# environment). When OUT is set (a device runner's output folder, which takes back
+# only a few files) that folder is also packed into $OUT/gpu-results-<stamp>.tar.gz,
+# with summary.json beside it. Every step runs even if an earlier one fails; the exit status is
 # non-zero when any failed. PYTHON picks the interpreter (default: .venv/bin/python if
 # present, else python3); STEP_TIMEOUT bounds each step in seconds (default 1500), so a
 # hung kernel (a persistent grid whose barrier never opens) cannot eat the whole run.
@@ -48,7 +49,7 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-DIR="${OUT:-benchmarks}/gpu-results/$STAMP"
+DIR="benchmarks/gpu-results/$STAMP"
 mkdir -p "$DIR"
 STEPS=()
 failed=0
@@ -143,4 +144,10 @@ with open(f"{out}/summary.json", "w") as f:
 print(json.dumps(summary["steps"]))
 EOF
 echo "results in $DIR"
+if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT"
+    tar czf "$OUT/gpu-results-$STAMP.tar.gz" -C benchmarks/gpu-results "$STAMP"
+    cp "$DIR/summary.json" "$OUT/summary-$STAMP.json"
+    echo "packed into $OUT/gpu-results-$STAMP.tar.gz"
+fi
 exit $failed
