@@ -6,40 +6,44 @@
 namespace fastchar {
 namespace {
 
-// One step's pointwise pass for rows [b0, b1). `acc` is h_{t-1} @ W_hh^T,
-// `x` the input side of the gates (x W_ih^T + b_ih + [b_hr, b_hz, 0]).
+// One step's pointwise pass for rows [b0, b1) and units [0, n) of a slice
+// (pointers start at the slice's first unit). `acc` is h_{t-1} @ W_hh^T for the
+// slice: row stride `acc_ld`, gate q at column q * `acc_gs`. `x` is the input
+// side of the gates (x W_ih^T + b_ih + [b_hr, b_hz, 0]) in rows of G.
 template <typename T, typename X>
-FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t H, const acc_t<T>* acc,
-                              const X* x, const acc_t<T>* b_hn, const T* h_prev, T* gates,
-                              T* hn_out, T* h_new) {
+FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, const acc_t<T>* acc,
+                              int64_t acc_ld, int64_t acc_gs, const X* x,
+                              const acc_t<T>* b_hn, const T* h_prev, T* gates, T* hn_out,
+                              T* h_new) {
   using A = acc_t<T>;
   const int64_t G = 3 * H;
   for (int64_t b = b0; b < b1; ++b) {
-    const A* a = acc + b * G;
+    const A* a = acc + b * acc_ld;
     const X* xr = x + b * G;
     const T* hp = h_prev + b * H;
     T* g = gates + b * G;
     T* hnr = hn_out + b * H;
     T* h = h_new + b * H;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       A r = sigmoid_act(a[j] + A(xr[j]));
-      A z = sigmoid_act(a[H + j] + A(xr[H + j]));
-      A hn = a[2 * H + j] + b_hn[j];
-      A n = tanh_act(A(xr[2 * H + j]) + r * hn);
+      A z = sigmoid_act(a[acc_gs + j] + A(xr[H + j]));
+      A hn = a[2 * acc_gs + j] + b_hn[j];
+      A nn = tanh_act(A(xr[2 * H + j]) + r * hn);
       g[j] = T(r);
       g[H + j] = T(z);
-      g[2 * H + j] = T(n);
+      g[2 * H + j] = T(nn);
       hnr[j] = T(hn);
-      h[j] = T((A(1) - z) * n + z * A(hp[j]));
+      h[j] = T((A(1) - z) * nn + z * A(hp[j]));
     }
   }
 }
 
-// One backward step for rows [b0, b1): reads dh (gradient from step t+1) and
-// overwrites it with the direct path dh * z; the GEMM adds dgh @ W_hh after.
+// One backward step for rows [b0, b1) and units [0, n) of a slice: reads dh
+// (gradient from step t+1) and overwrites it with the direct path dh * z; the
+// GEMM adds dgh @ W_hh after.
 template <typename T>
-FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t H, const T* grad_out,
+FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, const T* grad_out,
                               const T* gates, const T* hn, const T* h_prev, acc_t<T>* dh,
                               T* dxp, T* dgh) {
   using A = acc_t<T>;
@@ -53,11 +57,11 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t H, const T* grad_o
     T* dx = dxp + b * G;
     T* dg = dgh + b * G;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      A r = A(g[j]), z = A(g[H + j]), n = A(g[2 * H + j]);
+    for (int64_t j = 0; j < n; ++j) {
+      A r = A(g[j]), z = A(g[H + j]), nn = A(g[2 * H + j]);
       A dht = dhr[j] + A(go[j]);
-      A dn = dht * (A(1) - z) * (A(1) - n * n);
-      A dz = dht * (A(hp[j]) - n) * z * (A(1) - z);
+      A dn = dht * (A(1) - z) * (A(1) - nn * nn);
+      A dz = dht * (A(hp[j]) - nn) * z * (A(1) - z);
       A dr = dn * A(hnr[j]) * r * (A(1) - r);
       dx[j] = T(dr);
       dx[H + j] = T(dz);
@@ -75,27 +79,30 @@ void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& w_hh
               const at::Tensor& b_hn, at::Tensor& out, at::Tensor& gates, at::Tensor& hn) {
   using A = acc_t<T>;
   const int64_t T_ = xp.size(0), B = xp.size(1), G = xp.size(2), H = G / 3;
-  at::Tensor acc = at::empty({B, G}, xp.options().dtype(c10::CppTypeToScalarType<A>::value));
-  A* acc_p = acc.data_ptr<A>();
   const T* xp_p = xp.const_data_ptr<T>();
-  const T* w = w_hh.const_data_ptr<T>();
   const A* bhn = b_hn.const_data_ptr<A>();
+  const T* h0_p = h0.const_data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   T* gates_p = gates.data_ptr<T>();
   T* hn_p = hn.data_ptr<T>();
-  const T* h_prev = h0.const_data_ptr<T>();
-  const StepGemm<T> step_gemm(true, B, G, H, w, H);  // h @ W_hh^T
-  for (int64_t t = 0; t < T_; ++t) {
-    step_gemm(h_prev, H, A(0), acc_p, G);  // [B, G]
-    const T* x_t = xp_p + t * B * G;
-    T* g_t = gates_p + t * B * G;
-    T* hn_t = hn_p + t * B * H;
-    T* h_t = out_p + t * B * H;
-    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      fwd_rows<T, T>(b0, b1, H, acc_p, x_t, bhn, h_prev, g_t, hn_t, h_t);
-    });
-    h_prev = h_t;
+  const UnitSlices slices(H, 3);
+  std::vector<at::Tensor> w_slices, accs;
+  std::vector<StepGemm<T>> gemms;
+  for (int64_t s = 0; s < slices.count; ++s) {
+    const int64_t n = slices.size(s);
+    w_slices.push_back(slices.gate_rows(w_hh, s));  // [3 n, H]
+    gemms.emplace_back(true, B, 3 * n, H, w_slices.back().template const_data_ptr<T>(), H);
+    accs.push_back(at::empty({B, 3 * n}, xp.options().dtype(c10::CppTypeToScalarType<A>::value)));
   }
+  auto step = [&](int64_t s, int64_t t) {
+    const int64_t j0 = slices.begin(s), n = slices.size(s);
+    const T* h_prev = t > 0 ? out_p + (t - 1) * B * H : h0_p;
+    A* acc = accs[s].template data_ptr<A>();
+    gemms[s](h_prev, H, A(0), acc, 3 * n);  // [B, 3 n]
+    fwd_rows<T, T>(0, B, n, H, acc, 3 * n, n, xp_p + t * B * G + j0, bhn + j0, h_prev + j0,
+                   gates_p + t * B * G + j0, hn_p + t * B * H + j0, out_p + t * B * H + j0);
+  };
+  slices.run(T_, step, [](int64_t, int64_t) {});
 }
 
 template <typename T>
@@ -109,23 +116,28 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   const T* hn_p = hn.const_data_ptr<T>();
   const T* out_p = out.const_data_ptr<T>();
   const T* h0_p = h0.const_data_ptr<T>();
-  const T* w = w_hh.const_data_ptr<T>();
   A* dh_p = dh.data_ptr<A>();
   T* dx_p = grad_xp.data_ptr<T>();
   T* dg_p = grad_gh.data_ptr<T>();
-  const StepGemm<T> step_gemm(false, B, H, G, w, H);  // dgh @ W_hh
-  for (int64_t t = T_ - 1; t >= 0; --t) {
-    const T* go_t = go_p + t * B * H;
-    const T* g_t = g_p + t * B * G;
-    const T* hn_t = hn_p + t * B * H;
-    const T* hp_t = t > 0 ? out_p + (t - 1) * B * H : h0_p;
-    T* dx_t = dx_p + t * B * G;
-    T* dg_t = dg_p + t * B * G;
-    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      bwd_rows<T>(b0, b1, H, go_t, g_t, hn_t, hp_t, dh_p, dx_t, dg_t);
-    });
-    step_gemm(dg_t, G, A(1), dh_p, H);  // dh_{t-1} += dgh @ W_hh
+  const UnitSlices slices(H, 3);
+  std::vector<at::Tensor> w_slices;
+  std::vector<StepGemm<T>> gemms;
+  for (int64_t s = 0; s < slices.count; ++s) {
+    const int64_t n = slices.size(s);
+    w_slices.push_back(slices.columns(w_hh, s));  // [G, n]
+    gemms.emplace_back(false, B, n, G, w_slices.back().template const_data_ptr<T>(), n);
   }
+  auto pointwise = [&](int64_t s, int64_t i) {
+    const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s);
+    const T* hp_t = t > 0 ? out_p + (t - 1) * B * H : h0_p;
+    bwd_rows<T>(0, B, n, H, go_p + t * B * H + j0, g_p + t * B * G + j0, hn_p + t * B * H + j0,
+                hp_t + j0, dh_p + j0, dx_p + t * B * G + j0, dg_p + t * B * G + j0);
+  };
+  auto gemm = [&](int64_t s, int64_t i) {
+    const int64_t t = T_ - 1 - i, j0 = slices.begin(s);
+    gemms[s](dg_p + t * B * G, G, A(1), dh_p + j0, H);  // dh_{t-1}[:, slice] += dgh @ W_hh
+  };
+  slices.run(T_, pointwise, gemm);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& xp,
@@ -240,7 +252,7 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
     scalar_t* hnp = hn.data_ptr<scalar_t>();
     scalar_t* hout = h_new.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      fwd_rows<scalar_t, A>(b0, b1, H, ghp, gxp, bhn, hp, gp, hnp, hout);
+      fwd_rows<scalar_t, A>(b0, b1, H, H, ghp, G, H, gxp, bhn, hp, gp, hnp, hout);
     });
   });
   return h_new;

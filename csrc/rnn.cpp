@@ -5,27 +5,29 @@
 namespace fastchar {
 namespace {
 
-// h = act(acc + x) for rows [b0, b1); `x` has row stride `xs` (H, or 0 for a
-// broadcast bias vector).
+// h = act(acc + x) for rows [b0, b1) and units [0, n) of a slice (pointers
+// start at the slice's first unit); `acc` has row stride `acc_ld`, `x` row
+// stride `xs` (H, or 0 for a broadcast bias vector), h rows of H.
 template <typename T, typename X, bool RELU>
-FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t H, const acc_t<T>* acc,
-                              const X* x, int64_t xs, T* h_new) {
+FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, const acc_t<T>* acc,
+                              int64_t acc_ld, const X* x, int64_t xs, T* h_new) {
   using A = acc_t<T>;
   for (int64_t b = b0; b < b1; ++b) {
-    const A* a = acc + b * H;
+    const A* a = acc + b * acc_ld;
     const X* xr = x + b * xs;
     T* h = h_new + b * H;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       A pre = a[j] + A(xr[j]);
       h[j] = T(RELU ? relu_act(pre) : tanh_act(pre));
     }
   }
 }
 
-// dpre = (dh + grad_out) * act'(pre), with act' taken from the output h.
+// dpre = (dh + grad_out) * act'(pre), with act' taken from the output h; rows
+// [b0, b1), units [0, n) of a slice.
 template <typename T, bool RELU>
-FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t H, const T* grad_out,
+FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, const T* grad_out,
                               const T* out, const acc_t<T>* dh, T* dpre) {
   using A = acc_t<T>;
   for (int64_t b = b0; b < b1; ++b) {
@@ -34,7 +36,7 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t H, const T* grad_o
     const A* dhr = dh + b * H;
     T* d = dpre + b * H;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       A dht = dhr[j] + A(go[j]);
       A hv = A(h[j]);
       d[j] = T(RELU ? (hv > A(0) ? dht : A(0)) : dht * (A(1) - hv * hv));
@@ -47,22 +49,26 @@ void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& w_hh
               at::Tensor& out) {
   using A = acc_t<T>;
   const int64_t T_ = xp.size(0), B = xp.size(1), H = xp.size(2);
-  at::Tensor acc = at::empty({B, H}, xp.options().dtype(c10::CppTypeToScalarType<A>::value));
-  A* acc_p = acc.data_ptr<A>();
   const T* xp_p = xp.const_data_ptr<T>();
-  const T* w = w_hh.const_data_ptr<T>();
+  const T* h0_p = h0.const_data_ptr<T>();
   T* out_p = out.data_ptr<T>();
-  const T* h_prev = h0.const_data_ptr<T>();
-  const StepGemm<T> step_gemm(true, B, H, H, w, H);  // h @ W_hh^T
-  for (int64_t t = 0; t < T_; ++t) {
-    step_gemm(h_prev, H, A(0), acc_p, H);  // [B, H]
-    const T* x_t = xp_p + t * B * H;
-    T* h_t = out_p + t * B * H;
-    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      fwd_rows<T, T, RELU>(b0, b1, H, acc_p, x_t, H, h_t);
-    });
-    h_prev = h_t;
+  const UnitSlices slices(H, 1);
+  std::vector<at::Tensor> w_slices, accs;
+  std::vector<StepGemm<T>> gemms;
+  for (int64_t s = 0; s < slices.count; ++s) {
+    const int64_t n = slices.size(s);
+    w_slices.push_back(slices.gate_rows(w_hh, s));  // [n, H]
+    gemms.emplace_back(true, B, n, H, w_slices.back().template const_data_ptr<T>(), H);
+    accs.push_back(at::empty({B, n}, xp.options().dtype(c10::CppTypeToScalarType<A>::value)));
   }
+  auto step = [&](int64_t s, int64_t t) {
+    const int64_t j0 = slices.begin(s), n = slices.size(s);
+    const T* h_prev = t > 0 ? out_p + (t - 1) * B * H : h0_p;
+    A* acc = accs[s].template data_ptr<A>();
+    gemms[s](h_prev, H, A(0), acc, n);  // [B, n]
+    fwd_rows<T, T, RELU>(0, B, n, H, acc, n, xp_p + t * B * H + j0, H, out_p + t * B * H + j0);
+  };
+  slices.run(T_, step, [](int64_t, int64_t) {});
 }
 
 template <typename T, bool RELU>
@@ -72,19 +78,26 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   const int64_t T_ = out.size(0), B = out.size(1), H = out.size(2);
   const T* go_p = grad_out.const_data_ptr<T>();
   const T* out_p = out.const_data_ptr<T>();
-  const T* w = w_hh.const_data_ptr<T>();
   A* dh_p = dh.data_ptr<A>();
   T* dx_p = grad_xp.data_ptr<T>();
-  const StepGemm<T> step_gemm(false, B, H, H, w, H);  // dpre @ W_hh
-  for (int64_t t = T_ - 1; t >= 0; --t) {
-    const T* go_t = go_p + t * B * H;
-    const T* h_t = out_p + t * B * H;
-    T* dx_t = dx_p + t * B * H;
-    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      bwd_rows<T, RELU>(b0, b1, H, go_t, h_t, dh_p, dx_t);
-    });
-    step_gemm(dx_t, H, A(0), dh_p, H);  // dh_{t-1} [B, H]
+  const UnitSlices slices(H, 1);
+  std::vector<at::Tensor> w_slices;
+  std::vector<StepGemm<T>> gemms;
+  for (int64_t s = 0; s < slices.count; ++s) {
+    const int64_t n = slices.size(s);
+    w_slices.push_back(slices.columns(w_hh, s));  // [H, n]
+    gemms.emplace_back(false, B, n, H, w_slices.back().template const_data_ptr<T>(), n);
   }
+  auto pointwise = [&](int64_t s, int64_t i) {
+    const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s);
+    bwd_rows<T, RELU>(0, B, n, H, go_p + t * B * H + j0, out_p + t * B * H + j0, dh_p + j0,
+                      dx_p + t * B * H + j0);
+  };
+  auto gemm = [&](int64_t s, int64_t i) {
+    const int64_t t = T_ - 1 - i, j0 = slices.begin(s);
+    gemms[s](dx_p + t * B * H, H, A(0), dh_p + j0, H);  // dh_{t-1}[:, slice]
+  };
+  slices.run(T_, pointwise, gemm);
 }
 
 std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& xp, const at::Tensor& h0,
@@ -175,9 +188,9 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
     scalar_t* hp = h_new.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
       if (relu) {
-        fwd_rows<scalar_t, A, true>(b0, b1, H, a, bp, 0, hp);
+        fwd_rows<scalar_t, A, true>(b0, b1, H, H, a, H, bp, 0, hp);
       } else {
-        fwd_rows<scalar_t, A, false>(b0, b1, H, a, bp, 0, hp);
+        fwd_rows<scalar_t, A, false>(b0, b1, H, H, a, H, bp, 0, hp);
       }
     });
   });
