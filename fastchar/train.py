@@ -141,13 +141,27 @@ class TrainConfig:
         default=None,
         metadata=_meta("stop after this step with a checkpoint, as if interrupted (see --resume)"),
     )
+    time_limit: float | None = field(
+        default=None,
+        metadata=_meta(
+            "stop after this many seconds in the training loop (evaluations included); "
+            "the decay then follows time instead of --steps"
+        ),
+    )
+    preset: str | None = field(
+        default=None,
+        metadata=_meta(
+            "start from a tuned recipe; explicit flags override its settings",
+            choices=("shakespeare",),
+        ),
+    )
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError naming the flag of the first nonsensical setting."""
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ConfigError(
                     f"{_flag(f.name)} must be one of {', '.join(choices)}, got {value!r}"
                 )
@@ -161,6 +175,10 @@ class TrainConfig:
         _at_least("skip_nonfinite", self.skip_nonfinite, 0)
         if self.stop_at is not None:
             _at_least("stop_at", self.stop_at, 1)
+        if self.time_limit is not None and not (
+            math.isfinite(self.time_limit) and self.time_limit > 0
+        ):
+            raise ConfigError(f"--time-limit must be seconds > 0, got {self.time_limit}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout"):
             value = getattr(self, name)
             if value is None:
@@ -200,6 +218,38 @@ class TrainConfig:
         return cls(**d)
 
 
+# Recipes for --preset (TrainConfig fields); flags given on the command line win.
+PRESETS: dict[str, dict] = {
+    # tinyshakespeare (last 10% validation) in 10 minutes of wall time on a 2-core CPU:
+    # a 2 x 512 LSTM trained char-rnn style (32 streams, state carried across
+    # 128-char windows), bf16 compute with fp32 weights, dropout against the small
+    # corpus, a short warm-up and a cosine decay timed to end at the limit. Evaluation
+    # reads the validation streams from the start (27 windows cover all of it).
+    "shakespeare": {
+        "data": os.path.join("..", "shared", "data", "tinyshakespeare.txt"),
+        "model": "lstm",
+        "emb_dim": 64,
+        "hidden": 512,
+        "layers": 2,
+        "dropout": 0.25,
+        "batch_size": 32,
+        "block_size": 128,
+        "stateful": True,
+        "dtype": "bfloat16",
+        "lr": 2e-3,
+        "min_lr": 1e-4,
+        "warmup": 50,
+        "schedule": "cosine",
+        "grad_clip": 1.0,
+        "steps": 1_000_000,
+        "time_limit": 570.0,
+        "eval_interval": 200,
+        "eval_iters": 27,
+        "sample_length": 500,
+        "out": os.path.join("runs", "shakespeare"),
+    },
+}
+
 _FP16_NEEDS_CUDA = (
     "--dtype float16 needs a CUDA device (it trains with a grad scaler); on {device} "
     "use --dtype bfloat16"
@@ -236,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(TrainConfig):
         kind = {"int": int, "float": float, "bool": bool}.get(str(f.type).split(" ")[0], str)
-        kw = {"type": kind, "help": f"{f.metadata['help']} (default: {f.default})"}
+        text = f.metadata["help"]
+        if "(default" not in text:
+            text += f" (default: {f.default})"
+        kw = {"type": kind, "help": text}
         if kind is bool:
             kw = {"action": argparse.BooleanOptionalAction, "help": f.metadata["help"]}
         elif "choices" in f.metadata:
@@ -438,14 +491,20 @@ def describe_data(manifest: dict) -> str:
     )
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for optimisation step ``step`` (0-based): warm-up, then decay."""
+def lr_at(cfg: TrainConfig, step: int, wall: float = 0.0) -> float:
+    """Learning rate for optimisation step ``step`` (0-based): warm-up, then decay.
+
+    With ``time_limit`` the decay follows ``wall`` (seconds in the training loop)
+    towards the limit, or the steps towards ``steps``, whichever is further on.
+    """
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
     span = max(cfg.steps - cfg.warmup, 1)
     progress = min((step - cfg.warmup) / span, 1.0)
+    if cfg.time_limit is not None:
+        progress = max(progress, min(wall / cfg.time_limit, 1.0))
     if cfg.schedule == "cosine":
         scale = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
@@ -567,7 +626,10 @@ class Trainer:
         self.batch_gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.best_val = math.inf
-        self.elapsed = 0.0
+        self.elapsed = 0.0  # seconds in training steps
+        self.wall = 0.0  # seconds in the training loop, evaluations included (same on all ranks)
+        self._clock: tuple[float, float] | None = None  # (perf_counter, wall) when fit started
+        self.lr = lr_at(cfg, 0)
         self.state = None  # --stateful: this rank's carried hidden state, detached
         self.skipped = 0  # steps skipped in a row for a non-finite loss
         self.stop_signal: int | None = None  # set by a signal handler
@@ -607,9 +669,9 @@ class Trainer:
     def train_step(self) -> float:
         """One optimisation step on the next batch; returns its loss (mean over ranks)."""
         cfg = self.cfg
-        lr = lr_at(cfg, self.step)
+        self.lr = lr_at(cfg, self.step, self.wall)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.lr
         self.net.train()
         if cfg.stateful:
             if self.streams["train"].starts_epoch(self.step):
@@ -623,8 +685,10 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-        # One collective for both: every rank must take the same branch below.
-        mean_loss, stop = self.world.mean([loss.item(), float(self.stop_signal is not None)])
+        # One collective for all three: every rank must take the same branches from here.
+        mean_loss, stop, self.wall = self.world.mean(
+            [loss.item(), float(self.stop_signal is not None), self._wall_now()]
+        )
         self.stop_requested = stop > 0
         # The grad scaler skips float16 overflow steps itself and lowers its scale.
         finite = math.isfinite(mean_loss) and (self.scaler.is_enabled() or math.isfinite(norm))
@@ -645,6 +709,16 @@ class Trainer:
             f"non-finite {what} at step {self.step}; stopped before updating the weights, "
             "the last checkpoint is kept (try a lower --lr, a --grad-clip, or --skip-nonfinite N)"
         )
+
+    def _wall_now(self) -> float:
+        if self._clock is None:
+            return self.wall
+        start, base = self._clock
+        return base + time.perf_counter() - start
+
+    @property
+    def out_of_time(self) -> bool:
+        return self.cfg.time_limit is not None and self.wall >= self.cfg.time_limit
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -691,11 +765,12 @@ class Trainer:
                 "name": self.cfg.schedule,
                 "warmup": self.cfg.warmup,
                 "steps": self.cfg.steps,
-                "next_lr": lr_at(self.cfg, self.step),
+                "next_lr": lr_at(self.cfg, self.step, self.wall),
             },
             "step": self.step,
             "best_val_loss": self.best_val,
             "elapsed_sec": self.elapsed,
+            "wall_sec": self.wall,
             "rng": rng,
             "stream_state": stream_state,  # [L, B, H] per state tensor, all ranks' rows
             "world_size": self.world.size,
@@ -714,6 +789,7 @@ class Trainer:
             self.step = int(ckpt["step"])
             self.best_val = float(ckpt["best_val_loss"])
             self.elapsed = float(ckpt["elapsed_sec"])
+            self.wall = float(ckpt.get("wall_sec", self.elapsed))
             rng = ckpt["rng"]
             ranks = rng.get("ranks")
             if self.world.size > 1 and ranks is not None and len(ranks) == self.world.size:
@@ -771,7 +847,8 @@ class Trainer:
         return record, best
 
     def fit(self, out: str, progress: Progress) -> None:
-        """Train up to ``steps`` (or ``stop_at``), evaluating and checkpointing on the way.
+        """Train up to ``steps`` (or ``stop_at``, or ``time_limit``), evaluating and
+        checkpointing on the way.
 
         Returns early, with ``ckpt.pt`` written, once a stop signal reached every rank.
         """
@@ -779,14 +856,15 @@ class Trainer:
         last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
         tokens_per_step = cfg.batch_size * cfg.block_size
         window_tokens, window_time = 0, 0.0
-        while self.step < last:
+        self._clock = (time.perf_counter(), self.wall)
+        while self.step < last and not self.out_of_time:
             t0 = time.perf_counter()
             loss = self.train_step()
             dt = time.perf_counter() - t0
             self.elapsed += dt
             window_tokens += tokens_per_step
             window_time += dt
-            lr = lr_at(cfg, self.step - 1)
+            lr = self.lr
             if self.skipped:
                 progress.log(
                     f"step {self.step}: loss {loss}, update skipped "
@@ -796,7 +874,7 @@ class Trainer:
             if self.stop_requested:
                 self.save(os.path.join(out, "ckpt.pt"))
                 return
-            if self.step % cfg.eval_interval and self.step != last:
+            if self.step % cfg.eval_interval and self.step != last and not self.out_of_time:
                 continue
             record, best = self.eval_and_checkpoint(
                 out,
@@ -901,7 +979,11 @@ def run(given: dict, resume: bool = False) -> Trainer:
 
     Under torchrun this joins the process group first and leaves it on return.
     """
-    out = given.get("out") or TrainConfig(model=given.get("model", "lstm")).run_dir()
+    out = (
+        given.get("out")
+        or PRESETS.get(given.get("preset"), {}).get("out")
+        or TrainConfig(model=given.get("model", "lstm")).run_dir()
+    )
     ckpt_path = os.path.join(out, "ckpt.pt")
     ckpt = None
     if resume:
@@ -910,7 +992,8 @@ def run(given: dict, resume: bool = False) -> Trainer:
         ckpt = load_checkpoint(ckpt_path)
         cfg = _resume_config({**given, "out": out}, ckpt)
     else:
-        cfg = TrainConfig(**given)
+        preset = given.get("preset")
+        cfg = TrainConfig(**{**PRESETS.get(preset, {}), **given})
         cfg.out = out
     cfg.validate()
     try:
@@ -976,12 +1059,15 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
             f"stopped by a signal at step {trainer.step} of {cfg.steps}; checkpoint written; "
             f"continue with --resume --out {out}"
         )
-    elif trainer.step < cfg.steps:
+    elif trainer.step < cfg.steps and not trainer.out_of_time:
         log(f"stopped at step {trainer.step} of {cfg.steps}; continue with --resume --out {out}")
-    elif cfg.sample_length > 0 and world.is_main:
-        text = trainer.sample(cfg.sample_length)
-        log(f"sample ({cfg.sample_length} chars, temperature 0.8):")
-        print(text, flush=True)
+    else:
+        if trainer.out_of_time:
+            log(f"time limit of {cfg.time_limit:g} s reached at step {trainer.step}")
+        if cfg.sample_length > 0 and world.is_main:
+            text = trainer.sample(cfg.sample_length)
+            log(f"sample ({cfg.sample_length} chars, temperature 0.8):")
+            print(text, flush=True)
     return trainer
 
 

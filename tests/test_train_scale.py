@@ -264,3 +264,35 @@ def test_float16_trains_with_a_grad_scaler_on_cuda(text_file, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert "scale" in ckpt["scaler"]
     assert all(t.dtype == torch.float32 for t in ckpt["model"].values())
+
+
+def test_time_limit_decays_with_time_and_stops(text_file, tmp_path, capsys):
+    cfg = train.TrainConfig(lr=1e-2, min_lr=1e-3, warmup=2, steps=1000, time_limit=10.0)
+    assert train.lr_at(cfg, 5, wall=0.0) == pytest.approx(train.lr_at(cfg, 5))
+    assert train.lr_at(cfg, 5, wall=5.0) == pytest.approx(5.5e-3)  # cosine midpoint
+    assert train.lr_at(cfg, 5, wall=10.0) == pytest.approx(1e-3)
+
+    out = tmp_path / "run"
+    flags = ["--steps", "100000", "--time-limit", "1.5", "--eval-interval", "100000"]
+    assert train.main(tiny_args(text_file, out, *flags)) == 0
+    err = capsys.readouterr().err
+    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    assert f"time limit of 1.5 s reached at step {ckpt['step']}" in err
+    assert 1.5 <= ckpt["wall_sec"] < 30 and 1 <= ckpt["step"] < 100000
+    assert [r["step"] for r in read_metrics(out)] == [ckpt["step"]]
+    assert read_metrics(out)[-1]["lr"] < 2e-3  # decayed most of the way to lr / 10
+
+
+def test_preset_sets_the_recipe_and_flags_win(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--hidden", "16", "--batch-size", "4", "--block-size", "16", "--steps", "2"]
+    code = train.main(
+        ["--preset", "shakespeare", "--data", str(text_file), "--out", str(out), *flags,
+         "--impl", "reference", "--eval-iters", "2", "--sample-length", "0"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    cfg = train.load_checkpoint(str(out / "ckpt.pt"))["config"]
+    recipe = train.PRESETS["shakespeare"]
+    assert cfg["preset"] == "shakespeare" and cfg["hidden"] == 16 and cfg["data"] == str(text_file)
+    for name in ("dropout", "stateful", "dtype", "layers", "lr", "time_limit", "emb_dim"):
+        assert cfg[name] == recipe[name], name
