@@ -138,6 +138,24 @@ def test_step_matches_forward(cell):
         assert_close(a, b, torch.float64, "step state")
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_thread_count_does_not_change_results(cell):
+    """Two threads split the hidden units into per-thread slices; one thread runs them all."""
+    inputs = make_inputs(cell, 5, 3, 4, 70, torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_grads = forward_backward(cell, "cpp", inputs)
+        torch.set_num_threads(3)
+        many, many_grads = forward_backward(cell, "cpp", inputs)
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(["out", "h_n", "c_n"], many, one, strict=False):
+        assert_close(a, b, torch.float64, name)
+    for name in one_grads:
+        assert_close(many_grads[name], one_grads[name], torch.float64, f"grad {name}")
+
+
 def _errors(module, x, ref_out, ref_grads):
     """Max abs error of the output and of each gradient against float64 results."""
     xi = x.to(next(module.parameters()).dtype).requires_grad_()
