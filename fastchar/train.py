@@ -264,7 +264,7 @@ _FP16_NEEDS_CUDA = (
 # Settings that may change when resuming: how long and how to run, not what is trained.
 RESUME_OVERRIDES = frozenset(
     {"impl", "steps", "eval_interval", "eval_iters", "log_interval", "device", "out",
-     "sample_length", "stop_at", "data", "skip_nonfinite", "threads"}
+     "sample_length", "stop_at", "data", "skip_nonfinite", "threads", "time_limit"}
 )  # fmt: skip
 # Run control: on resume these come from the command line, never from the checkpoint.
 RUN_CONTROL = frozenset({"stop_at", "out", "device"})
@@ -761,7 +761,10 @@ class Trainer:
             rng["ranks"] = self.world.gather(_rng_state(self.device))
         stream_state = None
         if self.state is not None:
-            stream_state = [self.world.cat_rows(s, 1) for s in _state_list(self.state)]
+            # float32 for the gather: not every backend reduces bfloat16.
+            stream_state = [
+                self.world.cat_rows(s.float(), 1).to(s.dtype) for s in _state_list(self.state)
+            ]
         ckpt = {
             "format": CKPT_FORMAT,
             "version": CKPT_VERSION,
