@@ -127,5 +127,7 @@ def init(world: World, device: torch.device) -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the process group once every rank is done with it."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -1012,9 +1012,14 @@ def run(given: dict, resume: bool = False) -> Trainer:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = distributed.init(world, pick_device(cfg.device))
+    trainer = None
     try:
-        return _train(cfg, ckpt, world, device)
+        trainer = _train(cfg, ckpt, world, device)
+        return trainer
     finally:
+        if trainer is not None:
+            # DDP's reducer must go while the process group it holds still exists.
+            trainer.net = trainer.model
         distributed.shutdown()
 
 
@@ -1104,5 +1109,20 @@ def _rank_tag() -> str:
     return ""
 
 
+def exit_process(code: int) -> None:
+    """Exit with ``code``; under torchrun, skip the interpreter's teardown.
+
+    With gloo, a rank that has finished (checkpoint written, process group
+    destroyed) can still abort in torch's C++ teardown ("terminate called without
+    an active exception", about 1 run in 15 here), which fails the whole torchrun
+    job. Nothing is left to do at that point, so leave without the teardown.
+    """
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

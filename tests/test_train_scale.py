@@ -25,7 +25,7 @@ DDP_ATOL, DDP_RTOL = 1e-5, 1e-4
 BF16_LOSS_TOL = 0.02
 
 # Runs fastchar.train's own run() under torchrun, then saves this rank's weights,
-# so the test can compare what every rank holds.
+# so the test can compare what every rank holds; it exits as `-m fastchar.train` does.
 RANK_SCRIPT = """
 import os, sys
 import torch
@@ -34,6 +34,7 @@ given, resume = train.parse_args(sys.argv[1:])
 trainer = train.run(given, resume)
 path = os.path.join(trainer.cfg.out, f"rank{os.environ['RANK']}.pt")
 torch.save(trainer.model.state_dict(), path)
+train.exit_process(0)
 """
 
 
