@@ -10,7 +10,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -31,7 +33,6 @@
 #define CHECK_DIM(x, n)                                                                   \
   TORCH_CHECK_VALUE((x).dim() == (n), OP, ": ", #x, " must be ", (n), "-D, got shape ", \
                     (x).sizes())
-// A like-typed CPU tensor of the given shape.
 #define CHECK_ARG(x, dtype, ...) \
   CHECK_CPU(x);                  \
   CHECK_DTYPE(x, dtype);         \
@@ -299,10 +300,12 @@ class StepGemm {
 class UnitSlices {
  public:
   UnitSlices(int64_t H, int64_t n_gates) : H_(H), n_gates_(n_gates) {
-    int64_t threads = omp_in_parallel() ? 1 : at::get_num_threads();
-    if (H < 32) {
-      threads = 1;
-    }
+#ifdef _OPENMP
+    // Inside another parallel region a nested team would get one thread.
+    int64_t threads = omp_in_parallel() || H < 32 ? 1 : at::get_num_threads();
+#else
+    int64_t threads = 1;
+#endif
     // Slices are whole 16-lane vectors except the last.
     chunk_ = (H + threads - 1) / threads;
     chunk_ = std::max<int64_t>(1, (chunk_ + 15) / 16 * 16);
@@ -337,6 +340,7 @@ class UnitSlices {
       }
       return;
     }
+#ifdef _OPENMP
 #pragma omp parallel num_threads(count)
     {
       const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
@@ -350,6 +354,7 @@ class UnitSlices {
         }
       }
     }
+#endif
   }
 
   int64_t count;
