@@ -83,14 +83,17 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     )
 
 
-def prev_hidden(h0: Tensor, out: Tensor) -> Tensor:
-    """h_{t-1} for every step: [h0, out[0], ..., out[T-2]] as [T, B, H]."""
-    return torch.cat([h0.unsqueeze(0), out[:-1]])
+def weight_grad(d_gates: Tensor, h0: Tensor, out: Tensor) -> Tensor:
+    """dW_hh [G, H] = sum over steps t of d_gates[t]^T h_{t-1}, with h_{-1} = h0.
 
-
-def weight_grad(d_gates: Tensor, h_prev: Tensor) -> Tensor:
-    """dW_hh [G, H] = sum over all steps of d_gates^T h_prev, as one GEMM."""
-    return d_gates.flatten(0, 1).t().mm(h_prev.flatten(0, 1))
+    Two GEMMs on views (step 0 against h0, steps 1.. against out[:-1]) rather than
+    one on a concatenated copy of every h_{t-1}: that copy ([T, B, H]) would raise
+    the backward's peak memory.
+    """
+    grad = d_gates[0].t().mm(h0)  # [G, H]
+    if d_gates.shape[0] > 1:
+        grad = grad.addmm(d_gates[1:].flatten(0, 1).t(), out[:-1].flatten(0, 1))
+    return grad
 
 
 def torch_params(w_ih, w_hh, b_ih, b_hh) -> tuple[list[Tensor], bool]:

@@ -22,7 +22,6 @@ from fastchar.backends import cpp_loaded, resolve
 from fastchar.ops._common import (
     autocast_inputs,
     check_args,
-    prev_hidden,
     torch_params,
     weight_grad,
 )
@@ -59,7 +58,7 @@ def _autograd_backward(bwd):
         h0, w_hh, out, gates, hn = ctx.saved_tensors
         grad_xp, grad_gh, grad_h0 = bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn)
         H = w_hh.shape[1]
-        grad_w_hh = weight_grad(grad_gh, prev_hidden(h0, out)) if ctx.needs_input_grad[2] else None
+        grad_w_hh = weight_grad(grad_gh, h0, out) if ctx.needs_input_grad[2] else None
         grad_b_hn = grad_gh[..., 2 * H :].sum((0, 1)) if ctx.needs_input_grad[3] else None
         return grad_xp, grad_h0, grad_w_hh, grad_b_hn
 

@@ -20,7 +20,6 @@ from fastchar.backends import cpp_loaded, resolve
 from fastchar.ops._common import (
     autocast_inputs,
     check_args,
-    prev_hidden,
     state_dtype,
     torch_params,
     weight_grad,
@@ -58,7 +57,7 @@ def _autograd_backward(bwd):
     def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs):
         h0, c0, w_hh, out, gates, cs = ctx.saved_tensors
         grad_xp, grad_h0, grad_c0 = bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs)
-        grad_w_hh = weight_grad(grad_xp, prev_hidden(h0, out)) if ctx.needs_input_grad[3] else None
+        grad_w_hh = weight_grad(grad_xp, h0, out) if ctx.needs_input_grad[3] else None
         return grad_xp, grad_h0, grad_c0, grad_w_hh
 
     return backward
@@ -88,7 +87,9 @@ def _triton_bwd(
     return kernels.lstm_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs)
 
 
-@torch.library.custom_op("fastchar::triton_lstm_cell", mutates_args=(), device_types=("cuda", "cpu"))
+@torch.library.custom_op(
+    "fastchar::triton_lstm_cell", mutates_args=(), device_types=("cuda", "cpu")
+)
 def _triton_cell(
     x: Tensor,
     h: Tensor,

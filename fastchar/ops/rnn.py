@@ -21,7 +21,6 @@ from fastchar.backends import cpp_loaded, resolve
 from fastchar.ops._common import (
     autocast_inputs,
     check_args,
-    prev_hidden,
     torch_params,
     weight_grad,
 )
@@ -53,7 +52,7 @@ def _autograd_backward(bwd):
     def backward(ctx, grad_out, grad_h_n):
         h0, w_hh, out = ctx.saved_tensors
         grad_xp, grad_h0 = bwd(grad_out, grad_h_n, w_hh, out, ctx.relu)
-        grad_w_hh = weight_grad(grad_xp, prev_hidden(h0, out)) if ctx.needs_input_grad[2] else None
+        grad_w_hh = weight_grad(grad_xp, h0, out) if ctx.needs_input_grad[2] else None
         return grad_xp, grad_h0, grad_w_hh, None
 
     return backward
