@@ -34,7 +34,7 @@ if [ ! -f "$stamp" ] || [ -n "$(find "${inputs[@]}" -newer "$stamp" 2>/dev/null)
     touch "$stamp"
 fi
 
-if "$VENV/bin/python" -c "import fastchar._C" 2>/dev/null; then
+if "$VENV/bin/python" -c "import torch, fastchar._C" 2>/dev/null; then
     echo "setup: fastchar installed with its C++ extension"
 else
     echo "setup: WARNING: fastchar installed without its C++ extension; impl='fused' will fall back" >&2
