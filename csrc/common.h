@@ -233,7 +233,11 @@ class StepGemm {
       : trans_w_(trans_w), M_(M), N_(N), K_(K), W_(W), ldw_(ldw) {
 #if AT_MKL_ENABLED()
     if constexpr (kPack) {
-      if (M > 0 && N > 0 && K > 0) {
+      // Measured on the 2-core Xeon: packing speeds up the forward's h @ W^T
+      // (2.5x at B=8, H=512) but slows the backward's dgates @ W (1.6x slower
+      // at B=64), so float packs only the transposed case.
+      const bool pack = trans_w || std::is_same_v<T, at::BFloat16>;
+      if (pack && M > 0 && N > 0 && K > 0) {
         const float* w32 = reinterpret_cast<const float*>(W);
         at::Tensor wide;
         if constexpr (std::is_same_v<T, at::BFloat16>) {
