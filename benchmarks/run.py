@@ -236,6 +236,18 @@ def bench_sampling(impls, dtype, device, steps: int) -> list[dict]:
                 _, state = model.step(idx, state)
 
         runs[impl] = run
+        if impl == "torch":
+            # What a torch.nn.LSTM user runs: the module's forward on one character at a
+            # time (torch.nn has no single-step API); `torch` above is torch.lstm_cell.
+            name = "torch.nn T=1"
+            rows[name] = {**rows[impl], "impl": name}
+
+            def run_forward(idx_seq=idx[:, None], model=model) -> None:  # idx_seq [B, 1]
+                state = None
+                for _ in range(steps):
+                    _, state = model(idx_seq, state)
+
+            runs[name] = run_forward
     with torch.no_grad():
         timings, errors = bench.time_interleaved(
             runs, device, warmup=1, min_repeats=3, max_repeats=5, budget_s=0.5
