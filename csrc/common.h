@@ -367,6 +367,29 @@ class UnitSlices {
   int64_t H_, n_gates_, chunk_;
 };
 
+// One step GEMM per unit slice, over that slice's part of W_hh (kept alive in
+// `weights`, which the GEMMs point into). Forward: h_{t-1} [B, H] @ the slice's
+// gate rows^T -> [B, n_gates * n]. Backward: dgates_t [B, G] @ W_hh[:, slice] -> [B, n].
+template <typename T>
+struct SliceGemms {
+  std::vector<at::Tensor> weights;
+  std::vector<StepGemm<T>> gemms;
+
+  SliceGemms(const UnitSlices& slices, const at::Tensor& w_hh, int64_t B, bool forward) {
+    const int64_t G = w_hh.size(0), H = w_hh.size(1);
+    for (int64_t s = 0; s < slices.count; ++s) {
+      const int64_t n = slices.size(s);
+      if (forward) {
+        weights.push_back(slices.gate_rows(w_hh, s));  // [n_gates * n, H]
+        gemms.emplace_back(true, B, G / H * n, H, weights.back().template const_data_ptr<T>(), H);
+      } else {
+        weights.push_back(slices.columns(w_hh, s));  // [G, n]
+        gemms.emplace_back(false, B, n, G, weights.back().template const_data_ptr<T>(), n);
+      }
+    }
+  }
+};
+
 // Bias b_ih + b_hh (either may be absent) as an accumulation-type vector [G].
 inline at::Tensor bias_acc(const std::optional<at::Tensor>& b_ih,
                            const std::optional<at::Tensor>& b_hh, int64_t G,

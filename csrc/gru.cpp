@@ -86,19 +86,17 @@ void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& w_hh
   T* gates_p = gates.data_ptr<T>();
   T* hn_p = hn.data_ptr<T>();
   const UnitSlices slices(H, 3);
-  std::vector<at::Tensor> w_slices, accs;
-  std::vector<StepGemm<T>> gemms;
+  const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
+  std::vector<at::Tensor> accs;
   for (int64_t s = 0; s < slices.count; ++s) {
     const int64_t n = slices.size(s);
-    w_slices.push_back(slices.gate_rows(w_hh, s));  // [3 n, H]
-    gemms.emplace_back(true, B, 3 * n, H, w_slices.back().template const_data_ptr<T>(), H);
     accs.push_back(at::empty({B, 3 * n}, xp.options().dtype(c10::CppTypeToScalarType<A>::value)));
   }
   auto step = [&](int64_t s, int64_t t) {
     const int64_t j0 = slices.begin(s), n = slices.size(s);
     const T* h_prev = t > 0 ? out_p + (t - 1) * B * H : h0_p;
     A* acc = accs[s].template data_ptr<A>();
-    gemms[s](h_prev, H, A(0), acc, 3 * n);  // [B, 3 n]
+    slice_gemms.gemms[s](h_prev, H, A(0), acc, 3 * n);  // [B, 3 n]
     fwd_rows<T, T>(0, B, n, H, acc, 3 * n, n, xp_p + t * B * G + j0, bhn + j0, h_prev + j0,
                    gates_p + t * B * G + j0, hn_p + t * B * H + j0, out_p + t * B * H + j0);
   };
@@ -120,13 +118,7 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   T* dx_p = grad_xp.data_ptr<T>();
   T* dg_p = grad_gh.data_ptr<T>();
   const UnitSlices slices(H, 3);
-  std::vector<at::Tensor> w_slices;
-  std::vector<StepGemm<T>> gemms;
-  for (int64_t s = 0; s < slices.count; ++s) {
-    const int64_t n = slices.size(s);
-    w_slices.push_back(slices.columns(w_hh, s));  // [G, n]
-    gemms.emplace_back(false, B, n, G, w_slices.back().template const_data_ptr<T>(), n);
-  }
+  const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/false);
   auto pointwise = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s);
     const T* hp_t = t > 0 ? out_p + (t - 1) * B * H : h0_p;
@@ -135,7 +127,7 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   };
   auto gemm = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s);
-    gemms[s](dg_p + t * B * G, G, A(1), dh_p + j0, H);  // dh_{t-1}[:, slice] += dgh @ W_hh
+    slice_gemms.gemms[s](dg_p + t * B * G, G, A(1), dh_p + j0, H);  // dh_{t-1}[:, slice] += dgh @ W_hh
   };
   slices.run(T_, pointwise, gemm);
 }

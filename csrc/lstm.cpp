@@ -85,12 +85,10 @@ void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& c0,
   T* gates_p = gates.data_ptr<T>();
   A* cs_p = cs.data_ptr<A>();
   const UnitSlices slices(H, 4);
-  std::vector<at::Tensor> w_slices, accs;
-  std::vector<StepGemm<T>> gemms;
+  const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
+  std::vector<at::Tensor> accs;
   for (int64_t s = 0; s < slices.count; ++s) {
     const int64_t n = slices.size(s);
-    w_slices.push_back(slices.gate_rows(w_hh, s));  // [4 n, H]
-    gemms.emplace_back(true, B, 4 * n, H, w_slices.back().template const_data_ptr<T>(), H);
     accs.push_back(at::empty({B, 4 * n}, xp.options().dtype(c10::CppTypeToScalarType<A>::value)));
   }
   const T* h0_p = h0.const_data_ptr<T>();
@@ -100,7 +98,7 @@ void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& c0,
     const T* h_prev = t > 0 ? out_p + (t - 1) * B * H : h0_p;
     const A* c_prev = t > 0 ? cs_p + (t - 1) * B * H : c0_p;
     A* acc = accs[s].template data_ptr<A>();
-    gemms[s](h_prev, H, A(0), acc, 4 * n);  // [B, 4 n]
+    slice_gemms.gemms[s](h_prev, H, A(0), acc, 4 * n);  // [B, 4 n]
     fwd_rows<T, T>(0, B, n, H, acc, 4 * n, n, xp_p + t * B * G + j0, G, c_prev + j0,
                    gates_p + t * B * G + j0, cs_p + t * B * H + j0, out_p + t * B * H + j0);
   };
@@ -121,13 +119,7 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   A* dc_p = dc.data_ptr<A>();
   T* dx_p = grad_xp.data_ptr<T>();
   const UnitSlices slices(H, 4);
-  std::vector<at::Tensor> w_slices;
-  std::vector<StepGemm<T>> gemms;
-  for (int64_t s = 0; s < slices.count; ++s) {
-    const int64_t n = slices.size(s);
-    w_slices.push_back(slices.columns(w_hh, s));  // [G, n]
-    gemms.emplace_back(false, B, n, G, w_slices.back().template const_data_ptr<T>(), n);
-  }
+  const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/false);
   // Step t's pointwise pass needs only the slice's own columns of dh; the GEMM
   // for dh_{t-1}[:, slice] needs every slice's dgates_t, hence the barrier.
   auto pointwise = [&](int64_t s, int64_t i) {
@@ -138,7 +130,7 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   };
   auto gemm = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s);
-    gemms[s](dx_p + t * B * G, G, A(0), dh_p + j0, H);  // dh_{t-1}[:, slice]
+    slice_gemms.gemms[s](dx_p + t * B * G, G, A(0), dh_p + j0, H);  // dh_{t-1}[:, slice]
   };
   slices.run(T_, pointwise, gemm);
 }

@@ -53,19 +53,17 @@ void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& w_hh
   const T* h0_p = h0.const_data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   const UnitSlices slices(H, 1);
-  std::vector<at::Tensor> w_slices, accs;
-  std::vector<StepGemm<T>> gemms;
+  const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
+  std::vector<at::Tensor> accs;
   for (int64_t s = 0; s < slices.count; ++s) {
     const int64_t n = slices.size(s);
-    w_slices.push_back(slices.gate_rows(w_hh, s));  // [n, H]
-    gemms.emplace_back(true, B, n, H, w_slices.back().template const_data_ptr<T>(), H);
     accs.push_back(at::empty({B, n}, xp.options().dtype(c10::CppTypeToScalarType<A>::value)));
   }
   auto step = [&](int64_t s, int64_t t) {
     const int64_t j0 = slices.begin(s), n = slices.size(s);
     const T* h_prev = t > 0 ? out_p + (t - 1) * B * H : h0_p;
     A* acc = accs[s].template data_ptr<A>();
-    gemms[s](h_prev, H, A(0), acc, n);  // [B, n]
+    slice_gemms.gemms[s](h_prev, H, A(0), acc, n);  // [B, n]
     fwd_rows<T, T, RELU>(0, B, n, H, acc, n, xp_p + t * B * H + j0, H, out_p + t * B * H + j0);
   };
   slices.run(T_, step, [](int64_t, int64_t) {});
@@ -81,13 +79,7 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   A* dh_p = dh.data_ptr<A>();
   T* dx_p = grad_xp.data_ptr<T>();
   const UnitSlices slices(H, 1);
-  std::vector<at::Tensor> w_slices;
-  std::vector<StepGemm<T>> gemms;
-  for (int64_t s = 0; s < slices.count; ++s) {
-    const int64_t n = slices.size(s);
-    w_slices.push_back(slices.columns(w_hh, s));  // [H, n]
-    gemms.emplace_back(false, B, n, H, w_slices.back().template const_data_ptr<T>(), n);
-  }
+  const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/false);
   auto pointwise = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s);
     bwd_rows<T, RELU>(0, B, n, H, go_p + t * B * H + j0, out_p + t * B * H + j0, dh_p + j0,
@@ -95,7 +87,7 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   };
   auto gemm = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s);
-    gemms[s](dx_p + t * B * H, H, A(0), dh_p + j0, H);  // dh_{t-1}[:, slice]
+    slice_gemms.gemms[s](dx_p + t * B * H, H, A(0), dh_p + j0, H);  // dh_{t-1}[:, slice]
   };
   slices.run(T_, pointwise, gemm);
 }
