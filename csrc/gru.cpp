@@ -41,11 +41,14 @@ FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
 
 // One backward step for rows [b0, b1) and units [0, n) of a slice: reads dh
 // (gradient from step t+1) and overwrites it with the direct path dh * z; the
-// GEMM adds dgh @ W_hh after.
+// GEMM adds dgh @ W_hh after. dgh (rows of G) is the step's hidden-side
+// gradient for that GEMM; only its n block differs from dxp (the reset gate
+// scales it), so that block alone is also kept for the weight gradient, in
+// dghn (rows of H).
 template <typename T>
 FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, const T* grad_out,
                               const T* gates, const T* hn, const T* h_prev, acc_t<T>* dh,
-                              T* dxp, T* dgh) {
+                              T* dxp, T* dgh, T* dghn) {
   using A = acc_t<T>;
   const int64_t G = 3 * H;
   for (int64_t b = b0; b < b1; ++b) {
@@ -56,6 +59,7 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
     A* dhr = dh + b * H;
     T* dx = dxp + b * G;
     T* dg = dgh + b * G;
+    T* dgn = dghn + b * H;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       A r = A(g[j]), z = A(g[H + j]), nn = A(g[2 * H + j]);
@@ -69,6 +73,7 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
       dg[j] = T(dr);
       dg[H + j] = T(dz);
       dg[2 * H + j] = T(dn * r);
+      dgn[j] = T(dn * r);
       dhr[j] = dht * z;
     }
   }
@@ -106,7 +111,7 @@ void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& w_hh
 template <typename T>
 void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tensor& h0,
               const at::Tensor& out, const at::Tensor& gates, const at::Tensor& hn,
-              at::Tensor& dh, at::Tensor& grad_xp, at::Tensor& grad_gh) {
+              at::Tensor& dh, at::Tensor& grad_xp, at::Tensor& grad_ghn) {
   using A = acc_t<T>;
   const int64_t T_ = gates.size(0), B = gates.size(1), G = gates.size(2), H = G / 3;
   const T* go_p = grad_out.const_data_ptr<T>();
@@ -116,18 +121,24 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   const T* h0_p = h0.const_data_ptr<T>();
   A* dh_p = dh.data_ptr<A>();
   T* dx_p = grad_xp.data_ptr<T>();
-  T* dg_p = grad_gh.data_ptr<T>();
+  T* dgn_p = grad_ghn.data_ptr<T>();
+  // The step GEMM's input dgh_t [B, G], in two buffers that alternate by step:
+  // a slice's pointwise pass for step t-1 may run while another thread's GEMM
+  // still reads step t's (the barrier only separates pointwise from GEMM).
+  auto dgh = at::empty({2, B, G}, grad_xp.options());  // [2, B, G]
+  T* dg_p = dgh.data_ptr<T>();
   const UnitSlices slices(H, 3);
   const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/false);
   auto pointwise = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s);
     const T* hp_t = t > 0 ? out_p + (t - 1) * B * H : h0_p;
     bwd_rows<T>(0, B, n, H, go_p + t * B * H + j0, g_p + t * B * G + j0, hn_p + t * B * H + j0,
-                hp_t + j0, dh_p + j0, dx_p + t * B * G + j0, dg_p + t * B * G + j0);
+                hp_t + j0, dh_p + j0, dx_p + t * B * G + j0, dg_p + (t % 2) * B * G + j0,
+                dgn_p + t * B * H + j0);
   };
   auto gemm = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s);
-    slice_gemms.gemms[s](dg_p + t * B * G, G, A(1), dh_p + j0, H);  // dh_{t-1}[:, slice] += dgh @ W_hh
+    slice_gemms.gemms[s](dg_p + (t % 2) * B * G, G, A(1), dh_p + j0, H);  // dh_{t-1}[:, slice] += dgh @ W_hh
   };
   slices.run(T_, pointwise, gemm);
 }
@@ -177,13 +188,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(
 
   auto dh = at::empty({B, H}, gates.options().dtype(state_type(dt))).copy_(grad_h_n);  // [B, H]
   auto grad_xp = at::empty({T_, B, G}, gates.options());  // [T, B, G]
-  auto grad_gh = at::empty({T_, B, G}, gates.options());  // [T, B, G]
+  auto grad_ghn = at::empty({T_, B, H}, gates.options());  // [T, B, H]
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_bwd", [&] {
     bwd_loop<scalar_t>(grad_out.contiguous(), w_hh.contiguous(), h0.contiguous(),
                        out.contiguous(), gates.contiguous(), hn.contiguous(), dh, grad_xp,
-                       grad_gh);
+                       grad_ghn);
   });
-  return {grad_xp, grad_gh, dh.to(dt)};
+  return {grad_xp, grad_ghn, dh.to(dt)};
 }
 
 at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,

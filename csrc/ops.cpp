@@ -27,7 +27,7 @@ TORCH_LIBRARY(fastchar, m) {
   m.def(
       "gru_bwd(Tensor grad_out, Tensor grad_h_n, Tensor w_hh, Tensor h0, "
       "Tensor out, Tensor gates, Tensor hn) -> "
-      "(Tensor grad_xp, Tensor grad_gh, Tensor grad_h0)");
+      "(Tensor grad_xp, Tensor grad_ghn, Tensor grad_h0)");
   m.def(
       "gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh) -> Tensor");

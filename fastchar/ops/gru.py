@@ -5,10 +5,11 @@ Shape letters: T time, B batch, I input, H hidden, G = 3H gates (r, z, n).
 Both backends implement the same pair of sequence ops:
   gru_fwd(xp [T, B, G], h0 [B, H], w_hh [G, H], b_hn [H])
       -> out [T, B, H], h_n [B, H], gates [T, B, G] (activated r, z, n), hn [T, B, H]
-  gru_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn) -> grad_xp, grad_gh, grad_h0
-where xp = x W_ih^T + b_ih + [b_hr, b_hz, 0], hn = W_hn h_{t-1} + b_hn, and grad_gh
-[T, B, G] is the gradient of the hidden-side pre-activation W_hh h_{t-1} + b_hh
-(it differs from grad_xp in the n block, which the reset gate scales).
+  gru_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn) -> grad_xp, grad_ghn, grad_h0
+where xp = x W_ih^T + b_ih + [b_hr, b_hz, 0] and hn = W_hn h_{t-1} + b_hn. The gradient
+of the hidden-side pre-activation W_hh h_{t-1} + b_hh equals grad_xp in the r and z
+blocks and differs in the n block, which the reset gate scales: grad_ghn [T, B, H] is
+that block alone, so the backward holds one [T, B, G] gradient, not two.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from fastchar.backends import cpp_loaded, resolve
 from fastchar.ops._common import (
     autocast_inputs,
     check_args,
+    grads_or_zeros,
+    skip_zero_grads,
     torch_params,
     weight_grad,
 )
@@ -40,7 +43,7 @@ def _fake_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor):
 
 def _fake_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn):
     T, B, G = gates.shape
-    return gates.new_empty(T, B, G), gates.new_empty(T, B, G), h0.new_empty(h0.shape)
+    return gates.new_empty(T, B, G), gates.new_empty(T, B, G // 3), h0.new_empty(h0.shape)
 
 
 def _fake_cell(x, h, w_ih, w_hh, b_ih, b_hh):
@@ -51,15 +54,21 @@ def _setup_context(ctx, inputs, output):
     xp, h0, w_hh, b_hn = inputs
     out, _, gates, hn = output
     ctx.save_for_backward(h0, w_hh, out, gates, hn)
+    skip_zero_grads(ctx)
 
 
 def _autograd_backward(bwd):
     def backward(ctx, grad_out, grad_h_n, _grad_gates, _grad_hn):
         h0, w_hh, out, gates, hn = ctx.saved_tensors
-        grad_xp, grad_gh, grad_h0 = bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn)
+        grad_out, grad_h_n = grads_or_zeros((grad_out, out), (grad_h_n, h0))
+        grad_xp, grad_ghn, grad_h0 = bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn)
         H = w_hh.shape[1]
-        grad_w_hh = weight_grad(grad_gh, h0, out) if ctx.needs_input_grad[2] else None
-        grad_b_hn = grad_gh[..., 2 * H :].sum((0, 1)) if ctx.needs_input_grad[3] else None
+        grad_w_hh = None
+        if ctx.needs_input_grad[2]:  # rows r, z from grad_xp's blocks (views), n from grad_ghn
+            grad_w_hh = torch.cat(
+                (weight_grad(grad_xp[..., : 2 * H], h0, out), weight_grad(grad_ghn, h0, out))
+            )
+        grad_b_hn = grad_ghn.sum((0, 1)) if ctx.needs_input_grad[3] else None
         return grad_xp, grad_h0, grad_w_hh, grad_b_hn
 
     return backward

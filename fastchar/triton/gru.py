@@ -4,11 +4,12 @@ Shape letters: T time, B batch, I input, H hidden, G = 3H gates.
 
   gru_fwd(xp [T, B, G], h0 [B, H], w_hh [G, H], b_hn [H])
       -> out [T, B, H], h_n [B, H], gates [T, B, G] (activated r, z, n), hn [T, B, H]
-  gru_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn) -> grad_xp, grad_gh, grad_h0
+  gru_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn) -> grad_xp, grad_ghn, grad_h0
   gru_cell(x [B, I], h, w_ih, w_hh, b_ih, b_hh) -> h' [B, H]
 
-xp already holds b_ih + [b_hr, b_hz, 0]; hn = W_hn h_{t-1} + b_hn. grad_gh is the
-gradient of W_hh h_{t-1} + b_hh, which differs from grad_xp in the n block (scaled by r).
+xp already holds b_ih + [b_hr, b_hz, 0]; hn = W_hn h_{t-1} + b_hn. The gradient of
+W_hh h_{t-1} + b_hh equals grad_xp except in the n block (scaled by r): grad_ghn [T, B, H]
+is that block, and the backward's recurrence reads r and z from grad_xp.
 The launch variants are described in ``fastchar.triton._common``.
 """
 
@@ -132,7 +133,7 @@ def _bwd_kernel(
     gates_ptr,  # [T, B, G]
     hn_ptr,  # [T, B, H]
     dxp_ptr,  # [T, B, G] out
-    dgh_ptr,  # [T, B, G] out
+    dghn_ptr,  # [T, B, H] out: the n block of the hidden-side gradient
     carry_ptr,  # [B, H] accumulation dtype: dh_t * z_t handed to step t-1 (zeros in)
     dh0_ptr,  # [B, H] out
     T,
@@ -173,14 +174,17 @@ def _bwd_kernel(
         wr = 0
         wz = 0
         wn = 0
-    # grad_gh of step t+1 when the program owns all of it; zero before step T-1
+    # the hidden-side gradient of step t+1 when the program owns all of it; zero
+    # before step T-1. In memory its r and z blocks are grad_xp's, its n block grad_ghn's.
     gr = tl.zeros((BLOCK_B, BLOCK_H), ACC)
     gz = tl.zeros((BLOCK_B, BLOCK_H), ACC)
     gn = tl.zeros((BLOCK_B, BLOCK_H), ACC)
 
     for s in range(s0, s0 + n_steps):
         tt = tl.cast(T - 1 - s, tl.int64)
-        nxt = dgh_ptr + (tt + 1) * B * G
+        nxt = dxp_ptr + (tt + 1) * B * G
+        # rec_gate reads gate q's block at src + q * H; shifted so gate 2 lands on grad_ghn
+        nxt_n = dghn_ptr + (tt + 1) * B * H - 2 * H
         n_rows = tl.where(s > 0, B, 0)
         rec = tl.zeros((BLOCK_B, BLOCK_H), ACC)
         rec = rec_gate(
@@ -229,13 +233,13 @@ def _bwd_kernel(
         )
         rec = rec_gate(
             rec,
-            nxt,
+            nxt_n,
             2,
             n_rows,
             rows,
             j0,
             H,
-            G,
+            H,
             w_ptr,
             wn,
             gn,
@@ -270,10 +274,7 @@ def _bwd_kernel(
         tl.store(d_t, gr.to(DT), mask=mask)
         tl.store(d_t + H, gz.to(DT), mask=mask)
         tl.store(d_t + 2 * H, dn.to(DT), mask=mask)
-        d_t = dgh_ptr + tt * B * G + bg
-        tl.store(d_t, gr.to(DT), mask=mask)
-        tl.store(d_t + H, gz.to(DT), mask=mask)
-        tl.store(d_t + 2 * H, gn.to(DT), mask=mask)
+        tl.store(dghn_ptr + tt * B * H + bh, gn.to(DT), mask=mask)
         if SYNC:
             grid_barrier(sync_ptr + pid_b, (s - s0 + 1) * tl.num_programs(0))
 
@@ -282,7 +283,7 @@ def _bwd_kernel(
         rec = carry
         rec = rec_gate(
             rec,
-            dgh_ptr,
+            dxp_ptr,
             0,
             B,
             rows,
@@ -304,7 +305,7 @@ def _bwd_kernel(
         )
         rec = rec_gate(
             rec,
-            dgh_ptr,
+            dxp_ptr,
             1,
             B,
             rows,
@@ -326,13 +327,13 @@ def _bwd_kernel(
         )
         rec = rec_gate(
             rec,
-            dgh_ptr,
+            dghn_ptr - 2 * H,
             2,
             B,
             rows,
             j0,
             H,
-            G,
+            H,
             w_ptr,
             wn,
             gn,
@@ -379,11 +380,11 @@ def gru_bwd(
     gates: Tensor,
     hn: Tensor,
 ):
-    """Sequence backward: grad_xp [T, B, G], grad_gh [T, B, G], grad_h0 [B, H]."""
+    """Sequence backward: grad_xp [T, B, G], grad_ghn [T, B, H], grad_h0 [B, H]."""
     T, B, G = gates.shape
     H = G // 3
     grad_xp = gates.new_empty(T, B, G)  # [T, B, G]
-    grad_gh = gates.new_empty(T, B, G)  # [T, B, G]
+    grad_ghn = gates.new_empty(T, B, H)  # [T, B, H]
     carry = gates.new_zeros(B, H, dtype=acc_dtype(gates.dtype))  # [B, H]
     grad_h0 = h0.new_empty(B, H)
     p = plan(B, H, 3, gates, T)
@@ -396,7 +397,7 @@ def gru_bwd(
         gates.contiguous(),
         hn.contiguous(),
         grad_xp,
-        grad_gh,
+        grad_ghn,
         carry,
         grad_h0,
         T,
@@ -404,7 +405,7 @@ def gru_bwd(
         H,
     )
     launch(_bwd_kernel, p, args, T, H, gates, backward=True)
-    return grad_xp, grad_gh, grad_h0
+    return grad_xp, grad_ghn, grad_h0
 
 
 def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
