@@ -125,6 +125,21 @@ def test_cell_matches_reference_and_torch(cell, dtype, bias):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_loss_on_one_output_matches_torch(cell):
+    """Outputs the loss does not read reach the backward as None (no zero-filled
+    [T, B, G] buffers); each single-output loss still gives torch's gradients."""
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    for k in range(3 if cell == "lstm" else 2):  # out, h_n, (c_n)
+        grads = []
+        for module in make_pair(cell, "cpp", 4, 9, num_layers=2):
+            xi = x.clone().requires_grad_()
+            flatten_out(module(xi))[k].pow(2).sum().backward()
+            grads.append([xi.grad] + [p.grad for p in module.parameters()])
+        for got, want in zip(*grads, strict=True):
+            assert_close(got, want, torch.float64, f"output {k}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_step_matches_forward(cell):
     ours, _ = make_pair(cell, "cpp", 3, 6, num_layers=2)
     x = torch.randn(5, 2, 3, dtype=torch.float64)

@@ -83,8 +83,27 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     )
 
 
+def skip_zero_grads(ctx) -> None:
+    """For a sequence op's setup_context: no zero-filled gradients for unused outputs.
+
+    The forward ops return what backward needs (gates [T, B, G], cell states) as
+    outputs; by default autograd would fill each unused output's gradient with a
+    zero tensor of its size before calling backward, adding several [T, B, H]
+    buffers to the backward's peak memory. Backward then gets None for those and
+    fills only the gradients its kernel reads, with ``grads_or_zeros``.
+    """
+    ctx.set_materialize_grads(False)
+
+
+def grads_or_zeros(*pairs: tuple[Tensor | None, Tensor]) -> list[Tensor]:
+    """Each (grad, like) pair's gradient, or zeros shaped like ``like`` where it is None."""
+    return [torch.zeros_like(like) if grad is None else grad for grad, like in pairs]
+
+
 def weight_grad(d_gates: Tensor, h0: Tensor, out: Tensor) -> Tensor:
     """dW_hh [G, H] = sum over steps t of d_gates[t]^T h_{t-1}, with h_{-1} = h0.
+
+    ``d_gates`` [T, B, G] may be a column block of a wider gradient (a view).
 
     Two GEMMs on views (step 0 against h0, steps 1.. against out[:-1]) rather than
     one on a concatenated copy of every h_{t-1}: that copy ([T, B, H]) would raise

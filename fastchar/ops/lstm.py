@@ -20,6 +20,8 @@ from fastchar.backends import cpp_loaded, resolve
 from fastchar.ops._common import (
     autocast_inputs,
     check_args,
+    grads_or_zeros,
+    skip_zero_grads,
     state_dtype,
     torch_params,
     weight_grad,
@@ -51,11 +53,15 @@ def _setup_context(ctx, inputs, output):
     xp, h0, c0, w_hh = inputs
     out, _, _, gates, cs = output
     ctx.save_for_backward(h0, c0, w_hh, out, gates, cs)
+    skip_zero_grads(ctx)
 
 
 def _autograd_backward(bwd):
     def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs):
         h0, c0, w_hh, out, gates, cs = ctx.saved_tensors
+        grad_out, grad_h_n, grad_c_n = grads_or_zeros(
+            (grad_out, out), (grad_h_n, h0), (grad_c_n, c0)
+        )
         grad_xp, grad_h0, grad_c0 = bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs)
         grad_w_hh = weight_grad(grad_xp, h0, out) if ctx.needs_input_grad[3] else None
         return grad_xp, grad_h0, grad_c0, grad_w_hh
