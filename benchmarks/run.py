@@ -314,8 +314,9 @@ def bench_training(cells, impls, dtype, device, cfg) -> list[dict]:
     return rows
 
 
-def _add_speedups(rows: list[dict], key: str, lower_is_better: bool) -> None:
-    """``vs_torch`` / ``vs_reference`` within each cell: above 1 means better than the base."""
+def _add_speedups(rows: list[dict], key: str, lower_is_better: bool, prefix: str = "vs") -> None:
+    """``vs_torch`` / ``vs_reference`` (``prefix``) within each cell: above 1 means better
+    than the base."""
     for row in rows:
         for base in ("torch", "reference"):
             ref = next(
@@ -327,11 +328,11 @@ def _add_speedups(rows: list[dict], key: str, lower_is_better: bool) -> None:
                 None,
             )
             if key not in row or ref is None or min(row[key], ref[key]) <= 0:
-                row[f"vs_{base}"] = None
+                row[f"{prefix}_{base}"] = None
             elif lower_is_better:
-                row[f"vs_{base}"] = ref[key] / row[key]
+                row[f"{prefix}_{base}"] = ref[key] / row[key]
             else:
-                row[f"vs_{base}"] = row[key] / ref[key]
+                row[f"{prefix}_{base}"] = row[key] / ref[key]
 
 
 def _status_kb(field: str) -> int | None:
@@ -345,12 +346,36 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def _peak_tensor_bytes(fn) -> int:
+    """Peak bytes of live CPU tensors during ``fn()`` above those alive before it: the
+    profiler's record of every allocation and free, summed in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cpu = torch.autograd.DeviceType.CPU
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == cpu
+    ]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak
+
+
 def memory_child(spec: dict) -> dict:
     """One CharRNN training step's peak memory above the state after a warm-up step.
 
     The warm-up step allocates AdamW's state and any lazy buffers, which are the
     same for every impl, and ends with the gradients freed; what the timed step
     adds is activations, saved tensors, gradients and the kernels' scratch.
+    CPU reports two measures: ``peak_mb``, the tensor bytes live at the step's peak
+    (as ``torch.cuda.max_memory_allocated`` counts on CUDA), and ``rss_mb``, the
+    resident memory's high-water mark, which also counts memory outside tensors and
+    leaves out allocated pages never touched.
     """
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
@@ -373,9 +398,9 @@ def memory_child(spec: dict) -> dict:
         # "5" resets VmHWM to the current RSS, so the peak below belongs to the timed step.
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        method = "VmHWM of one step, reset after a warm-up step; minus VmRSS then"
+        rss_method = "VmHWM of one step, reset after a warm-up step; minus VmRSS then"
     except OSError:
-        method = "VmHWM since process start minus VmRSS after a warm-up step"
+        rss_method = "VmHWM since process start minus VmRSS after a warm-up step"
     step()
     peak_kb = _status_kb("VmHWM")
     if base_kb is None or peak_kb is None:
@@ -385,13 +410,20 @@ def memory_child(spec: dict) -> dict:
             "no /proc/self/status; ru_maxrss alone "
             f"({resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} kB) cannot isolate one step"
         )
-    return {"peak_mb": (peak_kb - base_kb) / 1024, "baseline_mb": base_kb / 1024, "method": method}
+    return {
+        "peak_mb": _peak_tensor_bytes(step) / 2**20,
+        "rss_mb": (peak_kb - base_kb) / 1024,
+        "baseline_mb": base_kb / 1024,
+        "method": "tensor bytes: profiler allocation records of a third step; RSS: " + rss_method,
+    }
 
 
 def bench_memory(cells, impls, dtype, device, cfg, threads) -> list[dict]:
-    # A fixed mmap threshold turns off glibc's dynamic one, which would keep freed tensors
-    # resident in the heap and hide the timed step's allocations from VmHWM.
-    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    # Every allocation of a page or more gets its own mapping, returned when freed: with
+    # glibc's default (or any threshold above a tensor's size), tensors freed in the
+    # warm-up stay resident in the heap and the timed step's re-allocations of them are
+    # invisible to VmHWM (200 live 32 KiB tensors read as 0 MB with a 64 KiB threshold).
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "4096"}
     rows = []
     for cell in cells:
         for impl in impls:
@@ -412,6 +444,7 @@ def bench_memory(cells, impls, dtype, device, cfg, threads) -> list[dict]:
                 row |= json.loads(lines[-1])
             rows.append(row)
     _add_speedups(rows, "peak_mb", lower_is_better=True)
+    _add_speedups(rows, "rss_mb", lower_is_better=True, prefix="rss_vs")
     return rows
 
 
@@ -458,18 +491,24 @@ def print_extras(result: dict) -> None:
             f"Peak training memory: one step of the training model (batch {r0['batch']}, block "
             f"{r0['block']}) above the state after a warm-up step, a fresh process each"
         )
+
+        def mb(r: dict, key: str, ratio: str) -> list[str]:
+            if key not in r:
+                return ["-", "-"]
+            return [f"{r[key]:.1f}", "-" if r[ratio] is None else f"{1 / r[ratio]:.2f}x"]
+
         table = [
-            [r["cell"], r["impl"], "FAILED " + r["error"][:60], ""]
+            [r["cell"], r["impl"], "FAILED " + r["error"][:60], "", "", ""]
             if "error" in r
             else [
                 r["cell"],
                 r["impl"],
-                f"{r['peak_mb']:.1f}",
-                "-" if r["vs_torch"] is None else f"{1 / r['vs_torch']:.2f}x",
+                *mb(r, "peak_mb", "vs_torch"),
+                *mb(r, "rss_mb", "rss_vs_torch"),
             ]
             for r in result["memory"]
         ]
-        _print_table(["cell", "impl", "peak MB", "/ torch"], table)
+        _print_table(["cell", "impl", "tensor MB", "/ torch", "RSS MB", "/ torch"], table)
 
 
 def write_plot(path: str, rows: list[dict], env: dict) -> None:

@@ -11,19 +11,25 @@ import math
 import os
 
 import pytest
+import torch
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 RUN = os.path.join(BENCH_DIR, "run.py")
 
 
 @pytest.fixture
-def run_main(monkeypatch):
+def run_module(monkeypatch):
     monkeypatch.syspath_prepend(BENCH_DIR)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     spec = importlib.util.spec_from_file_location("fastchar_bench_run", RUN)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+@pytest.fixture
+def run_main(run_module):
+    return run_module.main
 
 
 def _positive(x) -> bool:
@@ -85,7 +91,17 @@ def test_memory_part_in_a_fresh_process(run_main, tmp_path):
     assert row["cell"] == "lstm" and row["impl"] == "torch" and "error" not in row
     assert (row["batch"], row["block"], row["hidden"]) == (8, 32, 64)
     # The step's logits alone take 8 * 32 * 96 * 4 bytes (0.09 MB); the LSTM saves far more.
-    assert 0.09 < row["peak_mb"] < 100 and row["method"]
+    assert 0.09 < row["peak_mb"] < 100 and 0.09 < row["rss_mb"] < 100 and row["method"]
+
+
+def test_peak_tensor_bytes_counts_what_is_live_at_once(run_module):
+    def step():
+        keep = [torch.ones(1000) for _ in range(10)]  # 40,000 bytes live together
+        del keep
+        torch.ones(2000)  # 8,000 bytes, after the others are freed
+
+    step()
+    assert run_module._peak_tensor_bytes(step) == 40_000
 
 
 def test_refuses_triton_interpreter(run_main, monkeypatch, capsys):
