@@ -29,7 +29,8 @@ def report() -> str:
         f"torch    {torch.__version__} (threads: {torch.get_num_threads()})",
         f"triton   {triton_version() or 'not installed'}"
         + (" (TRITON_INTERPRET=1: interpreter)" if interpreter_on() else ""),
-        f"cuda     {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}",
+        "cuda     "
+        + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"),
     ]
     for device in _devices():
         lines.append("")

@@ -82,7 +82,7 @@ class _FastRNNMixin:
         LD = self.num_layers * (2 if self.bidirectional else 1)
         want = (LD, B, self.hidden_size) if batched else (LD, self.hidden_size)
         names = ("h0", "c0")
-        for name, s in zip(names, states):
+        for name, s in zip(names, states, strict=False):  # names has room for both
             if not isinstance(s, Tensor):
                 raise TypeError(f"{type(self).__name__}: {name} must be a Tensor")
             if tuple(s.shape) != want:
@@ -112,7 +112,7 @@ class _FastRNNMixin:
                 xin = x.flip(0) if d else x
                 out, *s_n = self._layer(xin, s0, self._layer_params(layer, d), kind)
                 outs.append(out.flip(0) if d else out)
-                for acc, s in zip(finals, s_n):
+                for acc, s in zip(finals, s_n, strict=True):
                     acc.append(s)
             x = outs[0] if D == 1 else torch.cat(outs, 2)  # [T, B, D*H]
             if self.dropout and self.training and layer < self.num_layers - 1:
@@ -124,7 +124,6 @@ class _FastRNNMixin:
             x = x.squeeze(1)
             h = [s.squeeze(1) for s in h]
         return x, (tuple(h) if self._n_states > 1 else h[0])
-
 
     def step(self, x: Tensor, hx=None):
         """Advance one time step with the single-step ``*_cell`` ops (for sampling).
@@ -147,7 +146,7 @@ class _FastRNNMixin:
             s0 = [x.new_zeros(B, self.hidden_size) if s is None else s[layer] for s in states]
             s_n = self._cell(x, s0, self._layer_params(layer, 0), kind)
             x = s_n[0]
-            for acc, s in zip(finals, s_n):
+            for acc, s in zip(finals, s_n, strict=True):
                 acc.append(s)
         h = [torch.stack(acc) for acc in finals]  # [L, B, H]
         return x, (tuple(h) if self._n_states > 1 else h[0])

@@ -49,7 +49,7 @@ def test_torch_impl_is_torch(cell):
 def test_unbatched_input(cell):
     ours, theirs = make_pair(cell, "reference", 3, 5, num_layers=2)
     x = torch.randn(4, 3, dtype=torch.float64)
-    for a, b in zip(flatten_out(ours(x)), flatten_out(theirs(x))):
+    for a, b in zip(flatten_out(ours(x)), flatten_out(theirs(x)), strict=True):
         assert a.shape == b.shape
         assert_close(a, b, torch.float64, "unbatched")
 
@@ -61,11 +61,11 @@ def test_state_dict_round_trips_both_ways(cell):
     theirs = theirs_cls(4, 6, num_layers=2, bidirectional=True, **extra)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     theirs.load_state_dict(ours.state_dict())
-    for (n, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+    for (n, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     fresh = ours_cls(4, 6, num_layers=2, bidirectional=True, **extra)
     fresh.load_state_dict(theirs.state_dict())
-    for (n, a), (_, b) in zip(fresh.state_dict().items(), theirs.state_dict().items()):
+    for (n, a), (_, b) in zip(fresh.state_dict().items(), theirs.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
 
 
@@ -76,7 +76,7 @@ def test_initialisation_is_torchs(cell):
     ours = ours_cls(5, 9, num_layers=2, **extra)
     torch.manual_seed(123)
     theirs = theirs_cls(5, 9, num_layers=2, **extra)
-    for (n, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+    for (n, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
         assert torch.equal(a, b), n
 
 
@@ -85,7 +85,7 @@ def test_eval_mode_dropout_is_identity(cell):
     ours, theirs = make_pair(cell, "reference", 3, 5, num_layers=3, dropout=0.5)
     ours.eval(), theirs.eval()
     x = torch.randn(4, 2, 3, dtype=torch.float64)
-    for a, b in zip(flatten_out(ours(x)), flatten_out(theirs(x))):
+    for a, b in zip(flatten_out(ours(x)), flatten_out(theirs(x)), strict=True):
         assert_close(a, b, torch.float64, "eval dropout")
 
 
@@ -96,7 +96,7 @@ def test_train_mode_dropout_between_layers(cell):
     ours, theirs = make_pair(cell, "reference", 3, 5, num_layers=2, dropout=1.0)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     got, want = flatten_out(ours(x)), flatten_out(theirs(x))
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert_close(a, b, torch.float64, "train dropout p=1")
     ours.dropout = 0.0
     assert not torch.allclose(ours(x)[0], got[0]), "dropout had no effect"
@@ -114,7 +114,7 @@ def test_step_matches_forward(cell, impl):
         y, hx = ours.step(x[t], hx)
         steps.append(y)
     assert_close(torch.stack(steps), out, torch.float64, "step outputs")
-    for a, b in zip(flatten_out((None, hx))[1:], flatten_out((None, hx_full))[1:]):
+    for a, b in zip(flatten_out((None, hx))[1:], flatten_out((None, hx_full))[1:], strict=True):
         assert_close(a, b, torch.float64, "step state")
 
 
@@ -191,7 +191,8 @@ def test_fused_falls_back_with_one_warning(monkeypatch):
     m = fastchar.nn.RNN(4, 4)
     assert m.impl == "fused"
     x = torch.randn(3, 2, 4)
-    with pytest.warns(RuntimeWarning, match="falls back to 'reference' on cpu: cpp is switched off"):
+    fallback = "falls back to 'reference' on cpu: cpp is switched off"
+    with pytest.warns(RuntimeWarning, match=fallback):
         m(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
