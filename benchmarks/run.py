@@ -348,7 +348,10 @@ def _status_kb(field: str) -> int | None:
 
 def _peak_tensor_bytes(fn) -> int:
     """Peak bytes of live CPU tensors during ``fn()`` above those alive before it: the
-    profiler's record of every allocation and free, summed in time order."""
+    profiler's record of every allocation and free, summed in time order. Frees of
+    tensors allocated before profiling are not sized by the profiler, so ``fn`` should
+    not free older tensors before its peak (a training step after a warm-up step with
+    ``zero_grad(set_to_none=True)`` frees none)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
