@@ -317,6 +317,56 @@ def rec_gate(
 
 
 @triton.jit
+def rec_gates(
+    acc,
+    src_ptr,
+    n_rows,
+    rows,
+    j0,
+    H,
+    G,
+    w_ptr,
+    w_res,
+    d_regs,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    H_IN_REGS: tl.constexpr,
+    W_RESIDENT: tl.constexpr,
+    CM: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """``rec_gate`` for gates 0 .. len(d_regs) - 1 of one [B, G] slab, summed into acc:
+    ``w_res`` and ``d_regs`` are tuples with one entry per gate."""
+    for q in tl.static_range(len(d_regs)):
+        acc = rec_gate(
+            acc,
+            src_ptr,
+            q,
+            n_rows,
+            rows,
+            j0,
+            H,
+            G,
+            w_ptr,
+            w_res[q],
+            d_regs[q],
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+            H_IN_REGS,
+            W_RESIDENT,
+            CM,
+            ACC,
+            PREC,
+            DOT,
+        )
+    return acc
+
+
+@triton.jit
 def tanh(x):
     # tl has no tanh that also runs in the interpreter; 2*sigmoid(2x) - 1 is exact
     # in form and loses only absolute round-off near zero.
