@@ -63,6 +63,32 @@ inline void check_float_dtype(const char* OP, const at::Tensor& x) {
               ": dtype ", t, " is not supported (float32, float64 or bfloat16)");
 }
 
+// The checks every *_cell op shares: x [B, I] and w_hh [n_gates * H, H] on the CPU
+// in a supported dtype, then w_ih [G, I], h [B, H] and the optional biases [G] in
+// x's dtype. Returns H. The messages name each argument as the op schemas do.
+inline int64_t check_cell_args(const char* OP, int64_t n_gates, const at::Tensor& x,
+                               const at::Tensor& h, const at::Tensor& w_ih,
+                               const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                               const std::optional<at::Tensor>& b_hh) {
+  CHECK_CPU(x);
+  CHECK_DIM(x, 2);
+  check_float_dtype(OP, x);
+  CHECK_CPU(w_hh);
+  CHECK_DIM(w_hh, 2);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1), G = n_gates * H;
+  CHECK_ARG(w_hh, dt, G, H);
+  CHECK_ARG(w_ih, dt, G, I);
+  CHECK_ARG(h, dt, B, H);
+  if (b_ih.has_value()) {
+    CHECK_ARG(*b_ih, dt, G);
+  }
+  if (b_hh.has_value()) {
+    CHECK_ARG(*b_hh, dt, G);
+  }
+  return H;
+}
+
 // Rows per parallel task: small passes stay on one thread, where a fork and
 // join would cost more than the work.
 inline int64_t row_grain(int64_t H) {

@@ -201,22 +201,9 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                     const std::optional<at::Tensor>& b_hh) {
   constexpr const char* OP = "fastchar::gru_cell";
-  CHECK_CPU(x);
-  CHECK_DIM(x, 2);
-  check_float_dtype(OP, x);
-  CHECK_CPU(w_hh);
-  CHECK_DIM(w_hh, 2);
+  const int64_t H = check_cell_args(OP, 3, x, h, w_ih, w_hh, b_ih, b_hh);
   const auto dt = x.scalar_type();
-  const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1), G = 3 * H;
-  CHECK_ARG(w_hh, dt, G, H);
-  CHECK_ARG(w_ih, dt, G, I);
-  CHECK_ARG(h, dt, B, H);
-  if (b_ih.has_value()) {
-    CHECK_ARG(*b_ih, dt, G);
-  }
-  if (b_hh.has_value()) {
-    CHECK_ARG(*b_hh, dt, G);
-  }
+  const int64_t B = x.size(0), I = x.size(1), G = 3 * H;
 
   const auto st = state_type(dt);
   // x side carries b_ih + [b_hr, b_hz, 0]; b_hn stays with the hidden side.

@@ -196,23 +196,10 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tens
                                              const std::optional<at::Tensor>& b_ih,
                                              const std::optional<at::Tensor>& b_hh) {
   constexpr const char* OP = "fastchar::lstm_cell";
-  CHECK_CPU(x);
-  CHECK_DIM(x, 2);
-  check_float_dtype(OP, x);
-  CHECK_CPU(w_hh);
-  CHECK_DIM(w_hh, 2);
+  const int64_t H = check_cell_args(OP, 4, x, h, w_ih, w_hh, b_ih, b_hh);
   const auto dt = x.scalar_type();
-  const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1), G = 4 * H;
-  CHECK_ARG(w_hh, dt, G, H);
-  CHECK_ARG(w_ih, dt, G, I);
-  CHECK_ARG(h, dt, B, H);
+  const int64_t B = x.size(0), I = x.size(1), G = 4 * H;
   CHECK_ARG(c, dt, B, H);
-  if (b_ih.has_value()) {
-    CHECK_ARG(*b_ih, dt, G);
-  }
-  if (b_hh.has_value()) {
-    CHECK_ARG(*b_hh, dt, G);
-  }
 
   const auto st = state_type(dt);
   auto bias = bias_acc(b_ih, b_hh, G, st);  // [G]

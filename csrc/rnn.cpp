@@ -147,22 +147,9 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                     const std::optional<at::Tensor>& b_hh, bool relu) {
   constexpr const char* OP = "fastchar::rnn_cell";
-  CHECK_CPU(x);
-  CHECK_DIM(x, 2);
-  check_float_dtype(OP, x);
-  CHECK_CPU(w_hh);
-  CHECK_DIM(w_hh, 2);
+  const int64_t H = check_cell_args(OP, 1, x, h, w_ih, w_hh, b_ih, b_hh);
   const auto dt = x.scalar_type();
-  const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1);
-  CHECK_ARG(w_hh, dt, H, H);
-  CHECK_ARG(w_ih, dt, H, I);
-  CHECK_ARG(h, dt, B, H);
-  if (b_ih.has_value()) {
-    CHECK_ARG(*b_ih, dt, H);
-  }
-  if (b_hh.has_value()) {
-    CHECK_ARG(*b_hh, dt, H);
-  }
+  const int64_t B = x.size(0), I = x.size(1);
 
   const auto st = state_type(dt);
   auto bias = bias_acc(b_ih, b_hh, H, st);  // [H]
