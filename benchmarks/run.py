@@ -138,6 +138,21 @@ def _print_table(headers: list[str], rows: list[list[str]]) -> None:
     print()
 
 
+def _print_results(headers: list[str], rows: list[dict], lead, values) -> None:
+    """One table line per result: ``lead(r)`` then ``values(r)``, or, for a failed case,
+    FAILED and the start of its error in place of the values."""
+    table = []
+    for r in rows:
+        head = lead(r)
+        if "error" in r:
+            table.append(
+                head + ["FAILED " + r["error"][:60]] + [""] * (len(headers) - len(head) - 1)
+            )
+        else:
+            table.append(head + values(r))
+    _print_table(headers, table)
+
+
 def bench_layers(cells, shapes, impls, dtype, device, cfg) -> list[dict]:
     rows = []
     for cell in cells:
@@ -187,24 +202,19 @@ def print_layers(rows: list[dict]) -> None:
     print("Layers: one layer, one direction, grad enabled; tok/s, GFLOP/s and ratios are fwd+bwd")
     headers = ["cell", "B", "T", "I", "H", "dtype", "impl", "fwd ms", "fwd+bwd ms", "tok/s"]
     headers += ["GFLOP/s", "x torch", "x reference"]
-    table = []
-    for r in rows:
-        head = [r["cell"], *(str(r[k]) for k in "BTIH"), r["dtype"], r["impl"]]
-        if "error" in r:
-            table.append(head + ["FAILED", r["error"][:60], "", "", "", ""])
-            continue
-        table.append(
-            head
-            + [
-                _fmt_ms(r["fwd"]),
-                _fmt_ms(r["fwd_bwd"]),
-                f"{r['tokens_per_s_fwd_bwd']:.3g}",
-                f"{r['gflops_fwd_bwd']:.3g}",
-                _fmt_ratio(r["vs_torch_fwd_bwd"]),
-                _fmt_ratio(r["vs_reference_fwd_bwd"]),
-            ]
-        )
-    _print_table(headers, table)
+    _print_results(
+        headers,
+        rows,
+        lambda r: [r["cell"], *(str(r[k]) for k in "BTIH"), r["dtype"], r["impl"]],
+        lambda r: [
+            _fmt_ms(r["fwd"]),
+            _fmt_ms(r["fwd_bwd"]),
+            f"{r['tokens_per_s_fwd_bwd']:.3g}",
+            f"{r['gflops_fwd_bwd']:.3g}",
+            _fmt_ratio(r["vs_torch_fwd_bwd"]),
+            _fmt_ratio(r["vs_reference_fwd_bwd"]),
+        ],
+    )
 
 
 def _char_model(impl: str, dtype, device, **kw):
@@ -455,39 +465,34 @@ def print_extras(result: dict) -> None:
     if result.get("sampling"):
         m = SAMPLE_MODEL
         print(f"Sampling: CharRNN.step, {m['layers']}x{m['hidden']} {m['model']}, batch 1, no grad")
-        table = [
-            [r["impl"], "FAILED " + r["error"][:50], "", "", ""]
-            if "error" in r
-            else [
-                r["impl"],
+        _print_results(
+            ["impl", "ms/char", "char/s", "x torch", "x reference"],
+            result["sampling"],
+            lambda r: [r["impl"]],
+            lambda r: [
                 f"{r['ms_per_char']:.3g}",
                 f"{r['chars_per_s']:.3g}",
                 _fmt_ratio(r["vs_torch"]),
                 _fmt_ratio(r["vs_reference"]),
-            ]
-            for r in result["sampling"]
-        ]
-        _print_table(["impl", "ms/char", "char/s", "x torch", "x reference"], table)
+            ],
+        )
     if result.get("training"):
         r0 = result["training"][0]
         print(
             f"Training: CharRNN {TRAIN_MODEL['layers']}x{r0['hidden']} {r0['dtype']}, "
             f"batch {r0['batch']}, block {r0['block']}, AdamW, median of {r0['steps']} steps"
         )
-        table = [
-            [r["cell"], r["impl"], "FAILED " + r["error"][:50], "", "", ""]
-            if "error" in r
-            else [
-                r["cell"],
-                r["impl"],
+        _print_results(
+            ["cell", "impl", "step ms", "tok/s", "x torch", "x reference"],
+            result["training"],
+            lambda r: [r["cell"], r["impl"]],
+            lambda r: [
                 f"{r['step_ms']:.3g}",
                 f"{r['tokens_per_s']:.3g}",
                 _fmt_ratio(r["vs_torch"]),
                 _fmt_ratio(r["vs_reference"]),
-            ]
-            for r in result["training"]
-        ]
-        _print_table(["cell", "impl", "step ms", "tok/s", "x torch", "x reference"], table)
+            ],
+        )
     if result.get("memory"):
         r0 = result["memory"][0]
         print(
@@ -500,18 +505,12 @@ def print_extras(result: dict) -> None:
                 return ["-", "-"]
             return [f"{r[key]:.1f}", "-" if r[ratio] is None else f"{1 / r[ratio]:.2f}x"]
 
-        table = [
-            [r["cell"], r["impl"], "FAILED " + r["error"][:60], "", "", ""]
-            if "error" in r
-            else [
-                r["cell"],
-                r["impl"],
-                *mb(r, "peak_mb", "vs_torch"),
-                *mb(r, "rss_mb", "rss_vs_torch"),
-            ]
-            for r in result["memory"]
-        ]
-        _print_table(["cell", "impl", "tensor MB", "/ torch", "RSS MB", "/ torch"], table)
+        _print_results(
+            ["cell", "impl", "tensor MB", "/ torch", "RSS MB", "/ torch"],
+            result["memory"],
+            lambda r: [r["cell"], r["impl"]],
+            lambda r: mb(r, "peak_mb", "vs_torch") + mb(r, "rss_mb", "rss_vs_torch"),
+        )
 
 
 def write_plot(path: str, rows: list[dict], env: dict) -> None:
