@@ -50,9 +50,6 @@
 
 namespace fastchar {
 
-template <typename T>
-using acc_t = at::opmath_type<T>;
-
 inline at::ScalarType state_type(at::ScalarType t) {
   return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
 }
@@ -149,179 +146,11 @@ FASTCHAR_INLINE A relu_act(A x) {
   return x > A(0) ? x : A(0);
 }
 
-// Recurrent GEMMs, row-major, C in the accumulation type:
-//   gemm_nt: C[M, N] = beta * C + A[M, K] @ W[N, K]^T   (forward: h @ W_hh^T)
-//   gemm_nn: C[M, N] = beta * C + A[M, K] @ W[K, N]     (backward: dgates @ W_hh)
-// With MKL (torch's CPU BLAS on x86) the BLAS is called directly: the time
-// loop runs one small GEMM per step, where the dispatcher's overhead shows.
+}  // namespace fastchar
 
-#if AT_MKL_ENABLED()
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*);
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*);
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
-                      const float* src, int ld, float* dest);
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
-                         int lda, const float* b, int ldb, float beta, float* c, int ldc);
-void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k,
-                            float alpha, const uint16_t* a, int lda, const uint16_t* b,
-                            int ldb, float beta, float* c, int ldc);
-}
+#include "gemm.h"
 
-namespace blas {
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
-
-inline void gemm(bool trans_w, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                 const float* W, int64_t ldw, float beta, float* C, int64_t ldc) {
-  // Column-major view: C^T [N, M] = op(W) @ A^T.
-  const char tw = trans_w ? 'T' : 'N', ta = 'N';
-  const int m = N, n = M, k = K, la = lda, lw = ldw, lc = ldc;
-  const float one = 1.0f;
-  sgemm_(&tw, &ta, &m, &n, &k, &one, W, &lw, A, &la, &beta, C, &lc);
-}
-
-inline void gemm(bool trans_w, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
-                 const double* W, int64_t ldw, double beta, double* C, int64_t ldc) {
-  const char tw = trans_w ? 'T' : 'N', ta = 'N';
-  const int m = N, n = M, k = K, la = lda, lw = ldw, lc = ldc;
-  const double one = 1.0;
-  dgemm_(&tw, &ta, &m, &n, &k, &one, W, &lw, A, &la, &beta, C, &lc);
-}
-
-inline void gemm(bool trans_w, int64_t M, int64_t N, int64_t K, const at::BFloat16* A,
-                 int64_t lda, const at::BFloat16* W, int64_t ldw, float beta, float* C,
-                 int64_t ldc) {
-  cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, trans_w ? kTrans : kNoTrans, M, N, K, 1.0f,
-                         reinterpret_cast<const uint16_t*>(A), lda,
-                         reinterpret_cast<const uint16_t*>(W), ldw, beta, C, ldc);
-}
-}  // namespace blas
-#endif
-
-template <typename T>
-void gemm(bool trans_w, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W,
-          int64_t ldw, acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
-  if (M == 0 || N == 0) {
-    return;
-  }
-  if (K == 0) {
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t n = 0; n < N; ++n) {
-        C[m * ldc + n] = beta == acc_t<T>(0) ? acc_t<T>(0) : C[m * ldc + n];
-      }
-    }
-    return;
-  }
-#if AT_MKL_ENABLED()
-  blas::gemm(trans_w, M, N, K, A, lda, W, ldw, beta, C, ldc);
-#else
-  auto dtype = c10::CppTypeToScalarType<T>::value;
-  auto a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, at::dtype(dtype));
-  auto w = trans_w ? at::from_blob(const_cast<T*>(W), {N, K}, {ldw, 1}, at::dtype(dtype)).t()
-                   : at::from_blob(const_cast<T*>(W), {K, N}, {ldw, 1}, at::dtype(dtype));
-  auto c = at::from_blob(C, {M, N}, {ldc, 1}, at::dtype(c10::CppTypeToScalarType<acc_t<T>>::value));
-  auto prod = at::mm(a, w).to(c.scalar_type());
-  if (beta == acc_t<T>(0)) {
-    c.copy_(prod);
-  } else {
-    c.add_(prod);
-  }
-#endif
-}
-
-template <typename T>
-void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
-             acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
-  gemm<T>(true, M, N, K, A, lda, W, ldw, beta, C, ldc);
-}
-
-template <typename T>
-void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
-             acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
-  gemm<T>(false, M, N, K, A, lda, W, ldw, beta, C, ldc);
-}
-
-// C[M, N] = beta * C + A[M, K] @ op(W) for one W used on every step of a time
-// loop (op(W) = W^T when trans_w). With MKL, W is packed once for the packed
-// GEMM, which otherwise re-packs W on every small per-step call. bfloat16 runs
-// this GEMM in float32 (W widened once, A widened per step): without AMX, as
-// on the machines measured so far, MKL's float32 GEMM beats its bf16 one, and
-// the per-step A is only [B, H].
-template <typename T>
-class StepGemm {
- public:
-  StepGemm(bool trans_w, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw)
-      : trans_w_(trans_w), M_(M), N_(N), K_(K), W_(W), ldw_(ldw) {
-#if AT_MKL_ENABLED()
-    if constexpr (kPack) {
-      // Measured on the 2-core Xeon: packing speeds up the forward's h @ W^T
-      // (2.5x at B=8, H=512) but slows the backward's dgates @ W (1.6x slower
-      // at B=64), so float packs only the transposed case.
-      const bool pack = trans_w || std::is_same_v<T, at::BFloat16>;
-      if (pack && M > 0 && N > 0 && K > 0) {
-        const float* w32 = reinterpret_cast<const float*>(W);
-        at::Tensor wide;
-        if constexpr (std::is_same_v<T, at::BFloat16>) {
-          const int64_t rows = trans_w ? N : K, cols = trans_w ? K : N;
-          wide = at::empty({rows, cols}, at::kFloat);
-          widen(rows, cols, W, ldw, wide.data_ptr<float>(), cols);
-          w32 = wide.const_data_ptr<float>();
-          ldw = cols;
-          scratch_ = at::empty({M, K}, at::kFloat);
-        }
-        size_t bytes = cblas_sgemm_pack_get_size(blas::kBMatrix, M, N, K);
-        packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, at::kFloat);
-        cblas_sgemm_pack(blas::kRowMajor, blas::kBMatrix, trans_w ? blas::kTrans : blas::kNoTrans,
-                         M, N, K, 1.0f, w32, ldw, packed_.data_ptr<float>());
-      }
-    }
-#endif
-  }
-
-  void operator()(const T* A, int64_t lda, acc_t<T> beta, acc_t<T>* C, int64_t ldc) const {
-#if AT_MKL_ENABLED()
-    if constexpr (kPack) {
-      if (packed_.defined()) {
-        const float* a32 = reinterpret_cast<const float*>(A);
-        if constexpr (std::is_same_v<T, at::BFloat16>) {
-          float* s = scratch_.data_ptr<float>();
-          widen(M_, K_, A, lda, s, K_);
-          a32 = s;
-          lda = K_;
-        }
-        cblas_sgemm_compute(blas::kRowMajor, blas::kNoTrans, blas::kPacked, M_, N_, K_, a32, lda,
-                            packed_.const_data_ptr<float>(), N_, beta, C, ldc);
-        return;
-      }
-    }
-#endif
-    gemm<T>(trans_w_, M_, N_, K_, A, lda, W_, ldw_, beta, C, ldc);
-  }
-
- private:
-  static constexpr bool kPack = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
-
-  static void widen(int64_t rows, int64_t cols, const T* src, int64_t ld_src, float* dst,
-                    int64_t ld_dst) {
-    for (int64_t r = 0; r < rows; ++r) {
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        dst[r * ld_dst + c] = float(src[r * ld_src + c]);
-      }
-    }
-  }
-
-  bool trans_w_;
-  int64_t M_, N_, K_;
-  const T* W_;
-  int64_t ldw_;
-  at::Tensor packed_, scratch_;
-};
+namespace fastchar {
 
 // Hidden units split into contiguous slices, one per thread, for time loops
 // that run inside a single parallel region: a thread keeps its slice of W_hh
@@ -368,6 +197,7 @@ class UnitSlices {
         before(0, i);
         after(0, i);
       }
+      engines::release_thread();
       return;
     }
 #ifdef _OPENMP
@@ -383,6 +213,7 @@ class UnitSlices {
           after(s, i);
         }
       }
+      engines::release_thread();
     }
 #endif
   }
@@ -403,14 +234,17 @@ struct SliceGemms {
 
   SliceGemms(const UnitSlices& slices, const at::Tensor& w_hh, int64_t B, bool forward) {
     const int64_t G = w_hh.size(0), H = w_hh.size(1);
+    const int threads = static_cast<int>(slices.count);  // slices run at once, one per thread
     for (int64_t s = 0; s < slices.count; ++s) {
       const int64_t n = slices.size(s);
       if (forward) {
         weights.push_back(slices.gate_rows(w_hh, s));  // [n_gates * n, H]
-        gemms.emplace_back(true, B, G / H * n, H, weights.back().template const_data_ptr<T>(), H);
+        gemms.emplace_back(true, B, G / H * n, H, weights.back().template const_data_ptr<T>(), H,
+                           threads);
       } else {
         weights.push_back(slices.columns(w_hh, s));  // [G, n]
-        gemms.emplace_back(false, B, n, G, weights.back().template const_data_ptr<T>(), n);
+        gemms.emplace_back(false, B, n, G, weights.back().template const_data_ptr<T>(), n,
+                           threads);
       }
     }
   }

@@ -6,6 +6,8 @@
 //   gates  [T, B, G]  activated gates saved for backward, in the input dtype
 //   cs     [T, B, H]  LSTM cell states c_1..c_T, float32 for bf16/fp16 inputs
 //   hn     [T, B, H]  GRU W_hn h_{t-1} + b_hn, needed for the reset-gate grad
+//
+// The gemm_* ops report, seed and time the step-GEMM plan (gemm.h, fastchar/plan.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -31,6 +33,14 @@ TORCH_LIBRARY(fastchar, m) {
   m.def(
       "gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh) -> Tensor");
+
+  m.def("gemm_why_not(str engine, ScalarType dtype) -> str");
+  m.def("gemm_choose(ScalarType dtype, bool trans_w, int M, int N, int K, int threads=1) -> str");
+  m.def("gemm_plan_entries() -> Tensor");
+  m.def("gemm_plan_load(Tensor rows) -> int");
+  m.def("gemm_plan_clear() -> ()");
+  m.def("gemm_rate(str engine, ScalarType dtype, bool trans_w, int M, int N, int K, int threads=1) -> float");
+  m.def("gemm_run(str engine, Tensor a, Tensor w, bool trans_w, Tensor? c=None) -> Tensor");
 
   m.def("rnn_fwd(Tensor xp, Tensor h0, Tensor w_hh, bool relu) -> (Tensor out, Tensor h_n)");
   m.def(

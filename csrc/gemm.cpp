@@ -1,0 +1,565 @@
+// The step-GEMM engines behind StepGemm (gemm.h), the measured plan that picks one per
+// (dtype, op, M, N, K), and the ops that report and seed it (fastchar.plan).
+#include <ATen/Config.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <array>
+#include <chrono>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
+
+#include "common.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTCHAR_X86_KERNELS 1
+#include <immintrin.h>
+#else
+#define FASTCHAR_X86_KERNELS 0
+#endif
+
+namespace fastchar {
+namespace engines {
+namespace {
+
+constexpr int64_t kPanel = 16;  // columns per packed panel of B
+
+#if FASTCHAR_X86_KERNELS
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+constexpr int W = 8;
+#define FASTCHAR_BCAST(p) _mm256_broadcast_ss(p)
+#include "gemm_fma.inc"
+#undef FASTCHAR_BCAST
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+constexpr int W = 16;
+#define FASTCHAR_BCAST(p) _mm512_set1_ps(*(p))
+#include "gemm_fma.inc"
+#undef FASTCHAR_BCAST
+}  // namespace avx512
+#pragma GCC pop_options
+
+struct Cpu {
+  bool avx2, avx512f;
+  Cpu() {
+    __builtin_cpu_init();
+    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    avx512f = __builtin_cpu_supports("avx512f");
+  }
+};
+#else
+struct Cpu {
+  bool avx2 = false, avx512f = false;
+};
+#endif
+
+const Cpu& cpu() {
+  static const Cpu c;
+  return c;
+}
+
+// B = op(W) [K, N] (from W [N, K] when trans_w, else W [K, N]) as float32 panels.
+template <typename T>
+at::Tensor pack_panels(bool trans_w, int64_t N, int64_t K, const T* W, int64_t ldw) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  auto out = at::zeros({panels, K, kPanel}, at::kFloat);  // [panels, K, 16]
+  float* o = out.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    float* col = o + (n / kPanel) * K * kPanel + n % kPanel;
+    for (int64_t k = 0; k < K; ++k) {
+      col[k * kPanel] = float(trans_w ? W[n * ldw + k] : W[k * ldw + n]);
+    }
+  }
+  return out;
+}
+
+// B = op(W) as a dense [K, N] matrix of T.
+template <typename T>
+at::Tensor dense_kn(bool trans_w, int64_t N, int64_t K, const T* W, int64_t ldw) {
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  auto w = trans_w ? at::from_blob(const_cast<T*>(W), {N, K}, {ldw, 1}, at::dtype(dtype)).t()
+                   : at::from_blob(const_cast<T*>(W), {K, N}, {ldw, 1}, at::dtype(dtype));
+  return w.contiguous();  // [K, N]
+}
+
+class MklKernel final : public Kernel {
+ public:
+  MklKernel(bool trans_w, int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw)
+      : trans_w_(trans_w), M_(M), N_(N), K_(K), W_(W), ldw_(ldw) {
+#if AT_MKL_ENABLED()
+    // Packing speeds up the forward's h @ W^T (2.5x at B=8, H=512 on a Xeon) but slowed
+    // the backward's dgates @ W there, so only the transposed case is packed.
+    if (trans_w) {
+      size_t bytes = cblas_sgemm_pack_get_size(blas::kBMatrix, M, N, K);
+      packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, at::kFloat);
+      cblas_sgemm_pack(blas::kRowMajor, blas::kBMatrix, blas::kTrans, M, N, K, 1.0f, W, ldw,
+                       packed_.data_ptr<float>());
+    }
+#endif
+  }
+  void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    const float* a = static_cast<const float*>(A);
+    const float beta = accumulate ? 1.0f : 0.0f;
+#if AT_MKL_ENABLED()
+    if (packed_.defined()) {
+      cblas_sgemm_compute(blas::kRowMajor, blas::kNoTrans, blas::kPacked, M_, N_, K_, a, lda,
+                          packed_.const_data_ptr<float>(), N_, beta, C, ldc);
+      return;
+    }
+#endif
+    fastchar::gemm<float>(trans_w_, M_, N_, K_, a, lda, W_, ldw_, beta, C, ldc);
+  }
+
+ private:
+  bool trans_w_;
+  int64_t M_, N_, K_;
+  const float* W_;
+  int64_t ldw_;
+  at::Tensor packed_;
+};
+
+// oneDNN's brgemm reads B as [K, N]; N is split into blocks that its micro-kernel
+// keeps in registers (one brgemm over a wide N ran at half the rate of 64-column blocks).
+constexpr int64_t kBrgemmBlock = 64;
+
+class OnednnF32Kernel final : public Kernel {
+ public:
+  OnednnF32Kernel(bool trans_w, int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw)
+      : M_(M), N_(N), K_(K), b_(dense_kn(trans_w, N, K, W, ldw)) {}
+  void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    const float* a = static_cast<const float*>(A);
+    const float* b = b_.const_data_ptr<float>();
+    for (int64_t n0 = 0; n0 < N_; n0 += kBrgemmBlock) {
+      const int64_t nb = std::min(kBrgemmBlock, N_ - n0);
+      at::native::cpublas::brgemm(M_, nb, K_, lda, N_, ldc, accumulate, a, b + n0, C + n0,
+                                  /*is_vnni=*/false);
+    }
+  }
+
+ private:
+  int64_t M_, N_, K_;
+  at::Tensor b_;  // [K, N]
+};
+
+// bfloat16 x bfloat16 -> float32 through oneDNN, where it packs bf16 for AMX: each
+// 64-column block of B packed in oneDNN's VNNI layout.
+class OnednnBf16Kernel final : public Kernel {
+ public:
+  OnednnBf16Kernel(bool trans_w, int64_t M, int64_t N, int64_t K, const at::BFloat16* W,
+                   int64_t ldw)
+      : M_(M), N_(N), K_(K) {
+    auto b = dense_kn(trans_w, N, K, W, ldw);  // [K, N]
+    for (int64_t n0 = 0; n0 < N; n0 += kBrgemmBlock) {
+      const int64_t nb = std::min(kBrgemmBlock, N - n0);
+      auto block = b.narrow(1, n0, nb).contiguous();  // [K, nb]
+      auto packed = at::empty({K, nb}, block.options());
+      at::native::cpublas::pack(K, nb, nb, nb, at::kBFloat16, at::kBFloat16,
+                                block.const_data_ptr(), packed.data_ptr());
+      blocks_.push_back(packed);
+    }
+  }
+  void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    const auto* a = static_cast<const at::BFloat16*>(A);
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      const int64_t n0 = static_cast<int64_t>(i) * kBrgemmBlock;
+      const int64_t nb = std::min(kBrgemmBlock, N_ - n0);
+      at::native::cpublas::brgemm(M_, nb, K_, lda, nb, ldc, accumulate, a,
+                                  blocks_[i].const_data_ptr<at::BFloat16>(), C + n0,
+                                  /*is_vnni=*/true);
+    }
+  }
+
+ private:
+  int64_t M_, N_, K_;
+  std::vector<at::Tensor> blocks_;
+};
+
+class FmaKernel final : public Kernel {
+ public:
+  template <typename T>
+  FmaKernel(bool trans_w, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw)
+      : M_(M), N_(N), K_(K), panels_(pack_panels(trans_w, N, K, W, ldw)),
+        wide_(cpu().avx512f) {}
+  void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+#if FASTCHAR_X86_KERNELS
+    const float* a = static_cast<const float*>(A);
+    if (wide_) {
+      avx512::gemm_panels(M_, N_, K_, a, lda, panels_.const_data_ptr<float>(), accumulate, C, ldc);
+    } else {
+      avx2::gemm_panels(M_, N_, K_, a, lda, panels_.const_data_ptr<float>(), accumulate, C, ldc);
+    }
+#else
+    TORCH_CHECK(false, "fastchar: the fma engine is not built on this platform");
+#endif
+  }
+
+ private:
+  int64_t M_, N_, K_;
+  at::Tensor panels_;  // [panels, K, 16]
+  bool wide_;
+};
+
+// A bfloat16 GEMM on a float32 engine: W widened once (inside `inner`), A per step.
+class Widened final : public Kernel {
+ public:
+  Widened(std::unique_ptr<Kernel> inner, int64_t M, int64_t K, at::Tensor wide_w)
+      : inner_(std::move(inner)), M_(M), K_(K), wide_w_(std::move(wide_w)),
+        scratch_(at::empty({M, K}, at::kFloat)) {}
+  void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    const auto* a = static_cast<const at::BFloat16*>(A);
+    float* s = scratch_.data_ptr<float>();
+    for (int64_t m = 0; m < M_; ++m) {
+#pragma omp simd
+      for (int64_t k = 0; k < K_; ++k) {
+        s[m * K_ + k] = float(a[m * lda + k]);
+      }
+    }
+    inner_->run(s, K_, accumulate, C, ldc);
+  }
+
+ private:
+  std::unique_ptr<Kernel> inner_;
+  int64_t M_, K_;
+  at::Tensor wide_w_;  // the float32 W that `inner` may point into
+  at::Tensor scratch_;  // [M, K]
+};
+
+std::unique_ptr<Kernel> make_f32(Engine e, bool trans_w, int64_t M, int64_t N, int64_t K,
+                                 const float* W, int64_t ldw) {
+  switch (e) {
+    case Engine::kMkl:
+      return std::make_unique<MklKernel>(trans_w, M, N, K, W, ldw);
+    case Engine::kOnednn:
+      return std::make_unique<OnednnF32Kernel>(trans_w, M, N, K, W, ldw);
+    case Engine::kFma:
+      return std::make_unique<FmaKernel>(trans_w, M, N, K, W, ldw);
+    default:
+      TORCH_CHECK(false, "fastchar: engine ", engine_name(e), " has no float32 kernel");
+  }
+}
+
+// ---- the plan ----
+
+using Key = std::tuple<int, bool, int64_t, int64_t, int64_t>;  // dtype, trans_w, M, N, K
+
+struct Plan {
+  std::mutex mutex;
+  std::map<Key, Engine> chosen;
+};
+
+Plan& plan() {
+  static Plan p;
+  return p;
+}
+
+bool dtype_ok(Engine e, at::ScalarType dtype) {
+  if (dtype == at::kFloat) {
+    return e != Engine::kBf16dot;
+  }
+  return dtype == at::kBFloat16;
+}
+
+// oneDNN's VNNI layout pairs rows of B, so its bf16 kernel takes an even K.
+std::string shape_why_not(Engine e, at::ScalarType dtype, int64_t K) {
+  if (e == Engine::kOnednn && dtype == at::kBFloat16 && K % 2 != 0) {
+    return "oneDNN's bfloat16 micro-kernel needs an even K";
+  }
+  return "";
+}
+
+std::vector<Engine> candidates(at::ScalarType dtype, int64_t K) {
+  std::vector<Engine> out;
+  for (int i = 0; i < kEngines; ++i) {
+    const auto e = static_cast<Engine>(i);
+    if (why_not(e, dtype).empty() && shape_why_not(e, dtype, K).empty()) {
+      out.push_back(e);
+    }
+  }
+  return out;
+}
+
+// Seconds per call of one engine's kernel at this shape, best of three timed batches,
+// with `threads` copies running at once as the time loops run them (one slice per
+// thread, sharing the caches and memory; MKL then runs one thread per call, as it does
+// inside the loops' parallel region). The slowest thread's time counts.
+double time_engine(Engine e, at::ScalarType dtype, bool trans_w, int64_t M, int64_t N, int64_t K,
+                   int threads) {
+  std::vector<double> per_thread(threads, 0.0);
+  auto body = [&](int tid) {
+    auto w = (trans_w ? at::randn({N, K}) : at::randn({K, N})).to(dtype);
+    auto a = at::randn({M, K}).to(dtype);
+    auto c = at::zeros({M, N});
+    auto kernel = make_kernel(e, dtype, trans_w, M, N, K, w.const_data_ptr(), w.size(1));
+    using clock = std::chrono::steady_clock;
+    auto batch = [&](int64_t reps) {
+      auto t0 = clock::now();
+      for (int64_t r = 0; r < reps; ++r) {
+        kernel->run(a.const_data_ptr(), K, false, c.data_ptr<float>(), N);
+      }
+      return std::chrono::duration<double>(clock::now() - t0).count() / reps;
+    };
+    batch(1);  // warm-up: first touch, oneDNN's kernel generation
+    const double first = std::max(batch(1), 1e-7);
+    const int64_t reps = std::clamp<int64_t>(static_cast<int64_t>(1e-3 / first), 1, 200);
+    double best = first;
+    for (int trial = 0; trial < 3; ++trial) {
+      best = std::min(best, batch(reps));
+    }
+    release_thread();
+    per_thread[tid] = best;
+  };
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    body(omp_get_thread_num());
+  } else {
+    body(0);
+  }
+#else
+  body(0);
+#endif
+  return *std::max_element(per_thread.begin(), per_thread.end());
+}
+
+Engine measure(at::ScalarType dtype, bool trans_w, int64_t M, int64_t N, int64_t K,
+               int threads) {
+  const auto engines = candidates(dtype, K);
+  TORCH_CHECK(!engines.empty(), "fastchar: no GEMM engine runs ", dtype, " here");
+  Engine best = engines[0];
+  double best_s = -1;
+  for (Engine e : engines) {
+    const double s = time_engine(e, dtype, trans_w, M, N, K, threads);
+    if (best_s < 0 || s < best_s) {
+      best = e;
+      best_s = s;
+    }
+  }
+  return best;
+}
+
+Engine parse_engine(const std::string& name) {
+  for (int i = 0; i < kEngines; ++i) {
+    if (name == engine_name(static_cast<Engine>(i))) {
+      return static_cast<Engine>(i);
+    }
+  }
+  TORCH_CHECK(false, "fastchar: unknown GEMM engine '", name,
+              "' (choose from auto, mkl, onednn, fma, bf16dot)");
+}
+
+}  // namespace
+
+const char* engine_name(Engine e) {
+  static constexpr std::array<const char*, kEngines> names = {"mkl", "onednn", "fma", "bf16dot"};
+  return names.at(static_cast<int>(e));
+}
+
+std::string why_not(Engine e, at::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kBFloat16) {
+    return std::string("the engines run float32 and bfloat16 GEMMs, not ") + c10::toString(dtype);
+  }
+  switch (e) {
+    case Engine::kMkl:
+      return "";
+    case Engine::kOnednn:
+#if AT_MKLDNN_ENABLED()
+      if (dtype == at::kBFloat16 && !at::native::cpublas::could_pack(at::kBFloat16)) {
+        return "oneDNN's micro-kernel runs bfloat16 only with AMX, which this CPU does not "
+               "expose (cpublas::could_pack(bfloat16) is false)";
+      }
+      return "";
+#else
+      return "this torch build has no oneDNN";
+#endif
+    case Engine::kFma:
+      if (!FASTCHAR_X86_KERNELS) {
+        return "built only for x86-64 with GCC";
+      }
+      return cpu().avx2 || cpu().avx512f ? "" : "this CPU has neither AVX2+FMA nor AVX-512";
+    case Engine::kBf16dot:
+      if (dtype != at::kBFloat16) {
+        return "bf16dot runs bfloat16 GEMMs only";
+      }
+      return "this CPU lacks avx512_bf16 (or the build has no AVX512-BF16 kernel)";
+  }
+  return "unknown engine";
+}
+
+std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, bool trans_w, int64_t M,
+                                    int64_t N, int64_t K, const void* W, int64_t ldw) {
+  if (dtype == at::kFloat) {
+    return make_f32(e, trans_w, M, N, K, static_cast<const float*>(W), ldw);
+  }
+  TORCH_CHECK(dtype == at::kBFloat16, "fastchar: no GEMM engine for ", dtype);
+  const auto* w = static_cast<const at::BFloat16*>(W);
+  if (e == Engine::kOnednn) {
+    return std::make_unique<OnednnBf16Kernel>(trans_w, M, N, K, w, ldw);
+  }
+  // A float32 engine on W widened once, in W's own orientation.
+  const int64_t rows = trans_w ? N : K, cols = trans_w ? K : N;
+  auto wide = at::from_blob(const_cast<at::BFloat16*>(w), {rows, cols}, {ldw, 1},
+                            at::dtype(at::kBFloat16))
+                  .to(at::kFloat)
+                  .contiguous();
+  auto inner = make_f32(e, trans_w, M, N, K, wide.const_data_ptr<float>(), cols);
+  return std::make_unique<Widened>(std::move(inner), M, K, std::move(wide));
+}
+
+Engine choose(at::ScalarType dtype, bool trans_w, int64_t M, int64_t N, int64_t K,
+              int threads) {
+  const char* env = std::getenv("FASTCHAR_GEMM");
+  if (env != nullptr && *env != '\0' && std::string(env) != "auto") {
+    const Engine e = parse_engine(env);
+    const std::string reason = why_not(e, dtype) + shape_why_not(e, dtype, K);
+    TORCH_CHECK(reason.empty(), "fastchar: FASTCHAR_GEMM=", env, " cannot run this ", dtype,
+                " GEMM: ", reason, " (unset FASTCHAR_GEMM or set it to auto)");
+    return e;
+  }
+  const Key key{static_cast<int>(dtype), trans_w, M, N, K};
+  auto& p = plan();
+  {
+    std::lock_guard<std::mutex> lock(p.mutex);
+    auto it = p.chosen.find(key);
+    if (it != p.chosen.end()) {
+      return it->second;
+    }
+  }
+  const Engine e = measure(dtype, trans_w, M, N, K, threads);
+  std::lock_guard<std::mutex> lock(p.mutex);
+  return p.chosen.emplace(key, e).first->second;
+}
+
+void release_thread() {
+#if AT_MKLDNN_ENABLED()
+  if (at::native::cpublas::could_pack(at::kBFloat16)) {
+    at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  }
+#endif
+}
+
+namespace {
+
+// ---- ops: fastchar.plan reads, seeds and times the plan through these ----
+
+std::string gemm_why_not(c10::string_view engine, at::ScalarType dtype) {
+  return why_not(parse_engine(std::string(engine)), dtype);
+}
+
+std::string gemm_choose(at::ScalarType dtype, bool trans_w, int64_t M, int64_t N, int64_t K,
+                        int64_t threads) {
+  TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0 && threads > 0,
+                    "fastchar::gemm_choose: M, N, K and threads must be positive");
+  return engine_name(choose(dtype, trans_w, M, N, K, static_cast<int>(threads)));
+}
+
+// The plan as rows [dtype, trans_w, M, N, K, engine] (int64 [n, 6]).
+at::Tensor gemm_plan_entries() {
+  auto& p = plan();
+  std::lock_guard<std::mutex> lock(p.mutex);
+  auto out = at::empty({static_cast<int64_t>(p.chosen.size()), 6}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (const auto& [key, e] : p.chosen) {
+    const auto& [dtype, trans_w, M, N, K] = key;
+    for (int64_t v : {int64_t(dtype), int64_t(trans_w), M, N, K, int64_t(e)}) {
+      *o++ = v;
+    }
+  }
+  return out;
+}
+
+// Adds rows from a cache file; a row that names an engine this CPU cannot run, or a
+// shape that is not positive, is dropped. Returns how many rows were taken.
+int64_t gemm_plan_load(const at::Tensor& rows) {
+  TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(1) == 6 && rows.scalar_type() == at::kLong,
+                    "fastchar::gemm_plan_load: rows must be int64 [n, 6]");
+  auto r = rows.contiguous();
+  const int64_t* v = r.const_data_ptr<int64_t>();
+  int64_t taken = 0;
+  auto& p = plan();
+  std::lock_guard<std::mutex> lock(p.mutex);
+  for (int64_t i = 0; i < r.size(0); ++i, v += 6) {
+    const int64_t dt = v[0], e = v[5];
+    if ((dt != int64_t(at::kFloat) && dt != int64_t(at::kBFloat16)) || v[1] < 0 || v[1] > 1 ||
+        v[2] <= 0 || v[3] <= 0 || v[4] <= 0 || e < 0 || e >= kEngines) {
+      continue;
+    }
+    const auto dtype = static_cast<at::ScalarType>(dt);
+    if (!why_not(static_cast<Engine>(e), dtype).empty()) {
+      continue;
+    }
+    p.chosen[Key{int(dt), v[1] == 1, v[2], v[3], v[4]}] = static_cast<Engine>(e);
+    ++taken;
+  }
+  return taken;
+}
+
+void gemm_plan_clear() {
+  auto& p = plan();
+  std::lock_guard<std::mutex> lock(p.mutex);
+  p.chosen.clear();
+}
+
+// GFLOP/s of one engine at a step shape, summed over `threads` concurrent copies.
+double gemm_rate(c10::string_view engine, at::ScalarType dtype, bool trans_w, int64_t M,
+                 int64_t N, int64_t K, int64_t threads) {
+  const Engine e = parse_engine(std::string(engine));
+  const std::string reason = why_not(e, dtype);
+  TORCH_CHECK(reason.empty(), "fastchar: engine ", engine, " cannot run ", dtype, ": ", reason);
+  TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0 && threads > 0,
+                    "fastchar::gemm_rate: M, N, K and threads must be positive");
+  const int th = static_cast<int>(threads);
+  return 2.0 * M * N * K * th / time_engine(e, dtype, trans_w, M, N, K, th) / 1e9;
+}
+
+// A [M, K] @ op(W) through one engine, float32 out: the engines' direct test.
+at::Tensor gemm_run(c10::string_view engine, const at::Tensor& a, const at::Tensor& w,
+                    bool trans_w, const std::optional<at::Tensor>& c) {
+  constexpr const char* OP = "fastchar::gemm_run";
+  CHECK_CPU(a);
+  CHECK_DIM(a, 2);
+  CHECK_CPU(w);
+  CHECK_DIM(w, 2);
+  CHECK_DTYPE(w, a.scalar_type());
+  const Engine e = parse_engine(std::string(engine));
+  const auto dtype = a.scalar_type();
+  const std::string reason = why_not(e, dtype);
+  TORCH_CHECK(reason.empty(), OP, ": engine ", engine, " cannot run ", dtype, ": ", reason);
+  const int64_t M = a.size(0), K = a.size(1), N = trans_w ? w.size(0) : w.size(1);
+  TORCH_CHECK_VALUE((trans_w ? w.size(1) : w.size(0)) == K, OP, ": w has shape ", w.sizes(),
+                    ", which does not fit a ", a.sizes());
+  auto wc = w.contiguous(), ac = a.contiguous();
+  auto out = c.has_value() ? c->to(at::kFloat).contiguous().clone() : at::zeros({M, N});
+  CHECK_SHAPE(out, M, N);
+  if (M > 0 && N > 0 && K > 0) {
+    auto kernel = make_kernel(e, dtype, trans_w, M, N, K, wc.const_data_ptr(), wc.size(1));
+    kernel->run(ac.const_data_ptr(), K, c.has_value(), out.data_ptr<float>(), N);
+    release_thread();
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace engines
+
+TORCH_LIBRARY_IMPL(fastchar, CompositeExplicitAutograd, m) {
+  m.impl("gemm_why_not", &engines::gemm_why_not);
+  m.impl("gemm_choose", &engines::gemm_choose);
+  m.impl("gemm_plan_entries", &engines::gemm_plan_entries);
+  m.impl("gemm_plan_clear", &engines::gemm_plan_clear);
+  m.impl("gemm_rate", &engines::gemm_rate);
+}
+
+TORCH_LIBRARY_IMPL(fastchar, CPU, m) {
+  m.impl("gemm_plan_load", &engines::gemm_plan_load);
+  m.impl("gemm_run", &engines::gemm_run);
+}
+
+}  // namespace fastchar
