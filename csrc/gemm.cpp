@@ -191,10 +191,12 @@ class FmaKernel final : public Kernel {
   void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
 #if FASTCHAR_X86_KERNELS
     const float* a = static_cast<const float*>(A);
+    const float* b = panels_.const_data_ptr<float>();
+    reverse_ = !reverse_;
     if (wide_) {
-      avx512::gemm_panels(M_, N_, K_, a, lda, panels_.const_data_ptr<float>(), accumulate, C, ldc);
+      avx512::gemm_panels(M_, N_, K_, a, lda, b, accumulate, C, ldc, reverse_);
     } else {
-      avx2::gemm_panels(M_, N_, K_, a, lda, panels_.const_data_ptr<float>(), accumulate, C, ldc);
+      avx2::gemm_panels(M_, N_, K_, a, lda, b, accumulate, C, ldc, reverse_);
     }
 #else
     TORCH_CHECK(false, "fastchar: the fma engine is not built on this platform");
@@ -205,6 +207,7 @@ class FmaKernel final : public Kernel {
   int64_t M_, N_, K_;
   at::Tensor panels_;  // [panels, K, 16]
   bool wide_;
+  bool reverse_ = false;  // flips every call (gemm_panels)
 };
 
 // A bfloat16 GEMM on a float32 engine: W widened once (inside `inner`), A per step.
