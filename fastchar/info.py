@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import warnings
 
 import torch
 
-from fastchar import __version__
-from fastchar.backends import IMPLS, interpreter_on, resolve, triton_version, why_not
+import fastchar.ops  # noqa: F401  (loads the extension and the plan's cache file)
+from fastchar import __version__, plan
+from fastchar.backends import IMPLS, cpp_loaded, interpreter_on, resolve, triton_version, why_not
+
+# Per-thread step GEMMs of DESIGN section 5's grid: (B, H) for an LSTM layer.
+PLAN_SHAPES = ((32, 256), (64, 512), (1, 256), (8, 512))
 
 
 def _devices() -> list[str]:
@@ -22,7 +27,46 @@ def _devices() -> list[str]:
     return devices
 
 
-def report() -> str:
+def _slice(H: int, threads: int) -> int:
+    """Units per thread in the C++ time loops (whole 16-lane vectors but the last)."""
+    chunk = -(-H // threads)
+    return -(-chunk // 16) * 16
+
+
+def gemm_report(measure: bool = True) -> list[str]:
+    """The CPU, the step-GEMM engines it runs, and the plan (measured for the grid here)."""
+    threads = torch.get_num_threads()
+    lines = [
+        "[cpu gemm]",
+        f"  cpu        {plan.cpu_model()} (flags: {' '.join(plan.cpu_flags()) or 'none'})",
+    ]
+    if not cpp_loaded():
+        return lines + ["  engines    none: the C++ extension is not built"]
+    for dtype in plan.DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        for engine in plan.ENGINES:
+            reason = plan.why_not(engine, dtype)
+            status = "runs" if reason is None else "no: " + reason
+            lines.append(f"  {name:<9}  {engine:<8} {status}")
+    forced = os.environ.get("FASTCHAR_GEMM")
+    lines.append(f"  FASTCHAR_GEMM={forced}" if forced else "  plan       measured at first use")
+    if measure and not forced:
+        for dtype in plan.DTYPES:
+            for B, H in PLAN_SHAPES:
+                n = _slice(H, threads)
+                count = -(-H // n)
+                plan.choose(dtype, True, B, 4 * n, H, count)
+                plan.choose(dtype, False, B, n, 4 * H, count)
+    lines.append(f"  cache      {plan.cache_path()}")
+    for e in plan.entries():
+        op = "h @ W^T" if e["trans_w"] else "d @ W  "
+        name = str(e["dtype"]).removeprefix("torch.")
+        shape = f"M={e['M']:<4} N={e['N']:<5} K={e['K']:<5}"
+        lines.append(f"  {name:<9}  {op}  {shape} -> {e['engine']}")
+    return lines
+
+
+def report(measure_plan: bool = True) -> str:
     lines = [
         f"fastchar {__version__}",
         f"python   {platform.python_version()} ({sys.platform}, {platform.machine()})",
@@ -45,6 +89,8 @@ def report() -> str:
                 continue
             reason = why_not(impl, device)
             lines.append(f"  {impl:<10} {'available' if reason is None else 'no: ' + reason}")
+    lines.append("")
+    lines += gemm_report(measure_plan)
     return "\n".join(lines)
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
+
+# The GEMM plan's cache file (fastchar.plan) goes to a fresh directory, not the user's
+# cache: set before any test module imports fastchar.
+os.environ["FASTCHAR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastchar-test-cache-")
+os.environ.pop("FASTCHAR_GEMM", None)
 
 import pytest
 import torch

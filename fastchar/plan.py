@@ -1,0 +1,181 @@
+"""The CPU step-GEMM plan: which engine runs each recurrent GEMM shape, and its disk cache.
+
+The C++ kernels pick an engine (``mkl``, ``onednn``, ``fma``, ``bf16dot``) for every
+(dtype, op, M, N, K) of a time loop's per-thread step GEMM by timing the engines this CPU
+runs at first use, and keep the choice for the process (csrc/gemm.h). This module reads
+that plan, seeds it from a cache file and writes the file back at exit, so a new process
+skips the measurements:
+
+    $FASTCHAR_CACHE_DIR/gemm-plan.json     (default: $XDG_CACHE_HOME/fastchar or
+                                            ~/.cache/fastchar)
+
+The file is keyed by the CPU model and flags, the torch version and the fastchar version;
+a file that does not parse, belongs to another CPU or version, or names engines this CPU
+cannot run is ignored (row by row, where only some rows are bad) and rewritten at exit.
+An unwritable cache directory only means that the next process measures again.
+``FASTCHAR_GEMM=auto|mkl|onednn|fma|bf16dot`` forces one engine (the kernels raise
+RuntimeError when this CPU cannot run it).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastchar import __version__
+from fastchar.backends import cpp_loaded
+
+ENGINES = ("mkl", "onednn", "fma", "bf16dot")
+DTYPES = (torch.float32, torch.bfloat16)
+CACHE_FORMAT = 1
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+_DTYPE_CODES = {torch.float32: 6, torch.bfloat16: 15}  # c10::ScalarType values
+_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (elsewhere platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that decide which engines run, as /proc/cpuinfo lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in _FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def why_not(engine: str, dtype: torch.dtype) -> str | None:
+    """None when ``engine`` runs ``dtype`` step GEMMs on this CPU, else the reason."""
+    if not cpp_loaded():
+        return "the C++ extension is not built"
+    reason = torch.ops.fastchar.gemm_why_not(engine, dtype)
+    return reason or None
+
+
+def choose(dtype: torch.dtype, trans_w: bool, M: int, N: int, K: int, threads: int = 1) -> str:
+    """The engine for one step GEMM C[M, N] = A[M, K] @ op(W) (measured now if new)."""
+    return torch.ops.fastchar.gemm_choose(dtype, trans_w, M, N, K, threads)
+
+
+def rate(engine: str, dtype, trans_w: bool, M: int, N: int, K: int, threads: int = 1) -> float:
+    """GFLOP/s of one engine at a step shape, ``threads`` copies running at once."""
+    return torch.ops.fastchar.gemm_rate(engine, dtype, trans_w, M, N, K, threads)
+
+
+def entries() -> list[dict]:
+    """The plan so far: one dict per measured (or cached) shape."""
+    if not cpp_loaded():
+        return []
+    rows = torch.ops.fastchar.gemm_plan_entries().tolist()
+    return [
+        dict(dtype=_CODE_DTYPES[d], trans_w=bool(t), M=M, N=N, K=K, engine=ENGINES[e])
+        for d, t, M, N, K, e in rows
+        if d in _CODE_DTYPES
+    ]
+
+
+def cache_path() -> Path:
+    root = os.environ.get("FASTCHAR_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "fastchar")
+    return Path(root) / "gemm-plan.json"
+
+
+def _identity() -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "cpu": cpu_model(),
+        "flags": cpu_flags(),
+        "torch": torch.__version__,
+        "fastchar": __version__,
+    }
+
+
+def _rows(data: dict) -> list[list[int]]:
+    rows = []
+    for entry in data.get("entries", []):
+        try:
+            code = _DTYPE_CODES[getattr(torch, entry["dtype"])]
+            row = [code, int(bool(entry["trans_w"]))]
+            row += [int(entry[k]) for k in ("M", "N", "K")]
+            row.append(ENGINES.index(entry["engine"]))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            continue  # one bad row is dropped; the rest may still be good
+        rows.append(row)
+    return rows
+
+
+_loaded: set[tuple] = set()
+
+
+def _key(e: dict) -> tuple:
+    return (e["dtype"], e["trans_w"], e["M"], e["N"], e["K"], e["engine"])
+
+
+def load_cache(path: Path | None = None) -> int:
+    """Seeds the plan from the cache file; returns how many entries were taken (0 if none)."""
+    path = path or cache_path()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return 0
+    if not isinstance(data, dict) or {k: data.get(k) for k in _identity()} != _identity():
+        return 0  # another CPU, torch or fastchar: its timings say nothing here
+    rows = _rows(data)
+    if not rows or not cpp_loaded():
+        return 0
+    taken = torch.ops.fastchar.gemm_plan_load(torch.tensor(rows, dtype=torch.int64))
+    _loaded.update(_key(e) for e in entries())
+    return int(taken)
+
+
+def save_cache(path: Path | None = None) -> bool:
+    """Writes the plan to the cache file (atomically) when it holds anything new."""
+    plan = entries()
+    if not plan or {_key(e) for e in plan} <= _loaded:
+        return False
+    path = path or cache_path()
+    data = dict(_identity())
+    data["entries"] = [dict(e, dtype=str(e["dtype"]).removeprefix("torch.")) for e in plan]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gemm-plan-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        return False  # read-only or full: the next process measures again
+    _loaded.update(_key(e) for e in plan)
+    return True
+
+
+def clear() -> None:
+    """Forgets every choice in this process (the next GEMM of each shape measures again)."""
+    if cpp_loaded():
+        torch.ops.fastchar.gemm_plan_clear()
+    _loaded.clear()
+
+
+def _install() -> None:
+    if cpp_loaded():
+        load_cache()
+        atexit.register(save_cache)

@@ -1,0 +1,279 @@
+"""The CPU step-GEMM engines and their plan: every engine this machine runs against
+torch.mm and, inside every cell, against ``reference`` (forward and every gradient);
+FASTCHAR_GEMM for each engine, including ones this CPU cannot run; the plan and its
+cache file (corrupt, foreign, stale, unwritable).
+
+Shape letters: M rows of A, N columns of op(W), K the reduced dimension.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from parity import CELLS, assert_close
+from test_cpp import forward_backward, make_inputs
+
+from fastchar import plan
+from fastchar.backends import cpp_loaded
+
+pytestmark = pytest.mark.skipif(not cpp_loaded(), reason="fastchar._C is not built")
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+F32_ENGINES = ("mkl", "onednn", "fma")  # bf16dot is a bf16 x bf16 kernel by design
+
+
+def runnable(dtype):
+    return [e for e in plan.ENGINES if plan.why_not(e, dtype) is None]
+
+
+def not_runnable(dtype):
+    return [e for e in plan.ENGINES if plan.why_not(e, dtype) is not None]
+
+
+ENGINE_CASES = [
+    pytest.param(e, d, id=f"{e}-{name}")
+    for name, d in DTYPES.items()
+    for e in plan.ENGINES
+    if cpp_loaded() and plan.why_not(e, d) is None
+]
+GEMM_SHAPES = {  # (M, N, K): rows of one and odd sizes; K past the FMA kernel's 256 block
+    "M1": (1, 100, 33),
+    "M3_N33": (3, 33, 100),
+    "M17_N132_K300": (17, 132, 300),
+    "M7_K1": (7, 16, 1),
+}
+
+
+def test_float32_runs_on_at_least_two_engines():
+    """mkl always runs; a second engine (onednn or fma) gives the plan a real choice."""
+    assert "mkl" in runnable(torch.float32)
+    assert len(runnable(torch.float32)) >= 2
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["set", "add"])
+@pytest.mark.parametrize("trans_w", [True, False], ids=["hWt", "dW"])
+@pytest.mark.parametrize("shape", GEMM_SHAPES.values(), ids=GEMM_SHAPES.keys())
+@pytest.mark.parametrize(("engine", "dtype"), ENGINE_CASES)
+def test_engine_matches_mm(engine, dtype, shape, trans_w, accumulate):
+    M, N, K = shape
+    a = torch.randn(M, K).to(dtype)
+    w = (torch.randn(N, K) if trans_w else torch.randn(K, N)).to(dtype)
+    c = torch.randn(M, N) if accumulate else None
+    got = torch.ops.fastchar.gemm_run(engine, a, w, trans_w, c)
+    want = a.double() @ (w.double().t() if trans_w else w.double())
+    if accumulate:
+        want = want + c.double()
+    # fp32 products of exactly-representable bf16 inputs: both dtypes round only the sums
+    torch.testing.assert_close(got.double(), want, atol=2e-5 * K**0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("engine", plan.ENGINES)
+def test_forcing_an_engine(engine, monkeypatch, cell="lstm"):
+    """FASTCHAR_GEMM=<engine>: runs it where this CPU can, else a clear RuntimeError."""
+    monkeypatch.setenv("FASTCHAR_GEMM", engine)
+    inputs = make_inputs(cell, 3, 2, 4, 20, torch.float32)
+    if plan.why_not(engine, torch.float32) is None:
+        assert plan.choose(torch.float32, True, 2, 80, 20) == engine
+        forward_backward(cell, "cpp", inputs)
+    else:
+        with pytest.raises(RuntimeError, match=f"FASTCHAR_GEMM={engine} cannot run"):
+            forward_backward(cell, "cpp", inputs)
+
+
+def test_engine_this_cpu_lacks_is_a_clear_error(monkeypatch):
+    lacking = not_runnable(torch.bfloat16) or not_runnable(torch.float32)
+    dtype = torch.bfloat16 if not_runnable(torch.bfloat16) else torch.float32
+    monkeypatch.setenv("FASTCHAR_GEMM", lacking[0])
+    inputs = make_inputs("gru", 2, 3, 4, 16, dtype)
+    with pytest.raises(RuntimeError, match=plan.why_not(lacking[0], dtype)[:30]):
+        forward_backward("gru", "cpp", inputs)
+
+
+def test_unknown_engine_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("FASTCHAR_GEMM", "blas9000")
+    with pytest.raises(RuntimeError, match="unknown GEMM engine 'blas9000'.*choose from auto"):
+        forward_backward("rnn_tanh", "cpp", make_inputs("rnn_tanh", 2, 2, 3, 8, torch.float32))
+
+
+def test_auto_is_the_plan(monkeypatch):
+    monkeypatch.setenv("FASTCHAR_GEMM", "auto")
+    assert plan.choose(torch.float32, True, 5, 48, 40) in runnable(torch.float32)
+
+
+LAYER_SHAPES = {  # (T, B, I, H)
+    "T1_B1_H33": (1, 1, 3, 33),
+    "T5_B3_H100": (5, 3, 4, 100),
+    "T4_B17_H33": (4, 17, 5, 33),
+}
+
+
+@pytest.mark.parametrize("shape", LAYER_SHAPES.values(), ids=LAYER_SHAPES.keys())
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("engine", F32_ENGINES)
+def test_layer_on_each_engine_matches_reference(engine, cell, shape, monkeypatch):
+    """Forward, final states and every gradient, float32, with the engine forced."""
+    if plan.why_not(engine, torch.float32) is not None:
+        pytest.skip(f"this CPU cannot run {engine}: {plan.why_not(engine, torch.float32)}")
+    monkeypatch.setenv("FASTCHAR_GEMM", engine)
+    inputs = make_inputs(cell, *shape, torch.float32)
+    got, got_grads = forward_backward(cell, "cpp", inputs)
+    monkeypatch.delenv("FASTCHAR_GEMM")
+    want, want_grads = forward_backward(cell, "reference", inputs)
+    for name, a, b in zip(["out", "h_n", "c_n"], got, want, strict=False):
+        assert_close(a, b, torch.float32, f"{engine} {name}")
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name], torch.float32, f"{engine} grad {name}")
+
+
+def _bf16_errors(cell, impl, inputs64):
+    """Max abs error of a bf16 run's outputs and gradients against a float64 run."""
+    bf = {k: None if v is None else v.to(torch.bfloat16) for k, v in inputs64.items()}
+    exact = {k: None if v is None else v.to(torch.bfloat16).double() for k, v in inputs64.items()}
+    got, got_grads = forward_backward(cell, impl, bf)
+    want, want_grads = forward_backward(cell, "reference", exact)
+    errs = [(a.double() - b).abs().max().item() for a, b in zip(got, want, strict=True)]
+    errs += [(got_grads[n].double() - want_grads[n]).abs().max().item() for n in want_grads]
+    return errs
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("engine", plan.ENGINES)
+def test_bfloat16_layer_on_each_engine_within_torchs_error(engine, cell, monkeypatch):
+    """bf16 with the engine forced: error against float64 at most 2x torch's own bf16 error."""
+    if plan.why_not(engine, torch.bfloat16) is not None:
+        pytest.skip(f"this CPU cannot run {engine} in bf16: {plan.why_not(engine, torch.bfloat16)}")
+    inputs = make_inputs(cell, 12, 5, 8, 40, torch.float64)
+    theirs = _bf16_errors(cell, "torch", inputs)
+    monkeypatch.setenv("FASTCHAR_GEMM", engine)
+    mine = _bf16_errors(cell, "cpp", inputs)
+    for i, (m, t) in enumerate(zip(mine, theirs, strict=True)):
+        assert 0 < m <= 2 * t + 1e-2, (engine, i, m, t)
+
+
+@pytest.mark.parametrize("engine", F32_ENGINES)
+def test_thread_count_does_not_change_results_on_any_engine(engine, monkeypatch):
+    if plan.why_not(engine, torch.float32) is not None:
+        pytest.skip(f"this CPU cannot run {engine}: {plan.why_not(engine, torch.float32)}")
+    monkeypatch.setenv("FASTCHAR_GEMM", engine)
+    inputs = make_inputs("lstm", 5, 3, 4, 70, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_grads = forward_backward("lstm", "cpp", inputs)
+        torch.set_num_threads(3)
+        many, many_grads = forward_backward("lstm", "cpp", inputs)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(many, one, strict=True):
+        assert_close(a, b, torch.float32, engine)
+    for name in one_grads:
+        assert_close(many_grads[name], one_grads[name], torch.float32, f"{engine} grad {name}")
+
+
+def test_plan_keeps_its_choice():
+    first = plan.choose(torch.float32, False, 6, 40, 120, 2)
+    assert first in runnable(torch.float32)
+    entry = dict(dtype=torch.float32, trans_w=False, M=6, N=40, K=120, engine=first)
+    assert entry in plan.entries()
+    for _ in range(3):
+        assert plan.choose(torch.float32, False, 6, 40, 120, 2) == first
+
+
+# ---- the cache file ----
+
+
+def _write(path, **changes):
+    data = plan._identity()
+    data["entries"] = [
+        dict(dtype="float32", trans_w=True, M=9, N=41, K=23, engine="mkl"),
+        dict(dtype="bfloat16", trans_w=False, M=9, N=41, K=23, engine="mkl"),
+    ]
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_cache_entries_are_used(tmp_path):
+    """A valid file seeds the plan: its engine is taken without measuring."""
+    plan.clear()
+    path = tmp_path / "gemm-plan.json"
+    _write(path)
+    assert plan.load_cache(path) == 2
+    assert plan.choose(torch.float32, True, 9, 41, 23) == "mkl"
+    assert plan.choose(torch.bfloat16, False, 9, 41, 23) == "mkl"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(cpu="Some Other CPU 9000"), dict(torch="1.0.0"), dict(fastchar="0.0.1"), dict(format=99)],
+    ids=["other_cpu", "other_torch", "other_fastchar", "other_format"],
+)
+def test_foreign_or_stale_cache_is_ignored_and_rewritten(tmp_path, changes):
+    plan.clear()
+    path = tmp_path / "gemm-plan.json"
+    _write(path, **changes)
+    assert plan.load_cache(path) == 0
+    assert plan.entries() == []
+    plan.choose(torch.float32, True, 4, 32, 16)
+    assert plan.save_cache(path)
+    data = json.loads(path.read_text())
+    assert {k: data[k] for k in plan._identity()} == plan._identity()
+    assert [e["M"] for e in data["entries"]] == [4]
+
+
+@pytest.mark.parametrize(
+    "content", [b"{not json", b"\xff\xfe\x00garbage", b"[1, 2, 3]", b""], ids=repr
+)
+def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, content):
+    plan.clear()
+    path = tmp_path / "gemm-plan.json"
+    path.write_bytes(content)
+    assert plan.load_cache(path) == 0
+    plan.choose(torch.float32, False, 3, 24, 40)
+    assert plan.save_cache(path)
+    assert plan.load_cache(path) == 1
+
+
+def test_cache_rows_that_do_not_fit_are_dropped(tmp_path):
+    """Unknown engines, bad shapes and engines this CPU cannot run never enter the plan."""
+    plan.clear()
+    path = tmp_path / "gemm-plan.json"
+    bad = [
+        dict(dtype="float32", trans_w=True, M=0, N=8, K=8, engine="mkl"),
+        dict(dtype="float32", trans_w=True, M=2, N=8, K=8, engine="no-such-engine"),
+        dict(dtype="float64", trans_w=True, M=2, N=8, K=8, engine="mkl"),
+        dict(dtype="float32", trans_w=True, M=2, N=8, K=8, engine="bf16dot"),
+        dict(dtype="float32", M=2, N=8, K=8, engine="mkl"),
+        "not a row",
+    ]
+    good = dict(dtype="float32", trans_w=True, M=5, N=8, K=8, engine="mkl")
+    _write(path, entries=[*bad, good])
+    assert plan.load_cache(path) == 1
+    assert plan.entries() == [dict(good, dtype=torch.float32)]
+
+
+def test_unwritable_cache_directory_is_not_an_error(tmp_path):
+    plan.clear()
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    plan.choose(torch.float32, True, 2, 16, 8)
+    assert plan.save_cache(blocker / "sub" / "gemm-plan.json") is False
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTCHAR_CACHE_DIR", str(tmp_path))
+    assert plan.cache_path() == tmp_path / "gemm-plan.json"
+    monkeypatch.delenv("FASTCHAR_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert plan.cache_path() == tmp_path / "xdg" / "fastchar" / "gemm-plan.json"
+
+
+def test_info_prints_cpu_engines_and_plan():
+    from fastchar.info import report
+
+    text = report()
+    assert plan.cpu_model() in text
+    for engine in plan.ENGINES:
+        assert engine in text
+    assert "-> " in text.split("[cpu gemm]")[1]
