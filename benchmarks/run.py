@@ -11,6 +11,8 @@ Parts, all measured in this one process (memory: one fresh child process per cas
   sample  time per character of ``CharRNN.step`` (2 x 512 LSTM, batch 1, no grad).
   train   CharRNN training tokens/s (2 x 256, batch 32, AdamW, cross-entropy).
   memory  peak training memory of one CharRNN step above the state after a warm-up step.
+  gemm    (CPU, with layers) each cpp layer's GFLOP/s as a fraction of the best step-GEMM
+          engine's rate at its own step shapes and of a 1024^3 torch.mm (benchmarks/_gemm.py).
 
 Ratios are speed-ups: ``x torch`` = torch time / impl time, so above 1 is faster than torch.
 Exits 1 when any case failed (its error is in the table and the JSON).
@@ -31,12 +33,13 @@ if importlib.util.find_spec("fastchar") is None:
     # Run from a checkout that is not pip-installed: use the checkout's package.
     sys.path.insert(0, ROOT)
 
+import _gemm  # noqa: E402
 import _harness as bench  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
-PARTS = ("layers", "sample", "train", "memory")
+PARTS = ("layers", "gemm", "sample", "train", "memory")
 IMPL_CHOICES = ("fused", "cpp", "triton", "reference", "torch")
 
 QUICK = {
@@ -213,6 +216,29 @@ def print_layers(rows: list[dict]) -> None:
             f"{r['gflops_fwd_bwd']:.3g}",
             _fmt_ratio(r["vs_torch_fwd_bwd"]),
             _fmt_ratio(r["vs_reference_fwd_bwd"]),
+        ],
+    )
+
+
+def print_limits(rows: list[dict]) -> None:
+    print(
+        "GEMM limit: cpp layer fwd+bwd GFLOP/s vs the best engine at its per-thread step "
+        "shapes (fwd h@W^T, bwd d@W; all threads) and vs a 1024^3 torch.mm, same run"
+    )
+    headers = ["cell", "B", "T", "I", "H", "dtype", "layer GF/s", "fwd step", "bwd step"]
+    headers += ["step GF/s", "of step", "square GF/s", "of square"]
+    _print_results(
+        headers,
+        rows,
+        lambda r: [r["cell"], *(str(r[k]) for k in "BTIH"), r["dtype"]],
+        lambda r: [
+            f"{r['layer_gflops']:.3g}",
+            f"{r['fwd_step_gflops']:.3g} {r['fwd_engine']}",
+            f"{r['bwd_step_gflops']:.3g} {r['bwd_engine']}",
+            f"{r['step_gflops']:.3g}",
+            f"{100 * r['of_step']:.0f}%",
+            f"{r['square_gflops']:.3g}",
+            f"{100 * r['of_square']:.0f}%",
         ],
     )
 
@@ -639,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     if "layers" in args.parts:
         result["layers"] = bench_layers(args.cells, shapes, impls, dtype, device, cfg["layer"])
         print_layers(result["layers"])
+        if "gemm" in args.parts and device.type == "cpu" and "cpp" in impls:
+            result["gemm_limit"] = _gemm.bench_limits(result["layers"], bench.GATES, bench.DTYPES)
+            print_limits(result["gemm_limit"])
     if "sample" in args.parts:
         result["sampling"] = bench_sampling(impls, dtype, device, cfg["sample_steps"])
     if "train" in args.parts:
@@ -664,7 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-_KEYS = {"layers": "layers", "sample": "sampling", "train": "training", "memory": "memory"}
+_KEYS = {
+    "layers": "layers",
+    "gemm": "gemm_limit",
+    "sample": "sampling",
+    "train": "training",
+    "memory": "memory",
+}
 
 if __name__ == "__main__":
     sys.exit(main())

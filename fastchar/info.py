@@ -27,15 +27,8 @@ def _devices() -> list[str]:
     return devices
 
 
-def _slice(H: int, threads: int) -> int:
-    """Units per thread in the C++ time loops (whole 16-lane vectors but the last)."""
-    chunk = -(-H // threads)
-    return -(-chunk // 16) * 16
-
-
 def gemm_report(measure: bool = True) -> list[str]:
     """The CPU, the step-GEMM engines it runs, and the plan (measured for the grid here)."""
-    threads = torch.get_num_threads()
     lines = [
         "[cpu gemm]",
         f"  cpu        {plan.cpu_model()} (flags: {' '.join(plan.cpu_flags()) or 'none'})",
@@ -53,10 +46,9 @@ def gemm_report(measure: bool = True) -> list[str]:
     if measure and not forced:
         for dtype in plan.DTYPES:
             for B, H in PLAN_SHAPES:
-                n = _slice(H, threads)
-                count = -(-H // n)
-                plan.choose(dtype, True, B, 4 * n, H, count)
-                plan.choose(dtype, False, B, n, 4 * H, count)
+                steps = plan.step_shapes(4, B, H)
+                for op in ("fwd", "bwd"):
+                    plan.choose(dtype, *steps[op], steps["threads"])
     lines.append(f"  cache      {plan.cache_path()}")
     for e in plan.entries():
         op = "h @ W^T" if e["trans_w"] else "d @ W  "

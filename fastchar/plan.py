@@ -62,6 +62,21 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def step_shapes(n_gates: int, B: int, H: int, threads: int | None = None) -> dict:
+    """A time loop's per-thread step GEMMs, as the C++ loops split H (csrc/common.h,
+    UnitSlices): {"fwd": (trans_w, M, N, K), "bwd": ..., "threads": slices at once}.
+    The first slice is the widest; the last may be narrower."""
+    threads = torch.get_num_threads() if threads is None else threads
+    threads = 1 if H < 32 else threads
+    chunk = -(-(-(-H // threads)) // 16) * 16
+    n = min(chunk, H)
+    return {
+        "fwd": (True, B, n_gates * n, H),
+        "bwd": (False, B, n, n_gates * H),
+        "threads": -(-H // chunk),
+    }
+
+
 def why_not(engine: str, dtype: torch.dtype) -> str | None:
     """None when ``engine`` runs ``dtype`` step GEMMs on this CPU, else the reason."""
     if not cpp_loaded():
