@@ -210,6 +210,51 @@ class FmaKernel final : public Kernel {
   bool reverse_ = false;  // flips every call (gemm_panels)
 };
 
+// The *_cell ops' GEMMs, C[M, N] (= or +=) A[M, K] @ W[N, K]^T with a W used once:
+// nothing is packed. mkl calls the BLAS on W as it is; fma reads each W row once as a
+// memory-bound matrix-vector product, rows split over the threads.
+class MklCellKernel final : public Kernel {
+ public:
+  MklCellKernel(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw)
+      : M_(M), N_(N), K_(K), W_(W), ldw_(ldw) {}
+  void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    fastchar::gemm<float>(true, M_, N_, K_, static_cast<const float*>(A), lda, W_, ldw_,
+                          accumulate ? 1.0f : 0.0f, C, ldc);
+  }
+
+ private:
+  int64_t M_, N_, K_;
+  const float* W_;
+  int64_t ldw_;
+};
+
+class FmaCellKernel final : public Kernel {
+ public:
+  FmaCellKernel(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw)
+      : M_(M), N_(N), K_(K), W_(W), ldw_(ldw), wide_(cpu().avx512f) {}
+  void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+#if FASTCHAR_X86_KERNELS
+    const float* a = static_cast<const float*>(A);
+    // 64 rows of W (at K = 512, 128 KB) per task: enough to stream, few enough to balance.
+    at::parallel_for(0, N_, 64, [&](int64_t n0, int64_t n1) {
+      if (wide_) {
+        avx512::gemv_rows(M_, n0, n1, K_, a, lda, W_, ldw_, accumulate, C, ldc);
+      } else {
+        avx2::gemv_rows(M_, n0, n1, K_, a, lda, W_, ldw_, accumulate, C, ldc);
+      }
+    });
+#else
+    TORCH_CHECK(false, "fastchar: the fma engine is not built on this platform");
+#endif
+  }
+
+ private:
+  int64_t M_, N_, K_;
+  const float* W_;
+  int64_t ldw_;
+  bool wide_;
+};
+
 // A bfloat16 GEMM on a float32 engine: W widened once (inside `inner`), A per step.
 class Widened final : public Kernel {
  public:
@@ -235,8 +280,17 @@ class Widened final : public Kernel {
   at::Tensor scratch_;  // [M, K]
 };
 
-std::unique_ptr<Kernel> make_f32(Engine e, bool trans_w, int64_t M, int64_t N, int64_t K,
+std::unique_ptr<Kernel> make_f32(Engine e, Op op, int64_t M, int64_t N, int64_t K,
                                  const float* W, int64_t ldw) {
+  const bool trans_w = op != Op::kNN;
+  if (op == Op::kCell) {
+    TORCH_CHECK(e == Engine::kMkl || e == Engine::kFma, "fastchar: engine ", engine_name(e),
+                " has no kernel for the cell ops' GEMM");
+    if (e == Engine::kMkl) {
+      return std::make_unique<MklCellKernel>(M, N, K, W, ldw);
+    }
+    return std::make_unique<FmaCellKernel>(M, N, K, W, ldw);
+  }
   switch (e) {
     case Engine::kMkl:
       return std::make_unique<MklKernel>(trans_w, M, N, K, W, ldw);
@@ -251,7 +305,7 @@ std::unique_ptr<Kernel> make_f32(Engine e, bool trans_w, int64_t M, int64_t N, i
 
 // ---- the plan ----
 
-using Key = std::tuple<int, bool, int64_t, int64_t, int64_t>;  // dtype, trans_w, M, N, K
+using Key = std::tuple<int, int, int64_t, int64_t, int64_t>;  // dtype, op, M, N, K
 
 struct Plan {
   std::mutex mutex;
@@ -270,19 +324,24 @@ bool dtype_ok(Engine e, at::ScalarType dtype) {
   return dtype == at::kBFloat16;
 }
 
-// oneDNN's VNNI layout pairs rows of B, so its bf16 kernel takes an even K.
-std::string shape_why_not(Engine e, at::ScalarType dtype, int64_t K) {
+// Limits of an engine for one op and shape beyond the CPU and dtype (why_not).
+std::string op_why_not(Engine e, at::ScalarType dtype, Op op, int64_t K) {
+  if (op == Op::kCell && (dtype != at::kFloat || (e != Engine::kMkl && e != Engine::kFma))) {
+    return "the cell ops' GEMM (W used once, unpacked) is planned in float32 on mkl or fma "
+           "(bfloat16 cells run torch's BLAS)";
+  }
+  // oneDNN's VNNI layout pairs rows of B, so its bf16 kernel takes an even K.
   if (e == Engine::kOnednn && dtype == at::kBFloat16 && K % 2 != 0) {
     return "oneDNN's bfloat16 micro-kernel needs an even K";
   }
   return "";
 }
 
-std::vector<Engine> candidates(at::ScalarType dtype, int64_t K) {
+std::vector<Engine> candidates(at::ScalarType dtype, Op op, int64_t K) {
   std::vector<Engine> out;
   for (int i = 0; i < kEngines; ++i) {
     const auto e = static_cast<Engine>(i);
-    if (why_not(e, dtype).empty() && shape_why_not(e, dtype, K).empty()) {
+    if (why_not(e, dtype).empty() && op_why_not(e, dtype, op, K).empty()) {
       out.push_back(e);
     }
   }
@@ -293,14 +352,15 @@ std::vector<Engine> candidates(at::ScalarType dtype, int64_t K) {
 // with `threads` copies running at once as the time loops run them (one slice per
 // thread, sharing the caches and memory; MKL then runs one thread per call, as it does
 // inside the loops' parallel region). The slowest thread's time counts.
-double time_engine(Engine e, at::ScalarType dtype, bool trans_w, int64_t M, int64_t N, int64_t K,
+double time_engine(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K,
                    int threads) {
+  const bool trans_w = op != Op::kNN;
   std::vector<double> per_thread(threads, 0.0);
   auto body = [&](int tid) {
     auto w = (trans_w ? at::randn({N, K}) : at::randn({K, N})).to(dtype);
     auto a = at::randn({M, K}).to(dtype);
     auto c = at::zeros({M, N});
-    auto kernel = make_kernel(e, dtype, trans_w, M, N, K, w.const_data_ptr(), w.size(1));
+    auto kernel = make_kernel(e, dtype, op, M, N, K, w.const_data_ptr(), w.size(1));
     using clock = std::chrono::steady_clock;
     auto batch = [&](int64_t reps) {
       auto t0 = clock::now();
@@ -332,14 +392,13 @@ double time_engine(Engine e, at::ScalarType dtype, bool trans_w, int64_t M, int6
   return *std::max_element(per_thread.begin(), per_thread.end());
 }
 
-Engine measure(at::ScalarType dtype, bool trans_w, int64_t M, int64_t N, int64_t K,
-               int threads) {
-  const auto engines = candidates(dtype, K);
+Engine measure(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int threads) {
+  const auto engines = candidates(dtype, op, K);
   TORCH_CHECK(!engines.empty(), "fastchar: no GEMM engine runs ", dtype, " here");
   Engine best = engines[0];
   double best_s = -1;
   for (Engine e : engines) {
-    const double s = time_engine(e, dtype, trans_w, M, N, K, threads);
+    const double s = time_engine(e, dtype, op, M, N, K, threads);
     if (best_s < 0 || s < best_s) {
       best = e;
       best_s = s;
@@ -396,11 +455,13 @@ std::string why_not(Engine e, at::ScalarType dtype) {
   return "unknown engine";
 }
 
-std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, bool trans_w, int64_t M,
+std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, Op op, int64_t M,
                                     int64_t N, int64_t K, const void* W, int64_t ldw) {
   if (dtype == at::kFloat) {
-    return make_f32(e, trans_w, M, N, K, static_cast<const float*>(W), ldw);
+    return make_f32(e, op, M, N, K, static_cast<const float*>(W), ldw);
   }
+  TORCH_CHECK(op != Op::kCell, "fastchar: the cell ops' bfloat16 GEMM runs on torch's BLAS");
+  const bool trans_w = op == Op::kNT;
   TORCH_CHECK(dtype == at::kBFloat16, "fastchar: no GEMM engine for ", dtype);
   const auto* w = static_cast<const at::BFloat16*>(W);
   if (e == Engine::kOnednn) {
@@ -412,21 +473,23 @@ std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, bool trans_w
                             at::dtype(at::kBFloat16))
                   .to(at::kFloat)
                   .contiguous();
-  auto inner = make_f32(e, trans_w, M, N, K, wide.const_data_ptr<float>(), cols);
+  auto inner = make_f32(e, op, M, N, K, wide.const_data_ptr<float>(), cols);
   return std::make_unique<Widened>(std::move(inner), M, K, std::move(wide));
 }
 
-Engine choose(at::ScalarType dtype, bool trans_w, int64_t M, int64_t N, int64_t K,
-              int threads) {
+Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int threads) {
   const char* env = std::getenv("FASTCHAR_GEMM");
   if (env != nullptr && *env != '\0' && std::string(env) != "auto") {
     const Engine e = parse_engine(env);
-    const std::string reason = why_not(e, dtype) + shape_why_not(e, dtype, K);
+    if (op == Op::kCell && why_not(e, dtype).empty() && !op_why_not(e, dtype, op, K).empty()) {
+      return Engine::kMkl;  // a step-GEMM engine with no cell kernel leaves sampling on mkl
+    }
+    const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op, K);
     TORCH_CHECK(reason.empty(), "fastchar: FASTCHAR_GEMM=", env, " cannot run this ", dtype,
                 " GEMM: ", reason, " (unset FASTCHAR_GEMM or set it to auto)");
     return e;
   }
-  const Key key{static_cast<int>(dtype), trans_w, M, N, K};
+  const Key key{static_cast<int>(dtype), static_cast<int>(op), M, N, K};
   auto& p = plan();
   {
     std::lock_guard<std::mutex> lock(p.mutex);
@@ -435,7 +498,7 @@ Engine choose(at::ScalarType dtype, bool trans_w, int64_t M, int64_t N, int64_t 
       return it->second;
     }
   }
-  const Engine e = measure(dtype, trans_w, M, N, K, threads);
+  const Engine e = measure(dtype, op, M, N, K, threads);
   std::lock_guard<std::mutex> lock(p.mutex);
   return p.chosen.emplace(key, e).first->second;
 }
@@ -456,22 +519,27 @@ std::string gemm_why_not(c10::string_view engine, at::ScalarType dtype) {
   return why_not(parse_engine(std::string(engine)), dtype);
 }
 
-std::string gemm_choose(at::ScalarType dtype, bool trans_w, int64_t M, int64_t N, int64_t K,
+Op parse_op(int64_t op) {
+  TORCH_CHECK_VALUE(op >= 0 && op <= 2, "fastchar: op must be 0 (d @ W), 1 (h @ W^T) or 2 (cell)");
+  return static_cast<Op>(op);
+}
+
+std::string gemm_choose(at::ScalarType dtype, int64_t op, int64_t M, int64_t N, int64_t K,
                         int64_t threads) {
   TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0 && threads > 0,
                     "fastchar::gemm_choose: M, N, K and threads must be positive");
-  return engine_name(choose(dtype, trans_w, M, N, K, static_cast<int>(threads)));
+  return engine_name(choose(dtype, parse_op(op), M, N, K, static_cast<int>(threads)));
 }
 
-// The plan as rows [dtype, trans_w, M, N, K, engine] (int64 [n, 6]).
+// The plan as rows [dtype, op, M, N, K, engine] (int64 [n, 6]).
 at::Tensor gemm_plan_entries() {
   auto& p = plan();
   std::lock_guard<std::mutex> lock(p.mutex);
   auto out = at::empty({static_cast<int64_t>(p.chosen.size()), 6}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
   for (const auto& [key, e] : p.chosen) {
-    const auto& [dtype, trans_w, M, N, K] = key;
-    for (int64_t v : {int64_t(dtype), int64_t(trans_w), M, N, K, int64_t(e)}) {
+    const auto& [dtype, op, M, N, K] = key;
+    for (int64_t v : {int64_t(dtype), int64_t(op), M, N, K, int64_t(e)}) {
       *o++ = v;
     }
   }
@@ -490,15 +558,17 @@ int64_t gemm_plan_load(const at::Tensor& rows) {
   std::lock_guard<std::mutex> lock(p.mutex);
   for (int64_t i = 0; i < r.size(0); ++i, v += 6) {
     const int64_t dt = v[0], e = v[5];
-    if ((dt != int64_t(at::kFloat) && dt != int64_t(at::kBFloat16)) || v[1] < 0 || v[1] > 1 ||
+    if ((dt != int64_t(at::kFloat) && dt != int64_t(at::kBFloat16)) || v[1] < 0 || v[1] > 2 ||
         v[2] <= 0 || v[3] <= 0 || v[4] <= 0 || e < 0 || e >= kEngines) {
       continue;
     }
     const auto dtype = static_cast<at::ScalarType>(dt);
-    if (!why_not(static_cast<Engine>(e), dtype).empty()) {
+    const auto op = static_cast<Op>(v[1]);
+    if (!why_not(static_cast<Engine>(e), dtype).empty() ||
+        !op_why_not(static_cast<Engine>(e), dtype, op, v[4]).empty()) {
       continue;
     }
-    p.chosen[Key{int(dt), v[1] == 1, v[2], v[3], v[4]}] = static_cast<Engine>(e);
+    p.chosen[Key{int(dt), int(v[1]), v[2], v[3], v[4]}] = static_cast<Engine>(e);
     ++taken;
   }
   return taken;
@@ -511,20 +581,20 @@ void gemm_plan_clear() {
 }
 
 // GFLOP/s of one engine at a step shape, summed over `threads` concurrent copies.
-double gemm_rate(c10::string_view engine, at::ScalarType dtype, bool trans_w, int64_t M,
+double gemm_rate(c10::string_view engine, at::ScalarType dtype, int64_t op, int64_t M,
                  int64_t N, int64_t K, int64_t threads) {
   const Engine e = parse_engine(std::string(engine));
-  const std::string reason = why_not(e, dtype);
+  const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, parse_op(op), K);
   TORCH_CHECK(reason.empty(), "fastchar: engine ", engine, " cannot run ", dtype, ": ", reason);
   TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0 && threads > 0,
                     "fastchar::gemm_rate: M, N, K and threads must be positive");
   const int th = static_cast<int>(threads);
-  return 2.0 * M * N * K * th / time_engine(e, dtype, trans_w, M, N, K, th) / 1e9;
+  return 2.0 * M * N * K * th / time_engine(e, dtype, parse_op(op), M, N, K, th) / 1e9;
 }
 
 // A [M, K] @ op(W) through one engine, float32 out: the engines' direct test.
 at::Tensor gemm_run(c10::string_view engine, const at::Tensor& a, const at::Tensor& w,
-                    bool trans_w, const std::optional<at::Tensor>& c) {
+                    int64_t op_code, const std::optional<at::Tensor>& c) {
   constexpr const char* OP = "fastchar::gemm_run";
   CHECK_CPU(a);
   CHECK_DIM(a, 2);
@@ -533,16 +603,18 @@ at::Tensor gemm_run(c10::string_view engine, const at::Tensor& a, const at::Tens
   CHECK_DTYPE(w, a.scalar_type());
   const Engine e = parse_engine(std::string(engine));
   const auto dtype = a.scalar_type();
-  const std::string reason = why_not(e, dtype);
-  TORCH_CHECK(reason.empty(), OP, ": engine ", engine, " cannot run ", dtype, ": ", reason);
+  const Op op = parse_op(op_code);
+  const bool trans_w = op != Op::kNN;
   const int64_t M = a.size(0), K = a.size(1), N = trans_w ? w.size(0) : w.size(1);
+  const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op, K);
+  TORCH_CHECK(reason.empty(), OP, ": engine ", engine, " cannot run ", dtype, ": ", reason);
   TORCH_CHECK_VALUE((trans_w ? w.size(1) : w.size(0)) == K, OP, ": w has shape ", w.sizes(),
                     ", which does not fit a ", a.sizes());
   auto wc = w.contiguous(), ac = a.contiguous();
   auto out = c.has_value() ? c->to(at::kFloat).contiguous().clone() : at::zeros({M, N});
   CHECK_SHAPE(out, M, N);
   if (M > 0 && N > 0 && K > 0) {
-    auto kernel = make_kernel(e, dtype, trans_w, M, N, K, wc.const_data_ptr(), wc.size(1));
+    auto kernel = make_kernel(e, dtype, op, M, N, K, wc.const_data_ptr(), wc.size(1));
     kernel->run(ac.const_data_ptr(), K, c.has_value(), out.data_ptr<float>(), N);
     release_thread();
   }

@@ -134,6 +134,9 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
 namespace engines {
 
 enum class Engine : int { kMkl = 0, kOnednn = 1, kFma = 2, kBf16dot = 3 };
+// kNN: a time loop's dgates @ W; kNT: its h @ W^T; kCell: a *_cell op's x @ W^T, W used
+// once (nothing to pack).
+enum class Op : int { kNN = 0, kNT = 1, kCell = 2 };
 constexpr int kEngines = 4;
 const char* engine_name(Engine e);
 
@@ -143,8 +146,7 @@ std::string why_not(Engine e, at::ScalarType dtype);
 // The engine for one step-GEMM shape: forced by FASTCHAR_GEMM, else from the plan
 // (measured now if this shape is new, with `threads` copies running at once as the
 // time loop runs its slices). Throws when a forced engine cannot run.
-Engine choose(at::ScalarType dtype, bool trans_w, int64_t M, int64_t N, int64_t K,
-              int threads);
+Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int threads);
 
 // One engine's prepared GEMM for a fixed W: C[M, N] (= or +=) A @ op(W), fp32 C.
 class Kernel {
@@ -152,7 +154,7 @@ class Kernel {
   virtual ~Kernel() = default;
   virtual void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) = 0;
 };
-std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, bool trans_w, int64_t M,
+std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, Op op, int64_t M,
                                     int64_t N, int64_t K, const void* W, int64_t ldw);
 
 // Releases per-thread engine state (oneDNN's AMX tile configuration) after a time loop.
@@ -170,8 +172,9 @@ class StepGemm {
     if constexpr (!std::is_same_v<T, double>) {
       if (M > 0 && N > 0 && K > 0) {
         const auto dtype = c10::CppTypeToScalarType<T>::value;
-        kernel_ = engines::make_kernel(engines::choose(dtype, trans_w, M, N, K, threads), dtype,
-                                       trans_w, M, N, K, W, ldw);
+        const auto op = trans_w ? engines::Op::kNT : engines::Op::kNN;
+        kernel_ = engines::make_kernel(engines::choose(dtype, op, M, N, K, threads), dtype, op, M,
+                                       N, K, W, ldw);
       }
     }
   }
@@ -193,5 +196,22 @@ class StepGemm {
   int64_t ldw_;
   std::shared_ptr<engines::Kernel> kernel_;
 };
+
+// A *_cell op's C[M, N] = beta * C + A[M, K] @ W[N, K]^T: float32 on the engine the
+// plan picks for this shape (W is used once, so nothing is packed); other dtypes on
+// torch's BLAS.
+template <typename T>
+void cell_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
+               acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (M > 0 && N > 0 && K > 0) {
+      const auto e = engines::choose(at::kFloat, engines::Op::kCell, M, N, K, 1);
+      engines::make_kernel(e, at::kFloat, engines::Op::kCell, M, N, K, W, ldw)
+          ->run(A, lda, beta != 0.0f, C, ldc);
+      return;
+    }
+  }
+  gemm_nt<T>(M, N, K, A, lda, W, ldw, beta, C, ldc);
+}
 
 }  // namespace fastchar

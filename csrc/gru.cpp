@@ -226,9 +226,9 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
     auto xc = x.contiguous(), hc = h.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
     A* gxp = gx.data_ptr<A>();
     A* ghp = gh.data_ptr<A>();
-    gemm_nt<scalar_t>(B, G, I, xc.const_data_ptr<scalar_t>(), I, wi.const_data_ptr<scalar_t>(),
+    cell_gemm<scalar_t>(B, G, I, xc.const_data_ptr<scalar_t>(), I, wi.const_data_ptr<scalar_t>(),
                       I, A(0), gxp, G);
-    gemm_nt<scalar_t>(B, G, H, hc.const_data_ptr<scalar_t>(), H, wh.const_data_ptr<scalar_t>(),
+    cell_gemm<scalar_t>(B, G, H, hc.const_data_ptr<scalar_t>(), H, wh.const_data_ptr<scalar_t>(),
                       H, A(0), ghp, G);
     const A* bx = b_x.const_data_ptr<A>();
     for (int64_t b = 0; b < B; ++b) {

@@ -212,9 +212,9 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tens
     using A = acc_t<scalar_t>;
     auto xc = x.contiguous(), hc = h.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
     A* a = acc.data_ptr<A>();
-    gemm_nt<scalar_t>(B, G, I, xc.const_data_ptr<scalar_t>(), I, wi.const_data_ptr<scalar_t>(),
+    cell_gemm<scalar_t>(B, G, I, xc.const_data_ptr<scalar_t>(), I, wi.const_data_ptr<scalar_t>(),
                       I, A(0), a, G);
-    gemm_nt<scalar_t>(B, G, H, hc.const_data_ptr<scalar_t>(), H, wh.const_data_ptr<scalar_t>(),
+    cell_gemm<scalar_t>(B, G, H, hc.const_data_ptr<scalar_t>(), H, wh.const_data_ptr<scalar_t>(),
                       H, A(1), a, G);
     const A* bp = bias.const_data_ptr<A>();
     const A* cp = c_old.const_data_ptr<A>();

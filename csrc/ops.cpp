@@ -35,12 +35,12 @@ TORCH_LIBRARY(fastchar, m) {
       "Tensor? b_hh) -> Tensor");
 
   m.def("gemm_why_not(str engine, ScalarType dtype) -> str");
-  m.def("gemm_choose(ScalarType dtype, bool trans_w, int M, int N, int K, int threads=1) -> str");
+  m.def("gemm_choose(ScalarType dtype, int op, int M, int N, int K, int threads=1) -> str");
   m.def("gemm_plan_entries() -> Tensor");
   m.def("gemm_plan_load(Tensor rows) -> int");
   m.def("gemm_plan_clear() -> ()");
-  m.def("gemm_rate(str engine, ScalarType dtype, bool trans_w, int M, int N, int K, int threads=1) -> float");
-  m.def("gemm_run(str engine, Tensor a, Tensor w, bool trans_w, Tensor? c=None) -> Tensor");
+  m.def("gemm_rate(str engine, ScalarType dtype, int op, int M, int N, int K, int threads=1) -> float");
+  m.def("gemm_run(str engine, Tensor a, Tensor w, int op, Tensor? c=None) -> Tensor");
 
   m.def("rnn_fwd(Tensor xp, Tensor h0, Tensor w_hh, bool relu) -> (Tensor out, Tensor h_n)");
   m.def(

@@ -159,9 +159,9 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
     using A = acc_t<scalar_t>;
     auto xc = x.contiguous(), hc = h.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
     A* a = acc.data_ptr<A>();
-    gemm_nt<scalar_t>(B, H, I, xc.const_data_ptr<scalar_t>(), I, wi.const_data_ptr<scalar_t>(),
+    cell_gemm<scalar_t>(B, H, I, xc.const_data_ptr<scalar_t>(), I, wi.const_data_ptr<scalar_t>(),
                       I, A(0), a, H);
-    gemm_nt<scalar_t>(B, H, H, hc.const_data_ptr<scalar_t>(), H, wh.const_data_ptr<scalar_t>(),
+    cell_gemm<scalar_t>(B, H, H, hc.const_data_ptr<scalar_t>(), H, wh.const_data_ptr<scalar_t>(),
                       H, A(1), a, H);
     const A* bp = bias.const_data_ptr<A>();
     scalar_t* hp = h_new.data_ptr<scalar_t>();

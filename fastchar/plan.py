@@ -32,8 +32,11 @@ from fastchar import __version__
 from fastchar.backends import cpp_loaded
 
 ENGINES = ("mkl", "onednn", "fma", "bf16dot")
+# The GEMMs the plan covers (csrc/gemm.h, Op): a time loop's dgates @ W ("nn") and h @ W^T
+# ("nt"), and a *_cell op's x @ W^T with a W used once ("cell").
+OPS = ("nn", "nt", "cell")
 DTYPES = (torch.float32, torch.bfloat16)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 _DTYPE_CODES = {torch.float32: 6, torch.bfloat16: 15}  # c10::ScalarType values
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
@@ -64,15 +67,15 @@ def cpu_flags() -> list[str]:
 
 def step_shapes(n_gates: int, B: int, H: int, threads: int | None = None) -> dict:
     """A time loop's per-thread step GEMMs, as the C++ loops split H (csrc/common.h,
-    UnitSlices): {"fwd": (trans_w, M, N, K), "bwd": ..., "threads": slices at once}.
+    UnitSlices): {"fwd": (op, M, N, K), "bwd": ..., "threads": slices at once}.
     The first slice is the widest; the last may be narrower."""
     threads = torch.get_num_threads() if threads is None else threads
     threads = 1 if H < 32 else threads
     chunk = -(-(-(-H // threads)) // 16) * 16
     n = min(chunk, H)
     return {
-        "fwd": (True, B, n_gates * n, H),
-        "bwd": (False, B, n, n_gates * H),
+        "fwd": ("nt", B, n_gates * n, H),
+        "bwd": ("nn", B, n, n_gates * H),
         "threads": -(-H // chunk),
     }
 
@@ -85,14 +88,19 @@ def why_not(engine: str, dtype: torch.dtype) -> str | None:
     return reason or None
 
 
-def choose(dtype: torch.dtype, trans_w: bool, M: int, N: int, K: int, threads: int = 1) -> str:
-    """The engine for one step GEMM C[M, N] = A[M, K] @ op(W) (measured now if new)."""
-    return torch.ops.fastchar.gemm_choose(dtype, trans_w, M, N, K, threads)
+def choose(dtype: torch.dtype, op: str, M: int, N: int, K: int, threads: int = 1) -> str:
+    """The engine for one GEMM C[M, N] = A[M, K] @ op(W) (measured now if new)."""
+    return torch.ops.fastchar.gemm_choose(dtype, OPS.index(op), M, N, K, threads)
 
 
-def rate(engine: str, dtype, trans_w: bool, M: int, N: int, K: int, threads: int = 1) -> float:
-    """GFLOP/s of one engine at a step shape, ``threads`` copies running at once."""
-    return torch.ops.fastchar.gemm_rate(engine, dtype, trans_w, M, N, K, threads)
+def rate(engine: str, dtype, op: str, M: int, N: int, K: int, threads: int = 1) -> float:
+    """GFLOP/s of one engine at one GEMM shape, ``threads`` copies running at once."""
+    return torch.ops.fastchar.gemm_rate(engine, dtype, OPS.index(op), M, N, K, threads)
+
+
+def run(engine: str, a, w, op: str, c=None):
+    """a [M, K] @ op(w) (+ c) through one engine, float32: the engines' direct test."""
+    return torch.ops.fastchar.gemm_run(engine, a, w, OPS.index(op), c)
 
 
 def entries() -> list[dict]:
@@ -101,8 +109,8 @@ def entries() -> list[dict]:
         return []
     rows = torch.ops.fastchar.gemm_plan_entries().tolist()
     return [
-        dict(dtype=_CODE_DTYPES[d], trans_w=bool(t), M=M, N=N, K=K, engine=ENGINES[e])
-        for d, t, M, N, K, e in rows
+        dict(dtype=_CODE_DTYPES[d], op=OPS[o], M=M, N=N, K=K, engine=ENGINES[e])
+        for d, o, M, N, K, e in rows
         if d in _CODE_DTYPES
     ]
 
@@ -130,7 +138,7 @@ def _rows(data: dict) -> list[list[int]]:
     for entry in data.get("entries", []):
         try:
             code = _DTYPE_CODES[getattr(torch, entry["dtype"])]
-            row = [code, int(bool(entry["trans_w"]))]
+            row = [code, OPS.index(entry["op"])]
             row += [int(entry[k]) for k in ("M", "N", "K")]
             row.append(ENGINES.index(entry["engine"]))
         except (AttributeError, KeyError, TypeError, ValueError):
@@ -143,7 +151,7 @@ _loaded: set[tuple] = set()
 
 
 def _key(e: dict) -> tuple:
-    return (e["dtype"], e["trans_w"], e["M"], e["N"], e["K"], e["engine"])
+    return (e["dtype"], e["op"], e["M"], e["N"], e["K"], e["engine"])
 
 
 def load_cache(path: Path | None = None) -> int:

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from parity import CELLS, assert_close
-from test_cpp import forward_backward, make_inputs
+from test_cpp import forward_backward, make_inputs, run_op
 
 from fastchar import plan
 from fastchar.backends import cpp_loaded
@@ -40,6 +40,7 @@ ENGINE_CASES = [
 ]
 GEMM_SHAPES = {  # (M, N, K): rows of one and odd sizes; K past the FMA kernel's 256 block
     "M1": (1, 100, 33),
+    "M5_N7_K70": (5, 7, 70),
     "M3_N33": (3, 33, 100),
     "M17_N132_K300": (17, 132, 300),
     "M7_K1": (7, 16, 1),
@@ -53,15 +54,20 @@ def test_float32_runs_on_at_least_two_engines():
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["set", "add"])
-@pytest.mark.parametrize("trans_w", [True, False], ids=["hWt", "dW"])
+@pytest.mark.parametrize("op", plan.OPS)
 @pytest.mark.parametrize("shape", GEMM_SHAPES.values(), ids=GEMM_SHAPES.keys())
 @pytest.mark.parametrize(("engine", "dtype"), ENGINE_CASES)
-def test_engine_matches_mm(engine, dtype, shape, trans_w, accumulate):
+def test_engine_matches_mm(engine, dtype, shape, op, accumulate):
     M, N, K = shape
+    trans_w = op != "nn"
     a = torch.randn(M, K).to(dtype)
     w = (torch.randn(N, K) if trans_w else torch.randn(K, N)).to(dtype)
     c = torch.randn(M, N) if accumulate else None
-    got = torch.ops.fastchar.gemm_run(engine, a, w, trans_w, c)
+    if op == "cell" and not (engine in ("mkl", "fma") and dtype == torch.float32):
+        with pytest.raises(RuntimeError, match="cell ops' GEMM"):
+            plan.run(engine, a, w, op, c)
+        return
+    got = plan.run(engine, a, w, op, c)
     want = a.double() @ (w.double().t() if trans_w else w.double())
     if accumulate:
         want = want + c.double()
@@ -75,11 +81,26 @@ def test_forcing_an_engine(engine, monkeypatch, cell="lstm"):
     monkeypatch.setenv("FASTCHAR_GEMM", engine)
     inputs = make_inputs(cell, 3, 2, 4, 20, torch.float32)
     if plan.why_not(engine, torch.float32) is None:
-        assert plan.choose(torch.float32, True, 2, 80, 20) == engine
+        assert plan.choose(torch.float32, "nt", 2, 80, 20) == engine
         forward_backward(cell, "cpp", inputs)
     else:
         with pytest.raises(RuntimeError, match=f"FASTCHAR_GEMM={engine} cannot run"):
             forward_backward(cell, "cpp", inputs)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("engine", F32_ENGINES)
+def test_cell_op_with_each_engine_forced(engine, cell, monkeypatch):
+    """The sampling step runs under every FASTCHAR_GEMM this CPU can run (engines with no
+    cell kernel leave the cell on mkl) and matches reference."""
+    if plan.why_not(engine, torch.float32) is not None:
+        pytest.skip(f"this CPU cannot run {engine}: {plan.why_not(engine, torch.float32)}")
+    monkeypatch.setenv("FASTCHAR_GEMM", engine)
+    inputs = make_inputs(cell, None, 3, 5, 33, torch.float32, seq=False)
+    got = run_op(cell, "cpp", inputs, seq=False)
+    want = run_op(cell, "reference", inputs, seq=False)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, torch.float32, f"{engine} {cell} cell")
 
 
 def test_engine_this_cpu_lacks_is_a_clear_error(monkeypatch):
@@ -99,7 +120,8 @@ def test_unknown_engine_is_a_clear_error(monkeypatch):
 
 def test_auto_is_the_plan(monkeypatch):
     monkeypatch.setenv("FASTCHAR_GEMM", "auto")
-    assert plan.choose(torch.float32, True, 5, 48, 40) in runnable(torch.float32)
+    assert plan.choose(torch.float32, "nt", 5, 48, 40) in runnable(torch.float32)
+    assert plan.choose(torch.float32, "cell", 1, 48, 40) in ("mkl", "fma")
 
 
 LAYER_SHAPES = {  # (T, B, I, H)
@@ -173,12 +195,12 @@ def test_thread_count_does_not_change_results_on_any_engine(engine, monkeypatch)
 
 
 def test_plan_keeps_its_choice():
-    first = plan.choose(torch.float32, False, 6, 40, 120, 2)
+    first = plan.choose(torch.float32, "nn", 6, 40, 120, 2)
     assert first in runnable(torch.float32)
-    entry = dict(dtype=torch.float32, trans_w=False, M=6, N=40, K=120, engine=first)
+    entry = dict(dtype=torch.float32, op="nn", M=6, N=40, K=120, engine=first)
     assert entry in plan.entries()
     for _ in range(3):
-        assert plan.choose(torch.float32, False, 6, 40, 120, 2) == first
+        assert plan.choose(torch.float32, "nn", 6, 40, 120, 2) == first
 
 
 # ---- the cache file ----
@@ -187,8 +209,8 @@ def test_plan_keeps_its_choice():
 def _write(path, **changes):
     data = plan._identity()
     data["entries"] = [
-        dict(dtype="float32", trans_w=True, M=9, N=41, K=23, engine="mkl"),
-        dict(dtype="bfloat16", trans_w=False, M=9, N=41, K=23, engine="mkl"),
+        dict(dtype="float32", op="nt", M=9, N=41, K=23, engine="mkl"),
+        dict(dtype="bfloat16", op="nn", M=9, N=41, K=23, engine="mkl"),
     ]
     data.update(changes)
     path.write_text(json.dumps(data))
@@ -200,8 +222,8 @@ def test_cache_entries_are_used(tmp_path):
     path = tmp_path / "gemm-plan.json"
     _write(path)
     assert plan.load_cache(path) == 2
-    assert plan.choose(torch.float32, True, 9, 41, 23) == "mkl"
-    assert plan.choose(torch.bfloat16, False, 9, 41, 23) == "mkl"
+    assert plan.choose(torch.float32, "nt", 9, 41, 23) == "mkl"
+    assert plan.choose(torch.bfloat16, "nn", 9, 41, 23) == "mkl"
 
 
 @pytest.mark.parametrize(
@@ -215,7 +237,7 @@ def test_foreign_or_stale_cache_is_ignored_and_rewritten(tmp_path, changes):
     _write(path, **changes)
     assert plan.load_cache(path) == 0
     assert plan.entries() == []
-    plan.choose(torch.float32, True, 4, 32, 16)
+    plan.choose(torch.float32, "nt", 4, 32, 16)
     assert plan.save_cache(path)
     data = json.loads(path.read_text())
     assert {k: data[k] for k in plan._identity()} == plan._identity()
@@ -230,7 +252,7 @@ def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, content):
     path = tmp_path / "gemm-plan.json"
     path.write_bytes(content)
     assert plan.load_cache(path) == 0
-    plan.choose(torch.float32, False, 3, 24, 40)
+    plan.choose(torch.float32, "nn", 3, 24, 40)
     assert plan.save_cache(path)
     assert plan.load_cache(path) == 1
 
@@ -240,14 +262,16 @@ def test_cache_rows_that_do_not_fit_are_dropped(tmp_path):
     plan.clear()
     path = tmp_path / "gemm-plan.json"
     bad = [
-        dict(dtype="float32", trans_w=True, M=0, N=8, K=8, engine="mkl"),
-        dict(dtype="float32", trans_w=True, M=2, N=8, K=8, engine="no-such-engine"),
-        dict(dtype="float64", trans_w=True, M=2, N=8, K=8, engine="mkl"),
-        dict(dtype="float32", trans_w=True, M=2, N=8, K=8, engine="bf16dot"),
+        dict(dtype="float32", op="nt", M=0, N=8, K=8, engine="mkl"),
+        dict(dtype="float32", op="nt", M=2, N=8, K=8, engine="no-such-engine"),
+        dict(dtype="float64", op="nt", M=2, N=8, K=8, engine="mkl"),
+        dict(dtype="float32", op="nt", M=2, N=8, K=8, engine="bf16dot"),
+        dict(dtype="float32", op="cell", M=2, N=8, K=8, engine="onednn"),
+        dict(dtype="float32", op="tn", M=2, N=8, K=8, engine="mkl"),
         dict(dtype="float32", M=2, N=8, K=8, engine="mkl"),
         "not a row",
     ]
-    good = dict(dtype="float32", trans_w=True, M=5, N=8, K=8, engine="mkl")
+    good = dict(dtype="float32", op="nt", M=5, N=8, K=8, engine="mkl")
     _write(path, entries=[*bad, good])
     assert plan.load_cache(path) == 1
     assert plan.entries() == [dict(good, dtype=torch.float32)]
@@ -257,7 +281,7 @@ def test_unwritable_cache_directory_is_not_an_error(tmp_path):
     plan.clear()
     blocker = tmp_path / "file-not-dir"
     blocker.write_text("x")
-    plan.choose(torch.float32, True, 2, 16, 8)
+    plan.choose(torch.float32, "nt", 2, 16, 8)
     assert plan.save_cache(blocker / "sub" / "gemm-plan.json") is False
 
 
