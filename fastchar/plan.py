@@ -71,7 +71,8 @@ def step_shapes(n_gates: int, B: int, H: int, threads: int | None = None) -> dic
     The first slice is the widest; the last may be narrower."""
     threads = torch.get_num_threads() if threads is None else threads
     threads = 1 if H < 32 else threads
-    chunk = -(-(-(-H // threads)) // 16) * 16
+    per_thread = -(-H // threads)  # ceil
+    chunk = -(-per_thread // 16) * 16
     n = min(chunk, H)
     return {
         "fwd": ("nt", B, n_gates * n, H),
