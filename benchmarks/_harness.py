@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 import fastchar.ops as ops
+from fastchar import plan
 from fastchar.backends import cpp_loaded, interpreter_on, triton_version, why_not
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -214,30 +215,6 @@ def time_interleaved(
     return timings, errors
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-                    return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return []
-
-
 def load_average() -> list[float] | None:
     """1, 5 and 15 minute load: above the core count, other jobs shared the CPU."""
     try:
@@ -273,8 +250,8 @@ def environment(device: torch.device | str, dtype: torch.dtype) -> dict:
     device = torch.device(device)
     env = {
         "device": device.type,
-        "cpu": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
+        "cpu": plan.cpu_model(),
+        "cpu_flags": plan.cpu_flags(),
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "dtype": str(dtype).removeprefix("torch."),

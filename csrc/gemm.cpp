@@ -1,5 +1,6 @@
 // The step-GEMM engines behind StepGemm (gemm.h), the measured plan that picks one per
 // (dtype, op, M, N, K), and the ops that report and seed it (fastchar.plan).
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Config.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -48,16 +49,17 @@ constexpr int W = 16;
 #pragma GCC pop_options
 
 struct Cpu {
-  bool avx2, avx512f;
+  bool avx2, avx512f, avx512bf16;
   Cpu() {
     __builtin_cpu_init();
     avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     avx512f = __builtin_cpu_supports("avx512f");
+    avx512bf16 = __builtin_cpu_supports("avx512bf16");
   }
 };
 #else
 struct Cpu {
-  bool avx2 = false, avx512f = false;
+  bool avx2 = false, avx512f = false, avx512bf16 = false;
 };
 #endif
 
@@ -357,8 +359,11 @@ double time_engine(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N, 
   const bool trans_w = op != Op::kNN;
   std::vector<double> per_thread(threads, 0.0);
   auto body = [&](int tid) {
-    auto w = (trans_w ? at::randn({N, K}) : at::randn({K, N})).to(dtype);
-    auto a = at::randn({M, K}).to(dtype);
+    // A generator of its own: measuring must not move the user's random stream (a run
+    // that measures and one that reads the plan from its cache must draw the same masks).
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(1234 + tid);
+    auto w = (trans_w ? at::randn({N, K}, gen) : at::randn({K, N}, gen)).to(dtype);
+    auto a = at::randn({M, K}, gen).to(dtype);
     auto c = at::zeros({M, N});
     auto kernel = make_kernel(e, dtype, op, M, N, K, w.const_data_ptr(), w.size(1));
     using clock = std::chrono::steady_clock;
@@ -450,7 +455,9 @@ std::string why_not(Engine e, at::ScalarType dtype) {
       if (dtype != at::kBFloat16) {
         return "bf16dot runs bfloat16 GEMMs only";
       }
-      return "this CPU lacks avx512_bf16 (or the build has no AVX512-BF16 kernel)";
+      // Declared so that FASTCHAR_GEMM, the plan and the cache already know its name.
+      return std::string("fastchar's AVX512-BF16 micro-kernel is not written yet") +
+             (cpu().avx512bf16 ? "" : " (and this CPU lacks avx512_bf16)");
   }
   return "unknown engine";
 }

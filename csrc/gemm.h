@@ -16,8 +16,9 @@
 //            float32; bfloat16 only where oneDNN packs bf16 (AMX)
 //   fma      fastchar's float32 FMA micro-kernel (AVX2 or AVX-512), W packed in panels;
 //            bfloat16 is widened to float32
-//   bf16dot  fastchar's AVX512-BF16 micro-kernel (vdpbf16ps): bf16 x bf16 -> fp32, W
-//            packed in pair-interleaved panels
+//   bf16dot  reserved for fastchar's AVX512-BF16 micro-kernel (vdpbf16ps, bf16 x bf16 ->
+//            fp32, W in pair-interleaved panels); not written yet, so it never runs and
+//            forcing it is a RuntimeError that says so
 #pragma once
 
 #include <ATen/ATen.h>

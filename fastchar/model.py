@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastchar.nn import MODULES
+from fastchar.ops._common import linear
 
 MODEL_KINDS = tuple(MODULES)
 NONLINEARITIES = ("tanh", "relu")
@@ -77,13 +78,17 @@ class CharRNN(nn.Module):
     def forward(self, idx: Tensor, state=None):
         x = self.embedding(idx)  # [B, T, E]
         out, state = self.rnn(x, state)  # [B, T, H]
-        logits = self.head(self.drop(out))  # [B, T, V]
+        logits = self._head(self.drop(out))  # [B, T, V]
         return logits, state
 
     def step(self, idx: Tensor, state=None):
         x = self.embedding(idx)  # [B, E]
         out, state = self.rnn.step(x, state)  # [B, H]
-        return self.head(out), state  # [B, V]
+        return self._head(out), state  # [B, V]
+
+    def _head(self, h: Tensor) -> Tensor:
+        # fastchar's linear: float32 where this CPU's bfloat16 GEMM is the slower one.
+        return linear(h, self.head.weight, self.head.bias)
 
     @torch.no_grad()
     def generate(

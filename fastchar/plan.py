@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -116,6 +117,39 @@ def entries() -> list[dict]:
     ]
 
 
+_bf16_widen: bool | None = None  # measured (or read from the cache) once per process
+_BF16_SHAPE = (64, 256, 256)  # M, K, N: a step-sized matmul, quick even at 0.3 GFLOP/s
+
+
+def _time_mm(a, b, dtype) -> float:
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        torch.mm(a.to(dtype), b.to(dtype)).to(a.dtype)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.compiler.disable
+def bf16_matmul_widens() -> bool:
+    """True where torch's bfloat16 CPU matmul is slower than widening to float32 and back.
+
+    Without bf16 instructions (or AMX) ATen's bf16 GEMM can be 10-100x slower than its
+    float32 one, so the ops run their input projection and weight gradients in float32 on
+    such CPUs (bf16 results, fp32 accumulation either way). Timed once per process on a
+    step-sized matmul, both ways including the casts; kept in the cache file.
+    """
+    global _bf16_widen
+    if _bf16_widen is None:
+        M, K, N = _BF16_SHAPE
+        gen = torch.Generator().manual_seed(0)  # the user's random stream stays put
+        a = torch.randn(M, K, generator=gen).bfloat16()
+        b = torch.randn(K, N, generator=gen).bfloat16()
+        _time_mm(a, b, torch.float32)  # warm-up
+        _bf16_widen = _time_mm(a, b, torch.float32) < _time_mm(a, b, torch.bfloat16)
+    return _bf16_widen
+
+
 def cache_path() -> Path:
     root = os.environ.get("FASTCHAR_CACHE_DIR")
     if not root:
@@ -164,6 +198,10 @@ def load_cache(path: Path | None = None) -> int:
         return 0
     if not isinstance(data, dict) or {k: data.get(k) for k in _identity()} != _identity():
         return 0  # another CPU, torch or fastchar: its timings say nothing here
+    global _bf16_widen
+    if data.get("bf16_matmul") in ("widen", "native") and _bf16_widen is None:
+        _bf16_widen = data["bf16_matmul"] == "widen"
+        _loaded.add(("bf16_matmul", _bf16_widen))
     rows = _rows(data)
     if not rows or not cpp_loaded():
         return 0
@@ -175,10 +213,15 @@ def load_cache(path: Path | None = None) -> int:
 def save_cache(path: Path | None = None) -> bool:
     """Writes the plan to the cache file (atomically) when it holds anything new."""
     plan = entries()
-    if not plan or {_key(e) for e in plan} <= _loaded:
+    known = {_key(e) for e in plan}
+    if _bf16_widen is not None:
+        known.add(("bf16_matmul", _bf16_widen))
+    if not known or known <= _loaded:
         return False
     path = path or cache_path()
     data = dict(_identity())
+    if _bf16_widen is not None:
+        data["bf16_matmul"] = "widen" if _bf16_widen else "native"
     data["entries"] = [dict(e, dtype=str(e["dtype"]).removeprefix("torch.")) for e in plan]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,15 +231,17 @@ def save_cache(path: Path | None = None) -> bool:
         os.replace(tmp, path)
     except OSError:
         return False  # read-only or full: the next process measures again
-    _loaded.update(_key(e) for e in plan)
+    _loaded.update(known)
     return True
 
 
 def clear() -> None:
     """Forgets every choice in this process (the next GEMM of each shape measures again)."""
+    global _bf16_widen
     if cpp_loaded():
         torch.ops.fastchar.gemm_plan_clear()
     _loaded.clear()
+    _bf16_widen = None
 
 
 def _install() -> None:

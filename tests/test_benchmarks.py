@@ -140,3 +140,22 @@ def test_failing_impl_is_reported_and_exit_code_is_1(run_main, tmp_path, monkeyp
     assert rows["torch"]["vs_reference_fwd_bwd"] is None and _positive(
         rows["torch"]["vs_torch_fwd"]
     )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("fastchar._C") is None, reason="needs the C++ extension"
+)
+def test_gemm_part_relates_cpp_layers_to_the_engines(run_main, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--shapes", "2,3,4,40", "--cells", "gru", "--impls", "cpp,torch"]
+    argv += ["--parts", "layers,gemm", "--json", str(out)]
+    assert run_main(argv) == 0
+    assert "GEMM limit" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())["gemm_limit"]
+    assert (row["cell"], row["B"], row["H"]) == ("gru", 2, 40)
+    for key in ("layer_gflops", "step_gflops", "square_gflops", "of_step", "of_square"):
+        assert _positive(row[key]), key
+    assert math.isclose(row["of_step"], row["layer_gflops"] / row["step_gflops"])
+    rates = row["engine_rates"]["fwd"]
+    assert row["fwd_engine"] == max(rates, key=rates.get)
+    assert "mkl" in rates and all(_positive(v) for v in rates.values())

@@ -301,3 +301,36 @@ def test_info_prints_cpu_engines_and_plan():
     for engine in plan.ENGINES:
         assert engine in text
     assert "-> " in text.split("[cpu gemm]")[1]
+
+
+def test_measuring_does_not_move_the_random_stream():
+    """A run that measures the plan and one that reads it from the cache draw the same
+    dropout masks and batches."""
+    torch.manual_seed(7)
+    want = torch.rand(5)
+    plan.clear()
+    torch.manual_seed(7)
+    plan.choose(torch.float32, "nt", 3, 64, 48)
+    plan.choose(torch.float32, "cell", 2, 64, 48)
+    plan.bf16_matmul_widens()
+    assert torch.equal(torch.rand(5), want)
+
+
+@pytest.mark.parametrize("widen", [True, False], ids=["widen", "native"])
+def test_bf16_linear_follows_the_measured_choice(widen, monkeypatch):
+    """fastchar's linear: float32 then rounded where bf16 GEMMs are slow, else torch's."""
+    import torch.nn.functional as F
+
+    from fastchar.ops._common import linear
+
+    monkeypatch.setattr(plan, "_bf16_widen", widen)
+    x, w, b = torch.randn(6, 40).bfloat16(), torch.randn(24, 40).bfloat16(), torch.randn(24)
+    got = linear(x, w, b.bfloat16())
+    assert got.dtype == torch.bfloat16
+    wide = F.linear(x.float(), w.float(), b.bfloat16().float()).bfloat16()
+    assert torch.equal(got, wide if widen else F.linear(x, w, b.bfloat16()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights, as CharRNN trains
+        got = linear(x.float(), w.float(), b)
+    assert got.dtype == torch.bfloat16
+    if widen:
+        assert torch.equal(got, F.linear(x.float(), w.float(), b).bfloat16())

@@ -6,7 +6,10 @@ Shape letters: T time, B batch, I input, H hidden, G gates (4H / 3H / H).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from fastchar import plan
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,6 +103,28 @@ def grads_or_zeros(*pairs: tuple[Tensor | None, Tensor]) -> list[Tensor]:
     return [torch.zeros_like(like) if grad is None else grad for grad, like in pairs]
 
 
+def _widens(t: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """bfloat16 CPU matmuls run in float32 where this CPU's bf16 GEMM is the slower one."""
+    dtype = dtype or t.dtype
+    return dtype == torch.bfloat16 and t.device.type == "cpu" and plan.bf16_matmul_widens()
+
+
+def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, except that a bfloat16 CPU product (by dtype or under autocast) runs in
+    float32 and is rounded to bfloat16 where this CPU's bf16 GEMM is slower than that
+    (fastchar.plan.bf16_matmul_widens; 10-100x on CPUs without bf16 instructions). The
+    input projection of every layer (x [T, B, I] -> [T, B, G]) and CharRNN's head use it.
+    """
+    dtype = x.dtype
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    if not _widens(x, dtype):
+        return F.linear(x, w, bias)
+    with torch.autocast("cpu", enabled=False):
+        b = None if bias is None else bias.float()
+        return F.linear(x.float(), w.float(), b).to(torch.bfloat16)
+
+
 def weight_grad(d_gates: Tensor, h0: Tensor, out: Tensor) -> Tensor:
     """dW_hh [G, H] = sum over steps t of d_gates[t]^T h_{t-1}, with h_{-1} = h0.
 
@@ -109,6 +134,9 @@ def weight_grad(d_gates: Tensor, h0: Tensor, out: Tensor) -> Tensor:
     one on a concatenated copy of every h_{t-1}: that copy ([T, B, H]) would raise
     the backward's peak memory.
     """
+    if _widens(d_gates):
+        with torch.autocast("cpu", enabled=False):
+            return weight_grad(d_gates.float(), h0.float(), out.float()).to(d_gates.dtype)
     grad = d_gates[0].t().mm(h0)  # [G, H]
     if d_gates.shape[0] > 1:
         grad = grad.addmm(d_gates[1:].flatten(0, 1).t(), out[:-1].flatten(0, 1))

@@ -24,6 +24,7 @@ from fastchar.ops._common import (
     autocast_inputs,
     check_args,
     grads_or_zeros,
+    linear,
     skip_zero_grads,
     torch_params,
     weight_grad,
@@ -166,7 +167,7 @@ def gru(
         return out, h_n[0]
     fwd, _ = _kernels(kind)
     b_x, b_hn = _split_bias(x, H, b_ih, b_hh)
-    xp = F.linear(x, w_ih, b_x)  # [T, B, G], one GEMM
+    xp = linear(x, w_ih, b_x)  # [T, B, G], one GEMM
     out, h_n, _, _ = fwd(xp, h0, w_hh, b_hn)
     return out, h_n
 

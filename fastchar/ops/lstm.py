@@ -12,7 +12,6 @@ so the autograd formula below is written once; dW_hh is one GEMM after the loop.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastchar import reference
@@ -21,6 +20,7 @@ from fastchar.ops._common import (
     autocast_inputs,
     check_args,
     grads_or_zeros,
+    linear,
     skip_zero_grads,
     state_dtype,
     torch_params,
@@ -164,7 +164,7 @@ def lstm(
         )
         return out, h_n[0], c_n[0]
     fwd, _ = _kernels(kind)
-    xp = F.linear(x, w_ih, reference.bias_sum(b_ih, b_hh))  # [T, B, G], one GEMM
+    xp = linear(x, w_ih, reference.bias_sum(b_ih, b_hh))  # [T, B, G], one GEMM
     out, h_n, c_n, _, _ = fwd(xp, h0, c0, w_hh)
     return out, h_n, c_n
 

@@ -13,7 +13,6 @@ so nothing beyond ``out`` is saved.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastchar import reference
@@ -21,6 +20,7 @@ from fastchar.backends import cpp_loaded, resolve
 from fastchar.ops._common import (
     autocast_inputs,
     check_args,
+    linear,
     torch_params,
     weight_grad,
 )
@@ -148,7 +148,7 @@ def rnn(
         out, h_n = run(x, h0[None], params, has_bias, 1, 0.0, False, False, False)
         return out, h_n[0]
     fwd, _ = _kernels(kind)
-    xp = F.linear(x, w_ih, reference.bias_sum(b_ih, b_hh))  # [T, B, H], one GEMM
+    xp = linear(x, w_ih, reference.bias_sum(b_ih, b_hh))  # [T, B, H], one GEMM
     return fwd(xp, h0, w_hh, relu)
 
 
