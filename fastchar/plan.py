@@ -37,7 +37,7 @@ ENGINES = ("mkl", "onednn", "fma", "bf16dot")
 # ("nt"), and a *_cell op's x @ W^T with a W used once ("cell").
 OPS = ("nn", "nt", "cell")
 DTYPES = (torch.float32, torch.bfloat16)
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 _DTYPE_CODES = {torch.float32: 6, torch.bfloat16: 15}  # c10::ScalarType values
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
@@ -141,13 +141,18 @@ def bf16_matmul_widens() -> bool:
     """
     global _bf16_widen
     if _bf16_widen is None:
-        M, K, N = _BF16_SHAPE
-        gen = torch.Generator().manual_seed(0)  # the user's random stream stays put
-        a = torch.randn(M, K, generator=gen).bfloat16()
-        b = torch.randn(K, N, generator=gen).bfloat16()
-        _time_mm(a, b, torch.float32)  # warm-up
-        _bf16_widen = _time_mm(a, b, torch.float32) < _time_mm(a, b, torch.bfloat16)
+        with torch.autocast("cpu", enabled=False):  # time the dtypes asked for, not autocast's
+            _bf16_widen = _measure_bf16_widens()
     return _bf16_widen
+
+
+def _measure_bf16_widens() -> bool:
+    M, K, N = _BF16_SHAPE
+    gen = torch.Generator().manual_seed(0)  # the user's random stream stays put
+    a = torch.randn(M, K, generator=gen).bfloat16()
+    b = torch.randn(K, N, generator=gen).bfloat16()
+    _time_mm(a, b, torch.float32)  # warm-up
+    return _time_mm(a, b, torch.float32) < _time_mm(a, b, torch.bfloat16)
 
 
 def cache_path() -> Path:

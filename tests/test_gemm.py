@@ -334,3 +334,15 @@ def test_bf16_linear_follows_the_measured_choice(widen, monkeypatch):
     assert got.dtype == torch.bfloat16
     if widen:
         assert torch.equal(got, F.linear(x.float(), w.float(), b).bfloat16())
+
+
+def test_bf16_choice_is_measured_outside_autocast(monkeypatch):
+    """Under autocast both timed products would run in bf16 and the choice would be noise."""
+    calls = []
+    monkeypatch.setattr(plan, "_bf16_widen", None)
+    monkeypatch.setattr(
+        plan, "_measure_bf16_widens", lambda: calls.append(torch.is_autocast_enabled("cpu"))
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plan.bf16_matmul_widens()
+    assert calls == [False]
