@@ -92,18 +92,20 @@ at::Tensor dense_kn(bool trans_w, int64_t N, int64_t K, const T* W, int64_t ldw)
   return w.contiguous();  // [K, N]
 }
 
+// `pack`: MKL's packed GEMM on a W packed once. The time loops' h @ W^T packs (2.5x at
+// B=8, H=512 on a Xeon); their dgates @ W does not (packing slowed it there), nor do the
+// cell ops, whose W is used once.
 class MklKernel final : public Kernel {
  public:
-  MklKernel(bool trans_w, int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw)
+  MklKernel(bool trans_w, bool pack, int64_t M, int64_t N, int64_t K, const float* W,
+            int64_t ldw)
       : trans_w_(trans_w), M_(M), N_(N), K_(K), W_(W), ldw_(ldw) {
 #if AT_MKL_ENABLED()
-    // Packing speeds up the forward's h @ W^T (2.5x at B=8, H=512 on a Xeon) but slowed
-    // the backward's dgates @ W there, so only the transposed case is packed.
-    if (trans_w) {
+    if (pack) {
       size_t bytes = cblas_sgemm_pack_get_size(blas::kBMatrix, M, N, K);
       packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, at::kFloat);
-      cblas_sgemm_pack(blas::kRowMajor, blas::kBMatrix, blas::kTrans, M, N, K, 1.0f, W, ldw,
-                       packed_.data_ptr<float>());
+      cblas_sgemm_pack(blas::kRowMajor, blas::kBMatrix, trans_w ? blas::kTrans : blas::kNoTrans,
+                       M, N, K, 1.0f, W, ldw, packed_.data_ptr<float>());
     }
 #endif
   }
@@ -213,23 +215,8 @@ class FmaKernel final : public Kernel {
 };
 
 // The *_cell ops' GEMMs, C[M, N] (= or +=) A[M, K] @ W[N, K]^T with a W used once:
-// nothing is packed. mkl calls the BLAS on W as it is; fma reads each W row once as a
-// memory-bound matrix-vector product, rows split over the threads.
-class MklCellKernel final : public Kernel {
- public:
-  MklCellKernel(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw)
-      : M_(M), N_(N), K_(K), W_(W), ldw_(ldw) {}
-  void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
-    fastchar::gemm<float>(true, M_, N_, K_, static_cast<const float*>(A), lda, W_, ldw_,
-                          accumulate ? 1.0f : 0.0f, C, ldc);
-  }
-
- private:
-  int64_t M_, N_, K_;
-  const float* W_;
-  int64_t ldw_;
-};
-
+// nothing is packed. mkl calls the BLAS on W as it is (MklKernel unpacked); fma reads each
+// W row once as a memory-bound matrix-vector product, rows split over the threads.
 class FmaCellKernel final : public Kernel {
  public:
   FmaCellKernel(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw)
@@ -289,13 +276,13 @@ std::unique_ptr<Kernel> make_f32(Engine e, Op op, int64_t M, int64_t N, int64_t 
     TORCH_CHECK(e == Engine::kMkl || e == Engine::kFma, "fastchar: engine ", engine_name(e),
                 " has no kernel for the cell ops' GEMM");
     if (e == Engine::kMkl) {
-      return std::make_unique<MklCellKernel>(M, N, K, W, ldw);
+      return std::make_unique<MklKernel>(true, /*pack=*/false, M, N, K, W, ldw);
     }
     return std::make_unique<FmaCellKernel>(M, N, K, W, ldw);
   }
   switch (e) {
     case Engine::kMkl:
-      return std::make_unique<MklKernel>(trans_w, M, N, K, W, ldw);
+      return std::make_unique<MklKernel>(trans_w, /*pack=*/trans_w, M, N, K, W, ldw);
     case Engine::kOnednn:
       return std::make_unique<OnednnF32Kernel>(trans_w, M, N, K, W, ldw);
     case Engine::kFma:
@@ -317,13 +304,6 @@ struct Plan {
 Plan& plan() {
   static Plan p;
   return p;
-}
-
-bool dtype_ok(Engine e, at::ScalarType dtype) {
-  if (dtype == at::kFloat) {
-    return e != Engine::kBf16dot;
-  }
-  return dtype == at::kBFloat16;
 }
 
 // Limits of an engine for one op and shape beyond the CPU and dtype (why_not).
@@ -350,27 +330,41 @@ std::vector<Engine> candidates(at::ScalarType dtype, Op op, int64_t K) {
   return out;
 }
 
+// Random operands of one GEMM shape, from a generator of their own: measuring must not
+// move the user's random stream (a run that measures and one that reads the plan from
+// its cache must draw the same masks).
+struct Operands {
+  at::Tensor w, a, c;  // op(W)'s storage, A [M, K], C [M, N] (zeros)
+  Operands(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, uint64_t seed) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+    w = (op != Op::kNN ? at::randn({N, K}, gen) : at::randn({K, N}, gen)).to(dtype);
+    a = at::randn({M, K}, gen).to(dtype);
+    c = at::zeros({M, N});
+  }
+  std::unique_ptr<Kernel> kernel(Engine e, Op op) const {
+    return make_kernel(e, w.scalar_type(), op, a.size(0), c.size(1), a.size(1),
+                       w.const_data_ptr(), w.size(1));
+  }
+  void run(Kernel& k) {
+    k.run(a.const_data_ptr(), a.size(1), false, c.data_ptr<float>(), c.size(1));
+  }
+};
+
 // Seconds per call of one engine's kernel at this shape, best of three timed batches,
 // with `threads` copies running at once as the time loops run them (one slice per
 // thread, sharing the caches and memory; MKL then runs one thread per call, as it does
 // inside the loops' parallel region). The slowest thread's time counts.
 double time_engine(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K,
                    int threads) {
-  const bool trans_w = op != Op::kNN;
   std::vector<double> per_thread(threads, 0.0);
   auto body = [&](int tid) {
-    // A generator of its own: measuring must not move the user's random stream (a run
-    // that measures and one that reads the plan from its cache must draw the same masks).
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(1234 + tid);
-    auto w = (trans_w ? at::randn({N, K}, gen) : at::randn({K, N}, gen)).to(dtype);
-    auto a = at::randn({M, K}, gen).to(dtype);
-    auto c = at::zeros({M, N});
-    auto kernel = make_kernel(e, dtype, op, M, N, K, w.const_data_ptr(), w.size(1));
+    Operands x(dtype, op, M, N, K, 1234 + tid);
+    auto kernel = x.kernel(e, op);
     using clock = std::chrono::steady_clock;
     auto batch = [&](int64_t reps) {
       auto t0 = clock::now();
       for (int64_t r = 0; r < reps; ++r) {
-        kernel->run(a.const_data_ptr(), K, false, c.data_ptr<float>(), N);
+        x.run(*kernel);
       }
       return std::chrono::duration<double>(clock::now() - t0).count() / reps;
     };
@@ -402,17 +396,12 @@ double time_engine(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N, 
 // kernel for an instruction set that no test machine had must not be picked for speed
 // alone.
 bool agrees(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K) {
-  const bool trans_w = op != Op::kNN;
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(4321);
-  auto w = (trans_w ? at::randn({N, K}, gen) : at::randn({K, N}, gen)).to(dtype);
-  auto a = at::randn({M, K}, gen).to(dtype);
-  auto c = at::zeros({M, N});
-  make_kernel(e, dtype, op, M, N, K, w.const_data_ptr(), w.size(1))
-      ->run(a.const_data_ptr(), K, false, c.data_ptr<float>(), N);
+  Operands x(dtype, op, M, N, K, 4321);
+  x.run(*x.kernel(e, op));
   release_thread();
-  auto wd = w.to(at::kDouble);
-  auto want = at::mm(a.to(at::kDouble), trans_w ? wd.t() : wd);
-  const double err = (c.to(at::kDouble) - want).abs().max().item<double>();
+  auto wd = x.w.to(at::kDouble);
+  auto want = at::mm(x.a.to(at::kDouble), op != Op::kNN ? wd.t() : wd);
+  const double err = (x.c.to(at::kDouble) - want).abs().max().item<double>();
   return err <= 1e-4 * std::sqrt(static_cast<double>(K)) + 1e-5;
 }
 

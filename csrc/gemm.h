@@ -35,9 +35,9 @@ namespace fastchar {
 template <typename T>
 using acc_t = at::opmath_type<T>;
 
-// Recurrent GEMMs, row-major, C in the accumulation type:
-//   gemm_nt: C[M, N] = beta * C + A[M, K] @ W[N, K]^T   (forward: h @ W_hh^T)
-//   gemm_nn: C[M, N] = beta * C + A[M, K] @ W[K, N]     (backward: dgates @ W_hh)
+// torch's BLAS, row-major, C in the accumulation type:
+//   gemm(trans_w, ...): C[M, N] = beta * C + A[M, K] @ op(W), op(W) = W^T when trans_w
+//   gemm_nt:            the same with W [N, K] transposed (x @ W^T)
 // With MKL (torch's CPU BLAS on x86) the BLAS is called directly: the time
 // loop runs one small GEMM per step, where the dispatcher's overhead shows.
 
@@ -124,12 +124,6 @@ template <typename T>
 void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
              acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
   gemm<T>(true, M, N, K, A, lda, W, ldw, beta, C, ldc);
-}
-
-template <typename T>
-void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
-             acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
-  gemm<T>(false, M, N, K, A, lda, W, ldw, beta, C, ldc);
 }
 
 namespace engines {
