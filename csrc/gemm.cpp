@@ -48,6 +48,25 @@ constexpr int W = 16;
 }  // namespace avx512
 #pragma GCC pop_options
 
+// vdpbf16ps needs GCC 10; its namespace is compiled apart so that nothing else in the
+// AVX-512 code may use AVX512-BF16 instructions on a CPU without them.
+#if __GNUC__ >= 10
+#define FASTCHAR_HAVE_DPBF16 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bf16")
+namespace avx512bf16 {
+constexpr int W = 16;
+#define FASTCHAR_BCAST(p) _mm512_set1_ps(*(p))
+#define FASTCHAR_DPBF16 1
+#include "gemm_fma.inc"
+#undef FASTCHAR_DPBF16
+#undef FASTCHAR_BCAST
+}  // namespace avx512bf16
+#pragma GCC pop_options
+#else
+#define FASTCHAR_HAVE_DPBF16 0
+#endif
+
 struct Cpu {
   bool avx2, avx512f, avx512bf16;
   Cpu() {
@@ -58,6 +77,7 @@ struct Cpu {
   }
 };
 #else
+#define FASTCHAR_HAVE_DPBF16 0
 struct Cpu {
   bool avx2 = false, avx512f = false, avx512bf16 = false;
 };
@@ -81,6 +101,36 @@ at::Tensor pack_panels(bool trans_w, int64_t N, int64_t K, const T* W, int64_t l
     }
   }
   return out;
+}
+
+// B = op(W) [K, N] of bfloat16 as panels of pairs (gemm_fma.inc): lane j of step s of
+// panel p holds B[2s][16p + j] in its low 16 bits and B[2s + 1][16p + j] in its high
+// ones; an odd K ends with a zero.
+at::Tensor pack_pairs(bool trans_w, int64_t N, int64_t K, const at::BFloat16* W, int64_t ldw) {
+  const int64_t panels = (N + kPanel - 1) / kPanel, steps = (K + 1) / 2;
+  auto out = at::zeros({panels, steps, kPanel}, at::kInt);
+  auto* o = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  auto bits = [&](int64_t k, int64_t n) -> uint32_t {
+    return k < K ? (trans_w ? W[n * ldw + k] : W[k * ldw + n]).x : 0;
+  };
+  for (int64_t n = 0; n < N; ++n) {
+    uint32_t* col = o + (n / kPanel) * steps * kPanel + n % kPanel;
+    for (int64_t s = 0; s < steps; ++s) {
+      col[s * kPanel] = bits(2 * s, n) | bits(2 * s + 1, n) << 16;
+    }
+  }
+  return out;
+}
+
+// Rows of a bfloat16 A as float32 (out has ldo >= K columns).
+void widen_rows(int64_t M, int64_t K, const at::BFloat16* a, int64_t lda, float* out,
+                int64_t ldo) {
+  for (int64_t m = 0; m < M; ++m) {
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) {
+      out[m * ldo + k] = float(a[m * lda + k]);
+    }
+  }
 }
 
 // B = op(W) as a dense [K, N] matrix of T.
@@ -128,6 +178,23 @@ class MklKernel final : public Kernel {
   const float* W_;
   int64_t ldw_;
   at::Tensor packed_;
+};
+
+// torch's BLAS on a bfloat16 W [N, K] as it is (MKL's bf16 x bf16 -> fp32 GEMM where torch
+// has MKL): the cell ops' mkl engine in bfloat16.
+class BlasBf16CellKernel final : public Kernel {
+ public:
+  BlasBf16CellKernel(int64_t M, int64_t N, int64_t K, const at::BFloat16* W, int64_t ldw)
+      : M_(M), N_(N), K_(K), W_(W), ldw_(ldw) {}
+  void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    fastchar::gemm<at::BFloat16>(true, M_, N_, K_, static_cast<const at::BFloat16*>(A), lda, W_,
+                                 ldw_, accumulate ? 1.0f : 0.0f, C, ldc);
+  }
+
+ private:
+  int64_t M_, N_, K_;
+  const at::BFloat16* W_;
+  int64_t ldw_;
 };
 
 // oneDNN's brgemm reads B as [K, N]; N is split into blocks that its micro-kernel
@@ -198,9 +265,9 @@ class FmaKernel final : public Kernel {
     const float* b = panels_.const_data_ptr<float>();
     reverse_ = !reverse_;
     if (wide_) {
-      avx512::gemm_panels(M_, N_, K_, a, lda, b, accumulate, C, ldc, reverse_);
+      avx512::gemm_panels<avx512::F32>(M_, N_, K_, a, lda, b, accumulate, C, ldc, reverse_);
     } else {
-      avx2::gemm_panels(M_, N_, K_, a, lda, b, accumulate, C, ldc, reverse_);
+      avx2::gemm_panels<avx2::F32>(M_, N_, K_, a, lda, b, accumulate, C, ldc, reverse_);
     }
 #else
     TORCH_CHECK(false, "fastchar: the fma engine is not built on this platform");
@@ -215,33 +282,77 @@ class FmaKernel final : public Kernel {
 };
 
 // The *_cell ops' GEMMs, C[M, N] (= or +=) A[M, K] @ W[N, K]^T with a W used once:
-// nothing is packed. mkl calls the BLAS on W as it is (MklKernel unpacked); fma reads each
-// W row once as a memory-bound matrix-vector product, rows split over the threads.
-class FmaCellKernel final : public Kernel {
+// nothing is packed. mkl calls the BLAS on W as it is (MklKernel unpacked); fastchar's
+// kernels read each W row once as a memory-bound matrix-vector product, rows split over
+// the threads: fma in float32, bf16fma on bfloat16 rows widened in registers (A split
+// into even and odd k once per call), bf16dot on bfloat16 rows through vdpbf16ps.
+class CellKernel final : public Kernel {
  public:
-  FmaCellKernel(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw)
-      : M_(M), N_(N), K_(K), W_(W), ldw_(ldw), wide_(cpu().avx512f) {}
+  CellKernel(Engine e, int64_t M, int64_t N, int64_t K, const void* W, int64_t ldw)
+      : e_(e), M_(M), N_(N), K_(K), W_(W), ldw_(ldw), wide_(cpu().avx512f) {
+    if (e == Engine::kBf16fma) {
+      split_ = at::empty({M, 2 * ((K + 1) / 2)}, at::kFloat);
+    }
+  }
   void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
 #if FASTCHAR_X86_KERNELS
-    const float* a = static_cast<const float*>(A);
-    // 64 rows of W (at K = 512, 128 KB) per task: enough to stream, few enough to balance.
-    at::parallel_for(0, N_, 64, [&](int64_t n0, int64_t n1) {
+    if (e_ == Engine::kFma) {
+      const auto* a = static_cast<const float*>(A);
+      const auto* w = static_cast<const float*>(W_);
+      rows([&](int64_t n0, int64_t n1) {
+        if (wide_) {
+          avx512::gemv_rows<avx512::F32Rows>(M_, n0, n1, K_, a, lda, w, ldw_, accumulate, C, ldc);
+        } else {
+          avx2::gemv_rows<avx2::F32Rows>(M_, n0, n1, K_, a, lda, w, ldw_, accumulate, C, ldc);
+        }
+      });
+      return;
+    }
+    const auto* a = static_cast<const at::BFloat16*>(A);
+    const auto* w = static_cast<const at::BFloat16*>(W_);
+    if (e_ == Engine::kBf16dot) {
+#if FASTCHAR_HAVE_DPBF16
+      rows([&](int64_t n0, int64_t n1) {
+        avx512bf16::gemv_rows<avx512bf16::DotRows>(M_, n0, n1, K_, a, lda, w, ldw_, accumulate,
+                                                    C, ldc);
+      });
+      return;
+#endif
+    }
+    const int64_t half = split_.size(1) / 2;
+    float* s = split_.data_ptr<float>();
+    for (int64_t m = 0; m < M_; ++m) {
+      for (int64_t k = 0; k < K_; ++k) {
+        s[m * 2 * half + k % 2 * half + k / 2] = float(a[m * lda + k]);
+      }
+    }
+    rows([&](int64_t n0, int64_t n1) {
       if (wide_) {
-        avx512::gemv_rows(M_, n0, n1, K_, a, lda, W_, ldw_, accumulate, C, ldc);
+        avx512::gemv_rows<avx512::PairRows>(M_, n0, n1, K_, s, 2 * half, w, ldw_, accumulate, C,
+                                            ldc);
       } else {
-        avx2::gemv_rows(M_, n0, n1, K_, a, lda, W_, ldw_, accumulate, C, ldc);
+        avx2::gemv_rows<avx2::PairRows>(M_, n0, n1, K_, s, 2 * half, w, ldw_, accumulate, C, ldc);
       }
     });
 #else
-    TORCH_CHECK(false, "fastchar: the fma engine is not built on this platform");
+    TORCH_CHECK(false, "fastchar: engine ", engine_name(e_), " is not built on this platform");
 #endif
   }
 
  private:
+  // 64 rows of W (at K = 512, 128 KB in float32) per task: enough to stream, few enough
+  // to balance.
+  template <typename F>
+  void rows(const F& f) const {
+    at::parallel_for(0, N_, 64, f);
+  }
+
+  Engine e_;
   int64_t M_, N_, K_;
-  const float* W_;
+  const void* W_;
   int64_t ldw_;
   bool wide_;
+  at::Tensor split_;  // bf16fma: A [M, 2 * ceil(K / 2)], even k then odd k per row
 };
 
 // A bfloat16 GEMM on a float32 engine: W widened once (inside `inner`), A per step.
@@ -251,14 +362,8 @@ class Widened final : public Kernel {
       : inner_(std::move(inner)), M_(M), K_(K), wide_w_(std::move(wide_w)),
         scratch_(at::empty({M, K}, at::kFloat)) {}
   void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
-    const auto* a = static_cast<const at::BFloat16*>(A);
     float* s = scratch_.data_ptr<float>();
-    for (int64_t m = 0; m < M_; ++m) {
-#pragma omp simd
-      for (int64_t k = 0; k < K_; ++k) {
-        s[m * K_ + k] = float(a[m * lda + k]);
-      }
-    }
+    widen_rows(M_, K_, static_cast<const at::BFloat16*>(A), lda, s, K_);
     inner_->run(s, K_, accumulate, C, ldc);
   }
 
@@ -269,17 +374,59 @@ class Widened final : public Kernel {
   at::Tensor scratch_;  // [M, K]
 };
 
+// bfloat16 x bfloat16 -> float32 on W packed once as bf16 pairs (pack_pairs), half the
+// bytes of float32 panels: bf16fma widens each pair in registers for FMAs (AVX-512F or
+// AVX2), bf16dot feeds it to vdpbf16ps (AVX512-BF16). A is copied per call into a scratch
+// with an even K (its padding stays zero): float32 for bf16fma, bf16 for bf16dot.
+class PairKernel final : public Kernel {
+ public:
+  PairKernel(bool dot, bool trans_w, int64_t M, int64_t N, int64_t K, const at::BFloat16* W,
+             int64_t ldw)
+      : dot_(dot), M_(M), N_(N), K_(K), steps_((K + 1) / 2),
+        panels_(pack_pairs(trans_w, N, K, W, ldw)), wide_(cpu().avx512f),
+        scratch_(at::zeros({M, 2 * steps_}, dot ? at::kBFloat16 : at::kFloat)) {}
+  void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+#if FASTCHAR_X86_KERNELS
+    const auto* a = static_cast<const at::BFloat16*>(A);
+    const auto* b = reinterpret_cast<const uint32_t*>(panels_.const_data_ptr<int32_t>());
+    reverse_ = !reverse_;
+    if (dot_) {
+#if FASTCHAR_HAVE_DPBF16
+      auto* s = scratch_.data_ptr<at::BFloat16>();
+      for (int64_t m = 0; m < M_; ++m) {
+        std::copy(a + m * lda, a + m * lda + K_, s + m * 2 * steps_);
+      }
+      avx512bf16::gemm_panels<avx512bf16::Dot>(M_, N_, steps_, reinterpret_cast<const uint32_t*>(s),
+                                                steps_, b, accumulate, C, ldc, reverse_);
+      return;
+#endif
+    }
+    float* s = scratch_.data_ptr<float>();
+    widen_rows(M_, K_, a, lda, s, 2 * steps_);
+    if (wide_) {
+      avx512::gemm_panels<avx512::Pairs>(M_, N_, steps_, s, 2 * steps_, b, accumulate, C, ldc,
+                                         reverse_);
+    } else {
+      avx2::gemm_panels<avx2::Pairs>(M_, N_, steps_, s, 2 * steps_, b, accumulate, C, ldc,
+                                     reverse_);
+    }
+#else
+    TORCH_CHECK(false, "fastchar: the bf16 engines are not built on this platform");
+#endif
+  }
+
+ private:
+  bool dot_;
+  int64_t M_, N_, K_, steps_;
+  at::Tensor panels_;  // [panels, steps, 16] pairs
+  bool wide_;
+  at::Tensor scratch_;  // A [M, 2 * steps]
+  bool reverse_ = false;  // flips every call (gemm_panels)
+};
+
 std::unique_ptr<Kernel> make_f32(Engine e, Op op, int64_t M, int64_t N, int64_t K,
                                  const float* W, int64_t ldw) {
   const bool trans_w = op != Op::kNN;
-  if (op == Op::kCell) {
-    TORCH_CHECK(e == Engine::kMkl || e == Engine::kFma, "fastchar: engine ", engine_name(e),
-                " has no kernel for the cell ops' GEMM");
-    if (e == Engine::kMkl) {
-      return std::make_unique<MklKernel>(true, /*pack=*/false, M, N, K, W, ldw);
-    }
-    return std::make_unique<FmaCellKernel>(M, N, K, W, ldw);
-  }
   switch (e) {
     case Engine::kMkl:
       return std::make_unique<MklKernel>(trans_w, /*pack=*/trans_w, M, N, K, W, ldw);
@@ -308,9 +455,10 @@ Plan& plan() {
 
 // Limits of an engine for one op and shape beyond the CPU and dtype (why_not).
 std::string op_why_not(Engine e, at::ScalarType dtype, Op op, int64_t K) {
-  if (op == Op::kCell && (dtype != at::kFloat || (e != Engine::kMkl && e != Engine::kFma))) {
-    return "the cell ops' GEMM (W used once, unpacked) is planned in float32 on mkl or fma "
-           "(bfloat16 cells run torch's BLAS)";
+  if (op == Op::kCell && e != Engine::kMkl &&
+      e != (dtype == at::kFloat ? Engine::kFma : Engine::kBf16fma) && e != Engine::kBf16dot) {
+    return "the cell ops' GEMM (W used once, unpacked) runs float32 on mkl or fma and "
+           "bfloat16 on mkl, bf16fma or bf16dot";
   }
   // oneDNN's VNNI layout pairs rows of B, so its bf16 kernel takes an even K.
   if (e == Engine::kOnednn && dtype == at::kBFloat16 && K % 2 != 0) {
@@ -433,13 +581,14 @@ Engine parse_engine(const std::string& name) {
     }
   }
   TORCH_CHECK(false, "fastchar: unknown GEMM engine '", name,
-              "' (choose from auto, mkl, onednn, fma, bf16dot)");
+              "' (choose from auto, mkl, onednn, fma, bf16dot, bf16fma)");
 }
 
 }  // namespace
 
 const char* engine_name(Engine e) {
-  static constexpr std::array<const char*, kEngines> names = {"mkl", "onednn", "fma", "bf16dot"};
+  static constexpr std::array<const char*, kEngines> names = {"mkl", "onednn", "fma", "bf16dot",
+                                                             "bf16fma"};
   return names.at(static_cast<int>(e));
 }
 
@@ -469,24 +618,48 @@ std::string why_not(Engine e, at::ScalarType dtype) {
       if (dtype != at::kBFloat16) {
         return "bf16dot runs bfloat16 GEMMs only";
       }
-      // Declared so that FASTCHAR_GEMM, the plan and the cache already know its name.
-      return std::string("fastchar's AVX512-BF16 micro-kernel is not written yet") +
-             (cpu().avx512bf16 ? "" : " (and this CPU lacks avx512_bf16)");
+      if (!FASTCHAR_HAVE_DPBF16) {
+        return "bf16dot is built only for x86-64 with GCC 10 or newer";
+      }
+      return cpu().avx512bf16 ? "" : "this CPU lacks avx512_bf16 (vdpbf16ps)";
+    case Engine::kBf16fma:
+      if (dtype != at::kBFloat16) {
+        return "bf16fma runs bfloat16 GEMMs only";
+      }
+      if (!FASTCHAR_X86_KERNELS) {
+        return "built only for x86-64 with GCC";
+      }
+      return cpu().avx2 || cpu().avx512f ? "" : "this CPU has neither AVX2+FMA nor AVX-512";
   }
   return "unknown engine";
 }
 
 std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, Op op, int64_t M,
                                     int64_t N, int64_t K, const void* W, int64_t ldw) {
+  if (op == Op::kCell) {
+    const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op, K);
+    TORCH_CHECK(reason.empty(), "fastchar: engine ", engine_name(e), ": ", reason);
+    if (e != Engine::kMkl) {
+      return std::make_unique<CellKernel>(e, M, N, K, W, ldw);
+    }
+    if (dtype == at::kFloat) {
+      return std::make_unique<MklKernel>(true, /*pack=*/false, M, N, K,
+                                         static_cast<const float*>(W), ldw);
+    }
+    return std::make_unique<BlasBf16CellKernel>(M, N, K, static_cast<const at::BFloat16*>(W),
+                                                ldw);
+  }
   if (dtype == at::kFloat) {
     return make_f32(e, op, M, N, K, static_cast<const float*>(W), ldw);
   }
-  TORCH_CHECK(op != Op::kCell, "fastchar: the cell ops' bfloat16 GEMM runs on torch's BLAS");
   const bool trans_w = op == Op::kNT;
   TORCH_CHECK(dtype == at::kBFloat16, "fastchar: no GEMM engine for ", dtype);
   const auto* w = static_cast<const at::BFloat16*>(W);
   if (e == Engine::kOnednn) {
     return std::make_unique<OnednnBf16Kernel>(trans_w, M, N, K, w, ldw);
+  }
+  if (e == Engine::kBf16dot || e == Engine::kBf16fma) {
+    return std::make_unique<PairKernel>(e == Engine::kBf16dot, trans_w, M, N, K, w, ldw);
   }
   // A float32 engine on W widened once, in W's own orientation.
   const int64_t rows = trans_w ? N : K, cols = trans_w ? K : N;

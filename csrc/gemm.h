@@ -6,8 +6,8 @@
 // op(W) = W^T when trans_w (forward: h @ W_hh^T), else W (backward: dgates @ W_hh).
 // beta is 0 or 1. For float32 and bfloat16 the engine is picked per (dtype, op, M, N, K)
 // by timing every engine this CPU runs at first use (FFTW-style), kept for the process;
-// FASTCHAR_GEMM=auto|mkl|onednn|fma|bf16dot forces one. float64 (the gradcheck path)
-// always runs torch's BLAS.
+// FASTCHAR_GEMM=auto|mkl|onednn|fma|bf16dot|bf16fma forces one. float64 (the gradcheck
+// path) always runs torch's BLAS.
 //
 // Engines:
 //   mkl      torch's BLAS: MKL's packed GEMM for h @ W^T, plain sgemm otherwise
@@ -16,9 +16,10 @@
 //            float32; bfloat16 only where oneDNN packs bf16 (AMX)
 //   fma      fastchar's float32 FMA micro-kernel (AVX2 or AVX-512), W packed in panels;
 //            bfloat16 is widened to float32
-//   bf16dot  reserved for fastchar's AVX512-BF16 micro-kernel (vdpbf16ps, bf16 x bf16 ->
-//            fp32, W in pair-interleaved panels); not written yet, so it never runs and
-//            forcing it is a RuntimeError that says so
+//   bf16dot  fastchar's AVX512-BF16 micro-kernel: bf16 x bf16 -> fp32 through vdpbf16ps,
+//            W packed once in pair-interleaved bf16 panels
+//   bf16fma  the same bf16 panels (half the bytes of fp32 ones) widened in registers for
+//            the FMA micro-kernel (AVX2 or AVX-512F): for CPUs without avx512_bf16
 #pragma once
 
 #include <ATen/ATen.h>
@@ -128,11 +129,11 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
 
 namespace engines {
 
-enum class Engine : int { kMkl = 0, kOnednn = 1, kFma = 2, kBf16dot = 3 };
+enum class Engine : int { kMkl = 0, kOnednn = 1, kFma = 2, kBf16dot = 3, kBf16fma = 4 };
 // kNN: a time loop's dgates @ W; kNT: its h @ W^T; kCell: a *_cell op's x @ W^T, W used
 // once (nothing to pack).
 enum class Op : int { kNN = 0, kNT = 1, kCell = 2 };
-constexpr int kEngines = 4;
+constexpr int kEngines = 5;
 const char* engine_name(Engine e);
 
 // Empty when `e` can run `dtype` step GEMMs on this CPU and build, else why not.
@@ -192,16 +193,17 @@ class StepGemm {
   std::shared_ptr<engines::Kernel> kernel_;
 };
 
-// A *_cell op's C[M, N] = beta * C + A[M, K] @ W[N, K]^T: float32 on the engine the
-// plan picks for this shape (W is used once, so nothing is packed); other dtypes on
+// A *_cell op's C[M, N] = beta * C + A[M, K] @ W[N, K]^T: float32 and bfloat16 on the
+// engine the plan picks for this shape (W is used once, so nothing is packed); float64 on
 // torch's BLAS.
 template <typename T>
 void cell_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
                acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
     if (M > 0 && N > 0 && K > 0) {
-      const auto e = engines::choose(at::kFloat, engines::Op::kCell, M, N, K, 1);
-      engines::make_kernel(e, at::kFloat, engines::Op::kCell, M, N, K, W, ldw)
+      const auto dtype = c10::CppTypeToScalarType<T>::value;
+      const auto e = engines::choose(dtype, engines::Op::kCell, M, N, K, 1);
+      engines::make_kernel(e, dtype, engines::Op::kCell, M, N, K, W, ldw)
           ->run(A, lda, beta != 0.0f, C, ldc);
       return;
     }

@@ -49,8 +49,9 @@ def gemm_report(measure: bool = True) -> list[str]:
                 steps = plan.step_shapes(4, B, H)
                 for op in ("fwd", "bwd"):
                     plan.choose(dtype, *steps[op], steps["threads"])
-        for K in (64, 512):  # a 2 x 512 LSTM's sampling step, batch 1
-            plan.choose(torch.float32, "cell", 1, 2048, K)
+        for dtype in plan.DTYPES:
+            for K in (64, 512):  # a 2 x 512 LSTM's sampling step, batch 1
+                plan.choose(dtype, "cell", 1, 2048, K)
     lines.append(f"  cache      {plan.cache_path()}")
     for e in plan.entries():
         op = {"nt": "h @ W^T", "nn": "d @ W  ", "cell": "x @ W^T"}[e["op"]]

@@ -1,8 +1,9 @@
 """The CPU step-GEMM plan: which engine runs each recurrent GEMM shape, and its disk cache.
 
-The C++ kernels pick an engine (``mkl``, ``onednn``, ``fma``, ``bf16dot``) for every
-(dtype, op, M, N, K) of a time loop's per-thread step GEMM by timing the engines this CPU
-runs at first use, and keep the choice for the process (csrc/gemm.h). This module reads
+The C++ kernels pick an engine (``mkl``, ``onednn``, ``fma``; for bfloat16 also
+``bf16dot`` and ``bf16fma``) for every (dtype, op, M, N, K) of a time loop's per-thread
+step GEMM by timing the engines this CPU runs at first use, and keep the choice for the
+process (csrc/gemm.h). This module reads
 that plan, seeds it from a cache file and writes the file back at exit, so a new process
 skips the measurements:
 
@@ -13,7 +14,7 @@ The file is keyed by the CPU model and flags, the torch version and the fastchar
 a file that does not parse, belongs to another CPU or version, or names engines this CPU
 cannot run is ignored (row by row, where only some rows are bad) and rewritten at exit.
 An unwritable cache directory only means that the next process measures again.
-``FASTCHAR_GEMM=auto|mkl|onednn|fma|bf16dot`` forces one engine (the kernels raise
+``FASTCHAR_GEMM=auto|mkl|onednn|fma|bf16dot|bf16fma`` forces one engine (the kernels raise
 RuntimeError when this CPU cannot run it).
 """
 
@@ -32,12 +33,12 @@ import torch
 from fastchar import __version__
 from fastchar.backends import cpp_loaded
 
-ENGINES = ("mkl", "onednn", "fma", "bf16dot")
+ENGINES = ("mkl", "onednn", "fma", "bf16dot", "bf16fma")  # csrc/gemm.h, Engine
 # The GEMMs the plan covers (csrc/gemm.h, Op): a time loop's dgates @ W ("nn") and h @ W^T
 # ("nt"), and a *_cell op's x @ W^T with a W used once ("cell").
 OPS = ("nn", "nt", "cell")
 DTYPES = (torch.float32, torch.bfloat16)
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 _DTYPE_CODES = {torch.float32: 6, torch.bfloat16: 15}  # c10::ScalarType values
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}

@@ -21,7 +21,9 @@ from fastchar.backends import cpp_loaded
 pytestmark = pytest.mark.skipif(not cpp_loaded(), reason="fastchar._C is not built")
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
-F32_ENGINES = ("mkl", "onednn", "fma")  # bf16dot is a bf16 x bf16 kernel by design
+F32_ENGINES = ("mkl", "onednn", "fma")  # bf16dot and bf16fma are bf16 x bf16 kernels
+OWN_ENGINES = ("fma", "bf16dot", "bf16fma")  # fastchar's micro-kernels
+CELL_ENGINES = {torch.float32: ("mkl", "fma"), torch.bfloat16: ("mkl", "bf16fma", "bf16dot")}
 
 
 def runnable(dtype):
@@ -63,7 +65,7 @@ def test_engine_matches_mm(engine, dtype, shape, op, accumulate):
     a = torch.randn(M, K).to(dtype)
     w = (torch.randn(N, K) if trans_w else torch.randn(K, N)).to(dtype)
     c = torch.randn(M, N) if accumulate else None
-    if op == "cell" and not (engine in ("mkl", "fma") and dtype == torch.float32):
+    if op == "cell" and engine not in CELL_ENGINES[dtype]:
         with pytest.raises(RuntimeError, match="cell ops' GEMM"):
             plan.run(engine, a, w, op, c)
         return
@@ -75,32 +77,58 @@ def test_engine_matches_mm(engine, dtype, shape, op, accumulate):
     torch.testing.assert_close(got.double(), want, atol=2e-5 * K**0.5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("engine", plan.ENGINES)
-def test_forcing_an_engine(engine, monkeypatch, cell="lstm"):
+def test_forcing_an_engine(engine, dtype, monkeypatch, cell="lstm"):
     """FASTCHAR_GEMM=<engine>: runs it where this CPU can, else a clear RuntimeError."""
     monkeypatch.setenv("FASTCHAR_GEMM", engine)
-    inputs = make_inputs(cell, 3, 2, 4, 20, torch.float32)
-    if plan.why_not(engine, torch.float32) is None:
-        assert plan.choose(torch.float32, "nt", 2, 80, 20) == engine
+    inputs = make_inputs(cell, 3, 2, 4, 20, dtype)
+    if plan.why_not(engine, dtype) is None:
+        assert plan.choose(dtype, "nt", 2, 80, 20) == engine
         forward_backward(cell, "cpp", inputs)
     else:
         with pytest.raises(RuntimeError, match=f"FASTCHAR_GEMM={engine} cannot run"):
             forward_backward(cell, "cpp", inputs)
 
 
+@pytest.mark.parametrize("op", ["nn", "nt"])
+@pytest.mark.parametrize("shape", GEMM_SHAPES.values(), ids=GEMM_SHAPES.keys())
+def test_bf16fma_is_fma_on_widened_inputs(shape, op):
+    """bf16fma reads W as bf16 pairs but runs the same FMA chain, k in order, as fma on W
+    widened to float32: the results are equal bit for bit."""
+    for e in ("fma", "bf16fma"):
+        if plan.why_not(e, torch.bfloat16) is not None:
+            pytest.skip(f"this CPU cannot run {e}: {plan.why_not(e, torch.bfloat16)}")
+    M, N, K = shape
+    a = torch.randn(M, K).bfloat16()
+    w = (torch.randn(N, K) if op == "nt" else torch.randn(K, N)).bfloat16()
+    c = torch.randn(M, N)
+    for acc in (None, c):
+        assert torch.equal(plan.run("bf16fma", a, w, op, acc), plan.run("fma", a, w, op, acc))
+
+
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("engine", F32_ENGINES)
-def test_cell_op_with_each_engine_forced(engine, cell, monkeypatch):
+@pytest.mark.parametrize(("engine", "dtype"), ENGINE_CASES)
+def test_cell_op_with_each_engine_forced(engine, dtype, cell, monkeypatch):
     """The sampling step runs under every FASTCHAR_GEMM this CPU can run (engines with no
-    cell kernel leave the cell on mkl) and matches reference."""
-    if plan.why_not(engine, torch.float32) is not None:
-        pytest.skip(f"this CPU cannot run {engine}: {plan.why_not(engine, torch.float32)}")
+    cell kernel leave the cell on mkl): float32 matches reference; bfloat16 is within 2x
+    torch's own bf16 error against float64."""
     monkeypatch.setenv("FASTCHAR_GEMM", engine)
-    inputs = make_inputs(cell, None, 3, 5, 33, torch.float32, seq=False)
-    got = run_op(cell, "cpp", inputs, seq=False)
-    want = run_op(cell, "reference", inputs, seq=False)
-    for a, b in zip(got, want, strict=True):
-        assert_close(a, b, torch.float32, f"{engine} {cell} cell")
+    if dtype == torch.float32:
+        inputs = make_inputs(cell, None, 3, 5, 33, torch.float32, seq=False)
+        got = run_op(cell, "cpp", inputs, seq=False)
+        want = run_op(cell, "reference", inputs, seq=False)
+        for a, b in zip(got, want, strict=True):
+            assert_close(a, b, torch.float32, f"{engine} {cell} cell")
+        return
+    inputs = make_inputs(cell, None, 3, 70, 40, torch.float64, seq=False)
+    bf = {k: v.bfloat16() for k, v in inputs.items()}
+    want = run_op(cell, "reference", {k: v.double() for k, v in bf.items()}, seq=False)
+    mine = run_op(cell, "cpp", bf, seq=False)
+    theirs = run_op(cell, "torch", bf, seq=False)
+    for m, t, w in zip(mine, theirs, want, strict=True):
+        err, ref = (m.double() - w).abs().max().item(), (t.double() - w).abs().max().item()
+        assert err <= 2 * ref + 1e-2, (engine, cell, err, ref)
 
 
 def test_engine_this_cpu_lacks_is_a_clear_error(monkeypatch):
@@ -174,12 +202,10 @@ def test_bfloat16_layer_on_each_engine_within_torchs_error(engine, cell, monkeyp
         assert 0 < m <= 2 * t + 1e-2, (engine, i, m, t)
 
 
-@pytest.mark.parametrize("engine", F32_ENGINES)
-def test_thread_count_does_not_change_results_on_any_engine(engine, monkeypatch):
-    if plan.why_not(engine, torch.float32) is not None:
-        pytest.skip(f"this CPU cannot run {engine}: {plan.why_not(engine, torch.float32)}")
+@pytest.mark.parametrize(("engine", "dtype"), ENGINE_CASES)
+def test_thread_count_does_not_change_results_on_any_engine(engine, dtype, monkeypatch):
     monkeypatch.setenv("FASTCHAR_GEMM", engine)
-    inputs = make_inputs("lstm", 5, 3, 4, 70, torch.float32)
+    inputs = make_inputs("lstm", 5, 3, 4, 70, dtype)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -188,10 +214,21 @@ def test_thread_count_does_not_change_results_on_any_engine(engine, monkeypatch)
         many, many_grads = forward_backward("lstm", "cpp", inputs)
     finally:
         torch.set_num_threads(threads)
+
+    def check(a, b, what):
+        # fastchar's kernels sum every element in one order whatever the split: equal bits;
+        # the libraries' kernels may block a narrower slice differently: equal to rounding
+        if engine in OWN_ENGINES:
+            assert torch.equal(a, b), what
+        elif dtype == torch.float32:
+            assert_close(a, b, dtype, what)
+        else:  # one bf16 rounding apart at most
+            torch.testing.assert_close(a, b, msg=what)
+
     for a, b in zip(many, one, strict=True):
-        assert_close(a, b, torch.float32, engine)
+        check(a, b, engine)
     for name in one_grads:
-        assert_close(many_grads[name], one_grads[name], torch.float32, f"{engine} grad {name}")
+        check(many_grads[name], one_grads[name], f"{engine} grad {name}")
 
 
 def test_plan_keeps_its_choice():
@@ -266,6 +303,7 @@ def test_cache_rows_that_do_not_fit_are_dropped(tmp_path):
         dict(dtype="float32", op="nt", M=2, N=8, K=8, engine="no-such-engine"),
         dict(dtype="float64", op="nt", M=2, N=8, K=8, engine="mkl"),
         dict(dtype="float32", op="nt", M=2, N=8, K=8, engine="bf16dot"),
+        dict(dtype="float32", op="nn", M=2, N=8, K=8, engine="bf16fma"),
         dict(dtype="float32", op="cell", M=2, N=8, K=8, engine="onednn"),
         dict(dtype="float32", op="tn", M=2, N=8, K=8, engine="mkl"),
         dict(dtype="float32", M=2, N=8, K=8, engine="mkl"),
