@@ -13,16 +13,10 @@ import torch
 
 from fastchar.backends import IMPLS
 from fastchar.data import DataError
-from fastchar.train import (
-    DEVICES,
-    CheckpointError,
-    ConfigError,
-    TrainError,
-    check_impl,
-    load_checkpoint,
-    model_from_checkpoint,
-    pick_device,
-)
+from fastchar.training.checkpoint import load_checkpoint, model_from_checkpoint
+from fastchar.training.config import DEVICES
+from fastchar.training.device import check_impl, pick_device
+from fastchar.training.errors import CheckpointError, ConfigError, TrainError
 
 PROG = "fastchar.sample"
 

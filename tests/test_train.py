@@ -14,8 +14,9 @@ import sys
 import pytest
 import torch
 
-from fastchar import train
+from fastchar import data as fdata
 from fastchar.model import CharRNN
+from fastchar.training import checkpoint, cli, config, errors, loop, progress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = {
@@ -65,7 +66,7 @@ def assert_one_line_error(err: str, prog: str = "fastchar.train"):
 
 def test_few_step_run_writes_metrics_and_checkpoints(text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main(tiny_args(text_file, out)) == 0
+    assert cli.main(tiny_args(text_file, out)) == 0
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     assert "eval step 6" in captured.err and "bpc" in captured.err
@@ -88,11 +89,11 @@ def test_few_step_run_writes_metrics_and_checkpoints(text_file, tmp_path, capsys
     )
     assert {"torch", "python", "batch"} <= set(ckpt["rng"])
     assert ckpt["config"]["hidden"] == 16 and ckpt["config"]["data"] == str(text_file)
-    assert ckpt["data_manifest"]["sha256"] == train.fdata.sha256_text(make_text())
+    assert ckpt["data_manifest"]["sha256"] == fdata.sha256_text(make_text())
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["best_val_loss"] == min(r["val_loss"] for r in records)
 
-    model, vocab, cfg = train.model_from_checkpoint(ckpt)
+    model, vocab, cfg = checkpoint.model_from_checkpoint(ckpt)
     assert isinstance(model, CharRNN) and cfg.model == "lstm"
     sample = captured.out.rstrip("\n")
     assert len(sample) == 1 + 20 and not vocab.unknown(sample)
@@ -104,10 +105,10 @@ def test_resume_continues_exactly(text_file, tmp_path, capsys, impl):
     extra = ["--steps", "8", "--eval-interval", "2", "--layers", "2", "--dropout", "0.2"]
     extra += ["--impl", impl]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train.main(tiny_args(text_file, straight, *extra)) == 0
-    assert train.main(tiny_args(text_file, split, *extra, "--stop-at", "4")) == 0
+    assert cli.main(tiny_args(text_file, straight, *extra)) == 0
+    assert cli.main(tiny_args(text_file, split, *extra, "--stop-at", "4")) == 0
     assert torch.load(split / "ckpt.pt", weights_only=True)["step"] == 4
-    assert train.main(["--resume", "--out", str(split)]) == 0
+    assert cli.main(["--resume", "--out", str(split)]) == 0
     assert "resumed" in capsys.readouterr().err
 
     a, b = read_metrics(straight), read_metrics(split)
@@ -130,28 +131,28 @@ def test_resume_continues_exactly(text_file, tmp_path, capsys, impl):
 
 def test_resume_drops_metrics_past_the_checkpoint(text_file, tmp_path):
     out = tmp_path / "run"
-    assert train.main(tiny_args(text_file, out, "--stop-at", "3")) == 0
+    assert cli.main(tiny_args(text_file, out, "--stop-at", "3")) == 0
     with open(out / "metrics.jsonl", "a") as f:  # as if killed after logging step 4
         f.write(json.dumps({"step": 4, "val_loss": 0.0}) + "\n")
-    assert train.main(["--resume", "--out", str(out)]) == 0
+    assert cli.main(["--resume", "--out", str(out)]) == 0
     assert [r["step"] for r in read_metrics(out)] == [3, 6]
 
 
 def test_schedule_warms_up_then_decays():
-    cfg = train.TrainConfig(lr=1e-2, min_lr=1e-3, warmup=4, steps=20)
-    lrs = [train.lr_at(cfg, s) for s in range(20)]
+    cfg = config.TrainConfig(lr=1e-2, min_lr=1e-3, warmup=4, steps=20)
+    lrs = [loop.lr_at(cfg, s) for s in range(20)]
     assert lrs[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])
     assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
-    assert train.lr_at(cfg, 20) == pytest.approx(1e-3)
-    linear = train.TrainConfig(lr=1e-2, min_lr=0.0, warmup=0, steps=10, schedule="linear")
-    assert train.lr_at(linear, 5) == pytest.approx(5e-3)
+    assert loop.lr_at(cfg, 20) == pytest.approx(1e-3)
+    linear = config.TrainConfig(lr=1e-2, min_lr=0.0, warmup=0, steps=10, schedule="linear")
+    assert loop.lr_at(linear, 5) == pytest.approx(5e-3)
 
 
 def test_config_round_trip():
-    cfg = train.TrainConfig(hidden=7, data="x.txt")
-    assert train.TrainConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(train.ConfigError, match="unknown"):
-        train.TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    cfg = config.TrainConfig(hidden=7, data="x.txt")
+    assert config.TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(errors.ConfigError, match="unknown"):
+        config.TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
 
 
 @pytest.mark.parametrize(
@@ -174,7 +175,7 @@ def test_config_round_trip():
 )
 def test_bad_flags(text_file, tmp_path, capsys, flags, match):
     out = tmp_path / "run"
-    assert train.main(tiny_args(text_file, out, *flags)) == 2
+    assert cli.main(tiny_args(text_file, out, *flags)) == 2
     err = capsys.readouterr().err
     assert_one_line_error(err)
     assert match in err
@@ -205,7 +206,7 @@ def test_bad_data_is_an_error_not_a_fallback(tmp_path, capsys, case, match):
     elif case == "short":
         path.write_text(make_text(100))  # the 10% validation split is shorter than 17 chars
     out = tmp_path / "run"
-    assert train.main(tiny_args(path, out)) == 1
+    assert cli.main(tiny_args(path, out)) == 1
     err = capsys.readouterr().err
     assert_one_line_error(err)
     assert match in err
@@ -213,7 +214,7 @@ def test_bad_data_is_an_error_not_a_fallback(tmp_path, capsys, case, match):
 
 
 def test_block_size_longer_than_corpus(text_file, tmp_path, capsys):
-    assert train.main(tiny_args(text_file, tmp_path / "r", "--block-size", "100000")) == 1
+    assert cli.main(tiny_args(text_file, tmp_path / "r", "--block-size", "100000")) == 1
     err = capsys.readouterr().err
     assert_one_line_error(err)
     assert "--block-size" in err
@@ -221,7 +222,7 @@ def test_block_size_longer_than_corpus(text_file, tmp_path, capsys):
 
 def test_unrunnable_impl_is_refused(text_file, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert train.main(tiny_args(text_file, tmp_path / "r", "--impl", "triton")) == 2
+    assert cli.main(tiny_args(text_file, tmp_path / "r", "--impl", "triton")) == 2
     err = capsys.readouterr().err
     assert_one_line_error(err)
     assert "--impl triton cannot run on cpu" in err
@@ -229,24 +230,24 @@ def test_unrunnable_impl_is_refused(text_file, tmp_path, capsys, monkeypatch):
 
 def test_resume_errors(text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main(["--resume", "--out", str(out)]) == 1
+    assert cli.main(["--resume", "--out", str(out)]) == 1
     assert "no checkpoint" in capsys.readouterr().err
 
-    assert train.main(tiny_args(text_file, out, "--stop-at", "3")) == 0
+    assert cli.main(tiny_args(text_file, out, "--stop-at", "3")) == 0
     capsys.readouterr()
-    assert train.main(["--resume", "--out", str(out), "--hidden", "32"]) == 2
+    assert cli.main(["--resume", "--out", str(out), "--hidden", "32"]) == 2
     err = capsys.readouterr().err
     assert_one_line_error(err)
     assert "--hidden 32 differs" in err
 
     text_file.write_text(make_text(seed=1))
-    assert train.main(["--resume", "--out", str(out)]) == 1
+    assert cli.main(["--resume", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert_one_line_error(err)
     assert "data changed" in err
 
     (out / "ckpt.pt").write_bytes((out / "best.pt").read_bytes()[:500])
-    assert train.main(["--resume", "--out", str(out)]) == 1
+    assert cli.main(["--resume", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert_one_line_error(err)
     assert "cannot read checkpoint" in err
@@ -254,7 +255,7 @@ def test_resume_errors(text_file, tmp_path, capsys):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.atomic_torch_save({"a": torch.ones(2)}, path)
+    checkpoint.atomic_torch_save({"a": torch.ones(2)}, path)
 
     def boom(obj, f):
         f.write(b"partial")
@@ -262,7 +263,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError):
-        train.atomic_torch_save({"a": torch.zeros(2)}, path)
+        checkpoint.atomic_torch_save({"a": torch.zeros(2)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -303,10 +304,10 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise():
 
     tty, pipe = Stream(True), Stream(False)
     for stream in (tty, pipe):
-        progress = train.Progress(total=4, interval=2, stream=stream)
+        bar = progress.Progress(total=4, interval=2, stream=stream)
         for step in range(1, 5):
-            progress.update(step, 2.0, 1000.0, 1e-3)
-        progress.log("eval")
+            bar.update(step, 2.0, 1000.0, 1e-3)
+        bar.log("eval")
     assert tty.getvalue().count("\r") == 4 and "#" in tty.getvalue()
     assert tty.getvalue().endswith("\neval\n")
     lines = pipe.getvalue().splitlines()
@@ -316,7 +317,7 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise():
 
 def test_bfloat16_autocast_run(text_file, tmp_path):
     out = tmp_path / "run"
-    assert train.main(tiny_args(text_file, out, "--dtype", "bfloat16", "--sample-length", "0")) == 0
+    assert cli.main(tiny_args(text_file, out, "--dtype", "bfloat16", "--sample-length", "0")) == 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert all(t.dtype == torch.float32 for t in ckpt["model"].values())
     assert all(math.isfinite(r["val_loss"]) for r in read_metrics(out))

@@ -17,7 +17,8 @@ import pytest
 import torch
 from test_train import assert_one_line_error, make_text, read_metrics, tiny_args
 
-from fastchar import sample, train
+from fastchar import sample
+from fastchar.training import checkpoint, cli, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,11 +70,11 @@ def temp_files(out):
 
 def resume_and_finish(out, capsys, more=2) -> dict:
     """Resume the run in ``out`` for ``more`` steps; the finished checkpoint."""
-    start = train.load_checkpoint(str(out / "ckpt.pt"))["step"]
-    assert train.main(["--resume", "--out", str(out), "--steps", str(start + more)]) == 0
+    start = checkpoint.load_checkpoint(str(out / "ckpt.pt"))["step"]
+    assert cli.main(["--resume", "--out", str(out), "--steps", str(start + more)]) == 0
     err = capsys.readouterr().err
     assert f"resumed {out / 'ckpt.pt'} at step {start}" in err and "Traceback" not in err
-    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] == start + more
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     steps = [r["step"] for r in read_metrics(out)]
@@ -93,7 +94,7 @@ def test_signal_finishes_the_step_writes_a_checkpoint_and_exits_0(
     assert proc.wait(timeout=60) == 0
     err = log.read_text()
     assert "Traceback" not in err and "error" not in err
-    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] >= 3
     assert f"stopped by a signal at step {ckpt['step']} " in err
     assert steps_logged(log) == ckpt["step"]  # no step started after the signal was seen
@@ -108,23 +109,23 @@ def test_sigkill_during_training_resumes_from_the_last_checkpoint(text_file, tmp
     wait_for(proc, lambda: steps_logged(log) >= seen + 5, "five more steps")
     proc.kill()
     assert proc.wait(timeout=30) == -signal.SIGKILL
-    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] >= 2 and ckpt["step"] % 2 == 0
     resume_and_finish(out, capsys)
 
 
 def test_sigkill_inside_a_checkpoint_write_keeps_the_old_checkpoint(text_file, tmp_path, capsys):
     out, log, marker = tmp_path / "run", tmp_path / "log", tmp_path / "in_save"
-    proc = start_run(text_file, out, log, env={train.SAVE_PAUSE_ENV: str(marker)})
+    proc = start_run(text_file, out, log, env={checkpoint.SAVE_PAUSE_ENV: str(marker)})
     wait_for(proc, marker.exists, "a checkpoint write over an existing checkpoint")
     before = digest(out / "ckpt.pt")
     pending = temp_files(out)
     assert len(pending) == 1 and pending[0].startswith(".ckpt.pt")
-    assert train.load_checkpoint(str(out / pending[0]))["step"] == 4  # complete, not renamed
+    assert checkpoint.load_checkpoint(str(out / pending[0]))["step"] == 4  # complete, not renamed
     proc.kill()
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert digest(out / "ckpt.pt") == before
-    assert train.load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+    assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
     capsys.readouterr()
     resume_and_finish(out, capsys)
 
@@ -141,7 +142,7 @@ class Poison:
 def poison(monkeypatch):
     """Poison chosen training steps of ``Trainer.loss`` (evaluation is untouched)."""
     bad = Poison()
-    real = train.Trainer.loss
+    real = loop.Trainer.loss
 
     def loss(self, x, y, state=None, net=None):
         value, state = real(self, x, y, state, net)
@@ -153,18 +154,18 @@ def poison(monkeypatch):
             value = value + torch.sqrt(w - w.detach()).sum()  # adds 0; d sqrt(0) = inf
         return value, state
 
-    monkeypatch.setattr(train.Trainer, "loss", loss)
+    monkeypatch.setattr(loop.Trainer, "loss", loss)
     return bad
 
 
 def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(text_file, tmp_path, capsys, poison):
     out = tmp_path / "run"
     poison.loss.add(5)
-    assert train.main(tiny_args(text_file, out)) == 1  # evaluates and saves at step 3
+    assert cli.main(tiny_args(text_file, out)) == 1  # evaluates and saves at step 3
     err = capsys.readouterr().err
     assert_one_line_error(err.splitlines()[-1])
     assert "non-finite loss nan at step 5" in err and "the last checkpoint is kept" in err
-    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] == 3
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert [r["step"] for r in read_metrics(out)] == [3]
@@ -173,30 +174,30 @@ def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(text_file, tmp_path,
 def test_nonfinite_gradient_stops_before_the_update(text_file, tmp_path, capsys, poison):
     out = tmp_path / "run"
     poison.grad.add(4)
-    assert train.main(tiny_args(text_file, out)) == 1
+    assert cli.main(tiny_args(text_file, out)) == 1
     err = capsys.readouterr().err
     assert "non-finite gradient norm inf at step 4" in err
-    assert train.load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
+    assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
 
 
 def test_skip_nonfinite_skips_the_update(text_file, tmp_path, capsys, poison):
     out = tmp_path / "run"
-    assert train.main(tiny_args(text_file, out, "--stop-at", "3")) == 0
-    at3 = train.load_checkpoint(str(out / "ckpt.pt"))
+    assert cli.main(tiny_args(text_file, out, "--stop-at", "3")) == 0
+    at3 = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     poison.loss.add(4)
     resume = ["--resume", "--out", str(out), "--skip-nonfinite", "1", "--stop-at", "4"]
-    assert train.main(resume) == 0
+    assert cli.main(resume) == 0
     assert "step 4: loss nan, update skipped (1 of at most 1 in a row)" in capsys.readouterr().err
-    at4 = train.load_checkpoint(str(out / "ckpt.pt"))
+    at4 = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     assert at4["step"] == 4
     for k in at3["model"]:
         assert torch.equal(at3["model"][k], at4["model"][k]), k
     assert at3["optimizer"]["state"][0]["step"] == at4["optimizer"]["state"][0]["step"]
 
     poison.loss.update({5, 6})  # two in a row is one more than allowed
-    assert train.main(["--resume", "--out", str(out), "--skip-nonfinite", "1"]) == 1
+    assert cli.main(["--resume", "--out", str(out), "--skip-nonfinite", "1"]) == 1
     assert "non-finite loss nan at step 6" in capsys.readouterr().err
-    assert train.load_checkpoint(str(out / "ckpt.pt"))["step"] == 4
+    assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["step"] == 4
 
 
 class RunsCode:
@@ -222,7 +223,7 @@ def test_a_checkpoint_that_runs_code_is_refused_and_the_code_never_runs(
     out = tmp_path / "run"
     out.mkdir()
     os.replace(payload, out / "ckpt.pt")
-    assert train.main(["--resume", "--out", str(out)]) == 1
+    assert cli.main(["--resume", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert_one_line_error(err)
     assert "holds code or objects" in err and "weights_only=True" in err
@@ -234,13 +235,13 @@ def test_a_checkpoint_that_runs_code_is_refused_and_the_code_never_runs(
 @pytest.fixture
 def gru_run(text_file, tmp_path):
     out = tmp_path / "gru"
-    assert train.main(tiny_args(text_file, out, "--model", "gru", "--steps", "3")) == 0
+    assert cli.main(tiny_args(text_file, out, "--model", "gru", "--steps", "3")) == 0
     return out
 
 
 def test_a_checkpoint_of_another_model_kind(gru_run, tmp_path, capsys):
     capsys.readouterr()
-    assert train.main(["--resume", "--out", str(gru_run), "--model", "lstm"]) == 2
+    assert cli.main(["--resume", "--out", str(gru_run), "--model", "lstm"]) == 2
     err = capsys.readouterr().err
     assert_one_line_error(err)
     assert "--model lstm differs from the checkpoint's gru" in err
@@ -248,7 +249,7 @@ def test_a_checkpoint_of_another_model_kind(gru_run, tmp_path, capsys):
     ckpt = torch.load(gru_run / "ckpt.pt", weights_only=True)
     ckpt["config"]["model"] = "lstm"  # GRU weights under an LSTM config
     torch.save(ckpt, gru_run / "ckpt.pt")
-    assert train.main(["--resume", "--out", str(gru_run)]) == 1
+    assert cli.main(["--resume", "--out", str(gru_run)]) == 1
     err = capsys.readouterr().err
     assert_one_line_error(err)
     assert "cannot restore the run from its checkpoint" in err
@@ -278,7 +279,7 @@ def test_resume_from_a_bad_checkpoint(gru_run, capsys, case, match):
     else:
         torch.save({"weights": torch.zeros(3)}, path)
     capsys.readouterr()
-    assert train.main(["--resume", "--out", str(gru_run)]) == 1
+    assert cli.main(["--resume", "--out", str(gru_run)]) == 1
     err = capsys.readouterr().err
     assert_one_line_error(err)
     assert match in err
@@ -295,7 +296,7 @@ def test_resume_from_a_bad_checkpoint(gru_run, capsys, case, match):
     ],
 )
 def test_more_bad_flags(text_file, tmp_path, capsys, flags, match):
-    code = train.main(tiny_args(text_file, tmp_path / "r", *flags))
+    code = cli.main(tiny_args(text_file, tmp_path / "r", *flags))
     assert code in (1, 2)
     err = capsys.readouterr().err
     assert_one_line_error(err)

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from test_train import make_text, read_metrics, tiny_args
 
-from fastchar import data, train
+from fastchar import data
 from fastchar.distributed import World
+from fastchar.training import checkpoint, cli, config, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # DDP averages the ranks' gradients of their half-batch means; one process takes the
@@ -29,12 +30,12 @@ BF16_LOSS_TOL = 0.02
 RANK_SCRIPT = """
 import os, sys
 import torch
-from fastchar import train
-given, resume = train.parse_args(sys.argv[1:])
-trainer = train.run(given, resume)
+from fastchar.training import checkpoint, cli, config, loop
+given, resume = config.parse_args(sys.argv[1:])
+trainer = cli.run(given, resume)
 path = os.path.join(trainer.cfg.out, f"rank{os.environ['RANK']}.pt")
 torch.save(trainer.model.state_dict(), path)
-train.exit_process(0)
+cli.exit_process(0)
 """
 
 
@@ -85,7 +86,7 @@ def test_ddp_two_ranks_match_one_process(text_file, tmp_path, mode):
     if mode != "random":
         extra.append("--stateful")
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    assert train.main(tiny_args(text_file, single, *extra)) == 0
+    assert cli.main(tiny_args(text_file, single, *extra)) == 0
     if mode == "random":
         proc = torchrun(script, tiny_args(text_file, ddp, *extra))
     else:
@@ -122,7 +123,7 @@ def test_world_rows_split_the_global_batch():
 def test_ddp_environment_errors(text_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
-    assert train.main(tiny_args(text_file, tmp_path / "r")) == 2
+    assert cli.main(tiny_args(text_file, tmp_path / "r")) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastchar.train: error: ") and len(err.strip().splitlines()) == 1
     assert "RANK" in err and "torchrun" in err
@@ -145,11 +146,11 @@ def test_streams_are_consecutive_per_stream_and_wrap():
 
 
 def _stateful_trainer(text_file, *flags):
-    given, _ = train.parse_args(
+    given, _ = config.parse_args(
         tiny_args(text_file, "unused", "--stateful", "--batch-size", "3", *flags)
     )
-    cfg = train.TrainConfig(**given).validate()
-    return train.Trainer(cfg, text_file.read_text(), {"sha256": "", "source": "test"})
+    cfg = config.TrainConfig(**given).validate()
+    return loop.Trainer(cfg, text_file.read_text(), {"sha256": "", "source": "test"})
 
 
 def test_stateful_carries_the_state_and_resets_each_epoch(text_file):
@@ -201,11 +202,11 @@ def test_stateful_resume_is_exact_across_an_epoch_boundary(text_file, tmp_path, 
     extra = ["--stateful", "--block-size", "150", "--batch-size", "3", "--steps", "14"]
     extra += ["--eval-interval", "7", "--dropout", "0.1", "--layers", "2", "--sample-length", "0"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train.main(tiny_args(text_file, straight, *extra)) == 0
-    assert train.main(tiny_args(text_file, split, *extra, "--stop-at", "9")) == 0
+    assert cli.main(tiny_args(text_file, straight, *extra)) == 0
+    assert cli.main(tiny_args(text_file, split, *extra, "--stop-at", "9")) == 0
     saved = torch.load(split / "ckpt.pt", weights_only=True)["stream_state"]
     assert [tuple(s.shape) for s in saved] == [(2, 3, 16)] * 2  # LSTM (h, c) [L, B, H]
-    assert train.main(["--resume", "--out", str(split)]) == 0
+    assert cli.main(["--resume", "--out", str(split)]) == 0
     capsys.readouterr()
     a = torch.load(straight / "ckpt.pt", weights_only=True)
     b = torch.load(split / "ckpt.pt", weights_only=True)
@@ -219,7 +220,7 @@ def test_stateful_resume_is_exact_across_an_epoch_boundary(text_file, tmp_path, 
 
 
 def test_stateful_too_short_for_the_streams(text_file, tmp_path, capsys):
-    code = train.main(tiny_args(text_file, tmp_path / "r", "--stateful", "--batch-size", "64"))
+    code = cli.main(tiny_args(text_file, tmp_path / "r", "--stateful", "--batch-size", "64"))
     assert code == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "streams of" in err and "--batch-size" in err
@@ -235,7 +236,7 @@ def test_bfloat16_tracks_float32_on_the_fused_kernels(text_file, tmp_path):
     curves = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
-        assert train.main(tiny_args(text_file, out, *args, "--dtype", dtype)) == 0
+        assert cli.main(tiny_args(text_file, out, *args, "--dtype", dtype)) == 0
         curves[dtype] = [r["val_loss"] for r in read_metrics(out)]
         ckpt = torch.load(out / "ckpt.pt", weights_only=True)
         assert all(t.dtype == torch.float32 for t in ckpt["model"].values())
@@ -249,7 +250,7 @@ def test_bfloat16_tracks_float32_on_the_fused_kernels(text_file, tmp_path):
 
 def test_float16_is_refused_on_cpu(text_file, tmp_path, capsys):
     for flags in (["--dtype", "float16"], ["--dtype", "float16", "--device", "cpu"]):
-        assert train.main(tiny_args(text_file, tmp_path / "r", *flags)) == 2
+        assert cli.main(tiny_args(text_file, tmp_path / "r", *flags)) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1
         assert "--dtype float16 needs a CUDA device" in err and "bfloat16" in err
@@ -261,23 +262,23 @@ def test_float16_is_refused_on_cpu(text_file, tmp_path, capsys):
 def test_float16_trains_with_a_grad_scaler_on_cuda(text_file, tmp_path):
     out = tmp_path / "fp16"
     args = ["--device", "cuda", "--dtype", "float16", "--impl", "torch", "--sample-length", "0"]
-    assert train.main(tiny_args(text_file, out, *args)) == 0
+    assert cli.main(tiny_args(text_file, out, *args)) == 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert "scale" in ckpt["scaler"]
     assert all(t.dtype == torch.float32 for t in ckpt["model"].values())
 
 
 def test_time_limit_decays_with_time_and_stops(text_file, tmp_path, capsys):
-    cfg = train.TrainConfig(lr=1e-2, min_lr=1e-3, warmup=2, steps=1000, time_limit=10.0)
-    assert train.lr_at(cfg, 5, wall=0.0) == pytest.approx(train.lr_at(cfg, 5))
-    assert train.lr_at(cfg, 5, wall=5.0) == pytest.approx(5.5e-3)  # cosine midpoint
-    assert train.lr_at(cfg, 5, wall=10.0) == pytest.approx(1e-3)
+    cfg = config.TrainConfig(lr=1e-2, min_lr=1e-3, warmup=2, steps=1000, time_limit=10.0)
+    assert loop.lr_at(cfg, 5, wall=0.0) == pytest.approx(loop.lr_at(cfg, 5))
+    assert loop.lr_at(cfg, 5, wall=5.0) == pytest.approx(5.5e-3)  # cosine midpoint
+    assert loop.lr_at(cfg, 5, wall=10.0) == pytest.approx(1e-3)
 
     out = tmp_path / "run"
     flags = ["--steps", "100000", "--time-limit", "1.5", "--eval-interval", "100000"]
-    assert train.main(tiny_args(text_file, out, *flags)) == 0
+    assert cli.main(tiny_args(text_file, out, *flags)) == 0
     err = capsys.readouterr().err
-    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     assert f"time limit of 1.5 s reached at step {ckpt['step']}" in err
     assert 1.5 <= ckpt["wall_sec"] < 30 and 1 <= ckpt["step"] < 100000
     assert [r["step"] for r in read_metrics(out)] == [ckpt["step"]]
@@ -287,13 +288,13 @@ def test_time_limit_decays_with_time_and_stops(text_file, tmp_path, capsys):
 def test_preset_sets_the_recipe_and_flags_win(text_file, tmp_path, capsys):
     out = tmp_path / "run"
     flags = ["--hidden", "16", "--batch-size", "4", "--block-size", "16", "--steps", "2"]
-    code = train.main(
+    code = cli.main(
         ["--preset", "shakespeare", "--data", str(text_file), "--out", str(out), *flags,
          "--impl", "reference", "--eval-iters", "2", "--sample-length", "0"]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    cfg = train.load_checkpoint(str(out / "ckpt.pt"))["config"]
-    recipe = train.PRESETS["shakespeare"]
+    cfg = checkpoint.load_checkpoint(str(out / "ckpt.pt"))["config"]
+    recipe = config.PRESETS["shakespeare"]
     assert cfg["preset"] == "shakespeare" and cfg["hidden"] == 16 and cfg["data"] == str(text_file)
     for name in ("dropout", "stateful", "dtype", "layers", "lr", "time_limit", "emb_dim"):
         assert cfg[name] == recipe[name], name

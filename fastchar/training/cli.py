@@ -1,0 +1,225 @@
+"""``python -m fastchar.train [flags]``: a training run from the command line.
+
+Faults: checkpoints are written to a temp file and renamed, so a kill at any moment
+leaves the previous complete ``ckpt.pt``; SIGINT or SIGTERM finishes the current step,
+writes ``ckpt.pt`` and exits 0 (a second signal stops at once). Bad flags exit 2, bad
+files or checkpoints 1, each with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from fastchar import data as fdata
+from fastchar import distributed
+from fastchar.training.checkpoint import load_checkpoint, remove_stale_temps
+from fastchar.training.config import (
+    PRESETS,
+    RESUME_OVERRIDES,
+    RUN_CONTROL,
+    TrainConfig,
+    flag_name,
+    parse_args,
+)
+from fastchar.training.corpora import describe_data, load_corpus
+from fastchar.training.device import pick_device
+from fastchar.training.errors import CheckpointError, ConfigError, TrainError, first_line
+from fastchar.training.loop import Trainer, stop_on_signals
+from fastchar.training.progress import Progress
+
+PROG = "fastchar.train"
+
+
+def _resume_config(given: dict, ckpt: dict) -> TrainConfig:
+    try:
+        saved = TrainConfig.from_dict(ckpt["config"])
+    except (TypeError, ConfigError) as e:
+        raise CheckpointError(f"checkpoint config is unusable: {first_line(e)}") from None
+    for name, value in given.items():
+        if name not in RESUME_OVERRIDES and value != getattr(saved, name):
+            raise ConfigError(
+                f"{flag_name(name)} {value} differs from the checkpoint's {getattr(saved, name)}; "
+                "a resumed run keeps its model, optimiser and data settings"
+            )
+    values = saved.to_dict()
+    for name in RUN_CONTROL:
+        values[name] = TrainConfig.__dataclass_fields__[name].default
+    values.update(given)
+    return TrainConfig(**values)
+
+
+def _trim_metrics(path: str, step: int) -> None:
+    """Drop records past the checkpoint's step: they belong to steps that will be redone."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            if json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run(given: dict, resume: bool = False) -> Trainer:
+    """Train with the explicitly given settings (TrainConfig field -> value).
+
+    Under torchrun this joins the process group first and leaves it on return.
+    """
+    out = (
+        given.get("out")
+        or PRESETS.get(given.get("preset"), {}).get("out")
+        or TrainConfig(model=given.get("model", "lstm")).run_dir()
+    )
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    ckpt = None
+    if resume:
+        if not os.path.exists(ckpt_path):
+            raise CheckpointError(f"--resume: no checkpoint to resume at {ckpt_path}")
+        ckpt = load_checkpoint(ckpt_path)
+        cfg = _resume_config({**given, "out": out}, ckpt)
+    else:
+        preset = given.get("preset")
+        cfg = TrainConfig(**{**PRESETS.get(preset, {}), **given})
+        cfg.out = out
+    cfg.validate()
+    try:
+        world = distributed.world_from_env()
+    except distributed.DistError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = distributed.init(world, pick_device(cfg.device))
+    trainer = None
+    try:
+        trainer = _train(cfg, ckpt, world, device)
+        return trainer
+    finally:
+        if trainer is not None:
+            # DDP's reducer must go while the process group it holds still exists.
+            trainer.net = trainer.model
+        distributed.shutdown()
+
+
+def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device) -> Trainer:
+    out = cfg.out
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    progress = Progress(cfg.steps, cfg.log_interval, enabled=world.is_main)
+    log = progress.log
+
+    text, manifest = load_corpus(cfg.data)
+    vocab = None
+    if ckpt is not None:
+        if manifest["sha256"] != ckpt.get("data_manifest", {}).get("sha256"):
+            raise CheckpointError(
+                "--resume: the training data changed since the checkpoint (SHA-256 differs)"
+            )
+        try:
+            vocab = fdata.Vocab.from_dict(ckpt["vocab"])
+        except fdata.DataError as e:
+            raise CheckpointError(f"checkpoint vocabulary is unusable: {e}") from None
+    trainer = Trainer(cfg, text, manifest, vocab, world=world, device=device)
+    if world.is_main:
+        os.makedirs(out, exist_ok=True)
+        removed = remove_stale_temps(out)
+        if removed:
+            log(f"removed temp files of an interrupted write: {', '.join(sorted(removed))}")
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        if world.is_main:
+            _trim_metrics(os.path.join(out, "metrics.jsonl"), trainer.step)
+        log(f"resumed {ckpt_path} at step {trainer.step}")
+    elif world.is_main:
+        open(os.path.join(out, "metrics.jsonl"), "w").close()
+        _write_json(os.path.join(out, "data_manifest.json"), manifest)
+    if world.is_main:
+        _write_json(os.path.join(out, "config.json"), cfg.to_dict())
+
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    log(f"data: {describe_data(manifest)} (manifest: {os.path.join(out, 'data_manifest.json')})")
+    ranks = f", {world.size} processes (DDP)" if world.size > 1 else ""
+    log(
+        f"model: {cfg.model} {cfg.layers}x{cfg.hidden}, {n_params:,} parameters, vocab "
+        f"{len(trainer.vocab)} | impl {cfg.impl} -> {trainer.kind} on {trainer.device} "
+        f"({cfg.dtype}, {torch.get_num_threads()} threads{ranks})"
+    )
+    if trainer.impl_note:
+        log(trainer.impl_note)
+
+    with stop_on_signals(trainer):
+        trainer.fit(out, progress)
+    if trainer.stop_requested:
+        log(
+            f"stopped by a signal at step {trainer.step} of {cfg.steps}; checkpoint written; "
+            f"continue with --resume --out {out}"
+        )
+    elif trainer.step < cfg.steps and not trainer.out_of_time:
+        log(f"stopped at step {trainer.step} of {cfg.steps}; continue with --resume --out {out}")
+    else:
+        if trainer.out_of_time:
+            log(f"time limit of {cfg.time_limit:g} s reached at step {trainer.step}")
+        if cfg.sample_length > 0 and world.is_main:
+            text = trainer.sample(cfg.sample_length)
+            log(f"sample ({cfg.sample_length} chars, temperature 0.8):")
+            print(text, flush=True)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        given, resume = parse_args(argv)
+        run(given, resume)
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except (TrainError, fdata.DataError, OSError) as e:
+        print(f"{PROG}: error: {_rank_tag()}{e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _rank_tag() -> str:
+    """``[rank R] `` under torchrun with several processes, so each rank's line is told apart."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and "RANK" in os.environ:
+        return f"[rank {os.environ['RANK']}] "
+    return ""
+
+
+def exit_process(code: int) -> None:
+    """Exit with ``code``; under torchrun, skip the interpreter's teardown.
+
+    With gloo, a rank that has finished (checkpoint written, process group
+    destroyed) can still abort in torch's C++ teardown ("terminate called without
+    an active exception", about 1 run in 15 here), which fails the whole torchrun
+    job. Nothing is left to do at that point, so leave without the teardown.
+    """
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_process(main())

@@ -1,0 +1,270 @@
+"""TrainConfig, the single config surface of a training run, with its presets, TOML
+recipes and command-line parser (flags map 1:1 to its fields; it is saved as a plain dict
+in every checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from fastchar.backends import IMPLS
+from fastchar.model import MODEL_KINDS, NONLINEARITIES
+from fastchar.training.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _meta(help: str, **kw) -> dict:
+    return {"help": help, **kw}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Field ``x_y`` is the flag ``--x-y``."""
+
+    impl: str = field(default="fused", metadata=_meta("kernel implementation", choices=IMPLS))
+    model: str = field(default="lstm", metadata=_meta("recurrent cell", choices=MODEL_KINDS))
+    data: str | None = field(
+        default=None, metadata=_meta("UTF-8 text file (default: Python stdlib sources)")
+    )
+    steps: int = field(default=400, metadata=_meta("optimisation steps"))
+    batch_size: int = field(default=32, metadata=_meta("sequences per batch"))
+    block_size: int = field(default=128, metadata=_meta("characters per sequence (BPTT length)"))
+    lr: float = field(default=3e-3, metadata=_meta("peak learning rate (AdamW)"))
+    min_lr: float | None = field(
+        default=None, metadata=_meta("learning rate at the end of the decay (default: lr / 10)")
+    )
+    warmup: int = field(default=20, metadata=_meta("linear warm-up steps"))
+    schedule: str = field(
+        default="cosine", metadata=_meta("decay after warm-up", choices=SCHEDULES)
+    )
+    weight_decay: float = field(default=0.0, metadata=_meta("AdamW weight decay"))
+    emb_dim: int = field(default=64, metadata=_meta("character embedding size"))
+    hidden: int = field(default=256, metadata=_meta("hidden units per layer"))
+    layers: int = field(default=2, metadata=_meta("recurrent layers"))
+    dropout: float = field(
+        default=0.0, metadata=_meta("dropout between layers and before the head")
+    )
+    nonlinearity: str = field(
+        default="tanh", metadata=_meta("RNN nonlinearity (--model rnn)", choices=NONLINEARITIES)
+    )
+    grad_clip: float = field(default=1.0, metadata=_meta("gradient norm clip (0 disables)"))
+    eval_interval: int = field(default=100, metadata=_meta("steps between evaluations"))
+    eval_iters: int = field(default=10, metadata=_meta("batches per evaluation and split"))
+    log_interval: int = field(default=10, metadata=_meta("steps between log lines (no terminal)"))
+    seed: int = field(default=1337, metadata=_meta("random seed"))
+    device: str = field(default="auto", metadata=_meta("device", choices=DEVICES))
+    dtype: str = field(
+        default="float32",
+        metadata=_meta(
+            "compute dtype; bfloat16/float16 keep float32 weights and autocast "
+            "(float16: CUDA only, with a grad scaler)",
+            choices=DTYPES,
+        ),
+    )
+    stateful: bool = field(
+        default=False,
+        metadata=_meta(
+            "truncated BPTT as char-rnn: B parallel streams read in consecutive windows, "
+            "hidden state carried across windows and reset each epoch"
+        ),
+    )
+    skip_nonfinite: int = field(
+        default=0,
+        metadata=_meta(
+            "skip the update of a step whose loss or gradients are not finite, up to N "
+            "steps in a row (0: stop the run)"
+        ),
+    )
+    threads: int | None = field(
+        default=None, metadata=_meta("CPU threads for torch (default: torch's choice)")
+    )
+    out: str | None = field(default=None, metadata=_meta("run directory (default: runs/<model>)"))
+    sample_length: int = field(default=200, metadata=_meta("characters sampled at the end"))
+    stop_at: int | None = field(
+        default=None,
+        metadata=_meta("stop after this step with a checkpoint, as if interrupted (see --resume)"),
+    )
+    time_limit: float | None = field(
+        default=None,
+        metadata=_meta(
+            "stop after this many seconds in the training loop (evaluations included); "
+            "the decay then follows time instead of --steps"
+        ),
+    )
+    preset: str | None = field(
+        default=None,
+        metadata=_meta(
+            "start from a tuned recipe; explicit flags override its settings",
+            choices=("shakespeare",),
+        ),
+    )
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError naming the flag of the first nonsensical setting."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ConfigError(
+                    f"{flag_name(f.name)} must be one of {', '.join(choices)}, got {value!r}"
+                )
+        for name in (
+            "steps", "batch_size", "block_size", "emb_dim", "hidden", "layers",
+            "eval_interval", "eval_iters", "log_interval",
+        ):  # fmt: skip
+            _at_least(name, getattr(self, name), 1)
+        _at_least("warmup", self.warmup, 0)
+        _at_least("sample_length", self.sample_length, 0)
+        _at_least("skip_nonfinite", self.skip_nonfinite, 0)
+        if self.stop_at is not None:
+            _at_least("stop_at", self.stop_at, 1)
+        if self.threads is not None:
+            _at_least("threads", self.threads, 1)
+        if self.time_limit is not None and not (
+            math.isfinite(self.time_limit) and self.time_limit > 0
+        ):
+            raise ConfigError(f"--time-limit must be seconds > 0, got {self.time_limit}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{flag_name(name)} must be a finite number >= 0, got {value}")
+        if self.lr == 0:
+            raise ConfigError("--lr must be > 0")
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+        if self.dropout >= 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.impl == "cpp" and self.device not in ("auto", "cpu"):
+            raise ConfigError(
+                f"--impl cpp runs on CPU tensors only, not --device {self.device}; use "
+                "--device cpu, or --impl fused to pick the kernel for the device"
+            )
+        if self.dtype == "float16" and self.device in ("cpu", "mps"):
+            raise ConfigError(FP16_NEEDS_CUDA.format(device=self.device))
+        return self
+
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def run_dir(self) -> str:
+        return self.out or os.path.join("runs", self.model)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+# Recipes for --preset (TrainConfig fields); flags given on the command line win.
+PRESETS: dict[str, dict] = {
+    # tinyshakespeare (last 10% validation) in 10 minutes of wall time on a 2-core CPU:
+    # a 2 x 512 LSTM trained char-rnn style (32 streams, state carried across
+    # 64-char windows: twice the updates of 128-char windows at the same tokens/s,
+    # val 1.422 vs 1.454), float32 (the C++ kernels ran bf16 1.4x slower than fp32 on
+    # this CPU, which has avx512_bf16 but no AMX), light dropout (0.1 beat 0.25: the
+    # budget is about 5 epochs), a short warm-up and a cosine decay to lr/100 timed
+    # to end at the limit. Evaluation reads the validation streams from the start
+    # (54 windows cover all of it).
+    "shakespeare": {
+        "data": os.path.join("..", "shared", "data", "tinyshakespeare.txt"),
+        "model": "lstm",
+        "emb_dim": 64,
+        "hidden": 512,
+        "layers": 2,
+        "dropout": 0.1,
+        "batch_size": 32,
+        "block_size": 64,
+        "stateful": True,
+        "dtype": "float32",
+        "lr": 2e-3,
+        "min_lr": 2e-5,
+        "warmup": 50,
+        "schedule": "cosine",
+        "grad_clip": 1.0,
+        "steps": 1_000_000,
+        "time_limit": 575.0,
+        "eval_interval": 500,
+        "eval_iters": 54,
+        "sample_length": 500,
+        "out": os.path.join("runs", "shakespeare"),
+    },
+}
+
+FP16_NEEDS_CUDA = (
+    "--dtype float16 needs a CUDA device (it trains with a grad scaler); on {device} "
+    "use --dtype bfloat16"
+)
+
+# Settings that may change when resuming: how long and how to run, not what is trained.
+RESUME_OVERRIDES = frozenset(
+    {"impl", "steps", "eval_interval", "eval_iters", "log_interval", "device", "out",
+     "sample_length", "stop_at", "data", "skip_nonfinite", "threads", "time_limit"}
+)  # fmt: skip
+# Run control: on resume these come from the command line, never from the checkpoint.
+RUN_CONTROL = frozenset({"stop_at", "out", "device"})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{flag_name(name)} must be >= {low}, got {value}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m fastchar.train",
+        description="Train a character-level LSTM/GRU/RNN language model with fastchar kernels.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        kind = {"int": int, "float": float, "bool": bool}.get(str(f.type).split(" ")[0], str)
+        text = f.metadata["help"]
+        if "(default" not in text:
+            text += f" (default: {f.default})"
+        kw = {"type": kind, "help": text}
+        if kind is bool:
+            kw = {"action": argparse.BooleanOptionalAction, "help": f.metadata["help"]}
+        elif "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        else:
+            kw["metavar"] = {int: "N", float: "X"}.get(kind, {"data": "FILE"}.get(f.name, "DIR"))
+        p.add_argument(flag_name(f.name), dest=f.name, **kw)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its ckpt.pt (model, optimizer, schedule, RNG)",
+    )
+    return p
+
+
+def parse_args(argv: list[str] | None) -> tuple[dict, bool]:
+    """The flags given explicitly (as TrainConfig fields) and whether to resume."""
+    ns = vars(build_parser().parse_args(argv))
+    resume = ns.pop("resume", False)
+    return ns, resume
