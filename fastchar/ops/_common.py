@@ -12,11 +12,6 @@ from torch import Tensor
 from fastchar import plan
 
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Cell state and accumulation dtype: float32 for half types, else the input dtype."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
 def _check_tensor(name: str, t: object, shape: tuple[int, ...], like: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")

@@ -15,11 +15,11 @@ that block alone, so the backward holds one [T, B, G] gradient, not two.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastchar import reference
 from fastchar.backends import cpp_loaded, resolve
+from fastchar.layout import split_gru_bias
 from fastchar.ops._common import (
     autocast_inputs,
     check_args,
@@ -130,14 +130,6 @@ def _kernels(kind: str):
     return _triton_fwd, _triton_cell
 
 
-def _split_bias(x: Tensor, H: int, b_ih: Tensor | None, b_hh: Tensor | None):
-    """(bias folded into the input GEMM, b_hn [H] kept inside the recurrence)."""
-    if b_hh is None:
-        return b_ih, x.new_zeros(H)
-    b_rz = F.pad(b_hh[: 2 * H], (0, H))  # [b_hr, b_hz, 0]
-    return (b_rz if b_ih is None else b_ih + b_rz), b_hh[2 * H :]
-
-
 def gru(
     x: Tensor,
     h0: Tensor | None,
@@ -166,7 +158,7 @@ def gru(
         out, h_n = torch.gru(x, h0[None], params, has_bias, 1, 0.0, False, False, False)
         return out, h_n[0]
     fwd, _ = _kernels(kind)
-    b_x, b_hn = _split_bias(x, H, b_ih, b_hh)
+    b_x, b_hn = split_gru_bias(x, H, b_ih, b_hh)
     xp = linear(x, w_ih, b_x)  # [T, B, G], one GEMM
     out, h_n, _, _ = fwd(xp, h0, w_hh, b_hn)
     return out, h_n

@@ -16,13 +16,13 @@ from torch import Tensor
 
 from fastchar import reference
 from fastchar.backends import cpp_loaded, resolve
+from fastchar.layout import state_dtype
 from fastchar.ops._common import (
     autocast_inputs,
     check_args,
     grads_or_zeros,
     linear,
     skip_zero_grads,
-    state_dtype,
     torch_params,
     weight_grad,
 )

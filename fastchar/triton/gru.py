@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastchar.ops.gru import _split_bias
+from fastchar.layout import split_gru_bias
 from fastchar.triton._common import (
     acc_dtype,
     grid_barrier,
@@ -366,6 +366,6 @@ def gru_bwd(
 def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     """One step from raw input x [B, I]: h' [B, H]."""
     H = w_hh.shape[1]
-    b_x, b_hn = _split_bias(x, H, b_ih, b_hh)
+    b_x, b_hn = split_gru_bias(x, H, b_ih, b_hh)
     xp = F.linear(x, w_ih, b_x).unsqueeze(0)  # [1, B, G]
     return _forward(xp, h, w_hh, b_hn, store_gates=False)[0][0]

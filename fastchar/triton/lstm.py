@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastchar.ops._common import state_dtype
+from fastchar.layout import state_dtype
 from fastchar.reference import bias_sum
 from fastchar.triton._common import (
     acc_dtype,
