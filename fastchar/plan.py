@@ -32,6 +32,7 @@ import torch
 
 from fastchar import __version__
 from fastchar.backends import cpp_loaded
+from fastchar.cache import cache_dir
 
 ENGINES = ("mkl", "onednn", "fma", "bf16dot", "bf16fma")  # csrc/gemm.h, Engine
 # The GEMMs the plan covers (csrc/gemm.h, Op): a time loop's dgates @ W ("nn") and h @ W^T
@@ -157,11 +158,7 @@ def _measure_bf16_widens() -> bool:
 
 
 def cache_path() -> Path:
-    root = os.environ.get("FASTCHAR_CACHE_DIR")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "fastchar")
-    return Path(root) / "gemm-plan.json"
+    return cache_dir() / "gemm-plan.json"
 
 
 def _identity() -> dict:

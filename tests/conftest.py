@@ -9,6 +9,8 @@ import warnings
 # The GEMM plan's cache file (fastchar.plan) goes to a fresh directory, not the user's
 # cache: set before any test module imports fastchar.
 os.environ["FASTCHAR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastchar-test-cache-")
+# Named corpora (fastchar.training.corpora) are fetched into a fresh directory too.
+os.environ["FASTCHAR_DATA_DIR"] = tempfile.mkdtemp(prefix="fastchar-test-data-")
 os.environ.pop("FASTCHAR_GEMM", None)
 
 import pytest

@@ -1,0 +1,18 @@
+"""Where fastchar keeps files between processes: the GEMM plan (fastchar.plan) and the
+corpora it downloads (fastchar.training.corpora).
+
+    $FASTCHAR_CACHE_DIR, else $XDG_CACHE_HOME/fastchar, else ~/.cache/fastchar
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FASTCHAR_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "fastchar")
+    return Path(root)
