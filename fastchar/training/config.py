@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -17,10 +18,17 @@ from fastchar.backends import IMPLS
 from fastchar.model import MODEL_KINDS, NONLINEARITIES
 from fastchar.training.errors import ConfigError
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULES = ("cosine", "linear", "constant")
+_PRESET_DIR = Path(__file__).with_name("presets")
+PRESET_NAMES = tuple(sorted(p.stem for p in _PRESET_DIR.glob("*.toml")))
 
 
 def _meta(help: str, **kw) -> dict:
@@ -34,7 +42,11 @@ class TrainConfig:
     impl: str = field(default="fused", metadata=_meta("kernel implementation", choices=IMPLS))
     model: str = field(default="lstm", metadata=_meta("recurrent cell", choices=MODEL_KINDS))
     data: str | None = field(
-        default=None, metadata=_meta("UTF-8 text file (default: Python stdlib sources)")
+        default=None,
+        metadata=_meta(
+            "corpus: shakespeare (fetched once into the cache), stdlib (Python's stdlib "
+            "sources) or a UTF-8 text file (default: stdlib)"
+        ),
     )
     steps: int = field(default=400, metadata=_meta("optimisation steps"))
     batch_size: int = field(default=32, metadata=_meta("sequences per batch"))
@@ -105,7 +117,7 @@ class TrainConfig:
         default=None,
         metadata=_meta(
             "start from a tuned recipe; explicit flags override its settings",
-            choices=("shakespeare",),
+            choices=PRESET_NAMES,
         ),
     )
 
@@ -173,40 +185,42 @@ class TrainConfig:
         return cls(**d)
 
 
-# Recipes for --preset (TrainConfig fields); flags given on the command line win.
-PRESETS: dict[str, dict] = {
-    # tinyshakespeare (last 10% validation) in 10 minutes of wall time on a 2-core CPU:
-    # a 2 x 512 LSTM trained char-rnn style (32 streams, state carried across
-    # 64-char windows: twice the updates of 128-char windows at the same tokens/s,
-    # val 1.422 vs 1.454), float32 (the C++ kernels ran bf16 1.4x slower than fp32 on
-    # this CPU, which has avx512_bf16 but no AMX), light dropout (0.1 beat 0.25: the
-    # budget is about 5 epochs), a short warm-up and a cosine decay to lr/100 timed
-    # to end at the limit. Evaluation reads the validation streams from the start
-    # (54 windows cover all of it).
-    "shakespeare": {
-        "data": os.path.join("..", "shared", "data", "tinyshakespeare.txt"),
-        "model": "lstm",
-        "emb_dim": 64,
-        "hidden": 512,
-        "layers": 2,
-        "dropout": 0.1,
-        "batch_size": 32,
-        "block_size": 64,
-        "stateful": True,
-        "dtype": "float32",
-        "lr": 2e-3,
-        "min_lr": 2e-5,
-        "warmup": 50,
-        "schedule": "cosine",
-        "grad_clip": 1.0,
-        "steps": 1_000_000,
-        "time_limit": 575.0,
-        "eval_interval": 500,
-        "eval_iters": 54,
-        "sample_length": 500,
-        "out": os.path.join("runs", "shakespeare"),
-    },
-}
+def _kinds(f: dataclasses.Field) -> tuple[type, ...]:
+    """The Python types a TOML value of field ``f`` may have (an int is a float too)."""
+    base = str(f.type).split(" ")[0]
+    return {"int": (int,), "float": (int, float), "bool": (bool,)}.get(base, (str,))
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """TrainConfig fields from a TOML file (``--config FILE`` or a preset). ConfigError,
+    naming the file, for a file that cannot be read or parsed, a key that is not a
+    TrainConfig field, or a value of the wrong type."""
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(
+                f"--config {path}: unknown key {key!r} (keys are the flags' names with "
+                "underscores, e.g. batch_size)"
+            )
+        kinds = _kinds(fields[key])
+        if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+            want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+            raise ConfigError(f"--config {path}: {key} must be {want[kinds[-1]]}, got {value!r}")
+        out[key] = float(value) if float in kinds else value
+    return out
+
+
+# Recipes for --preset: TrainConfig fields from presets/NAME.toml; flags given on the
+# command line win.
+PRESETS: dict[str, dict] = {n: load_recipe(_PRESET_DIR / f"{n}.toml") for n in PRESET_NAMES}
 
 FP16_NEEDS_CUDA = (
     "--dtype float16 needs a CUDA device (it trains with a grad scaler); on {device} "
@@ -253,8 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
         elif "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         else:
-            kw["metavar"] = {int: "N", float: "X"}.get(kind, {"data": "FILE"}.get(f.name, "DIR"))
+            other = {"data": "NAME|FILE"}.get(f.name, "DIR")
+            kw["metavar"] = {int: "N", float: "X"}.get(kind, other)
         p.add_argument(flag_name(f.name), dest=f.name, **kw)
+    p.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="TrainConfig fields from a TOML file (keys as the flags, with underscores); "
+        "flags given here win over the file, the file over --preset and the defaults",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -264,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> tuple[dict, bool]:
-    """The flags given explicitly (as TrainConfig fields) and whether to resume."""
+    """The settings given explicitly (as TrainConfig fields: the flags over a --config
+    file's) and whether to resume."""
     ns = vars(build_parser().parse_args(argv))
     resume = ns.pop("resume", False)
-    return ns, resume
+    path = ns.pop("config", None)
+    return ({**load_recipe(path), **ns} if path is not None else ns), resume
