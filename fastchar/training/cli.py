@@ -15,7 +15,7 @@ import sys
 import torch
 
 from fastchar import data as fdata
-from fastchar import distributed
+from fastchar import distributed, plot
 from fastchar.training.checkpoint import load_checkpoint, remove_stale_temps
 from fastchar.training.config import (
     PRESETS,
@@ -126,7 +126,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
     progress = Progress(cfg.steps, cfg.log_interval, enabled=world.is_main)
     log = progress.log
 
-    text, manifest = load_corpus(cfg.data)
+    text, manifest = load_corpus(cfg.data, log)
     vocab = None
     if ckpt is not None:
         if manifest["sha256"] != ckpt.get("data_manifest", {}).get("sha256"):
@@ -166,7 +166,12 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
         log(trainer.impl_note)
 
     with stop_on_signals(trainer):
-        trainer.fit(out, progress)
+        try:
+            trainer.fit(out, progress)
+        finally:
+            progress.close()
+    if world.is_main:
+        _plot(out, log)
     if trainer.stop_requested:
         log(
             f"stopped by a signal at step {trainer.step} of {cfg.steps}; checkpoint written; "
@@ -182,6 +187,14 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
             log(f"sample ({cfg.sample_length} chars, temperature 0.8):")
             print(text, flush=True)
     return trainer
+
+
+def _plot(out: str, log) -> None:
+    """The run's loss curves as out/loss.png; a missing matplotlib is one line, not an error."""
+    try:
+        log(f"loss plot: {plot.plot_runs([out])}")
+    except plot.PlotError as e:
+        log(f"no loss plot: {e}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -402,6 +402,7 @@ class Trainer:
                     "loss": loss,
                     "tokens_per_sec": window_tokens / window_time,
                     "elapsed_sec": self.elapsed,
+                    "wall_sec": self.wall,
                     "lr": lr,
                     "tokens": self.step * tokens_per_step,
                     "impl": self.kind,
