@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -90,6 +91,8 @@ def report(measure_plan: bool = True) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    about = "Versions, and which impls can run on which device (and why not)."
+    argparse.ArgumentParser(prog="python -m fastchar.info", description=about).parse_args(argv)
     print(report())
     return 0
 

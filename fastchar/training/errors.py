@@ -17,7 +17,6 @@ class CheckpointError(TrainError):
     pass
 
 
-
 def first_line(e: BaseException) -> str:
     """An exception's message as one plain line (no colour codes), for the CLIs."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip() or type(e).__name__

@@ -1,0 +1,30 @@
+"""``python -m fastchar.bench [flags]``: the benchmark suite, ``benchmarks/run.py``.
+
+The benchmarks live in the source checkout beside the package (they are not installed
+with it); this runs that script with the same flags (``--help`` lists them).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+PROG = "fastchar.bench"
+RUNNER = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not RUNNER.is_file():
+        print(
+            f"{PROG}: error: the benchmarks are not installed with the package; run them "
+            "from a clone of the fastchar repository (benchmarks/run.py)",
+            file=sys.stderr,
+        )
+        return 1
+    return subprocess.call([sys.executable, str(RUNNER), *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Loss plots (fastchar.plot, and the one a training run writes) and the ``fastchar``
+command with its subcommands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train import make_text, tiny_args
+
+from fastchar import command, plot
+from fastchar.training import cli
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_text())
+    return path
+
+
+def _fake_run(path: Path, losses):
+    path.mkdir()
+    with open(path / "metrics.jsonl", "w") as f:
+        for i, loss in enumerate(losses, 1):
+            rec = {"step": 10 * i, "train_loss": loss, "val_loss": loss + 0.1, "wall_sec": 2.0 * i}
+            f.write(json.dumps(rec) + "\n")
+        f.write("not json\n")
+
+
+def test_a_training_run_writes_its_loss_plot(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(tiny_args(text_file, out)) == 0
+    assert (out / "loss.png").read_bytes().startswith(PNG)
+    assert f"loss plot: {out / 'loss.png'}" in capsys.readouterr().err
+
+
+def test_no_matplotlib_still_trains_with_one_line(text_file, tmp_path, capsys, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "run"
+    assert cli.main(tiny_args(text_file, out)) == 0
+    err = capsys.readouterr().err
+    notes = [ln for ln in err.splitlines() if "loss plot" in ln]
+    assert notes == ["no loss plot: matplotlib is not installed; pip install 'fastchar[plot]' "
+                     "for loss plots"]  # fmt: skip
+    assert not (out / "loss.png").exists() and (out / "ckpt.pt").exists()
+
+
+def test_plot_compares_runs_on_one_figure(tmp_path, capsys):
+    _fake_run(tmp_path / "a", [2.0, 1.5, 1.2])
+    _fake_run(tmp_path / "b", [2.1, 1.7])
+    assert plot.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "a" / "loss.png")
+    assert (tmp_path / "a" / "loss.png").read_bytes().startswith(PNG)
+    assert [r["step"] for r in plot.read_metrics(tmp_path / "a")] == [10, 20, 30]
+    target = tmp_path / "both.png"
+    assert plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(target)]) == 0
+    assert target.read_bytes().startswith(PNG)
+
+
+@pytest.mark.parametrize("what", ["missing", "empty"])
+def test_plot_of_no_run_is_one_line_and_exit_1(tmp_path, capsys, what):
+    run = tmp_path / "run"
+    if what == "empty":
+        _fake_run(run, [])
+    assert plot.main([str(run)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastchar.plot: error: ")
+
+
+def test_the_command_lists_its_subcommands(capsys):
+    assert command.main(["--help"]) == 0
+    shown = capsys.readouterr().out
+    for name in ("train", "sample", "info", "plot", "bench"):
+        assert f"\n  {name} " in shown
+    assert command.main([]) == 2
+    assert command.main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["train", "sample", "info", "plot", "bench"])
+def test_each_subcommand_is_its_python_m_form(name):
+    """``fastchar NAME --help`` prints what ``python -m fastchar.NAME --help`` prints."""
+    script = Path(sys.executable).with_name("fastchar")
+    assert script.is_file(), "the fastchar console script is not installed (pyproject.toml)"
+    env_run = dict(capture_output=True, text=True, timeout=120)
+    theirs = subprocess.run([sys.executable, "-m", f"fastchar.{name}", "--help"], **env_run)
+    ours = subprocess.run([str(script), name, "--help"], **env_run)
+    assert theirs.returncode == ours.returncode == 0, (theirs.stderr, ours.stderr)
+    assert ours.stdout == theirs.stdout and "usage:" in ours.stdout
