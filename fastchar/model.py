@@ -129,9 +129,37 @@ class CharRNN(nn.Module):
             self.train(was_training)
 
 
-def _probs(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+def _probs(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None = None
+) -> Tensor:
+    """Next-character probabilities [B, V] from logits [B, V]: temperature, then the top-k
+    likeliest, then the smallest set whose probability reaches top_p (nucleus)."""
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return F.softmax(logits, dim=-1)
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # probability of the likelier ones
+        drop_sorted = before >= top_p  # never the likeliest (before = 0)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One id per row of logits [B, V] -> [B] (on the CPU): the argmax when temperature is
+    0, else a draw from ``generator``."""
+    logits = logits.float().cpu()
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = _probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

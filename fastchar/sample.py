@@ -1,22 +1,27 @@
 """Sample text from a trained CharRNN: ``python -m fastchar.sample --ckpt DIR/ckpt.pt``.
 
-Prints the prime followed by the generated characters. The prime runs through
-the model once; each new character is one ``CharRNN.step`` carrying the state.
+Prints the prime followed by the generated characters, streamed as they are drawn; with
+``--num-samples K`` the K samples run as one batch and each is printed under a header
+line. ``--score FILE`` prints the mean nats/char and bits/char of a text under the model
+instead. The weight format and the impl in use go to stderr. The generation API is
+``fastchar.sample.Generator`` (fastchar/generator.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
-import torch
-
 from fastchar.backends import IMPLS
-from fastchar.data import DataError
+from fastchar.data import DataError, load_text
+from fastchar.generator import WEIGHTS, Generator
 from fastchar.training.checkpoint import load_checkpoint, model_from_checkpoint
 from fastchar.training.config import DEVICES
 from fastchar.training.device import check_impl, pick_device
 from fastchar.training.errors import CheckpointError, ConfigError, TrainError
+
+__all__ = ["Generator", "main"]
 
 PROG = "fastchar.sample"
 
@@ -31,60 +36,95 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run directory")
     p.add_argument("--prime", default=None, help="text to start from (default: a newline)")
     p.add_argument("--length", type=int, default=500, help="characters to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (> 0)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the K likeliest only")
+    p.add_argument(
+        "--top-p", type=float, default=None, help="sample from the likeliest set of mass P"
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text)")
+    p.add_argument("--weights", default="float32", choices=WEIGHTS, help="weight format")
+    p.add_argument("--score", metavar="FILE", help="print the nats/char of FILE and exit")
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--impl", default=None, choices=IMPLS, help="default: the training impl")
     return p
 
 
-def sample(args: argparse.Namespace) -> str:
+def _check(args: argparse.Namespace) -> None:
     if args.length < 0:
         raise ConfigError(f"--length must be >= 0, got {args.length}")
-    if not args.temperature > 0:
-        raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def _generator(args: argparse.Namespace) -> tuple[Generator, str]:
+    """The Generator, and the line that says which format and kernels it runs."""
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.ckpt)
-    model, vocab, cfg = model_from_checkpoint(ckpt, impl=args.impl, device=device)
-    _, note = check_impl(model.impl, device)
+    model, vocab, _ = model_from_checkpoint(ckpt, impl=args.impl, device=device)
+    kind, note = check_impl(model.impl, device)
     if note:
         print(f"{PROG}: note: {note}", file=sys.stderr)
+    try:
+        g = Generator(model, vocab, args.weights)
+    except ValueError as e:
+        raise ConfigError(f"--weights {args.weights}: {e}") from None
+    return g, f"{PROG}: weights {args.weights}, impl {model.impl} -> {kind} on {device}"
+
+
+def run(args: argparse.Namespace, out=None) -> None:
+    out = out or sys.stdout
+    _check(args)
+    g, in_use = _generator(args)
+    if args.score is not None:
+        text = load_text(args.score)  # DataError: a bad file (exit 1)
+        try:
+            nats = g.score(text)
+        except ValueError as e:
+            raise ConfigError(f"--score {args.score}: {e}") from None
+        print(in_use, file=sys.stderr)
+        out.write(f"{nats:.4f} nats/char, {nats / math.log(2):.4f} bits/char ({args.score})\n")
+        return
     prime = args.prime
     if prime is None:
-        prime = "\n" if "\n" in vocab else vocab.chars[0]
+        prime = "\n" if "\n" in g.vocab else g.vocab.chars[0]
     if not prime:
         raise ConfigError("--prime must not be empty")
-    unknown = vocab.unknown(prime)
+    unknown = g.vocab.unknown(prime)
     if unknown:
         raise ConfigError(
             "--prime has characters not in the model's vocabulary: "
             + ", ".join(repr(c) for c in unknown)
         )
-    generator = torch.Generator()
-    if args.seed is None:
-        generator.seed()
+    print(in_use, file=sys.stderr)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    k = args.num_samples
+    if k == 1:  # streamed as drawn
+        out.write(prime)
+        for ids in g.stream(prime, args.length, **options):
+            out.write(g.vocab.decode(ids[0]))
+            out.flush()
+        out.write("\n")
     else:
-        generator.manual_seed(args.seed)
-    ids = model.generate(
-        vocab.encode(prime), args.length,
-        temperature=args.temperature, top_k=args.top_k, generator=generator,
-    )  # fmt: skip
-    return prime + vocab.decode(ids)
+        for i, text in enumerate(g.generate(prime, args.length, k, **options), 1):
+            out.write(f"==> sample {i} of {k} <==\n{text}\n")
+    out.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        text = sample(build_parser().parse_args(argv))
+        run(build_parser().parse_args(argv))
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     except (TrainError, DataError, CheckpointError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
     return 0
 
 

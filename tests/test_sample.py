@@ -125,7 +125,13 @@ def test_unknown_prime_characters_are_named(run_dir, capsys):
     assert "'€'" in err and "'Z'" in err and "'c'" not in err
 
 
-@pytest.mark.parametrize("flags", [["--length", "-1"], ["--temperature", "0"], ["--top-k", "0"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--length", "-1"], ["--temperature", "-0.5"], ["--top-k", "0"], ["--top-p", "0"],
+        ["--top-p", "1.5"], ["--num-samples", "0"], ["--weights", "int8"],
+    ],
+)  # fmt: skip
 def test_bad_sampling_flags(run_dir, capsys, flags):
     code, _, err = run_sample(capsys, "--ckpt", str(run_dir), *flags)
     assert code == 2

@@ -1,0 +1,141 @@
+"""Text generation from a trained CharRNN: many samples at once, seeded, in a chosen
+weight format, and the score of a text under the model.
+
+    g = Generator.from_checkpoint("runs/x/ckpt.pt", weights="float32", impl="fused")
+    texts = g.generate("ROMEO:", 200, num_samples=4, temperature=0.8, top_p=0.95, seed=1)
+    nats = g.score(text)  # mean cross-entropy of text[1:] given the characters before
+
+The prime runs through the sequence ops once (batch 1; its state is then copied to every
+sample); each new character is one ``CharRNN.step`` for all samples together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from fastchar import data as fdata
+from fastchar.model import CharRNN, draw
+from fastchar.training.checkpoint import load_checkpoint, model_from_checkpoint
+from fastchar.training.device import pick_device
+
+WEIGHTS = ("float32", "bfloat16", "int8")
+SCORE_WINDOW = 4096  # characters per forward when scoring (the state carries over)
+
+
+def _repeat_state(state, k: int):
+    """A batch-1 recurrent state ([L, 1, H], or a tuple of them) for k samples."""
+    if isinstance(state, tuple):
+        return tuple(s.expand(-1, k, -1).contiguous() for s in state)
+    return state.expand(-1, k, -1).contiguous()
+
+
+class Generator:
+    """A CharRNN, its vocabulary and the weight format it runs in (eval mode, no grad)."""
+
+    def __init__(self, model: CharRNN, vocab: fdata.Vocab, weights: str = "float32"):
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        if weights == "int8":
+            raise ValueError(
+                "weights='int8' is not available yet (int8 matrix-vector kernels are still to "
+                "be written); use float32 or bfloat16"
+            )
+        if len(vocab) != model.vocab_size:
+            raise ValueError(f"vocabulary of {len(vocab)} for a model of {model.vocab_size}")
+        dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
+        self.model = model.to(dtype).eval()
+        self.vocab = vocab
+        self.weights = weights
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str, weights: str = "float32", impl: str = "fused", device="cpu"
+    ) -> Generator:
+        """Load a checkpoint file or run directory (CheckpointError when unusable)."""
+        device = pick_device(device) if isinstance(device, str) else torch.device(device)
+        model, vocab, _ = model_from_checkpoint(load_checkpoint(path), impl=impl, device=device)
+        return cls(model, vocab, weights)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.head.weight.device
+
+    def _encode(self, text: str, what: str) -> torch.Tensor:
+        unknown = self.vocab.unknown(text)
+        if unknown:
+            raise ValueError(
+                f"{what} has characters not in the model's vocabulary: "
+                + ", ".join(repr(c) for c in unknown)
+            )
+        return self.vocab.encode(text)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prime: str,
+        length: int,
+        num_samples: int = 1,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        chunk: int = 64,
+    ) -> Iterator[torch.Tensor]:
+        """The generated ids in chunks [num_samples, <= chunk] as they are drawn."""
+        if not prime:
+            raise ValueError("prime must not be empty")
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        ids = self._encode(prime, "the prime").to(self.device)
+        gen = torch.Generator()
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        logits, state = self.model(ids[None])  # [1, P, V]
+        logits = logits[:, -1].expand(num_samples, -1)  # [K, V]
+        state = _repeat_state(state, num_samples)
+        out = []
+        for t in range(length):
+            nxt = draw(logits, temperature, top_k, top_p, gen)  # [K]
+            out.append(nxt)
+            if len(out) == chunk or t + 1 == length:
+                yield torch.stack(out, 1)
+                out = []
+            if t + 1 < length:
+                logits, state = self.model.step(nxt.to(self.device), state)
+
+    def generate(self, prime: str, length: int, num_samples: int = 1, **kwargs) -> list[str]:
+        """``num_samples`` strings, each the prime followed by ``length`` characters
+        (keywords as ``stream``: temperature, top_k, top_p, seed)."""
+        chunks = list(self.stream(prime, length, num_samples, **kwargs))
+        if not chunks:
+            return [prime] * num_samples
+        ids = torch.cat(chunks, 1)  # [K, length]
+        return [prime + self.vocab.decode(row) for row in ids]
+
+    @torch.no_grad()
+    def score(self, text: str) -> float:
+        """Mean cross-entropy, in nats per character, of text[1:] given what precedes it."""
+        if len(text) < 2:
+            raise ValueError("text to score must have at least 2 characters")
+        ids = self._encode(text, "the text").to(self.device)
+        total, state = 0.0, None
+        for i in range(0, len(ids) - 1, SCORE_WINDOW):
+            x = ids[i : i + SCORE_WINDOW][None]  # [1, W]
+            y = ids[i + 1 : i + 1 + SCORE_WINDOW]
+            logits, state = self.model(x[:, : len(y)], state)
+            total += F.cross_entropy(logits[0].float(), y, reduction="sum").item()
+        return total / (len(ids) - 1)

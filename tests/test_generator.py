@@ -1,0 +1,121 @@
+"""fastchar.sample.Generator: batched, seeded generation (greedy, top-k, top-p), weight
+formats, streaming, the score of a text, and the CLI flags built on them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_sample import TEXT, assert_one_line_error, run_dir, run_sample  # noqa: F401
+
+from fastchar import generator
+from fastchar.model import _probs, draw
+from fastchar.sample import Generator
+
+
+@pytest.fixture(scope="module")
+def gen(run_dir):  # noqa: F811
+    return Generator.from_checkpoint(str(run_dir), impl="reference")
+
+
+def test_same_seed_same_texts_and_the_rows_differ(gen):
+    a = gen.generate("the ", 60, num_samples=4, temperature=1.0, seed=5)
+    b = gen.generate("the ", 60, num_samples=4, temperature=1.0, seed=5)
+    assert a == b and len(a) == 4 and len(set(a)) == 4
+    assert all(t.startswith("the ") and len(t) == 64 and set(t) <= set(TEXT) for t in a)
+    assert gen.generate("the ", 60, num_samples=4, temperature=1.0, seed=6) != a
+
+
+def test_a_batch_runs_each_row_as_alone(gen):
+    """Greedy rows of a batch equal a greedy sample of one."""
+    one = gen.generate("cat", 40, temperature=0)
+    assert gen.generate("cat", 40, num_samples=3, temperature=0) == one * 3
+    assert gen.generate("cat", 40, temperature=0.7, top_k=1, seed=1) == one
+    assert gen.generate("cat", 40, temperature=1.0, top_p=1e-6, seed=2) == one
+
+
+def test_stream_chunks_are_the_generated_text(gen):
+    chunks = list(gen.stream("dog", 50, num_samples=2, seed=3, chunk=16))
+    assert [c.shape[1] for c in chunks] == [16, 16, 16, 2] and chunks[0].shape[0] == 2
+    ids = torch.cat(chunks, 1)
+    texts = gen.generate("dog", 50, num_samples=2, seed=3)
+    assert texts == ["dog" + gen.vocab.decode(row) for row in ids]
+    assert gen.generate("dog", 0, num_samples=2) == ["dog", "dog"]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.1, 0.4, 0.2, 0.3]]))
+    probs = _probs(logits, 1.0, None, 0.8)
+    torch.testing.assert_close(probs[0], torch.tensor([0.5, 0.0, 0.3, 0.0]) / 0.8)
+    torch.testing.assert_close(probs[1], torch.tensor([0.0, 0.4, 0.2, 0.3]) / 0.9)
+    assert torch.equal(_probs(logits, 1.0, None, 1.0), F.softmax(logits, -1))
+    assert draw(logits, 0).tolist() == [0, 1]
+
+
+def test_score_is_the_mean_cross_entropy(gen, monkeypatch):
+    text = TEXT[:3000]
+    ids = gen.vocab.encode(text)
+    with torch.no_grad():
+        logits, _ = gen.model(ids[None, :-1])
+    want = F.cross_entropy(logits[0], ids[1:]).item()
+    assert gen.score(text) == pytest.approx(want, rel=1e-5)
+    monkeypatch.setattr(generator, "SCORE_WINDOW", 700)  # windows carry the state over
+    assert gen.score(text) == pytest.approx(want, rel=1e-5)
+    assert want < math.log(len(gen.vocab))
+
+
+def test_bfloat16_weights_score_close_to_float32(run_dir):  # noqa: F811
+    f32 = Generator.from_checkpoint(str(run_dir), impl="fused")
+    bf16 = Generator.from_checkpoint(str(run_dir), weights="bfloat16", impl="fused")
+    assert bf16.model.head.weight.dtype == torch.bfloat16 and bf16.weights == "bfloat16"
+    text = TEXT[:2000]
+    assert abs(bf16.score(text) - f32.score(text)) < 0.02
+    out = bf16.generate("the ", 30, num_samples=2, seed=1)
+    assert all(len(t) == 34 for t in out)
+
+
+def test_bad_arguments_are_clear_errors(gen, run_dir):  # noqa: F811
+    for kwargs, match in [
+        (dict(num_samples=0), "num_samples"), (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"), (dict(top_k=0), "top_k"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            gen.generate("the", 5, **kwargs)
+    with pytest.raises(ValueError, match="'Z'"):
+        gen.generate("Zoo", 5)
+    with pytest.raises(ValueError, match="int8.*not available yet"):
+        Generator.from_checkpoint(str(run_dir), weights="int8")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        Generator.from_checkpoint(str(run_dir), weights="fp8")
+
+
+def test_cli_num_samples_and_greedy(run_dir, capsys):  # noqa: F811
+    code, out, err = run_sample(capsys, "--ckpt", str(run_dir), "--prime", "the ",
+                                "--length", "30", "--num-samples", "3", "--seed", "4")  # fmt: skip
+    assert code == 0 and "weights float32" in err
+    lines = out.splitlines()
+    assert [ln for ln in lines if ln.startswith("==> sample")] == [
+        f"==> sample {i} of 3 <==" for i in (1, 2, 3)
+    ]
+    _, g1, _ = run_sample(capsys, "--ckpt", str(run_dir), "--prime", "a", "--temperature", "0")
+    _, g2, _ = run_sample(capsys, "--ckpt", str(run_dir), "--prime", "a", "--top-k", "1")
+    assert g1 == g2
+
+
+def test_cli_score(run_dir, tmp_path, capsys, gen):  # noqa: F811
+    good = tmp_path / "val.txt"
+    good.write_text(TEXT[:1500])
+    code, out, err = run_sample(capsys, "--ckpt", str(run_dir), "--score", str(good))
+    assert code == 0, err
+    nats = gen.score(TEXT[:1500])
+    assert out == f"{nats:.4f} nats/char, {nats / math.log(2):.4f} bits/char ({good})\n"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("the cat€")
+    code, out, err = run_sample(capsys, "--ckpt", str(run_dir), "--score", str(bad))
+    assert code == 2 and out == "" and "'€'" in err
+    assert_one_line_error(err)
+    code, _, err = run_sample(capsys, "--ckpt", str(run_dir), "--score", str(tmp_path / "no"))
+    assert code == 1 and "not found" in err
+    assert_one_line_error(err)
