@@ -54,6 +54,7 @@ FULL = {
 }
 VOCAB = 96
 SAMPLE_MODEL = dict(model="lstm", emb_dim=64, hidden=512, layers=2)
+SAMPLE_BATCH = 16  # samples at once in the sampling part's batched rows
 TRAIN_MODEL = dict(emb_dim=64, layers=2)
 
 
@@ -250,33 +251,40 @@ def _char_model(impl: str, dtype, device, **kw):
 
 
 def bench_sampling(impls, dtype, device, steps: int) -> list[dict]:
-    """Blocks of ``steps`` characters from a fresh state; time per character."""
+    """Blocks of ``steps`` characters from a fresh state; time per character. Each impl runs
+    batch 1 and, as "<impl> x16", SAMPLE_BATCH samples at once (time per character of one
+    sample / SAMPLE_BATCH: characters per second of all of them)."""
     print("timing sampling ...", file=sys.stderr, flush=True)
-    rows = {
-        impl: {"impl": impl, "dtype": str(dtype)[6:], **SAMPLE_MODEL, "steps": steps}
-        for impl in impls
-    }
-    runs = {}
+    rows, runs = {}, {}
     for impl in impls:
+        for batch in (1, SAMPLE_BATCH):
+            name = impl if batch == 1 else f"{impl} x{batch}"
+            rows[name] = {
+                "impl": name, "dtype": str(dtype)[6:], **SAMPLE_MODEL, "steps": steps,
+                "batch": batch,
+            }  # fmt: skip
         try:
             torch.manual_seed(0)
             model = _char_model(impl, dtype, device, **SAMPLE_MODEL).eval()
         except Exception as e:
-            rows[impl]["error"] = bench.error_line(e)
+            rows[impl]["error"] = rows[f"{impl} x{SAMPLE_BATCH}"]["error"] = bench.error_line(e)
             continue
+        for batch in (1, SAMPLE_BATCH):
+            idx = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+
+            def run(idx=idx, model=model) -> None:
+                state = None
+                for _ in range(steps):
+                    _, state = model.step(idx, state)
+
+            runs[impl if batch == 1 else f"{impl} x{batch}"] = run
         idx = torch.zeros(1, dtype=torch.long, device=device)  # [B]
-
-        def run(idx=idx, model=model) -> None:
-            state = None
-            for _ in range(steps):
-                _, state = model.step(idx, state)
-
-        runs[impl] = run
         if impl == "torch":
             # What a torch.nn.LSTM user runs: the module's forward on one character at a
             # time (torch.nn has no single-step API); `torch` above is torch.lstm_cell.
             name = "torch.nn T=1"
             rows[name] = {**rows[impl], "impl": name}
+            rows[name].pop("error", None)
 
             def run_forward(idx_seq=idx[:, None], model=model) -> None:  # idx_seq [B, 1]
                 state = None
@@ -290,10 +298,14 @@ def bench_sampling(impls, dtype, device, steps: int) -> list[dict]:
         )
     for impl, err in errors.items():
         rows[impl]["error"] = err
-    for impl, t in timings.items():
-        rows[impl]["ms_per_char"] = t.median_ms / steps
-        rows[impl]["chars_per_s"] = 1e3 / rows[impl]["ms_per_char"]
-        rows[impl]["spread"] = t.spread()
+    for name, t in timings.items():
+        rows[name]["ms_per_char"] = t.median_ms / steps / rows[name]["batch"]
+        rows[name]["chars_per_s"] = 1e3 / rows[name]["ms_per_char"]
+        rows[name]["spread"] = t.spread()
+    for name, row in rows.items():  # batched against the same impl's batch 1
+        one = rows.get(name.removesuffix(f" x{SAMPLE_BATCH}"), {})
+        if row["batch"] > 1 and "chars_per_s" in row and "chars_per_s" in one:
+            row["vs_batch1"] = row["chars_per_s"] / one["chars_per_s"]
     rows = list(rows.values())
     _add_speedups(rows, "ms_per_char", lower_is_better=True)
     return rows
@@ -490,9 +502,12 @@ def bench_memory(cells, impls, dtype, device, cfg, threads) -> list[dict]:
 def print_extras(result: dict) -> None:
     if result.get("sampling"):
         m = SAMPLE_MODEL
-        print(f"Sampling: CharRNN.step, {m['layers']}x{m['hidden']} {m['model']}, batch 1, no grad")
+        print(
+            f"Sampling: CharRNN.step, {m['layers']}x{m['hidden']} {m['model']}, batch 1 and "
+            f"{SAMPLE_BATCH} (x{SAMPLE_BATCH}: ms per character of each sample), no grad"
+        )
         _print_results(
-            ["impl", "ms/char", "char/s", "x torch", "x reference"],
+            ["impl", "ms/char", "char/s", "x torch", "x reference", "x batch 1"],
             result["sampling"],
             lambda r: [r["impl"]],
             lambda r: [
@@ -500,6 +515,7 @@ def print_extras(result: dict) -> None:
                 f"{r['chars_per_s']:.3g}",
                 _fmt_ratio(r["vs_torch"]),
                 _fmt_ratio(r["vs_reference"]),
+                _fmt_ratio(r["vs_batch1"]) if "vs_batch1" in r else "-",
             ],
         )
     if result.get("training"):

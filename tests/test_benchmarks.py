@@ -70,9 +70,12 @@ def test_quick_run_writes_json_table_and_plot(run_main, tmp_path, capsys):
     lstm = next(r for r in rows if r["cell"] == "lstm" and r["B"] == 2)
     assert lstm["gflops_fwd"] == pytest.approx(2 * 4 * 2 * 64 * 24 / lstm["fwd"]["median_ms"] / 1e6)
 
-    assert {r["impl"] for r in data["sampling"]} == {"reference", "torch", "torch.nn T=1"}
+    assert {r["impl"] for r in data["sampling"]} == {
+        "reference", "torch", "torch.nn T=1", "reference x16", "torch x16"
+    }  # fmt: skip
     for r in data["sampling"]:
         assert _positive(r["ms_per_char"]) and _positive(r["vs_torch"])
+        assert (r["batch"] == 16) == r["impl"].endswith("x16") == ("vs_batch1" in r)
     assert {(r["cell"], r["impl"]) for r in data["training"]} == {
         (c, i) for c in ("lstm", "rnn_relu") for i in ("reference", "torch")
     }
