@@ -7,7 +7,8 @@
 //   cs     [T, B, H]  LSTM cell states c_1..c_T, float32 for bf16/fp16 inputs
 //   hn     [T, B, H]  GRU W_hn h_{t-1} + b_hn, needed for the reset-gate grad
 //
-// The gemm_* ops report, seed and time the step-GEMM plan (gemm.h, fastchar/plan.py).
+// The gemm_* ops report, seed and time the step-GEMM plan (gemm.h, fastchar/plan.py);
+// generate runs a CharRNN's whole sampling loop (generate.cpp, fastchar/generator.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -49,6 +50,14 @@ TORCH_LIBRARY(fastchar, m) {
   m.def(
       "rnn_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh, bool relu) -> Tensor");
+
+  // A CharRNN's sampling loop (generate.cpp): `length` draws for K samples, each followed
+  // by a step; returns the ids [K, length], the state and the logits after the last id.
+  m.def(
+      "generate(Tensor logits, Tensor[] state, Tensor embedding, Tensor[] weights, "
+      "Tensor?[] biases, Tensor head_w, Tensor? head_b, str cell, int length, "
+      "float temperature, int top_k, float top_p, Generator? generator=None) -> "
+      "(Tensor ids, Tensor[] state, Tensor logits)");
 }
 
 // `import fastchar._C` loads this library, which runs the registrations above.

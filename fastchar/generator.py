@@ -6,7 +6,9 @@ weight format, and the score of a text under the model.
     nats = g.score(text)  # mean cross-entropy of text[1:] given the characters before
 
 The prime runs through the sequence ops once (batch 1; its state is then copied to every
-sample); each new character is one ``CharRNN.step`` for all samples together.
+sample). With the C++ kernels (impl cpp, or fused on the CPU) the rest runs in one op per
+chunk of characters, ``fastchar::generate`` (csrc/generate.cpp): no Python per character;
+elsewhere each new character is one ``CharRNN.step`` for all samples together.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastchar import data as fdata
+from fastchar.backends import cpp_loaded, resolve
 from fastchar.model import CharRNN, draw
 from fastchar.training.checkpoint import load_checkpoint, model_from_checkpoint
 from fastchar.training.device import pick_device
@@ -50,6 +53,8 @@ class Generator:
         self.model = model.to(dtype).eval()
         self.vocab = vocab
         self.weights = weights
+        # The whole loop in C++ where the layers run the C++ kernels.
+        self.in_cpp = cpp_loaded() and resolve(model.impl, self.device) == "cpp"
 
     @classmethod
     def from_checkpoint(
@@ -107,6 +112,11 @@ class Generator:
         logits, state = self.model(ids[None])  # [1, P, V]
         logits = logits[:, -1].expand(num_samples, -1)  # [K, V]
         state = _repeat_state(state, num_samples)
+        if self.in_cpp:
+            yield from self._stream_cpp(
+                logits, state, length, temperature, top_k, top_p, gen, chunk
+            )
+            return
         out = []
         for t in range(length):
             nxt = draw(logits, temperature, top_k, top_p, gen)  # [K]
@@ -116,6 +126,24 @@ class Generator:
                 out = []
             if t + 1 < length:
                 logits, state = self.model.step(nxt.to(self.device), state)
+
+    def _stream_cpp(self, logits, state, length, temperature, top_k, top_p, gen, chunk):
+        m = self.model
+        weights, biases = [], []
+        for layer in range(m.rnn.num_layers):
+            w_ih, w_hh, b_ih, b_hh = m.rnn._layer_params(layer, 0)
+            weights += [w_ih, w_hh]
+            biases += [b_ih, b_hh]
+        cell = m.kind if m.kind != "rnn" else f"rnn_{m.rnn.nonlinearity}"
+        states = list(state) if isinstance(state, tuple) else [state]
+        logits = logits.float().contiguous()
+        for start in range(0, length, chunk):
+            ids, states, logits = torch.ops.fastchar.generate(
+                logits, states, m.embedding.weight, weights, biases, m.head.weight, m.head.bias,
+                cell, min(chunk, length - start), float(temperature), top_k or 0,
+                1.0 if top_p is None else float(top_p), gen,
+            )  # fmt: skip
+            yield ids
 
     def generate(self, prime: str, length: int, num_samples: int = 1, **kwargs) -> list[str]:
         """``num_samples`` strings, each the prime followed by ``length`` characters

@@ -1,0 +1,89 @@
+"""fastchar::generate, the sampling loop in C++: the same greedy text as the Python step
+loop for every cell, seeded and chunk-independent draws, the distribution it draws from
+(temperature, top-k, top-p), and its argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastchar.backends import cpp_loaded
+from fastchar.data import Vocab
+from fastchar.generator import Generator
+from fastchar.model import CharRNN, _probs
+
+pytestmark = pytest.mark.skipif(not cpp_loaded(), reason="fastchar._C is not built")
+VOCAB = Vocab([chr(40 + i) for i in range(30)])
+CELLS = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
+
+
+def _pair(kind, nonlinearity, weights="float32", layers=2):
+    torch.manual_seed(1)
+    model = CharRNN(30, model=kind, emb_dim=6, hidden=20, layers=layers, impl="cpp",
+                    nonlinearity=nonlinearity)  # fmt: skip
+    cpp = Generator(model, VOCAB, weights)
+    python = Generator(model, VOCAB, weights)
+    python.in_cpp = False
+    assert cpp.in_cpp
+    return cpp, python
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("kind", "nonlinearity"), CELLS)
+def test_greedy_text_is_the_python_loops(kind, nonlinearity, weights):
+    cpp, python = _pair(kind, nonlinearity, weights)
+    want = python.generate("+-", 40, num_samples=3, temperature=0)
+    assert cpp.generate("+-", 40, num_samples=3, temperature=0) == want
+    assert cpp.generate("+-", 40, temperature=0, top_k=1, seed=3) == want[:1]
+
+
+def test_seeded_draws_do_not_depend_on_the_chunks():
+    cpp, _ = _pair("lstm", "tanh")
+    a = torch.cat(list(cpp.stream("+", 50, num_samples=4, temperature=1.0, seed=9, chunk=7)), 1)
+    b = torch.cat(list(cpp.stream("+", 50, num_samples=4, temperature=1.0, seed=9, chunk=64)), 1)
+    assert torch.equal(a, b) and a.shape == (4, 50)
+    assert len({tuple(r.tolist()) for r in a}) == 4  # the samples differ
+    c = torch.cat(list(cpp.stream("+", 50, num_samples=4, temperature=1.0, seed=10)), 1)
+    assert not torch.equal(a, c)
+
+
+def _draws(logits, n, temperature=1.0, top_k=0, top_p=1.0):
+    """n draws from one row of logits through the op (one step each, a 1-layer RNN)."""
+    V = logits.shape[-1]
+    zeros = torch.zeros
+    ids, _, _ = torch.ops.fastchar.generate(
+        logits.expand(n, V).contiguous(), [zeros(1, n, 4)], zeros(V, 3),
+        [zeros(4, 3), zeros(4, 4)], [None, None], zeros(V, 4), None, "rnn_tanh", 1,
+        temperature, top_k, top_p, torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    return torch.bincount(ids[:, 0], minlength=V).float() / n
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7)]
+)
+def test_the_op_draws_from_the_python_distribution(temperature, top_k, top_p):
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5]])
+    want = _probs(logits, temperature, top_k or None, top_p if top_p < 1 else None)[0]
+    got = _draws(logits, 40_000, temperature, top_k, top_p)
+    torch.testing.assert_close(got, want, atol=0.01, rtol=0)
+    assert torch.equal(got == 0, want == 0)  # what top-k / top-p cut is never drawn
+
+
+def test_bad_arguments_name_themselves():
+    cpp, _ = _pair("lstm", "tanh", layers=1)
+    m = cpp.model
+    w = list(m.rnn._layer_params(0, 0))
+    state = [torch.zeros(1, 2, 20), torch.zeros(1, 2, 20)]
+    args = [torch.zeros(2, 30), state, m.embedding.weight, w[:2], w[2:], m.head.weight,
+            m.head.bias, "lstm", 3, 1.0, 0, 1.0, None]  # fmt: skip
+    torch.ops.fastchar.generate(*args)
+    for i, value, match in [
+        (7, "lstmp", "cell must be"), (1, state[:1], "state must be"),
+        (9, -1.0, "temperature"), (11, 0.0, "top_p"), (8, -2, "length"),
+        (0, torch.zeros(3, 30), "logits"), (2, m.embedding.weight.double(), "dtype"),
+    ]:  # fmt: skip
+        bad = list(args)
+        bad[i] = value
+        with pytest.raises((RuntimeError, ValueError), match=match):
+            torch.ops.fastchar.generate(*bad)
