@@ -250,6 +250,21 @@ def _char_model(impl: str, dtype, device, **kw):
     return CharRNN(VOCAB, impl=impl, **kw).to(device=device, dtype=dtype)
 
 
+def _generate_rows(model, dtype, steps: int, rows: dict, runs: dict) -> None:
+    """ "generate" rows: fastchar.sample.Generator on the cpp model, temperature 1, drawing
+    every character (the C++ loop, fastchar::generate), batch 1 and SAMPLE_BATCH."""
+    from fastchar.data import Vocab
+    from fastchar.generator import Generator
+
+    vocab = Vocab([chr(48 + i) for i in range(VOCAB)])
+    g = Generator(model, vocab, "bfloat16" if dtype == torch.bfloat16 else "float32")
+    for batch in (1, SAMPLE_BATCH):
+        name = "generate" if batch == 1 else f"generate x{batch}"
+        rows[name] = {"impl": name, "dtype": str(dtype)[6:], **SAMPLE_MODEL, "steps": steps,
+                      "batch": batch}  # fmt: skip
+        runs[name] = partial(g.generate, vocab.chars[0], steps, batch, temperature=1.0, seed=0)
+
+
 def bench_sampling(impls, dtype, device, steps: int) -> list[dict]:
     """Blocks of ``steps`` characters from a fresh state; time per character. Each impl runs
     batch 1 and, as "<impl> x16", SAMPLE_BATCH samples at once (time per character of one
@@ -278,6 +293,8 @@ def bench_sampling(impls, dtype, device, steps: int) -> list[dict]:
                     _, state = model.step(idx, state)
 
             runs[impl if batch == 1 else f"{impl} x{batch}"] = run
+        if impl == "cpp":
+            _generate_rows(model, dtype, steps, rows, runs)
         idx = torch.zeros(1, dtype=torch.long, device=device)  # [B]
         if impl == "torch":
             # What a torch.nn.LSTM user runs: the module's forward on one character at a
