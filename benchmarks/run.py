@@ -252,17 +252,22 @@ def _char_model(impl: str, dtype, device, **kw):
 
 def _generate_rows(model, dtype, steps: int, rows: dict, runs: dict) -> None:
     """ "generate" rows: fastchar.sample.Generator on the cpp model, temperature 1, drawing
-    every character (the C++ loop, fastchar::generate), batch 1 and SAMPLE_BATCH."""
+    every character (the C++ loop, fastchar::generate), batch 1 and SAMPLE_BATCH; in a
+    float32 run also with int8 weights ("generate int8")."""
+    import copy
+
     from fastchar.data import Vocab
     from fastchar.generator import Generator
 
     vocab = Vocab([chr(48 + i) for i in range(VOCAB)])
-    g = Generator(model, vocab, "bfloat16" if dtype == torch.bfloat16 else "float32")
-    for batch in (1, SAMPLE_BATCH):
-        name = "generate" if batch == 1 else f"generate x{batch}"
-        rows[name] = {"impl": name, "dtype": str(dtype)[6:], **SAMPLE_MODEL, "steps": steps,
-                      "batch": batch}  # fmt: skip
-        runs[name] = partial(g.generate, vocab.chars[0], steps, batch, temperature=1.0, seed=0)
+    formats = {"": "bfloat16"} if dtype == torch.bfloat16 else {"": "float32", " int8": "int8"}
+    for tag, weights in formats.items():
+        g = Generator(copy.deepcopy(model), vocab, weights)  # int8 rewrites the weights
+        for batch in (1, SAMPLE_BATCH):
+            name = f"generate{tag}" + ("" if batch == 1 else f" x{batch}")
+            rows[name] = {"impl": name, "dtype": str(dtype)[6:], **SAMPLE_MODEL,
+                          "steps": steps, "batch": batch, "weights": weights}  # fmt: skip
+            runs[name] = partial(g.generate, vocab.chars[0], steps, batch, temperature=1.0, seed=0)
 
 
 def bench_sampling(impls, dtype, device, steps: int) -> list[dict]:

@@ -62,11 +62,15 @@ inline void check_float_dtype(const char* OP, const at::Tensor& x) {
 
 // The checks every *_cell op shares: x [B, I] and w_hh [n_gates * H, H] on the CPU
 // in a supported dtype, then w_ih [G, I], h [B, H] and the optional biases [G] in
-// x's dtype. Returns H. The messages name each argument as the op schemas do.
+// x's dtype. With scales s_ih / s_hh (float32 [G]) the weights are int8 rows quantised
+// per row (w = s * q) and x is float32. Returns H. The messages name each argument as
+// the op schemas do.
 inline int64_t check_cell_args(const char* OP, int64_t n_gates, const at::Tensor& x,
                                const at::Tensor& h, const at::Tensor& w_ih,
                                const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                               const std::optional<at::Tensor>& b_hh) {
+                               const std::optional<at::Tensor>& b_hh,
+                               const std::optional<at::Tensor>& s_ih = std::nullopt,
+                               const std::optional<at::Tensor>& s_hh = std::nullopt) {
   CHECK_CPU(x);
   CHECK_DIM(x, 2);
   check_float_dtype(OP, x);
@@ -74,8 +78,16 @@ inline int64_t check_cell_args(const char* OP, int64_t n_gates, const at::Tensor
   CHECK_DIM(w_hh, 2);
   const auto dt = x.scalar_type();
   const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1), G = n_gates * H;
-  CHECK_ARG(w_hh, dt, G, H);
-  CHECK_ARG(w_ih, dt, G, I);
+  TORCH_CHECK_VALUE(s_ih.has_value() == s_hh.has_value(), OP,
+                    ": give both s_ih and s_hh (int8 weights) or neither");
+  const bool q8 = s_ih.has_value();
+  TORCH_CHECK(!q8 || dt == at::kFloat, OP, ": int8 weights take a float32 x, got ", dt);
+  CHECK_ARG(w_hh, q8 ? at::kChar : dt, G, H);
+  CHECK_ARG(w_ih, q8 ? at::kChar : dt, G, I);
+  if (q8) {
+    CHECK_ARG(*s_ih, at::kFloat, G);
+    CHECK_ARG(*s_hh, at::kFloat, G);
+  }
   CHECK_ARG(h, dt, B, H);
   if (b_ih.has_value()) {
     CHECK_ARG(*b_ih, dt, G);
@@ -249,6 +261,25 @@ struct SliceGemms {
     }
   }
 };
+
+// A cell op's acc[B, N] (= or +=) x [B, K] @ w [N, K]^T: w in x's dtype on the planned
+// cell GEMM, or int8 rows with a float32 scale per row (`scale` given; x float32).
+template <typename T>
+void cell_product(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                  bool accumulate, acc_t<T>* acc, int64_t ldc) {
+  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
+  auto xc = x.contiguous(), wc = w.contiguous();
+  if constexpr (std::is_same_v<T, float>) {
+    if (scale.has_value()) {
+      auto sc = scale->contiguous();
+      engines::cell_gemm_q8(B, N, K, xc.const_data_ptr<float>(), K, wc.const_data_ptr<int8_t>(), K,
+                            sc.const_data_ptr<float>(), accumulate, acc, ldc);
+      return;
+    }
+  }
+  cell_gemm<T>(B, N, K, xc.const_data_ptr<T>(), K, wc.const_data_ptr<T>(), K,
+               accumulate ? acc_t<T>(1) : acc_t<T>(0), acc, ldc);
+}
 
 // Bias b_ih + b_hh (either may be absent) as an accumulation-type vector [G].
 inline at::Tensor bias_acc(const std::optional<at::Tensor>& b_ih,

@@ -33,7 +33,10 @@ constexpr int64_t kPanel = 16;  // columns per packed panel of B
 namespace avx2 {
 constexpr int W = 8;
 #define FASTCHAR_BCAST(p) _mm256_broadcast_ss(p)
+#define FASTCHAR_I8_TO_F32(p) \
+  _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))
 #include "gemm_fma.inc"
+#undef FASTCHAR_I8_TO_F32
 #undef FASTCHAR_BCAST
 }  // namespace avx2
 #pragma GCC pop_options
@@ -43,7 +46,10 @@ constexpr int W = 8;
 namespace avx512 {
 constexpr int W = 16;
 #define FASTCHAR_BCAST(p) _mm512_set1_ps(*(p))
+#define FASTCHAR_I8_TO_F32(p) \
+  _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))
 #include "gemm_fma.inc"
+#undef FASTCHAR_I8_TO_F32
 #undef FASTCHAR_BCAST
 }  // namespace avx512
 #pragma GCC pop_options
@@ -57,9 +63,12 @@ constexpr int W = 16;
 namespace avx512bf16 {
 constexpr int W = 16;
 #define FASTCHAR_BCAST(p) _mm512_set1_ps(*(p))
+#define FASTCHAR_I8_TO_F32(p) \
+  _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))
 #define FASTCHAR_DPBF16 1
 #include "gemm_fma.inc"
 #undef FASTCHAR_DPBF16
+#undef FASTCHAR_I8_TO_F32
 #undef FASTCHAR_BCAST
 }  // namespace avx512bf16
 #pragma GCC pop_options
@@ -695,6 +704,35 @@ Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int 
   const Engine e = measure(dtype, op, M, N, K, threads);
   std::lock_guard<std::mutex> lock(p.mutex);
   return p.chosen.emplace(key, e).first->second;
+}
+
+void cell_gemm_q8(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const int8_t* Q,
+                  int64_t ldq, const float* scale, bool accumulate, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) {
+    return;
+  }
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+#if FASTCHAR_X86_KERNELS
+    if (cpu().avx512f) {
+      avx512::gemv_rows<avx512::I8Rows>(M, n0, n1, K, A, lda, Q, ldq, accumulate, C, ldc, scale);
+      return;
+    }
+    if (cpu().avx2) {
+      avx2::gemv_rows<avx2::I8Rows>(M, n0, n1, K, A, lda, Q, ldq, accumulate, C, ldc, scale);
+      return;
+    }
+#endif
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = n0; n < n1; ++n) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {
+          s += A[m * lda + k] * float(Q[n * ldq + k]);
+        }
+        float* c = C + m * ldc + n;
+        *c = (accumulate ? *c : 0.0f) + s * scale[n];
+      }
+    }
+  });
 }
 
 void release_thread() {

@@ -153,6 +153,12 @@ class Kernel {
 std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, Op op, int64_t M,
                                     int64_t N, int64_t K, const void* W, int64_t ldw);
 
+// C[M, N] (= or +=) A[M, K] @ (scale[n] * Q[N, K])^T for int8 weight rows Q with a float32
+// scale per row (the cell ops' int8 weights): fastchar's row-dot kernel, dequantising
+// inside its inner loop; rows split over the threads.
+void cell_gemm_q8(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const int8_t* Q,
+                  int64_t ldq, const float* scale, bool accumulate, float* C, int64_t ldc);
+
 // Releases per-thread engine state (oneDNN's AMX tile configuration) after a time loop.
 void release_thread();
 

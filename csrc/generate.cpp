@@ -1,8 +1,8 @@
 // fastchar::generate: a CharRNN's sampling loop in one op, for all samples at once
 // (fastchar/generator.py). Per step: a draw from the current logits (argmax at
 // temperature 0, else temperature, top-k, then top-p, from the caller's generator), the
-// embedding rows of the drawn ids, every layer's *_cell op, and the head on the planned
-// cell GEMM. No Python per character; the caller asks for the ids in chunks and passes
+// embedding rows of the drawn ids, every layer's *_cell op (int8 weights where scales are
+// given), and the head on the planned cell GEMM. No Python per character; the caller asks for the ids in chunks and passes
 // the returned state and logits back in, so text can stream.
 //
 // Shape letters: K samples, V vocabulary, E embedding, L layers, H hidden.
@@ -93,7 +93,7 @@ at::Tensor head(const at::Tensor& h, const at::Tensor& w, const Opt& b) {
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
     const at::Tensor& logits, at::TensorList state, const at::Tensor& embedding,
     at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
-    const at::Tensor& head_w, const Opt& head_b, c10::string_view cell_name, int64_t length,
+    const c10::List<std::optional<at::Tensor>>& scales, const at::Tensor& head_w, const Opt& head_b, c10::string_view cell_name, int64_t length,
     double temperature, int64_t top_k, double top_p, std::optional<at::Generator> generator) {
   constexpr const char* OP = "fastchar::generate";
   const std::string cell(cell_name);
@@ -105,8 +105,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
   check_float_dtype(OP, embedding);
   const auto dt = embedding.scalar_type();
   const int64_t L = static_cast<int64_t>(weights.size()) / 2, V = embedding.size(0);
-  TORCH_CHECK_VALUE(L >= 1 && weights.size() % 2 == 0 && biases.size() == weights.size(), OP,
-                    ": weights must be [w_ih, w_hh] per layer and biases [b_ih, b_hh] per layer");
+  TORCH_CHECK_VALUE(L >= 1 && weights.size() % 2 == 0 && biases.size() == weights.size() &&
+                        scales.size() == weights.size(),
+                    OP, ": weights must be [w_ih, w_hh] per layer, and biases [b_ih, b_hh] and "
+                    "scales [s_ih, s_hh] (None unless int8) per layer");
   TORCH_CHECK_VALUE(state.size() == (lstm ? 2u : 1u), OP, ": state must be ",
                     lstm ? "[h, c]" : "[h]", " for ", cell);
   const auto& h0 = state[0];
@@ -130,19 +132,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
   static const auto lstm_cell =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastchar::lstm_cell", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, const Opt&, const Opt&)>();
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const Opt&, const Opt&, const Opt&, const Opt&)>();
   static const auto gru_cell =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastchar::gru_cell", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const Opt&, const Opt&)>();
+                            const at::Tensor&, const Opt&, const Opt&, const Opt&, const Opt&)>();
   static const auto rnn_cell =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastchar::rnn_cell", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const Opt&, const Opt&, bool)>();
+                            const at::Tensor&, const Opt&, const Opt&, bool, const Opt&,
+                            const Opt&)>();
 
   std::vector<at::Tensor> h, c;  // per layer [K, H]
   for (int64_t l = 0; l < L; ++l) {
@@ -161,12 +164,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
     for (int64_t l = 0; l < L; ++l) {
       const auto &w_ih = weights[2 * l], &w_hh = weights[2 * l + 1];
       const Opt b_ih = biases.get(2 * l), b_hh = biases.get(2 * l + 1);
+      const Opt s_ih = scales.get(2 * l), s_hh = scales.get(2 * l + 1);
       if (lstm) {
-        std::tie(h[l], c[l]) = lstm_cell.call(x, h[l], c[l], w_ih, w_hh, b_ih, b_hh);
+        std::tie(h[l], c[l]) = lstm_cell.call(x, h[l], c[l], w_ih, w_hh, b_ih, b_hh, s_ih, s_hh);
       } else if (gru) {
-        h[l] = gru_cell.call(x, h[l], w_ih, w_hh, b_ih, b_hh);
+        h[l] = gru_cell.call(x, h[l], w_ih, w_hh, b_ih, b_hh, s_ih, s_hh);
       } else {
-        h[l] = rnn_cell.call(x, h[l], w_ih, w_hh, b_ih, b_hh, cell == "rnn_relu");
+        h[l] = rnn_cell.call(x, h[l], w_ih, w_hh, b_ih, b_hh, cell == "rnn_relu", s_ih, s_hh);
       }
       x = h[l];
     }

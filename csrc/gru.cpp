@@ -199,9 +199,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(
 
 at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                    const std::optional<at::Tensor>& b_hh) {
+                    const std::optional<at::Tensor>& b_hh,
+                    const std::optional<at::Tensor>& s_ih, const std::optional<at::Tensor>& s_hh) {
   constexpr const char* OP = "fastchar::gru_cell";
-  const int64_t H = check_cell_args(OP, 3, x, h, w_ih, w_hh, b_ih, b_hh);
+  const int64_t H = check_cell_args(OP, 3, x, h, w_ih, w_hh, b_ih, b_hh, s_ih, s_hh);
   const auto dt = x.scalar_type();
   const int64_t B = x.size(0), I = x.size(1), G = 3 * H;
 
@@ -223,13 +224,10 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
   auto hn = at::empty({B, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_cell", [&] {
     using A = acc_t<scalar_t>;
-    auto xc = x.contiguous(), hc = h.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
     A* gxp = gx.data_ptr<A>();
     A* ghp = gh.data_ptr<A>();
-    cell_gemm<scalar_t>(B, G, I, xc.const_data_ptr<scalar_t>(), I, wi.const_data_ptr<scalar_t>(),
-                      I, A(0), gxp, G);
-    cell_gemm<scalar_t>(B, G, H, hc.const_data_ptr<scalar_t>(), H, wh.const_data_ptr<scalar_t>(),
-                      H, A(0), ghp, G);
+    cell_product<scalar_t>(x, w_ih, s_ih, false, gxp, G);
+    cell_product<scalar_t>(h, w_hh, s_hh, false, ghp, G);
     const A* bx = b_x.const_data_ptr<A>();
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t j = 0; j < G; ++j) {
@@ -237,6 +235,7 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
       }
     }
     const A* bhn = b_hn.const_data_ptr<A>();
+    auto hc = h.contiguous();
     const scalar_t* hp = hc.const_data_ptr<scalar_t>();
     scalar_t* gp = gates.data_ptr<scalar_t>();
     scalar_t* hnp = hn.data_ptr<scalar_t>();

@@ -194,9 +194,10 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tens
                                              const at::Tensor& c, const at::Tensor& w_ih,
                                              const at::Tensor& w_hh,
                                              const std::optional<at::Tensor>& b_ih,
-                                             const std::optional<at::Tensor>& b_hh) {
+                                             const std::optional<at::Tensor>& b_hh,
+                    const std::optional<at::Tensor>& s_ih, const std::optional<at::Tensor>& s_hh) {
   constexpr const char* OP = "fastchar::lstm_cell";
-  const int64_t H = check_cell_args(OP, 4, x, h, w_ih, w_hh, b_ih, b_hh);
+  const int64_t H = check_cell_args(OP, 4, x, h, w_ih, w_hh, b_ih, b_hh, s_ih, s_hh);
   const auto dt = x.scalar_type();
   const int64_t B = x.size(0), I = x.size(1), G = 4 * H;
   CHECK_ARG(c, dt, B, H);
@@ -210,12 +211,9 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tens
   auto gates = at::empty({B, G}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_cell", [&] {
     using A = acc_t<scalar_t>;
-    auto xc = x.contiguous(), hc = h.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
     A* a = acc.data_ptr<A>();
-    cell_gemm<scalar_t>(B, G, I, xc.const_data_ptr<scalar_t>(), I, wi.const_data_ptr<scalar_t>(),
-                      I, A(0), a, G);
-    cell_gemm<scalar_t>(B, G, H, hc.const_data_ptr<scalar_t>(), H, wh.const_data_ptr<scalar_t>(),
-                      H, A(1), a, G);
+    cell_product<scalar_t>(x, w_ih, s_ih, false, a, G);
+    cell_product<scalar_t>(h, w_hh, s_hh, true, a, G);
     const A* bp = bias.const_data_ptr<A>();
     const A* cp = c_old.const_data_ptr<A>();
     scalar_t* gp = gates.data_ptr<scalar_t>();

@@ -6,6 +6,7 @@
 //   gates  [T, B, G]  activated gates saved for backward, in the input dtype
 //   cs     [T, B, H]  LSTM cell states c_1..c_T, float32 for bf16/fp16 inputs
 //   hn     [T, B, H]  GRU W_hn h_{t-1} + b_hn, needed for the reset-gate grad
+//   s_ih, s_hh        *_cell ops: a float32 scale per row [G] of int8 weights (w = s * q)
 //
 // The gemm_* ops report, seed and time the step-GEMM plan (gemm.h, fastchar/plan.py);
 // generate runs a CharRNN's whole sampling loop (generate.cpp, fastchar/generator.py).
@@ -22,7 +23,8 @@ TORCH_LIBRARY(fastchar, m) {
       "(Tensor grad_xp, Tensor grad_h0, Tensor grad_c0)");
   m.def(
       "lstm_cell(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, "
-      "Tensor? b_ih, Tensor? b_hh) -> (Tensor h_new, Tensor c_new)");
+      "Tensor? b_ih, Tensor? b_hh, Tensor? s_ih=None, Tensor? s_hh=None) -> "
+      "(Tensor h_new, Tensor c_new)");
 
   m.def(
       "gru_fwd(Tensor xp, Tensor h0, Tensor w_hh, Tensor b_hn) -> "
@@ -33,7 +35,7 @@ TORCH_LIBRARY(fastchar, m) {
       "(Tensor grad_xp, Tensor grad_ghn, Tensor grad_h0)");
   m.def(
       "gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-      "Tensor? b_hh) -> Tensor");
+      "Tensor? b_hh, Tensor? s_ih=None, Tensor? s_hh=None) -> Tensor");
 
   m.def("gemm_why_not(str engine, ScalarType dtype) -> str");
   m.def("gemm_choose(ScalarType dtype, int op, int M, int N, int K, int threads=1) -> str");
@@ -49,13 +51,13 @@ TORCH_LIBRARY(fastchar, m) {
       "(Tensor grad_xp, Tensor grad_h0)");
   m.def(
       "rnn_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-      "Tensor? b_hh, bool relu) -> Tensor");
+      "Tensor? b_hh, bool relu, Tensor? s_ih=None, Tensor? s_hh=None) -> Tensor");
 
   // A CharRNN's sampling loop (generate.cpp): `length` draws for K samples, each followed
   // by a step; returns the ids [K, length], the state and the logits after the last id.
   m.def(
       "generate(Tensor logits, Tensor[] state, Tensor embedding, Tensor[] weights, "
-      "Tensor?[] biases, Tensor head_w, Tensor? head_b, str cell, int length, "
+      "Tensor?[] biases, Tensor?[] scales, Tensor head_w, Tensor? head_b, str cell, int length, "
       "float temperature, int top_k, float top_p, Generator? generator=None) -> "
       "(Tensor ids, Tensor[] state, Tensor logits)");
 }

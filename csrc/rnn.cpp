@@ -145,9 +145,10 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& grad_out,
 
 at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                    const std::optional<at::Tensor>& b_hh, bool relu) {
+                    const std::optional<at::Tensor>& b_hh, bool relu,
+                    const std::optional<at::Tensor>& s_ih, const std::optional<at::Tensor>& s_hh) {
   constexpr const char* OP = "fastchar::rnn_cell";
-  const int64_t H = check_cell_args(OP, 1, x, h, w_ih, w_hh, b_ih, b_hh);
+  const int64_t H = check_cell_args(OP, 1, x, h, w_ih, w_hh, b_ih, b_hh, s_ih, s_hh);
   const auto dt = x.scalar_type();
   const int64_t B = x.size(0), I = x.size(1);
 
@@ -157,12 +158,9 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
   auto h_new = at::empty({B, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "rnn_cell", [&] {
     using A = acc_t<scalar_t>;
-    auto xc = x.contiguous(), hc = h.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
     A* a = acc.data_ptr<A>();
-    cell_gemm<scalar_t>(B, H, I, xc.const_data_ptr<scalar_t>(), I, wi.const_data_ptr<scalar_t>(),
-                      I, A(0), a, H);
-    cell_gemm<scalar_t>(B, H, H, hc.const_data_ptr<scalar_t>(), H, wh.const_data_ptr<scalar_t>(),
-                      H, A(1), a, H);
+    cell_product<scalar_t>(x, w_ih, s_ih, false, a, H);
+    cell_product<scalar_t>(h, w_hh, s_hh, true, a, H);
     const A* bp = bias.const_data_ptr<A>();
     scalar_t* hp = h_new.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {

@@ -29,6 +29,17 @@ WEIGHTS = ("float32", "bfloat16", "int8")
 SCORE_WINDOW = 4096  # characters per forward when scoring (the state carries over)
 
 
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 rows q and float32 scales s [N] with w ~ s[:, None] * q, s = max |row| / 127
+    (a row of zeros gets scale 0 and zeros: nothing is divided by zero; a constant row is
+    exact)."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
 def _repeat_state(state, k: int):
     """A batch-1 recurrent state ([L, 1, H], or a tuple of them) for k samples."""
     if isinstance(state, tuple):
@@ -42,11 +53,6 @@ class Generator:
     def __init__(self, model: CharRNN, vocab: fdata.Vocab, weights: str = "float32"):
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-        if weights == "int8":
-            raise ValueError(
-                "weights='int8' is not available yet (int8 matrix-vector kernels are still to "
-                "be written); use float32 or bfloat16"
-            )
         if len(vocab) != model.vocab_size:
             raise ValueError(f"vocabulary of {len(vocab)} for a model of {model.vocab_size}")
         dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
@@ -55,6 +61,27 @@ class Generator:
         self.weights = weights
         # The whole loop in C++ where the layers run the C++ kernels.
         self.in_cpp = cpp_loaded() and resolve(model.impl, self.device) == "cpp"
+        self._int8: list[tuple] | None = None  # per layer (q_ih, s_ih, q_hh, s_hh)
+        if weights == "int8":
+            self._quantize()
+
+    def _quantize(self) -> None:
+        """Weight-only int8 for the recurrent layers (a scale per row; the embedding and the
+        head stay float32). The float weights become the dequantised ones, so the prime and
+        ``score`` run the same values as the C++ loop's int8 kernels."""
+        if not self.in_cpp:
+            raise ValueError(
+                "weights='int8' runs on the C++ kernels only: impl cpp (or fused) on a CPU "
+                "with the extension built"
+            )
+        self._int8 = []
+        with torch.no_grad():
+            for layer in range(self.model.rnn.num_layers):
+                w_ih, w_hh, _, _ = self.model.rnn._layer_params(layer, 0)
+                (q_ih, s_ih), (q_hh, s_hh) = quantize_rows(w_ih), quantize_rows(w_hh)
+                w_ih.copy_(s_ih[:, None] * q_ih)
+                w_hh.copy_(s_hh[:, None] * q_hh)
+                self._int8.append((q_ih, s_ih, q_hh, s_hh))
 
     @classmethod
     def from_checkpoint(
@@ -129,17 +156,24 @@ class Generator:
 
     def _stream_cpp(self, logits, state, length, temperature, top_k, top_p, gen, chunk):
         m = self.model
-        weights, biases = [], []
+        weights, biases, scales = [], [], []
         for layer in range(m.rnn.num_layers):
             w_ih, w_hh, b_ih, b_hh = m.rnn._layer_params(layer, 0)
-            weights += [w_ih, w_hh]
             biases += [b_ih, b_hh]
+            if self._int8 is None:
+                weights += [w_ih, w_hh]
+                scales += [None, None]
+            else:
+                q_ih, s_ih, q_hh, s_hh = self._int8[layer]
+                weights += [q_ih, q_hh]
+                scales += [s_ih, s_hh]
         cell = m.kind if m.kind != "rnn" else f"rnn_{m.rnn.nonlinearity}"
         states = list(state) if isinstance(state, tuple) else [state]
         logits = logits.float().contiguous()
         for start in range(0, length, chunk):
             ids, states, logits = torch.ops.fastchar.generate(
-                logits, states, m.embedding.weight, weights, biases, m.head.weight, m.head.bias,
+                logits, states, m.embedding.weight, weights, biases, scales, m.head.weight,
+                m.head.bias,
                 cell, min(chunk, length - start), float(temperature), top_k or 0,
                 1.0 if top_p is None else float(top_p), gen,
             )  # fmt: skip

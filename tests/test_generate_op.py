@@ -9,7 +9,7 @@ import torch
 
 from fastchar.backends import cpp_loaded
 from fastchar.data import Vocab
-from fastchar.generator import Generator
+from fastchar.generator import Generator, quantize_rows
 from fastchar.model import CharRNN, _probs
 
 pytestmark = pytest.mark.skipif(not cpp_loaded(), reason="fastchar._C is not built")
@@ -53,7 +53,7 @@ def _draws(logits, n, temperature=1.0, top_k=0, top_p=1.0):
     zeros = torch.zeros
     ids, _, _ = torch.ops.fastchar.generate(
         logits.expand(n, V).contiguous(), [zeros(1, n, 4)], zeros(V, 3),
-        [zeros(4, 3), zeros(4, 4)], [None, None], zeros(V, 4), None, "rnn_tanh", 1,
+        [zeros(4, 3), zeros(4, 4)], [None, None], [None, None], zeros(V, 4), None, "rnn_tanh", 1,
         temperature, top_k, top_p, torch.Generator().manual_seed(0),
     )  # fmt: skip
     return torch.bincount(ids[:, 0], minlength=V).float() / n
@@ -75,15 +75,72 @@ def test_bad_arguments_name_themselves():
     m = cpp.model
     w = list(m.rnn._layer_params(0, 0))
     state = [torch.zeros(1, 2, 20), torch.zeros(1, 2, 20)]
-    args = [torch.zeros(2, 30), state, m.embedding.weight, w[:2], w[2:], m.head.weight,
-            m.head.bias, "lstm", 3, 1.0, 0, 1.0, None]  # fmt: skip
+    args = [torch.zeros(2, 30), state, m.embedding.weight, w[:2], w[2:], [None, None],
+            m.head.weight, m.head.bias, "lstm", 3, 1.0, 0, 1.0, None]  # fmt: skip
     torch.ops.fastchar.generate(*args)
     for i, value, match in [
-        (7, "lstmp", "cell must be"), (1, state[:1], "state must be"),
-        (9, -1.0, "temperature"), (11, 0.0, "top_p"), (8, -2, "length"),
+        (8, "lstmp", "cell must be"), (1, state[:1], "state must be"),
+        (10, -1.0, "temperature"), (12, 0.0, "top_p"), (9, -2, "length"),
+        (5, [torch.ones(80)], "scales"),
         (0, torch.zeros(3, 30), "logits"), (2, m.embedding.weight.double(), "dtype"),
     ]:  # fmt: skip
         bad = list(args)
         bad[i] = value
         with pytest.raises((RuntimeError, ValueError), match=match):
             torch.ops.fastchar.generate(*bad)
+
+
+def test_quantize_rows_zero_constant_and_random_rows():
+    w = torch.randn(5, 37)
+    w[1] = 0.0
+    w[2] = -0.75
+    q, s = quantize_rows(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (5,)
+    assert s[1] == 0 and torch.equal(q[1], torch.zeros(37, dtype=torch.int8))
+    torch.testing.assert_close(s[2] * q[2].float(), w[2], rtol=0, atol=1e-7)  # exact
+    err = (s[:, None] * q.float() - w).abs()
+    assert torch.all(err <= s[:, None] / 2 + 1e-7) and int(q.abs().max()) == 127
+
+
+@pytest.mark.parametrize(("kind", "nonlinearity"), CELLS)
+def test_int8_cells_equal_float_cells_on_the_dequantised_weights(kind, nonlinearity):
+    torch.manual_seed(2)
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[kind] * 24
+    x, h, c = torch.randn(3, 33), torch.randn(3, 24), torch.randn(3, 24)
+    w_ih, w_hh, b_ih, b_hh = (
+        torch.randn(G, 33),
+        torch.randn(G, 24) / 5,
+        torch.randn(G),
+        torch.randn(G),
+    )
+    (q_ih, s_ih), (q_hh, s_hh) = quantize_rows(w_ih), quantize_rows(w_hh)
+    d_ih, d_hh = s_ih[:, None] * q_ih, s_hh[:, None] * q_hh
+    op = getattr(torch.ops.fastchar, f"{kind}_cell")
+    extra = [nonlinearity == "relu"] if kind == "rnn" else []
+    lead = [x, h, c] if kind == "lstm" else [x, h]
+    got = op(*lead, q_ih, q_hh, b_ih, b_hh, *extra, s_ih, s_hh)
+    want = op(*lead, d_ih, d_hh, b_ih, b_hh, *extra)
+    for a, b in zip(
+        got if kind == "lstm" else [got], want if kind == "lstm" else [want], strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="int8 weights take a float32 x"):
+        op(*[t.double() for t in lead], q_ih, q_hh, None, None, *extra, s_ih, s_hh)
+    with pytest.raises(ValueError, match="both s_ih and s_hh"):
+        op(*lead, q_ih, q_hh, None, None, *extra, s_ih, None)
+
+
+@pytest.mark.parametrize(("kind", "nonlinearity"), CELLS)
+def test_int8_generation_is_the_float_model_on_dequantised_weights(kind, nonlinearity):
+    torch.manual_seed(1)
+    model = CharRNN(30, model=kind, emb_dim=6, hidden=20, layers=2, impl="cpp",
+                    nonlinearity=nonlinearity)  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q8 = Generator(model, VOCAB, "int8")  # the model's float weights become the int8 values
+    f32 = Generator(model, VOCAB, "float32")
+    assert q8.weights == "int8" and q8.in_cpp
+    assert q8.generate("+-", 40, num_samples=2, temperature=0) == f32.generate(
+        "+-", 40, num_samples=2, temperature=0
+    )
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all("weight_ih" in k or "weight_hh" in k for k in changed)
