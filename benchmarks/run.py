@@ -69,6 +69,14 @@ def _csv(choices: tuple[str, ...]):
     return parse
 
 
+def _sample_model(text: str) -> dict:
+    cell, _, rest = text.partition(",")
+    layers, _, hidden = rest.partition(",")
+    if cell not in ("lstm", "gru", "rnn") or not (layers.isdigit() and hidden.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CELL,LAYERS,HIDDEN, e.g. lstm,1,128")
+    return {**SAMPLE_MODEL, "model": cell, "layers": int(layers), "hidden": int(hidden)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="benchmarks/run.py",
@@ -109,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B,T,H",
         help="batch, block size and hidden size of the train and memory parts "
         "(default 32,128,256; quick 16,64,256)",
+    )
+    p.add_argument(
+        "--sample-model",
+        metavar="CELL,LAYERS,HIDDEN",
+        type=_sample_model,
+        help="the sample part's CharRNN: lstm|gru|rnn, layers, hidden (default lstm,2,512)",
     )
     p.add_argument(
         "--sample-steps",
@@ -250,7 +264,7 @@ def _char_model(impl: str, dtype, device, **kw):
     return CharRNN(VOCAB, impl=impl, **kw).to(device=device, dtype=dtype)
 
 
-def _generate_rows(model, dtype, steps: int, rows: dict, runs: dict) -> None:
+def _generate_rows(model, dtype, steps: int, rows: dict, runs: dict, model_cfg: dict) -> None:
     """ "generate" rows: fastchar.sample.Generator on the cpp model, temperature 1, drawing
     every character (the C++ loop, fastchar::generate), batch 1 and SAMPLE_BATCH; in a
     float32 run also with int8 weights ("generate int8")."""
@@ -265,12 +279,12 @@ def _generate_rows(model, dtype, steps: int, rows: dict, runs: dict) -> None:
         g = Generator(copy.deepcopy(model), vocab, weights)  # int8 rewrites the weights
         for batch in (1, SAMPLE_BATCH):
             name = f"generate{tag}" + ("" if batch == 1 else f" x{batch}")
-            rows[name] = {"impl": name, "dtype": str(dtype)[6:], **SAMPLE_MODEL,
+            rows[name] = {"impl": name, "dtype": str(dtype)[6:], **model_cfg,
                           "steps": steps, "batch": batch, "weights": weights}  # fmt: skip
             runs[name] = partial(g.generate, vocab.chars[0], steps, batch, temperature=1.0, seed=0)
 
 
-def bench_sampling(impls, dtype, device, steps: int) -> list[dict]:
+def bench_sampling(impls, dtype, device, steps: int, model_cfg: dict = SAMPLE_MODEL) -> list[dict]:
     """Blocks of ``steps`` characters from a fresh state; time per character. Each impl runs
     batch 1 and, as "<impl> x16", SAMPLE_BATCH samples at once (time per character of one
     sample / SAMPLE_BATCH: characters per second of all of them)."""
@@ -280,12 +294,12 @@ def bench_sampling(impls, dtype, device, steps: int) -> list[dict]:
         for batch in (1, SAMPLE_BATCH):
             name = impl if batch == 1 else f"{impl} x{batch}"
             rows[name] = {
-                "impl": name, "dtype": str(dtype)[6:], **SAMPLE_MODEL, "steps": steps,
+                "impl": name, "dtype": str(dtype)[6:], **model_cfg, "steps": steps,
                 "batch": batch,
             }  # fmt: skip
         try:
             torch.manual_seed(0)
-            model = _char_model(impl, dtype, device, **SAMPLE_MODEL).eval()
+            model = _char_model(impl, dtype, device, **model_cfg).eval()
         except Exception as e:
             rows[impl]["error"] = rows[f"{impl} x{SAMPLE_BATCH}"]["error"] = bench.error_line(e)
             continue
@@ -299,7 +313,7 @@ def bench_sampling(impls, dtype, device, steps: int) -> list[dict]:
 
             runs[impl if batch == 1 else f"{impl} x{batch}"] = run
         if impl == "cpp":
-            _generate_rows(model, dtype, steps, rows, runs)
+            _generate_rows(model, dtype, steps, rows, runs, model_cfg)
         idx = torch.zeros(1, dtype=torch.long, device=device)  # [B]
         if impl == "torch":
             # What a torch.nn.LSTM user runs: the module's forward on one character at a
@@ -523,7 +537,7 @@ def bench_memory(cells, impls, dtype, device, cfg, threads) -> list[dict]:
 
 def print_extras(result: dict) -> None:
     if result.get("sampling"):
-        m = SAMPLE_MODEL
+        m = result["sampling"][0]
         print(
             f"Sampling: CharRNN.step, {m['layers']}x{m['hidden']} {m['model']}, batch 1 and "
             f"{SAMPLE_BATCH} (x{SAMPLE_BATCH}: ms per character of each sample), no grad"
@@ -707,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
             result["gemm_limit"] = _gemm.bench_limits(result["layers"], bench.GATES, bench.DTYPES)
             print_limits(result["gemm_limit"])
     if "sample" in args.parts:
-        result["sampling"] = bench_sampling(impls, dtype, device, cfg["sample_steps"])
+        model_cfg = args.sample_model or SAMPLE_MODEL
+        result["sampling"] = bench_sampling(impls, dtype, device, cfg["sample_steps"], model_cfg)
     if "train" in args.parts:
         result["training"] = bench_training(args.cells, impls, dtype, device, cfg["train"])
     if "memory" in args.parts:
