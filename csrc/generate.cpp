@@ -41,7 +41,11 @@ void draw_rows(const at::Tensor& logits, double temperature, int64_t top_k, doub
       p[v] = std::exp((double(row[v]) - double(row[best])) / temperature);
     }
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return p[a] > p[b]; });
+    const bool truncated = (top_k > 0 && top_k < V) || top_p < 1.0;
+    if (truncated) {  // likeliest first; without truncation any order draws alike
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t a, int64_t b) { return p[a] > p[b]; });
+    }
     int64_t n = top_k > 0 && top_k < V ? top_k : V;
     double total = 0.0;
     for (int64_t i = 0; i < n; ++i) {
