@@ -26,6 +26,9 @@ namespace engines {
 namespace {
 
 constexpr int64_t kPanel = 16;  // columns per packed panel of B
+// The cell ops' row-dot kernels split W's rows over the threads, 64 rows a task (at
+// K = 512, 128 KB of float32): enough to stream, few enough to balance.
+constexpr int64_t kCellRowsPerTask = 64;
 
 #if FASTCHAR_X86_KERNELS
 #pragma GCC push_options
@@ -41,16 +44,16 @@ constexpr int W = 8;
 }  // namespace avx2
 #pragma GCC pop_options
 
+// The two AVX-512 copies (with and without AVX512-BF16) share these.
+#define FASTCHAR_BCAST(p) _mm512_set1_ps(*(p))
+#define FASTCHAR_I8_TO_F32(p) \
+  _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))
+
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 namespace avx512 {
 constexpr int W = 16;
-#define FASTCHAR_BCAST(p) _mm512_set1_ps(*(p))
-#define FASTCHAR_I8_TO_F32(p) \
-  _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))
 #include "gemm_fma.inc"
-#undef FASTCHAR_I8_TO_F32
-#undef FASTCHAR_BCAST
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -62,19 +65,16 @@ constexpr int W = 16;
 #pragma GCC target("avx512f,avx512bf16")
 namespace avx512bf16 {
 constexpr int W = 16;
-#define FASTCHAR_BCAST(p) _mm512_set1_ps(*(p))
-#define FASTCHAR_I8_TO_F32(p) \
-  _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))
 #define FASTCHAR_DPBF16 1
 #include "gemm_fma.inc"
 #undef FASTCHAR_DPBF16
-#undef FASTCHAR_I8_TO_F32
-#undef FASTCHAR_BCAST
 }  // namespace avx512bf16
 #pragma GCC pop_options
 #else
 #define FASTCHAR_HAVE_DPBF16 0
 #endif
+#undef FASTCHAR_I8_TO_F32
+#undef FASTCHAR_BCAST
 
 struct Cpu {
   bool avx2, avx512f, avx512bf16;
@@ -349,11 +349,9 @@ class CellKernel final : public Kernel {
   }
 
  private:
-  // 64 rows of W (at K = 512, 128 KB in float32) per task: enough to stream, few enough
-  // to balance.
   template <typename F>
   void rows(const F& f) const {
-    at::parallel_for(0, N_, 64, f);
+    at::parallel_for(0, N_, kCellRowsPerTask, f);
   }
 
   Engine e_;
@@ -711,7 +709,7 @@ void cell_gemm_q8(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, 
   if (M == 0 || N == 0) {
     return;
   }
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, kCellRowsPerTask, [&](int64_t n0, int64_t n1) {
 #if FASTCHAR_X86_KERNELS
     if (cpu().avx512f) {
       avx512::gemv_rows<avx512::I8Rows>(M, n0, n1, K, A, lda, Q, ldq, accumulate, C, ldc, scale);

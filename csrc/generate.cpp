@@ -77,21 +77,21 @@ void draw_rows(const at::Tensor& logits, double temperature, int64_t top_k, doub
   }
 }
 
-// logits [K, V] float32 = h [K, H] @ head_w [V, H]^T + head_b, on the planned cell GEMM.
+// logits [K, V] float32 = h [K, H] @ w [V, H]^T + b (w contiguous), on the planned cell
+// GEMM, in the accumulation type (float32 but for float64 models).
 at::Tensor head(const at::Tensor& h, const at::Tensor& w, const Opt& b) {
   const int64_t K = h.size(0), H = h.size(1), V = w.size(0);
-  auto out = at::empty({K, V}, at::kFloat);
+  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "generate_head", [&] {
     using A = acc_t<scalar_t>;
-    auto acc = at::empty({K, V}, h.options().dtype(c10::CppTypeToScalarType<A>::value));
+    out = at::empty({K, V}, h.options().dtype(c10::CppTypeToScalarType<A>::value));
     cell_gemm<scalar_t>(K, V, H, h.const_data_ptr<scalar_t>(), H, w.const_data_ptr<scalar_t>(), H,
-                        A(0), acc.data_ptr<A>(), V);
-    out.copy_(acc);
+                        A(0), out.data_ptr<A>(), V);
   });
   if (b.has_value()) {
-    out.add_(b->to(at::kFloat));
+    out.add_(*b);
   }
-  return out;
+  return out.to(at::kFloat);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
@@ -162,6 +162,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
   int64_t* idp = ids.data_ptr<int64_t>();
   auto current = logits.contiguous();
   auto emb = embedding.contiguous();
+  const auto head_wc = head_w.contiguous();
   for (int64_t t = 0; t < length; ++t) {
     draw_rows(current, temperature, top_k, top_p, gen, idp + t, length);
     auto x = emb.index_select(0, ids.select(1, t));  // [K, E]
@@ -178,7 +179,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
       }
       x = h[l];
     }
-    current = head(x, head_w.contiguous(), head_b);
+    current = head(x, head_wc, head_b);
   }
   std::vector<at::Tensor> out_state = {at::stack(h)};
   if (lstm) {

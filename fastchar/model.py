@@ -119,11 +119,10 @@ class CharRNN(nn.Module):
             logits = logits[:, -1]  # [1, V]
             out = torch.empty(length, dtype=torch.long)
             for t in range(length):
-                probs = _probs(logits.float(), temperature, top_k)  # [1, V]
-                nxt = torch.multinomial(probs.cpu(), 1, generator=generator)  # [1, 1]
-                out[t] = nxt[0, 0]
+                nxt = draw(logits, temperature, top_k, generator=generator)  # [1]
+                out[t] = nxt[0]
                 if t + 1 < length:
-                    logits, state = self.step(nxt[:, 0].to(device), state)
+                    logits, state = self.step(nxt.to(device), state)
             return out
         finally:
             self.train(was_training)
