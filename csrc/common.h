@@ -20,6 +20,10 @@
 #include <cstring>
 #include <type_traits>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 // Each op defines `constexpr const char* OP` so the messages name the op too.
 #define CHECK_CPU(x) \
   TORCH_CHECK((x).device().is_cpu(), OP, ": ", #x, " must be a CPU tensor, got ", (x).device())
@@ -98,6 +102,25 @@ inline int64_t check_cell_args(const char* OP, int64_t n_gates, const at::Tensor
   return H;
 }
 
+// A sequence-sized buffer ([T, B, G] gates, outputs, gradients), written once step after
+// step. Where Linux offers transparent huge pages on request, its 2 MB-aligned interior
+// is advised for them before first touch: faulting such a buffer in 4 KB pages is a large
+// part of a layer's time on a VM (a fresh 64 MB buffer: 24-35 ms to fill in 4 KB pages,
+// 4-6 ms in huge pages, AMD EPYC KVM guest). Advice only: where it is refused nothing
+// changes.
+inline at::Tensor empty_seq(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1), e = (p + t.nbytes()) & ~(kHuge - 1);
+  if (e > a) {
+    madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
 // Rows per parallel task: small passes stay on one thread, where a fork and
 // join would cost more than the work.
 inline int64_t row_grain(int64_t H) {
@@ -151,6 +174,35 @@ FASTCHAR_INLINE double sigmoid_act(double x) {
 
 FASTCHAR_INLINE double tanh_act(double x) {
   return std::tanh(x);
+}
+
+// The gate passes' conversions between a storage type T and its accumulation type. For
+// bfloat16 they are bit operations the compiler vectorises (c10::BFloat16's are scalar
+// calls, which left the bf16 passes several times slower than the step GEMM), rounding
+// to nearest even with NaN -> 0x7fc0, bit for bit as c10 rounds.
+template <typename T>
+FASTCHAR_INLINE at::opmath_type<T> to_acc(T v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const uint32_t u = uint32_t(v.x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  } else {
+    return at::opmath_type<T>(v);
+  }
+}
+
+template <typename T>
+FASTCHAR_INLINE T from_acc(at::opmath_type<T> v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    return at::BFloat16(static_cast<uint16_t>(nan ? 0x7fc0u : rounded), at::BFloat16::from_bits());
+  } else {
+    return T(v);
+  }
 }
 
 template <typename A>

@@ -26,15 +26,15 @@ FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
     T* h = h_new + b * H;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      A r = sigmoid_act(a[j] + A(xr[j]));
-      A z = sigmoid_act(a[acc_gs + j] + A(xr[H + j]));
+      A r = sigmoid_act(a[j] + to_acc(xr[j]));
+      A z = sigmoid_act(a[acc_gs + j] + to_acc(xr[H + j]));
       A hn = a[2 * acc_gs + j] + b_hn[j];
-      A nn = tanh_act(A(xr[2 * H + j]) + r * hn);
-      g[j] = T(r);
-      g[H + j] = T(z);
-      g[2 * H + j] = T(nn);
-      hnr[j] = T(hn);
-      h[j] = T((A(1) - z) * nn + z * A(hp[j]));
+      A nn = tanh_act(to_acc(xr[2 * H + j]) + r * hn);
+      g[j] = from_acc<T>(r);
+      g[H + j] = from_acc<T>(z);
+      g[2 * H + j] = from_acc<T>(nn);
+      hnr[j] = from_acc<T>(hn);
+      h[j] = from_acc<T>((A(1) - z) * nn + z * to_acc(hp[j]));
     }
   }
 }
@@ -62,18 +62,18 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
     T* dgn = dghn + b * H;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      A r = A(g[j]), z = A(g[H + j]), nn = A(g[2 * H + j]);
-      A dht = dhr[j] + A(go[j]);
+      A r = to_acc(g[j]), z = to_acc(g[H + j]), nn = to_acc(g[2 * H + j]);
+      A dht = dhr[j] + to_acc(go[j]);
       A dn = dht * (A(1) - z) * (A(1) - nn * nn);
-      A dz = dht * (A(hp[j]) - nn) * z * (A(1) - z);
-      A dr = dn * A(hnr[j]) * r * (A(1) - r);
-      dx[j] = T(dr);
-      dx[H + j] = T(dz);
-      dx[2 * H + j] = T(dn);
-      dg[j] = T(dr);
-      dg[H + j] = T(dz);
-      dg[2 * H + j] = T(dn * r);
-      dgn[j] = T(dn * r);
+      A dz = dht * (to_acc(hp[j]) - nn) * z * (A(1) - z);
+      A dr = dn * to_acc(hnr[j]) * r * (A(1) - r);
+      dx[j] = from_acc<T>(dr);
+      dx[H + j] = from_acc<T>(dz);
+      dx[2 * H + j] = from_acc<T>(dn);
+      dg[j] = from_acc<T>(dr);
+      dg[H + j] = from_acc<T>(dz);
+      dg[2 * H + j] = from_acc<T>(dn * r);
+      dgn[j] = from_acc<T>(dn * r);
       dhr[j] = dht * z;
     }
   }
@@ -158,9 +158,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Ten
   CHECK_ARG(w_hh, dt, G, H);
   CHECK_ARG(b_hn, dt, H);
 
-  auto out = at::empty({T_, B, H}, xp.options());  // [T, B, H]
-  auto gates = at::empty({T_, B, G}, xp.options());  // [T, B, G]
-  auto hn = at::empty({T_, B, H}, xp.options());  // [T, B, H]
+  auto out = empty_seq({T_, B, H}, xp.options());  // [T, B, H]
+  auto gates = empty_seq({T_, B, G}, xp.options());  // [T, B, G]
+  auto hn = empty_seq({T_, B, H}, xp.options());  // [T, B, H]
   auto bhn = b_hn.to(state_type(dt)).contiguous();  // [H]
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_fwd", [&] {
     fwd_loop<scalar_t>(xp.contiguous(), h0.contiguous(), w_hh.contiguous(), bhn, out, gates, hn);
@@ -187,8 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(
   CHECK_ARG(hn, dt, T_, B, H);
 
   auto dh = at::empty({B, H}, gates.options().dtype(state_type(dt))).copy_(grad_h_n);  // [B, H]
-  auto grad_xp = at::empty({T_, B, G}, gates.options());  // [T, B, G]
-  auto grad_ghn = at::empty({T_, B, H}, gates.options());  // [T, B, H]
+  auto grad_xp = empty_seq({T_, B, G}, gates.options());  // [T, B, G]
+  auto grad_ghn = empty_seq({T_, B, H}, gates.options());  // [T, B, H]
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_bwd", [&] {
     bwd_loop<scalar_t>(grad_out.contiguous(), w_hh.contiguous(), h0.contiguous(),
                        out.contiguous(), gates.contiguous(), hn.contiguous(), dh, grad_xp,

@@ -28,17 +28,17 @@ FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
     T* h = h_new + b * H;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      A gi = sigmoid_act(a[j] + A(xr[j]));
-      A gf = sigmoid_act(a[acc_gs + j] + A(xr[H + j]));
-      A gg = tanh_act(a[2 * acc_gs + j] + A(xr[2 * H + j]));
-      A go = sigmoid_act(a[3 * acc_gs + j] + A(xr[3 * H + j]));
+      A gi = sigmoid_act(a[j] + to_acc(xr[j]));
+      A gf = sigmoid_act(a[acc_gs + j] + to_acc(xr[H + j]));
+      A gg = tanh_act(a[2 * acc_gs + j] + to_acc(xr[2 * H + j]));
+      A go = sigmoid_act(a[3 * acc_gs + j] + to_acc(xr[3 * H + j]));
       A c = gf * cp[j] + gi * gg;
-      g[j] = T(gi);
-      g[H + j] = T(gf);
-      g[2 * H + j] = T(gg);
-      g[3 * H + j] = T(go);
+      g[j] = from_acc<T>(gi);
+      g[H + j] = from_acc<T>(gf);
+      g[2 * H + j] = from_acc<T>(gg);
+      g[3 * H + j] = from_acc<T>(go);
       cn[j] = c;
-      h[j] = T(go * tanh_act(c));
+      h[j] = from_acc<T>(go * tanh_act(c));
     }
   }
 }
@@ -62,14 +62,14 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
     T* d = dgates + b * G;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      A gi = A(g[j]), gf = A(g[H + j]), gg = A(g[2 * H + j]), go = A(g[3 * H + j]);
-      A dht = dhr[j] + A(go_[j]);
+      A gi = to_acc(g[j]), gf = to_acc(g[H + j]), gg = to_acc(g[2 * H + j]), go = to_acc(g[3 * H + j]);
+      A dht = dhr[j] + to_acc(go_[j]);
       A tc = tanh_act(cr[j]);
       A dcv = dcr[j] + dht * go * (A(1) - tc * tc);
-      d[j] = T(dcv * gg * gi * (A(1) - gi));
-      d[H + j] = T(dcv * cp[j] * gf * (A(1) - gf));
-      d[2 * H + j] = T(dcv * gi * (A(1) - gg * gg));
-      d[3 * H + j] = T(dht * tc * go * (A(1) - go));
+      d[j] = from_acc<T>(dcv * gg * gi * (A(1) - gi));
+      d[H + j] = from_acc<T>(dcv * cp[j] * gf * (A(1) - gf));
+      d[2 * H + j] = from_acc<T>(dcv * gi * (A(1) - gg * gg));
+      d[3 * H + j] = from_acc<T>(dht * tc * go * (A(1) - go));
       dcr[j] = dcv * gf;
     }
   }
@@ -149,9 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   CHECK_ARG(w_hh, dt, G, H);
 
   const auto st = state_type(dt);
-  auto out = at::empty({T_, B, H}, xp.options());  // [T, B, H]
-  auto gates = at::empty({T_, B, G}, xp.options());  // [T, B, G]
-  auto cs = at::empty({T_, B, H}, xp.options().dtype(st));  // [T, B, H]
+  auto out = empty_seq({T_, B, H}, xp.options());  // [T, B, H]
+  auto gates = empty_seq({T_, B, G}, xp.options());  // [T, B, G]
+  auto cs = empty_seq({T_, B, H}, xp.options().dtype(st));  // [T, B, H]
   auto c0s = c0.to(st).contiguous();  // [B, H]
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_fwd", [&] {
     fwd_loop<scalar_t>(xp.contiguous(), h0.contiguous(), c0s, w_hh.contiguous(), out, gates, cs);
@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
 
   auto dh = at::empty({B, H}, gates.options().dtype(st)).copy_(grad_h_n);  // [B, H]
   auto dc = at::empty({B, H}, gates.options().dtype(st)).copy_(grad_c_n);  // [B, H]
-  auto grad_xp = at::empty({T_, B, G}, gates.options());  // [T, B, G]
+  auto grad_xp = empty_seq({T_, B, G}, gates.options());  // [T, B, G]
   auto c0s = c0.to(st).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_bwd", [&] {
     bwd_loop<scalar_t>(grad_out.contiguous(), w_hh.contiguous(), c0s, gates.contiguous(),

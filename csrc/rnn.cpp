@@ -18,8 +18,8 @@ FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
     T* h = h_new + b * H;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      A pre = a[j] + A(xr[j]);
-      h[j] = T(RELU ? relu_act(pre) : tanh_act(pre));
+      A pre = a[j] + to_acc(xr[j]);
+      h[j] = from_acc<T>(RELU ? relu_act(pre) : tanh_act(pre));
     }
   }
 }
@@ -37,9 +37,9 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
     T* d = dpre + b * H;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      A dht = dhr[j] + A(go[j]);
-      A hv = A(h[j]);
-      d[j] = T(RELU ? (hv > A(0) ? dht : A(0)) : dht * (A(1) - hv * hv));
+      A dht = dhr[j] + to_acc(go[j]);
+      A hv = to_acc(h[j]);
+      d[j] = from_acc<T>(RELU ? (hv > A(0) ? dht : A(0)) : dht * (A(1) - hv * hv));
     }
   }
 }
@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& xp, const at::Tenso
   CHECK_ARG(h0, dt, B, H);
   CHECK_ARG(w_hh, dt, H, H);
 
-  auto out = at::empty({T_, B, H}, xp.options());  // [T, B, H]
+  auto out = empty_seq({T_, B, H}, xp.options());  // [T, B, H]
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "rnn_fwd", [&] {
     auto xc = xp.contiguous(), hc = h0.contiguous(), wc = w_hh.contiguous();
     if (relu) {
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& grad_out,
   CHECK_ARG(w_hh, dt, H, H);
 
   auto dh = at::empty({B, H}, out.options().dtype(state_type(dt))).copy_(grad_h_n);  // [B, H]
-  auto grad_xp = at::empty({T_, B, H}, out.options());  // [T, B, H]
+  auto grad_xp = empty_seq({T_, B, H}, out.options());  // [T, B, H]
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "rnn_bwd", [&] {
     auto gc = grad_out.contiguous(), wc = w_hh.contiguous(), oc = out.contiguous();
     if (relu) {

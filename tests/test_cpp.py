@@ -202,6 +202,30 @@ def test_bfloat16_error_within_torchs(cell):
         assert err > 0, f"{name}: bf16 result equals float64 exactly, so it was not bf16"
 
 
+def test_bfloat16_rounding_is_torchs():
+    """The gate passes round float32 to bfloat16 themselves (bit operations, csrc/common.h
+    from_acc): ties to even, overflow to inf and NaN must come out as torch rounds them.
+    With w_hh = 0, rnn_relu's backward writes dpre[t] = round(dh + grad_out[t]) for
+    h > 0, and dh is grad_h_n at the last step."""
+    T, B, H = 1, 4, 64
+    gen = torch.Generator().manual_seed(0)
+    # Sums of two bf16 values in float32: exact ties, near-ties, huge values that overflow
+    # bf16 on rounding, infinities and NaN.
+    a = torch.randn(B, H, generator=gen).bfloat16()
+    b = (a.float() * torch.tensor([2.0**-8, 2.0**-9, 3 * 2.0**-9, -(2.0**-8)]).repeat(16)).bfloat16()
+    a[0, :4] = torch.tensor([3.3895e38, float("inf"), float("nan"), -3.3895e38]).bfloat16()
+    b[0, :4] = torch.tensor([3.3895e38, 1.0, 1.0, -3.3895e38]).bfloat16()
+    out = torch.ones(T, B, H, dtype=torch.bfloat16)  # h > 0: relu passes the gradient
+    w_hh = torch.zeros(H, H, dtype=torch.bfloat16)
+    grad_xp, _ = torch.ops.fastchar.rnn_bwd(b[None], a, w_hh, out, True)
+    want = (a.float() + b.float()).bfloat16()
+    got = grad_xp[0]
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+    finite = ~want.isnan()  # NaN payloads differ between torch's own conversion paths
+    assert torch.equal(got[finite].view(torch.int16), want[finite].view(torch.int16))
+    assert want[0, 0] == float("inf") and want[0, 3] == -float("inf")
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_gradcheck(cell):
     """float64 gradcheck of the sequence op through the autograd glue (checks *_bwd)."""
