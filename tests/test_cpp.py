@@ -212,7 +212,8 @@ def test_bfloat16_rounding_is_torchs():
     # Sums of two bf16 values in float32: exact ties, near-ties, huge values that overflow
     # bf16 on rounding, infinities and NaN.
     a = torch.randn(B, H, generator=gen).bfloat16()
-    b = (a.float() * torch.tensor([2.0**-8, 2.0**-9, 3 * 2.0**-9, -(2.0**-8)]).repeat(16)).bfloat16()
+    steps = torch.tensor([2.0**-8, 2.0**-9, 3 * 2.0**-9, -(2.0**-8)]).repeat(16)
+    b = (a.float() * steps).bfloat16()
     a[0, :4] = torch.tensor([3.3895e38, float("inf"), float("nan"), -3.3895e38]).bfloat16()
     b[0, :4] = torch.tensor([3.3895e38, 1.0, 1.0, -3.3895e38]).bfloat16()
     out = torch.ones(T, B, H, dtype=torch.bfloat16)  # h > 0: relu passes the gradient
