@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 
 #ifdef __linux__
@@ -119,6 +120,29 @@ inline at::Tensor empty_seq(at::IntArrayRef sizes, const at::TensorOptions& opti
   }
 #endif
   return t;
+}
+
+// The checks a *_seq op (the input projection inside the time loop) shares: x [T, B, I]
+// on the CPU in a supported dtype, then w_hh [n_gates * H, H], w_ih [G, I], h0 [B, H]
+// and the optional bias [G] in x's dtype. Returns H.
+inline int64_t check_seq_args(const char* OP, int64_t n_gates, const at::Tensor& x,
+                              const at::Tensor& h0, const at::Tensor& w_ih,
+                              const std::optional<at::Tensor>& b, const at::Tensor& w_hh) {
+  CHECK_CPU(x);
+  CHECK_DIM(x, 3);
+  check_float_dtype(OP, x);
+  CHECK_CPU(w_hh);
+  CHECK_DIM(w_hh, 2);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(1), I = x.size(2), H = w_hh.size(1), G = n_gates * H;
+  CHECK_ARG(w_hh, dt, G, H);
+  CHECK_ARG(w_ih, dt, G, I);
+  CHECK_ARG(h0, dt, B, H);
+  if (b.has_value()) {
+    const at::Tensor& bias = *b;
+    CHECK_ARG(bias, dt, G);
+  }
+  return H;
 }
 
 // Rows per parallel task: small passes stay on one thread, where a fork and
@@ -282,31 +306,36 @@ class UnitSlices {
 #endif
   }
 
+  int64_t n_gates() const {
+    return n_gates_;
+  }
+
   int64_t count;
 
  private:
   int64_t H_, n_gates_, chunk_;
 };
 
-// One step GEMM per unit slice, over that slice's part of W_hh (kept alive in
-// `weights`, which the GEMMs point into). Forward: h_{t-1} [B, H] @ the slice's
-// gate rows^T -> [B, n_gates * n]. Backward: dgates_t [B, G] @ W_hh[:, slice] -> [B, n].
+// One step GEMM per unit slice, over that slice's part of a weight W [G, K] (kept alive
+// in `weights`, which the GEMMs point into). Forward: a [B, K] @ the slice's gate rows^T
+// -> [B, n_gates * n], for W_hh (a = h_{t-1}) or W_ih (a = x_t, the input projection done
+// step by step). Backward: dgates_t [B, G] @ W_hh[:, slice] -> [B, n].
 template <typename T>
 struct SliceGemms {
   std::vector<at::Tensor> weights;
   std::vector<StepGemm<T>> gemms;
 
-  SliceGemms(const UnitSlices& slices, const at::Tensor& w_hh, int64_t B, bool forward) {
-    const int64_t G = w_hh.size(0), H = w_hh.size(1);
+  SliceGemms(const UnitSlices& slices, const at::Tensor& w, int64_t B, bool forward) {
+    const int64_t G = w.size(0), K = w.size(1);
     const int threads = static_cast<int>(slices.count);  // slices run at once, one per thread
     for (int64_t s = 0; s < slices.count; ++s) {
       const int64_t n = slices.size(s);
       if (forward) {
-        weights.push_back(slices.gate_rows(w_hh, s));  // [n_gates * n, H]
-        gemms.emplace_back(true, B, G / H * n, H, weights.back().template const_data_ptr<T>(), H,
-                           threads);
+        weights.push_back(slices.gate_rows(w, s));  // [n_gates * n, K]
+        gemms.emplace_back(true, B, slices.n_gates() * n, K,
+                           weights.back().template const_data_ptr<T>(), K, threads);
       } else {
-        weights.push_back(slices.columns(w_hh, s));  // [G, n]
+        weights.push_back(slices.columns(w, s));  // [G, n]
         gemms.emplace_back(false, B, n, G, weights.back().template const_data_ptr<T>(), n,
                            threads);
       }

@@ -17,6 +17,12 @@ TORCH_LIBRARY(fastchar, m) {
   m.def(
       "lstm_fwd(Tensor xp, Tensor h0, Tensor c0, Tensor w_hh) -> "
       "(Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cs)");
+  // lstm_seq / rnn_seq: lstm_fwd / rnn_fwd with the input projection in the time loop
+  // (C++ only): x [T, B, I], w_ih, bias = b_ih + b_hh or None; backward is lstm_bwd /
+  // rnn_bwd, whose grad_xp feeds x, w_ih and bias.
+  m.def(
+      "lstm_seq(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor? bias, Tensor w_hh) -> "
+      "(Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cs)");
   m.def(
       "lstm_bwd(Tensor grad_out, Tensor grad_h_n, Tensor grad_c_n, Tensor w_hh, "
       "Tensor c0, Tensor gates, Tensor cs) -> "
@@ -46,6 +52,9 @@ TORCH_LIBRARY(fastchar, m) {
   m.def("gemm_run(str engine, Tensor a, Tensor w, int op, Tensor? c=None) -> Tensor");
 
   m.def("rnn_fwd(Tensor xp, Tensor h0, Tensor w_hh, bool relu) -> (Tensor out, Tensor h_n)");
+  m.def(
+      "rnn_seq(Tensor x, Tensor h0, Tensor w_ih, Tensor? bias, Tensor w_hh, bool relu) -> "
+      "(Tensor out, Tensor h_n)");
   m.def(
       "rnn_bwd(Tensor grad_out, Tensor grad_h_n, Tensor w_hh, Tensor out, bool relu) -> "
       "(Tensor grad_xp, Tensor grad_h0)");

@@ -44,27 +44,42 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
   }
 }
 
+// The forward time loop. Without w_ih, `in` is the projected input xp [T, B, H] (biases
+// included); with w_ih [H, I], `in` is x [T, B, I], projected step by step inside the
+// loop with the bias [H] (accumulation type) added in the pass, as lstm.cpp's fwd_loop.
 template <typename T, bool RELU>
-void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& w_hh,
-              at::Tensor& out) {
+void fwd_loop(const at::Tensor& in, const at::Tensor& h0, const at::Tensor& w_hh,
+              const at::Tensor* w_ih, const at::Tensor* bias, at::Tensor& out) {
   using A = acc_t<T>;
-  const int64_t T_ = xp.size(0), B = xp.size(1), H = xp.size(2);
-  const T* xp_p = xp.const_data_ptr<T>();
+  const int64_t T_ = in.size(0), B = in.size(1), H = w_hh.size(0), K = in.size(2);
+  const T* in_p = in.const_data_ptr<T>();
   const T* h0_p = h0.const_data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   const UnitSlices slices(H, 1);
   const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
+  std::optional<SliceGemms<T>> input_gemms;
+  if (w_ih != nullptr) {
+    input_gemms.emplace(slices, *w_ih, B, /*forward=*/true);
+  }
+  const A* bias_p = bias != nullptr ? bias->const_data_ptr<A>() : nullptr;
   std::vector<at::Tensor> accs;
   for (int64_t s = 0; s < slices.count; ++s) {
     const int64_t n = slices.size(s);
-    accs.push_back(at::empty({B, n}, xp.options().dtype(c10::CppTypeToScalarType<A>::value)));
+    accs.push_back(at::empty({B, n}, in.options().dtype(c10::CppTypeToScalarType<A>::value)));
   }
   auto step = [&](int64_t s, int64_t t) {
     const int64_t j0 = slices.begin(s), n = slices.size(s);
     const T* h_prev = t > 0 ? out_p + (t - 1) * B * H : h0_p;
     A* acc = accs[s].template data_ptr<A>();
-    slice_gemms.gemms[s](h_prev, H, A(0), acc, n);  // [B, n]
-    fwd_rows<T, T, RELU>(0, B, n, H, acc, n, xp_p + t * B * H + j0, H, out_p + t * B * H + j0);
+    T* h_new = out_p + t * B * H + j0;
+    if (input_gemms) {
+      input_gemms->gemms[s](in_p + t * B * K, K, A(0), acc, n);  // x_t @ W_ih^T [B, n]
+      slice_gemms.gemms[s](h_prev, H, A(1), acc, n);  // += h_{t-1} @ W_hh^T
+      fwd_rows<T, A, RELU>(0, B, n, H, acc, n, bias_p + j0, 0, h_new);
+    } else {
+      slice_gemms.gemms[s](h_prev, H, A(0), acc, n);  // [B, n]
+      fwd_rows<T, T, RELU>(0, B, n, H, acc, n, in_p + t * B * H + j0, H, h_new);
+    }
   };
   slices.run(T_, step, [](int64_t, int64_t) {});
 }
@@ -107,9 +122,35 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& xp, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "rnn_fwd", [&] {
     auto xc = xp.contiguous(), hc = h0.contiguous(), wc = w_hh.contiguous();
     if (relu) {
-      fwd_loop<scalar_t, true>(xc, hc, wc, out);
+      fwd_loop<scalar_t, true>(xc, hc, wc, nullptr, nullptr, out);
     } else {
-      fwd_loop<scalar_t, false>(xc, hc, wc, out);
+      fwd_loop<scalar_t, false>(xc, hc, wc, nullptr, nullptr, out);
+    }
+  });
+  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
+  return {out, h_n};
+}
+
+// rnn_fwd with the input projection inside the time loop: x [T, B, I], w_ih [H, I],
+// bias [H] (b_ih + b_hh) or none. Same outputs; backward is rnn_bwd.
+std::tuple<at::Tensor, at::Tensor> rnn_seq(const at::Tensor& x, const at::Tensor& h0,
+                                           const at::Tensor& w_ih,
+                                           const std::optional<at::Tensor>& bias,
+                                           const at::Tensor& w_hh, bool relu) {
+  constexpr const char* OP = "fastchar::rnn_seq";
+  const int64_t H = check_seq_args(OP, 1, x, h0, w_ih, bias, w_hh);
+  const auto dt = x.scalar_type();
+  const int64_t T_ = x.size(0), B = x.size(1);
+
+  auto out = empty_seq({T_, B, H}, x.options());  // [T, B, H]
+  auto b = bias_acc(bias, std::nullopt, H, state_type(dt));  // [H]
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "rnn_seq", [&] {
+    auto xc = x.contiguous(), hc = h0.contiguous(), wc = w_hh.contiguous();
+    auto wi = w_ih.contiguous();
+    if (relu) {
+      fwd_loop<scalar_t, true>(xc, hc, wc, &wi, &b, out);
+    } else {
+      fwd_loop<scalar_t, false>(xc, hc, wc, &wi, &b, out);
     }
   });
   auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
@@ -150,7 +191,7 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
   constexpr const char* OP = "fastchar::rnn_cell";
   const int64_t H = check_cell_args(OP, 1, x, h, w_ih, w_hh, b_ih, b_hh, s_ih, s_hh);
   const auto dt = x.scalar_type();
-  const int64_t B = x.size(0), I = x.size(1);
+  const int64_t B = x.size(0);
 
   const auto st = state_type(dt);
   auto bias = bias_acc(b_ih, b_hh, H, st);  // [H]
@@ -178,6 +219,7 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(fastchar, CPU, m) {
   m.impl("rnn_fwd", &rnn_fwd);
+  m.impl("rnn_seq", &rnn_seq);
   m.impl("rnn_bwd", &rnn_bwd);
   m.impl("rnn_cell", &rnn_cell);
 }

@@ -276,6 +276,41 @@ def test_opcheck(cell, kind):
     torch.library.opcheck(op, _op_args(cell)[kind])
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn_relu"])
+def test_opcheck_seq(cell, bias):
+    """lstm_seq / rnn_seq (the input projection inside the time loop): schema, fake and
+    autograd registration, with and without a bias."""
+    T, B, I, H = 3, 2, 5, 8
+    G = N_GATES[cell] * H
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    x, h0, c0 = torch.randn(T, B, I, **kw), torch.randn(B, H, **kw), torch.randn(B, H, **kw)
+    w_ih = (torch.randn(G, I, dtype=torch.float64) / 3).requires_grad_()
+    w_hh = (torch.randn(G, H, dtype=torch.float64) / 4).requires_grad_()
+    b = torch.randn(G, **kw) if bias else None
+    if cell == "lstm":
+        torch.library.opcheck(torch.ops.fastchar.lstm_seq, (x, h0, c0, w_ih, b, w_hh))
+    else:
+        torch.library.opcheck(torch.ops.fastchar.rnn_seq, (x, h0, w_ih, b, w_hh, True))
+
+
+def test_bad_seq_input_names_the_argument():
+    x, h0, c0 = torch.randn(3, 2, 5), torch.randn(2, 4), torch.randn(2, 4)
+    w_ih, w_hh, b = torch.randn(16, 5), torch.randn(16, 4), torch.randn(16)
+    with pytest.raises(RuntimeError, match="lstm_seq: w_ih has dtype"):
+        torch.ops.fastchar.lstm_seq(x, h0, c0, w_ih.double(), b, w_hh)
+    with pytest.raises(ValueError, match="lstm_seq: w_ih must have shape"):
+        torch.ops.fastchar.lstm_seq(x, h0, c0, w_ih[:, :4], b, w_hh)
+    with pytest.raises(ValueError, match="lstm_seq: bias must have shape"):
+        torch.ops.fastchar.lstm_seq(x, h0, c0, w_ih, b[:15], w_hh)
+    with pytest.raises(ValueError, match="lstm_seq: c0 must have shape"):
+        torch.ops.fastchar.lstm_seq(x, h0, c0[:1], w_ih, b, w_hh)
+    with pytest.raises(ValueError, match="rnn_seq: x must be 3-D"):
+        torch.ops.fastchar.rnn_seq(x[0], h0, w_ih[:4], b[:4], w_hh[:4], False)
+    with pytest.raises(RuntimeError, match="rnn_seq: bias has dtype"):
+        torch.ops.fastchar.rnn_seq(x, h0, w_ih[:4], b[:4].double(), w_hh[:4], False)
+
+
 def test_compile_fullgraph_matches_eager():
     """A small two-layer LSTM model traces as one graph and matches eager."""
     lstm = fastchar.nn.LSTM(6, 12, num_layers=2, batch_first=True, impl="cpp")

@@ -138,6 +138,25 @@ def weight_grad(d_gates: Tensor, h0: Tensor, out: Tensor) -> Tensor:
     return grad
 
 
+def projection_grads(
+    needs: tuple[bool, bool, bool], grad_xp: Tensor, x: Tensor, w_ih: Tensor, has_bias: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of xp = x @ w_ih^T + bias from grad_xp [T, B, G], for the C++ ops that
+    project the input inside their time loop: (x [T, B, I], w_ih [G, I], bias [G]), each
+    None where ``needs`` (x, w_ih, bias) says it is not wanted or there is no bias."""
+    grad_x = linear(grad_xp, w_ih.t()) if needs[0] else None  # [T, B, I]
+    grad_w = None
+    if needs[1]:
+        if _widens(grad_xp):
+            with torch.autocast("cpu", enabled=False):
+                grad_w = grad_xp.flatten(0, 1).float().t().mm(x.flatten(0, 1).float())
+            grad_w = grad_w.to(grad_xp.dtype)
+        else:
+            grad_w = grad_xp.flatten(0, 1).t().mm(x.flatten(0, 1))  # [G, I]
+    grad_b = grad_xp.sum((0, 1)) if needs[2] and has_bias else None
+    return grad_x, grad_w, grad_b
+
+
 def torch_params(w_ih, w_hh, b_ih, b_hh) -> tuple[list[Tensor], bool]:
     """Flat weights for torch's own ``torch.lstm/gru/rnn_*`` kernels (both biases or none)."""
     if b_ih is None and b_hh is None:

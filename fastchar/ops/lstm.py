@@ -2,6 +2,8 @@
 
 Shape letters: T time, B batch, I input, H hidden, G = 4H gates (i, f, g, o).
 
+The C++ backend runs ``lstm_seq(x, h0, c0, w_ih, bias, w_hh)`` for a layer: lstm_fwd with
+the input projection inside the time loop, same outputs, backward through lstm_bwd.
 Both backends implement the same pair of sequence ops:
   lstm_fwd(xp [T, B, G], h0 [B, H], c0 [B, H], w_hh [G, H])
       -> out [T, B, H], h_n [B, H], c_n [B, H], gates [T, B, G] (activated), cs [T, B, H]
@@ -22,6 +24,7 @@ from fastchar.ops._common import (
     check_args,
     grads_or_zeros,
     linear,
+    projection_grads,
     skip_zero_grads,
     torch_params,
     weight_grad,
@@ -43,6 +46,10 @@ def _fake_fwd(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):
 def _fake_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs):
     T, B, G = gates.shape
     return gates.new_empty(T, B, G), c0.new_empty(c0.shape), c0.new_empty(c0.shape)
+
+
+def _fake_seq(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, bias, w_hh: Tensor):
+    return _fake_fwd(x.new_empty(x.shape[0], x.shape[1], w_hh.shape[0]), h0, c0, w_hh)
 
 
 def _fake_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, s_ih=None, s_hh=None):
@@ -126,6 +133,33 @@ if cpp_loaded():
     )
 
 
+def _setup_seq(ctx, inputs, output):
+    x, h0, c0, w_ih, bias, w_hh = inputs
+    out, _, _, gates, cs = output
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, out, gates, cs)
+    ctx.has_bias = bias is not None
+    skip_zero_grads(ctx)
+
+
+def _seq_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs):
+    x, h0, c0, w_ih, w_hh, out, gates, cs = ctx.saved_tensors
+    grad_out, grad_h_n, grad_c_n = grads_or_zeros((grad_out, out), (grad_h_n, h0), (grad_c_n, c0))
+    grad_xp, grad_h0, grad_c0 = torch.ops.fastchar.lstm_bwd(
+        grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs
+    )
+    need = ctx.needs_input_grad
+    grad_x, grad_w_ih, grad_b = projection_grads(
+        (need[0], need[3], need[4]), grad_xp, x, w_ih, ctx.has_bias
+    )
+    grad_w_hh = weight_grad(grad_xp, h0, out) if need[5] else None
+    return grad_x, grad_h0, grad_c0, grad_w_ih, grad_b, grad_w_hh
+
+
+if cpp_loaded():
+    torch.library.register_fake("fastchar::lstm_seq")(_fake_seq)
+    torch.library.register_autograd("fastchar::lstm_seq", _seq_backward, setup_context=_setup_seq)
+
+
 def _kernels(kind: str):
     if kind == "cpp":
         return torch.ops.fastchar.lstm_fwd, torch.ops.fastchar.lstm_cell
@@ -163,6 +197,10 @@ def lstm(
             x, (h0[None], c0[None]), params, has_bias, 1, 0.0, False, False, False
         )
         return out, h_n[0], c_n[0]
+    if kind == "cpp":  # the input projection inside the time loop
+        bias = reference.bias_sum(b_ih, b_hh)
+        out, h_n, c_n, _, _ = torch.ops.fastchar.lstm_seq(x, h0, c0, w_ih, bias, w_hh)
+        return out, h_n, c_n
     fwd, _ = _kernels(kind)
     xp = linear(x, w_ih, reference.bias_sum(b_ih, b_hh))  # [T, B, G], one GEMM
     out, h_n, c_n, _, _ = fwd(xp, h0, c0, w_hh)

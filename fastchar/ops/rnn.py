@@ -3,6 +3,8 @@ kernels, and ``rnn()``.
 
 Shape letters: T time, B batch, I input, H hidden, G = H.
 
+The C++ backend runs ``rnn_seq(x, h0, w_ih, bias, w_hh, relu)`` for a layer: rnn_fwd with
+the input projection inside the time loop, same outputs, backward through rnn_bwd.
 Both backends implement the same pair of sequence ops:
   rnn_fwd(xp [T, B, H], h0 [B, H], w_hh [H, H], relu) -> out [T, B, H], h_n [B, H]
   rnn_bwd(grad_out, grad_h_n, w_hh, out, relu) -> grad_xp, grad_h0
@@ -21,6 +23,7 @@ from fastchar.ops._common import (
     autocast_inputs,
     check_args,
     linear,
+    projection_grads,
     torch_params,
     weight_grad,
 )
@@ -35,6 +38,11 @@ def _fake_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, relu: bool):
 
 def _fake_bwd(grad_out, grad_h_n, w_hh, out, relu):
     return out.new_empty(out.shape), out.new_empty(out.shape[1:])
+
+
+def _fake_seq(x: Tensor, h0: Tensor, w_ih: Tensor, bias, w_hh: Tensor, relu: bool):
+    T, B, _ = x.shape
+    return x.new_empty(T, B, w_hh.shape[0]), x.new_empty(B, w_hh.shape[0])
 
 
 def _fake_cell(x, h, w_ih, w_hh, b_ih, b_hh, relu, s_ih=None, s_hh=None):
@@ -105,6 +113,29 @@ if cpp_loaded():
     )
 
 
+def _setup_seq(ctx, inputs, output):
+    x, h0, w_ih, bias, w_hh, relu = inputs
+    ctx.relu = relu
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
+
+
+def _seq_backward(ctx, grad_out, grad_h_n):
+    x, h0, w_ih, w_hh, out = ctx.saved_tensors
+    grad_xp, grad_h0 = torch.ops.fastchar.rnn_bwd(grad_out, grad_h_n, w_hh, out, ctx.relu)
+    need = ctx.needs_input_grad
+    grad_x, grad_w_ih, grad_b = projection_grads(
+        (need[0], need[2], need[3]), grad_xp, x, w_ih, ctx.has_bias
+    )
+    grad_w_hh = weight_grad(grad_xp, h0, out) if need[4] else None
+    return grad_x, grad_h0, grad_w_ih, grad_b, grad_w_hh, None
+
+
+if cpp_loaded():
+    torch.library.register_fake("fastchar::rnn_seq")(_fake_seq)
+    torch.library.register_autograd("fastchar::rnn_seq", _seq_backward, setup_context=_setup_seq)
+
+
 def _kernels(kind: str):
     if kind == "cpp":
         return torch.ops.fastchar.rnn_fwd, torch.ops.fastchar.rnn_cell
@@ -147,6 +178,9 @@ def rnn(
         run = torch.rnn_relu if relu else torch.rnn_tanh
         out, h_n = run(x, h0[None], params, has_bias, 1, 0.0, False, False, False)
         return out, h_n[0]
+    if kind == "cpp":  # the input projection inside the time loop
+        bias = reference.bias_sum(b_ih, b_hh)
+        return torch.ops.fastchar.rnn_seq(x, h0, w_ih, bias, w_hh, relu)
     fwd, _ = _kernels(kind)
     xp = linear(x, w_ih, reference.bias_sum(b_ih, b_hh))  # [T, B, H], one GEMM
     return fwd(xp, h0, w_hh, relu)
