@@ -138,6 +138,16 @@ def _fmt_ms(t: dict) -> str:
     return f"{t['median_ms']:.3g}±{100 * t['spread']:.0f}%"
 
 
+# In a bfloat16 run, torch in float32 is timed alongside as a further baseline ("torch
+# fp32": the same case in float32, impl torch), for the targets set against it.
+FP32_BASE = "torch fp32"
+BASES = ("torch", "reference", FP32_BASE)
+
+
+def _key(base: str) -> str:
+    return base.replace(" ", "_")
+
+
 def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den if num and den else None
 
@@ -187,6 +197,11 @@ def bench_layers(cells, shapes, impls, dtype, device, cfg) -> list[dict]:
                 for impl in impls
                 for mode, call in (("fwd", case.forward), ("fwd_bwd", case.forward_backward))
             }
+            if _fp32_base(impls, dtype):
+                case32 = bench.make_layer_case(cell, s, torch.float32, device)
+                group[FP32_BASE] = {"cell": cell, **vars(s), "dtype": "float32", "impl": FP32_BASE}
+                calls[(FP32_BASE, "fwd")] = partial(case32.forward, "torch")
+                calls[(FP32_BASE, "fwd_bwd")] = partial(case32.forward_backward, "torch")
             with torch.enable_grad():
                 timings, errors = bench.time_interleaved(calls, device, **cfg)
             for (impl, mode), err in errors.items():
@@ -202,10 +217,10 @@ def bench_layers(cells, shapes, impls, dtype, device, cfg) -> list[dict]:
                 group[impl][mode] = vars(t) | {"spread": t.spread()}
                 group[impl][f"tokens_per_s_{mode}"] = s.B * s.T / seconds
                 group[impl][f"gflops_{mode}"] = flops / seconds / 1e9
-                for base in ("torch", "reference"):
+                for base in BASES:
                     ref = timings.get((base, mode))
                     ratio = _ratio(ref.median_ms if ref else None, t.median_ms)
-                    group[impl][f"vs_{base}_{mode}"] = ratio
+                    group[impl][f"vs_{_key(base)}_{mode}"] = ratio
             for impl, row in group.items():
                 if "error" in row:
                     group[impl] = {k: v for k, v in row.items() if k in _LAYER_KEYS + ("error",)}
@@ -216,22 +231,31 @@ def bench_layers(cells, shapes, impls, dtype, device, cfg) -> list[dict]:
 _LAYER_KEYS = ("cell", "B", "T", "I", "H", "dtype", "impl")
 
 
+def _fp32_base(impls: list[str], dtype) -> bool:
+    return "torch" in impls and dtype != torch.float32
+
+
 def print_layers(rows: list[dict]) -> None:
     print("Layers: one layer, one direction, grad enabled; tok/s, GFLOP/s and ratios are fwd+bwd")
     headers = ["cell", "B", "T", "I", "H", "dtype", "impl", "fwd ms", "fwd+bwd ms", "tok/s"]
     headers += ["GFLOP/s", "x torch", "x reference"]
+    fp32 = any(r["impl"] == FP32_BASE for r in rows)
+    headers += ["x torch fp32"] if fp32 else []
     _print_results(
         headers,
         rows,
         lambda r: [r["cell"], *(str(r[k]) for k in "BTIH"), r["dtype"], r["impl"]],
-        lambda r: [
-            _fmt_ms(r["fwd"]),
-            _fmt_ms(r["fwd_bwd"]),
-            f"{r['tokens_per_s_fwd_bwd']:.3g}",
-            f"{r['gflops_fwd_bwd']:.3g}",
-            _fmt_ratio(r["vs_torch_fwd_bwd"]),
-            _fmt_ratio(r["vs_reference_fwd_bwd"]),
-        ],
+        lambda r: (
+            [
+                _fmt_ms(r["fwd"]),
+                _fmt_ms(r["fwd_bwd"]),
+                f"{r['tokens_per_s_fwd_bwd']:.3g}",
+                f"{r['gflops_fwd_bwd']:.3g}",
+                _fmt_ratio(r["vs_torch_fwd_bwd"]),
+                _fmt_ratio(r["vs_reference_fwd_bwd"]),
+            ]
+            + ([_fmt_ratio(r.get(f"vs_{_key(FP32_BASE)}_fwd_bwd"))] if fp32 else [])
+        ),
     )
 
 
@@ -375,14 +399,18 @@ def bench_training(cells, impls, dtype, device, cfg) -> list[dict]:
             impl: {"cell": cell, "impl": impl, "dtype": str(dtype)[6:], **TRAIN_MODEL, **cfg}
             for impl in impls
         }
+        runs = [(impl, impl, dtype) for impl in impls]
+        if _fp32_base(impls, dtype):
+            runs.append((FP32_BASE, "torch", torch.float32))
+            group[FP32_BASE] = group["torch"] | {"impl": FP32_BASE, "dtype": "float32"}
         steps = {}
-        for impl in impls:
+        for name, impl, dt in runs:
             try:
-                steps[impl] = _train_setup(
-                    cell, impl, dtype, device, cfg["batch"], cfg["block"], cfg["hidden"]
+                steps[name] = _train_setup(
+                    cell, impl, dt, device, cfg["batch"], cfg["block"], cfg["hidden"]
                 )
             except Exception as e:
-                group[impl]["error"] = bench.error_line(e)
+                group[name]["error"] = bench.error_line(e)
         n = cfg["steps"]
         timings, errors = bench.time_interleaved(
             steps, device, warmup=1, min_repeats=n, max_repeats=n, budget_s=0.0
@@ -402,7 +430,7 @@ def _add_speedups(rows: list[dict], key: str, lower_is_better: bool, prefix: str
     """``vs_torch`` / ``vs_reference`` (``prefix``) within each cell: above 1 means better
     than the base."""
     for row in rows:
-        for base in ("torch", "reference"):
+        for base in BASES:
             ref = next(
                 (
                     r
@@ -411,12 +439,13 @@ def _add_speedups(rows: list[dict], key: str, lower_is_better: bool, prefix: str
                 ),
                 None,
             )
+            name = f"{prefix}_{_key(base)}"
             if key not in row or ref is None or min(row[key], ref[key]) <= 0:
-                row[f"{prefix}_{base}"] = None
+                row[name] = None
             elif lower_is_better:
-                row[f"{prefix}_{base}"] = ref[key] / row[key]
+                row[name] = ref[key] / row[key]
             else:
-                row[f"{prefix}_{base}"] = row[key] / ref[key]
+                row[name] = row[key] / ref[key]
 
 
 def _status_kb(field: str) -> int | None:
@@ -560,16 +589,21 @@ def print_extras(result: dict) -> None:
             f"Training: CharRNN {TRAIN_MODEL['layers']}x{r0['hidden']} {r0['dtype']}, "
             f"batch {r0['batch']}, block {r0['block']}, AdamW, median of {r0['steps']} steps"
         )
+        fp32 = any(r["impl"] == FP32_BASE for r in result["training"])
         _print_results(
-            ["cell", "impl", "step ms", "tok/s", "x torch", "x reference"],
+            ["cell", "impl", "step ms", "tok/s", "x torch", "x reference"]
+            + (["x torch fp32"] if fp32 else []),
             result["training"],
             lambda r: [r["cell"], r["impl"]],
-            lambda r: [
-                f"{r['step_ms']:.3g}",
-                f"{r['tokens_per_s']:.3g}",
-                _fmt_ratio(r["vs_torch"]),
-                _fmt_ratio(r["vs_reference"]),
-            ],
+            lambda r: (
+                [
+                    f"{r['step_ms']:.3g}",
+                    f"{r['tokens_per_s']:.3g}",
+                    _fmt_ratio(r["vs_torch"]),
+                    _fmt_ratio(r["vs_reference"]),
+                ]
+                + ([_fmt_ratio(r.get(f"vs_{_key(FP32_BASE)}"))] if fp32 else [])
+            ),
         )
     if result.get("memory"):
         r0 = result["memory"][0]

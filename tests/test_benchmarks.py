@@ -85,6 +85,24 @@ def test_quick_run_writes_json_table_and_plot(run_main, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bfloat16_run_times_torch_float32_alongside(run_main, tmp_path, capsys):
+    """A bf16 run also times torch in float32 on the same case, so the targets set against
+    torch's float32 are measured in the same process."""
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--dtype", "bfloat16", "--shapes", "2,4,8,16", "--cells", "lstm"]
+    argv += ["--impls", "reference,torch", "--parts", "layers,train"]
+    argv += ["--train-config", "2,8,16", "--json", str(out)]
+    assert run_main(argv) == 0
+    assert "x torch fp32" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    for part, ratio in (("layers", "vs_torch_fp32_fwd_bwd"), ("training", "vs_torch_fp32")):
+        rows = {r["impl"]: r for r in data[part]}
+        assert set(rows) == {"reference", "torch", "torch fp32"}
+        assert rows["torch fp32"]["dtype"] == "float32" and rows["torch"]["dtype"] == "bfloat16"
+        assert rows["torch fp32"][ratio] == 1.0
+        assert all(_positive(r[ratio]) for r in rows.values())
+
+
 def test_memory_part_in_a_fresh_process(run_main, tmp_path):
     out = tmp_path / "mem.json"
     argv = ["--quick", "--cells", "lstm", "--impls", "torch", "--parts", "memory"]
