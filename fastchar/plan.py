@@ -119,6 +119,22 @@ def entries() -> list[dict]:
     ]
 
 
+def bf16_step_speedup(n_gates: int, B: int, H: int) -> float:
+    """How much faster this CPU runs a time loop's step GEMMs (forward and backward, the
+    plan's engine for each) in bfloat16 than in float32: the float32 time over the
+    bfloat16 time, measured now (or taken from the plan) at the loop's per-thread shapes."""
+    shapes = step_shapes(n_gates, B, H)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        total = 0.0
+        for part in ("fwd", "bwd"):
+            op, M, N, K = shapes[part]
+            engine = choose(dtype, op, M, N, K, shapes["threads"])
+            total += 2 * M * N * K / rate(engine, dtype, op, M, N, K, shapes["threads"])
+        seconds[dtype] = total
+    return seconds[torch.float32] / seconds[torch.bfloat16]
+
+
 _bf16_widen: bool | None = None  # measured (or read from the cache) once per process
 _BF16_SHAPE = (64, 256, 256)  # M, K, N: a step-sized matmul, quick even at 0.3 GFLOP/s
 

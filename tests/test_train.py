@@ -323,3 +323,48 @@ def test_bfloat16_autocast_run(text_file, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert all(t.dtype == torch.float32 for t in ckpt["model"].values())
     assert all(math.isfinite(r["val_loss"]) for r in read_metrics(out))
+
+
+@pytest.mark.parametrize("speedup, want", [(2.0, "bfloat16"), (1.2, "float32")])
+def test_dtype_auto_picks_by_the_measured_bf16_speedup(
+    text_file, tmp_path, capsys, monkeypatch, speedup, want
+):
+    """--dtype auto: bfloat16 where the plan measures the bf16 step GEMMs >= 1.5x float32's
+    at the model's step shapes, float32 otherwise; the log says which and why."""
+    from fastchar import plan
+    from fastchar.backends import cpp_loaded
+
+    if not cpp_loaded():
+        pytest.skip("--dtype auto measures the C++ step GEMMs")
+    asked = []
+
+    def fake(n_gates, B, H):
+        asked.append((n_gates, B, H))
+        return speedup
+
+    monkeypatch.setattr(plan, "bf16_step_speedup", fake)
+    out = tmp_path / "run"
+    args = tiny_args(text_file, out, "--dtype", "auto", "--impl", "cpp", "--sample-length", "0")
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert f"--dtype auto: {want}" in err and f"({want}," in err
+    assert asked and asked[0][0] == 4  # an LSTM's step shapes
+
+
+def test_dtype_auto_is_float32_off_the_cpp_kernels():
+    from fastchar.training.device import pick_dtype
+
+    cpu = torch.device("cpu")
+    assert pick_dtype("bfloat16", "cpp", cpu, "lstm", 8, 32) == ("bfloat16", None)
+    dtype, note = pick_dtype("auto", "reference", cpu, "lstm", 8, 32)
+    assert dtype == "float32" and "impl reference" in note
+
+
+def test_bf16_step_speedup_is_measured():
+    from fastchar import plan
+    from fastchar.backends import cpp_loaded
+
+    if not cpp_loaded():
+        pytest.skip("needs the C++ step GEMMs")
+    s = plan.bf16_step_speedup(4, 8, 64)
+    assert math.isfinite(s) and s > 0

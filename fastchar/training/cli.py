@@ -160,10 +160,12 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
     log(
         f"model: {cfg.model} {cfg.layers}x{cfg.hidden}, {n_params:,} parameters, vocab "
         f"{len(trainer.vocab)} | impl {cfg.impl} -> {trainer.kind} on {trainer.device} "
-        f"({cfg.dtype}, {torch.get_num_threads()} threads{ranks})"
+        f"({trainer.cfg.dtype}, {torch.get_num_threads()} threads{ranks})"
     )
     if trainer.impl_note:
         log(trainer.impl_note)
+    if trainer.dtype_note:
+        log(trainer.dtype_note)
 
     with stop_on_signals(trainer):
         try:

@@ -20,6 +20,7 @@ Shape letters: B batch, T block (time) length, V vocabulary, L layers, H hidden.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from fastchar.training.checkpoint import (
     set_rng_state,
 )
 from fastchar.training.config import AUTOCAST_DTYPES, FP16_NEEDS_CUDA, TrainConfig
-from fastchar.training.device import check_impl, pick_device
+from fastchar.training.device import check_impl, pick_device, pick_dtype
 from fastchar.training.errors import CheckpointError, ConfigError, TrainError, first_line
 from fastchar.training.progress import Progress
 
@@ -99,7 +100,7 @@ class Trainer:
         self.cfg = cfg
         self.world = world or distributed.World()
         self.device = device or pick_device(cfg.device)
-        if cfg.dtype != "float32" and self.device.type not in ("cpu", "cuda"):
+        if cfg.dtype not in ("float32", "auto") and self.device.type not in ("cpu", "cuda"):
             raise ConfigError(f"--dtype {cfg.dtype} needs a cpu or cuda device, not {self.device}")
         if cfg.dtype == "float16" and self.device.type != "cuda":
             raise ConfigError(FP16_NEEDS_CUDA.format(device=self.device.type))
@@ -109,6 +110,16 @@ class Trainer:
                 f"number of processes, {self.world.size}"
             )
         self.kind, self.impl_note = check_impl(cfg.impl, self.device)
+        dtype, self.dtype_note = pick_dtype(
+            cfg.dtype,
+            self.kind,
+            self.device,
+            cfg.model,
+            cfg.batch_size // self.world.size,
+            cfg.hidden,
+        )
+        if dtype != cfg.dtype:
+            self.cfg = cfg = dataclasses.replace(cfg, dtype=dtype)
         self.manifest = manifest
         self.vocab = vocab or fdata.Vocab.from_text(text)
         try:
