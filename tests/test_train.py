@@ -368,3 +368,19 @@ def test_bf16_step_speedup_is_measured():
         pytest.skip("needs the C++ step GEMMs")
     s = plan.bf16_step_speedup(4, 8, 64)
     assert math.isfinite(s) and s > 0
+
+
+def test_resume_with_dtype_auto_keeps_what_auto_chose(text_file, tmp_path, monkeypatch):
+    from fastchar import plan
+    from fastchar.backends import cpp_loaded
+
+    if not cpp_loaded():
+        pytest.skip("--dtype auto measures the C++ step GEMMs")
+    monkeypatch.setattr(plan, "bf16_step_speedup", lambda n_gates, B, H: 2.0)
+    out = tmp_path / "run"
+    args = tiny_args(text_file, out, "--dtype", "auto", "--impl", "cpp", "--sample-length", "0")
+    assert cli.main(args) == 0
+    monkeypatch.setattr(plan, "bf16_step_speedup", lambda n_gates, B, H: 1.0)
+    assert cli.main([*args, "--steps", "8", "--resume"]) == 0
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 8 and ckpt["config"]["dtype"] == "bfloat16"

@@ -39,6 +39,8 @@ def _resume_config(given: dict, ckpt: dict) -> TrainConfig:
         saved = TrainConfig.from_dict(ckpt["config"])
     except (TypeError, ConfigError) as e:
         raise CheckpointError(f"checkpoint config is unusable: {first_line(e)}") from None
+    if given.get("dtype") == "auto":  # the checkpoint holds what auto chose: keep it
+        given = {k: v for k, v in given.items() if k != "dtype"}
     for name, value in given.items():
         if name not in RESUME_OVERRIDES and value != getattr(saved, name):
             raise ConfigError(
