@@ -9,17 +9,19 @@ namespace {
 // One step's pointwise pass for rows [b0, b1) and units [0, n) of a slice
 // (pointers start at the slice's first unit). `acc` is h_{t-1} @ W_hh^T for the
 // slice: row stride `acc_ld`, gate q at column q * `acc_gs`. `x` is the input
-// side of the gates (x W_ih^T + b_ih + [b_hr, b_hz, 0]) in rows of G.
+// side of the gates (x W_ih^T + b_ih + [b_hr, b_hz, 0]): gate q at column q * `x_gs`,
+// rows of 3 * x_gs (x_gs = H for a projected sequence, the slice width n for a slice's
+// own projection).
 template <typename T, typename X>
 FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, const acc_t<T>* acc,
-                              int64_t acc_ld, int64_t acc_gs, const X* x,
+                              int64_t acc_ld, int64_t acc_gs, const X* x, int64_t x_gs,
                               const acc_t<T>* b_hn, const T* h_prev, T* gates, T* hn_out,
                               T* h_new) {
   using A = acc_t<T>;
   const int64_t G = 3 * H;
   for (int64_t b = b0; b < b1; ++b) {
     const A* a = acc + b * acc_ld;
-    const X* xr = x + b * G;
+    const X* xr = x + b * 3 * x_gs;
     const T* hp = h_prev + b * H;
     T* g = gates + b * G;
     T* hnr = hn_out + b * H;
@@ -27,9 +29,9 @@ FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       A r = sigmoid_act(a[j] + to_acc(xr[j]));
-      A z = sigmoid_act(a[acc_gs + j] + to_acc(xr[H + j]));
+      A z = sigmoid_act(a[acc_gs + j] + to_acc(xr[x_gs + j]));
       A hn = a[2 * acc_gs + j] + b_hn[j];
-      A nn = tanh_act(to_acc(xr[2 * H + j]) + r * hn);
+      A nn = tanh_act(to_acc(xr[2 * x_gs + j]) + r * hn);
       g[j] = from_acc<T>(r);
       g[H + j] = from_acc<T>(z);
       g[2 * H + j] = from_acc<T>(nn);
@@ -79,12 +81,17 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
   }
 }
 
+// The forward time loop. Without w_ih, `in` is the projected input xp [T, B, G]. With
+// w_ih [G, I], `in` is x [T, B, I]: each step projects x_t for its slice into a buffer of
+// its own, started from the bias b_x [G] (b_ih + [b_hr, b_hz, 0], accumulation type),
+// as lstm.cpp's fwd_loop does (the n gate needs x_n apart from the hidden side).
 template <typename T>
-void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& w_hh,
-              const at::Tensor& b_hn, at::Tensor& out, at::Tensor& gates, at::Tensor& hn) {
+void fwd_loop(const at::Tensor& in, const at::Tensor& h0, const at::Tensor& w_hh,
+              const at::Tensor& b_hn, const at::Tensor* w_ih, const at::Tensor* b_x,
+              at::Tensor& out, at::Tensor& gates, at::Tensor& hn) {
   using A = acc_t<T>;
-  const int64_t T_ = xp.size(0), B = xp.size(1), G = xp.size(2), H = G / 3;
-  const T* xp_p = xp.const_data_ptr<T>();
+  const int64_t T_ = in.size(0), B = in.size(1), G = w_hh.size(0), H = G / 3, K = in.size(2);
+  const T* in_p = in.const_data_ptr<T>();
   const A* bhn = b_hn.const_data_ptr<A>();
   const T* h0_p = h0.const_data_ptr<T>();
   T* out_p = out.data_ptr<T>();
@@ -92,18 +99,39 @@ void fwd_loop(const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& w_hh
   T* hn_p = hn.data_ptr<T>();
   const UnitSlices slices(H, 3);
   const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
-  std::vector<at::Tensor> accs;
+  std::optional<SliceGemms<T>> input_gemms;
+  if (w_ih != nullptr) {
+    input_gemms.emplace(slices, *w_ih, B, /*forward=*/true);
+  }
+  const A* bx = b_x != nullptr ? b_x->const_data_ptr<A>() : nullptr;
+  const auto acc_type = in.options().dtype(c10::CppTypeToScalarType<A>::value);
+  std::vector<at::Tensor> accs, x_accs;
   for (int64_t s = 0; s < slices.count; ++s) {
     const int64_t n = slices.size(s);
-    accs.push_back(at::empty({B, 3 * n}, xp.options().dtype(c10::CppTypeToScalarType<A>::value)));
+    accs.push_back(at::empty({B, 3 * n}, acc_type));
+    x_accs.push_back(at::empty({input_gemms ? B : 0, 3 * n}, acc_type));
   }
   auto step = [&](int64_t s, int64_t t) {
     const int64_t j0 = slices.begin(s), n = slices.size(s);
     const T* h_prev = t > 0 ? out_p + (t - 1) * B * H : h0_p;
     A* acc = accs[s].template data_ptr<A>();
+    T* g = gates_p + t * B * G + j0;
+    T* hn_t = hn_p + t * B * H + j0;
+    T* h_new = out_p + t * B * H + j0;
     slice_gemms.gemms[s](h_prev, H, A(0), acc, 3 * n);  // [B, 3 n]
-    fwd_rows<T, T>(0, B, n, H, acc, 3 * n, n, xp_p + t * B * G + j0, bhn + j0, h_prev + j0,
-                   gates_p + t * B * G + j0, hn_p + t * B * H + j0, out_p + t * B * H + j0);
+    if (input_gemms) {
+      A* ax = x_accs[s].template data_ptr<A>();  // [B, 3 n]: b_x, then += x_t @ W_ih^T
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t q = 0; q < 3; ++q) {
+          std::memcpy(ax + (b * 3 + q) * n, bx + q * H + j0, n * sizeof(A));
+        }
+      }
+      input_gemms->gemms[s](in_p + t * B * K, K, A(1), ax, 3 * n);
+      fwd_rows<T, A>(0, B, n, H, acc, 3 * n, n, ax, n, bhn + j0, h_prev + j0, g, hn_t, h_new);
+    } else {
+      fwd_rows<T, T>(0, B, n, H, acc, 3 * n, n, in_p + t * B * G + j0, H, bhn + j0,
+                     h_prev + j0, g, hn_t, h_new);
+    }
   };
   slices.run(T_, step, [](int64_t, int64_t) {});
 }
@@ -163,7 +191,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Ten
   auto hn = empty_seq({T_, B, H}, xp.options());  // [T, B, H]
   auto bhn = b_hn.to(state_type(dt)).contiguous();  // [H]
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_fwd", [&] {
-    fwd_loop<scalar_t>(xp.contiguous(), h0.contiguous(), w_hh.contiguous(), bhn, out, gates, hn);
+    fwd_loop<scalar_t>(xp.contiguous(), h0.contiguous(), w_hh.contiguous(), bhn, nullptr,
+                       nullptr, out, gates, hn);
+  });
+  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
+  return {out, h_n, gates, hn};
+}
+
+// gru_fwd with the input projection inside the time loop: x [T, B, I], w_ih [G, I],
+// b_x [G] (b_ih + [b_hr, b_hz, 0]) or none, b_hn [H]. Same outputs; backward is gru_bwd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_seq(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+    const std::optional<at::Tensor>& b_x, const at::Tensor& w_hh, const at::Tensor& b_hn) {
+  constexpr const char* OP = "fastchar::gru_seq";
+  const int64_t H = check_seq_args(OP, 3, x, h0, w_ih, b_x, w_hh);
+  const auto dt = x.scalar_type();
+  const int64_t T_ = x.size(0), B = x.size(1), G = 3 * H;
+  CHECK_ARG(b_hn, dt, H);
+
+  auto out = empty_seq({T_, B, H}, x.options());  // [T, B, H]
+  auto gates = empty_seq({T_, B, G}, x.options());  // [T, B, G]
+  auto hn = empty_seq({T_, B, H}, x.options());  // [T, B, H]
+  const auto st = state_type(dt);
+  auto bhn = b_hn.to(st).contiguous();  // [H]
+  auto bx = bias_acc(b_x, std::nullopt, G, st);  // [G]
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_seq", [&] {
+    auto w = w_ih.contiguous();
+    fwd_loop<scalar_t>(x.contiguous(), h0.contiguous(), w_hh.contiguous(), bhn, &w, &bx, out,
+                       gates, hn);
   });
   auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
   return {out, h_n, gates, hn};
@@ -241,7 +296,7 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
     scalar_t* hnp = hn.data_ptr<scalar_t>();
     scalar_t* hout = h_new.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      fwd_rows<scalar_t, A>(b0, b1, H, H, ghp, G, H, gxp, bhn, hp, gp, hnp, hout);
+      fwd_rows<scalar_t, A>(b0, b1, H, H, ghp, G, H, gxp, H, bhn, hp, gp, hnp, hout);
     });
   });
   return h_new;
@@ -251,6 +306,7 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(fastchar, CPU, m) {
   m.impl("gru_fwd", &gru_fwd);
+  m.impl("gru_seq", &gru_seq);
   m.impl("gru_bwd", &gru_bwd);
   m.impl("gru_cell", &gru_cell);
 }

@@ -17,9 +17,10 @@ TORCH_LIBRARY(fastchar, m) {
   m.def(
       "lstm_fwd(Tensor xp, Tensor h0, Tensor c0, Tensor w_hh) -> "
       "(Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cs)");
-  // lstm_seq / rnn_seq: lstm_fwd / rnn_fwd with the input projection in the time loop
-  // (C++ only): x [T, B, I], w_ih, bias = b_ih + b_hh or None; backward is lstm_bwd /
-  // rnn_bwd, whose grad_xp feeds x, w_ih and bias.
+  // lstm_seq / gru_seq / rnn_seq: the *_fwd ops with the input projection in the time
+  // loop (C++ only): x [T, B, I], w_ih, the input-side bias (b_ih + b_hh; GRU: b_ih +
+  // [b_hr, b_hz, 0]) or None; backward is the *_bwd op, whose grad_xp feeds x, w_ih and
+  // that bias.
   m.def(
       "lstm_seq(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor? bias, Tensor w_hh) -> "
       "(Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cs)");
@@ -34,6 +35,9 @@ TORCH_LIBRARY(fastchar, m) {
 
   m.def(
       "gru_fwd(Tensor xp, Tensor h0, Tensor w_hh, Tensor b_hn) -> "
+      "(Tensor out, Tensor h_n, Tensor gates, Tensor hn)");
+  m.def(
+      "gru_seq(Tensor x, Tensor h0, Tensor w_ih, Tensor? b_x, Tensor w_hh, Tensor b_hn) -> "
       "(Tensor out, Tensor h_n, Tensor gates, Tensor hn)");
   m.def(
       "gru_bwd(Tensor grad_out, Tensor grad_h_n, Tensor w_hh, Tensor h0, "

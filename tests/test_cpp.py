@@ -277,10 +277,10 @@ def test_opcheck(cell, kind):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("cell", ["lstm", "rnn_relu"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
 def test_opcheck_seq(cell, bias):
-    """lstm_seq / rnn_seq (the input projection inside the time loop): schema, fake and
-    autograd registration, with and without a bias."""
+    """lstm_seq / gru_seq / rnn_seq (the input projection inside the time loop): schema,
+    fake and autograd registration, with and without a bias."""
     T, B, I, H = 3, 2, 5, 8
     G = N_GATES[cell] * H
     kw = dict(dtype=torch.float64, requires_grad=True)
@@ -290,6 +290,9 @@ def test_opcheck_seq(cell, bias):
     b = torch.randn(G, **kw) if bias else None
     if cell == "lstm":
         torch.library.opcheck(torch.ops.fastchar.lstm_seq, (x, h0, c0, w_ih, b, w_hh))
+    elif cell == "gru":
+        b_hn = torch.randn(H, **kw)
+        torch.library.opcheck(torch.ops.fastchar.gru_seq, (x, h0, w_ih, b, w_hh, b_hn))
     else:
         torch.library.opcheck(torch.ops.fastchar.rnn_seq, (x, h0, w_ih, b, w_hh, True))
 
@@ -307,6 +310,8 @@ def test_bad_seq_input_names_the_argument():
         torch.ops.fastchar.lstm_seq(x, h0, c0[:1], w_ih, b, w_hh)
     with pytest.raises(ValueError, match="rnn_seq: x must be 3-D"):
         torch.ops.fastchar.rnn_seq(x[0], h0, w_ih[:4], b[:4], w_hh[:4], False)
+    with pytest.raises(ValueError, match="gru_seq: b_hn must have shape"):
+        torch.ops.fastchar.gru_seq(x, h0, w_ih[:12], b[:12], w_hh[:12], b[:3])
     with pytest.raises(RuntimeError, match="rnn_seq: bias has dtype"):
         torch.ops.fastchar.rnn_seq(x, h0, w_ih[:4], b[:4].double(), w_hh[:4], False)
 

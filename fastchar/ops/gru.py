@@ -2,6 +2,8 @@
 
 Shape letters: T time, B batch, I input, H hidden, G = 3H gates (r, z, n).
 
+The C++ backend runs ``gru_seq(x, h0, w_ih, b_x, w_hh, b_hn)`` for a layer: gru_fwd with the
+input projection inside the time loop, same outputs, backward through gru_bwd.
 Both backends implement the same pair of sequence ops:
   gru_fwd(xp [T, B, G], h0 [B, H], w_hh [G, H], b_hn [H])
       -> out [T, B, H], h_n [B, H], gates [T, B, G] (activated r, z, n), hn [T, B, H]
@@ -25,6 +27,7 @@ from fastchar.ops._common import (
     check_args,
     grads_or_zeros,
     linear,
+    projection_grads,
     skip_zero_grads,
     torch_params,
     weight_grad,
@@ -47,6 +50,10 @@ def _fake_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn):
     return gates.new_empty(T, B, G), gates.new_empty(T, B, G // 3), h0.new_empty(h0.shape)
 
 
+def _fake_seq(x: Tensor, h0: Tensor, w_ih: Tensor, b_x, w_hh: Tensor, b_hn: Tensor):
+    return _fake_fwd(x.new_empty(x.shape[0], x.shape[1], w_hh.shape[0]), h0, w_hh, b_hn)
+
+
 def _fake_cell(x, h, w_ih, w_hh, b_ih, b_hh, s_ih=None, s_hh=None):
     return h.new_empty(h.shape)
 
@@ -58,21 +65,47 @@ def _setup_context(ctx, inputs, output):
     skip_zero_grads(ctx)
 
 
+def _hidden_grads(bwd, saved, grad_out, grad_h_n, need_w_hh: bool, need_b_hn: bool):
+    """gru_bwd and the hidden-side weight gradients: (grad_xp, grad_h0, grad_w_hh, grad_b_hn)."""
+    h0, w_hh, out, gates, hn = saved
+    grad_out, grad_h_n = grads_or_zeros((grad_out, out), (grad_h_n, h0))
+    grad_xp, grad_ghn, grad_h0 = bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn)
+    H = w_hh.shape[1]
+    grad_w_hh = None
+    if need_w_hh:  # rows r, z from grad_xp's blocks (views), n from grad_ghn
+        grad_w_hh = torch.cat(
+            (weight_grad(grad_xp[..., : 2 * H], h0, out), weight_grad(grad_ghn, h0, out))
+        )
+    grad_b_hn = grad_ghn.sum((0, 1)) if need_b_hn else None
+    return grad_xp, grad_h0, grad_w_hh, grad_b_hn
+
+
 def _autograd_backward(bwd):
     def backward(ctx, grad_out, grad_h_n, _grad_gates, _grad_hn):
-        h0, w_hh, out, gates, hn = ctx.saved_tensors
-        grad_out, grad_h_n = grads_or_zeros((grad_out, out), (grad_h_n, h0))
-        grad_xp, grad_ghn, grad_h0 = bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn)
-        H = w_hh.shape[1]
-        grad_w_hh = None
-        if ctx.needs_input_grad[2]:  # rows r, z from grad_xp's blocks (views), n from grad_ghn
-            grad_w_hh = torch.cat(
-                (weight_grad(grad_xp[..., : 2 * H], h0, out), weight_grad(grad_ghn, h0, out))
-            )
-        grad_b_hn = grad_ghn.sum((0, 1)) if ctx.needs_input_grad[3] else None
-        return grad_xp, grad_h0, grad_w_hh, grad_b_hn
+        need = ctx.needs_input_grad
+        return _hidden_grads(bwd, ctx.saved_tensors, grad_out, grad_h_n, need[2], need[3])
 
     return backward
+
+
+def _setup_seq(ctx, inputs, output):
+    x, h0, w_ih, b_x, w_hh, b_hn = inputs
+    out, _, gates, hn = output
+    ctx.save_for_backward(x, w_ih, h0, w_hh, out, gates, hn)
+    ctx.has_bias = b_x is not None
+    skip_zero_grads(ctx)
+
+
+def _seq_backward(ctx, grad_out, grad_h_n, _grad_gates, _grad_hn):
+    x, w_ih, *saved = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_xp, grad_h0, grad_w_hh, grad_b_hn = _hidden_grads(
+        torch.ops.fastchar.gru_bwd, saved, grad_out, grad_h_n, need[4], need[5]
+    )
+    grad_x, grad_w_ih, grad_b_x = projection_grads(
+        (need[0], need[2], need[3]), grad_xp, x, w_ih, ctx.has_bias
+    )
+    return grad_x, grad_h0, grad_w_ih, grad_b_x, grad_w_hh, grad_b_hn
 
 
 @torch.library.custom_op("fastchar::triton_gru_fwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -114,6 +147,8 @@ _triton_cell.register_fake(_fake_cell)
 _triton_fwd.register_autograd(_autograd_backward(_triton_bwd), setup_context=_setup_context)
 
 if cpp_loaded():
+    torch.library.register_fake("fastchar::gru_seq")(_fake_seq)
+    torch.library.register_autograd("fastchar::gru_seq", _seq_backward, setup_context=_setup_seq)
     torch.library.register_fake("fastchar::gru_fwd")(_fake_fwd)
     torch.library.register_fake("fastchar::gru_bwd")(_fake_bwd)
     torch.library.register_fake("fastchar::gru_cell")(_fake_cell)
@@ -157,8 +192,11 @@ def gru(
         params, has_bias = torch_params(w_ih, w_hh, b_ih, b_hh)
         out, h_n = torch.gru(x, h0[None], params, has_bias, 1, 0.0, False, False, False)
         return out, h_n[0]
-    fwd, _ = _kernels(kind)
     b_x, b_hn = split_gru_bias(x, H, b_ih, b_hh)
+    if kind == "cpp":  # the input projection inside the time loop
+        out, h_n, _, _ = torch.ops.fastchar.gru_seq(x, h0, w_ih, b_x, w_hh, b_hn)
+        return out, h_n
+    fwd, _ = _kernels(kind)
     xp = linear(x, w_ih, b_x)  # [T, B, G], one GEMM
     out, h_n, _, _ = fwd(xp, h0, w_hh, b_hn)
     return out, h_n
