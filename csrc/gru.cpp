@@ -171,6 +171,25 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   slices.run(T_, pointwise, gemm);
 }
 
+// gru_fwd and gru_seq after their checks: the outputs, the time loop (with w_ih and the
+// accumulation-type b_x for gru_seq, else nullptr) and the final state.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& in, const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& b_hn,
+    const at::Tensor* w_ih, const at::Tensor* b_x) {
+  const auto dt = in.scalar_type();
+  const int64_t T_ = in.size(0), B = in.size(1), G = w_hh.size(0), H = w_hh.size(1);
+  auto out = empty_seq({T_, B, H}, in.options());  // [T, B, H]
+  auto gates = empty_seq({T_, B, G}, in.options());  // [T, B, G]
+  auto hn = empty_seq({T_, B, H}, in.options());  // [T, B, H]
+  auto bhn = b_hn.to(state_type(dt)).contiguous();  // [H]
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_fwd", [&] {
+    fwd_loop<scalar_t>(in.contiguous(), h0.contiguous(), w_hh.contiguous(), bhn, w_ih, b_x, out,
+                       gates, hn);
+  });
+  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
+  return {out, h_n, gates, hn};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& xp,
                                                                    const at::Tensor& h0,
                                                                    const at::Tensor& w_hh,
@@ -180,22 +199,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Ten
   CHECK_DIM(xp, 3);
   check_float_dtype(OP, xp);
   const auto dt = xp.scalar_type();
-  const int64_t T_ = xp.size(0), B = xp.size(1), G = xp.size(2), H = G / 3;
+  const int64_t B = xp.size(1), G = xp.size(2), H = G / 3;
   TORCH_CHECK_VALUE(G % 3 == 0, OP, ": xp must be [T, B, 3H], got shape ", xp.sizes());
   CHECK_ARG(h0, dt, B, H);
   CHECK_ARG(w_hh, dt, G, H);
   CHECK_ARG(b_hn, dt, H);
-
-  auto out = empty_seq({T_, B, H}, xp.options());  // [T, B, H]
-  auto gates = empty_seq({T_, B, G}, xp.options());  // [T, B, G]
-  auto hn = empty_seq({T_, B, H}, xp.options());  // [T, B, H]
-  auto bhn = b_hn.to(state_type(dt)).contiguous();  // [H]
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_fwd", [&] {
-    fwd_loop<scalar_t>(xp.contiguous(), h0.contiguous(), w_hh.contiguous(), bhn, nullptr,
-                       nullptr, out, gates, hn);
-  });
-  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
-  return {out, h_n, gates, hn};
+  return forward(xp, h0, w_hh, b_hn, nullptr, nullptr);
 }
 
 // gru_fwd with the input projection inside the time loop: x [T, B, I], w_ih [G, I],
@@ -205,23 +214,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_seq(
     const std::optional<at::Tensor>& b_x, const at::Tensor& w_hh, const at::Tensor& b_hn) {
   constexpr const char* OP = "fastchar::gru_seq";
   const int64_t H = check_seq_args(OP, 3, x, h0, w_ih, b_x, w_hh);
-  const auto dt = x.scalar_type();
-  const int64_t T_ = x.size(0), B = x.size(1), G = 3 * H;
-  CHECK_ARG(b_hn, dt, H);
-
-  auto out = empty_seq({T_, B, H}, x.options());  // [T, B, H]
-  auto gates = empty_seq({T_, B, G}, x.options());  // [T, B, G]
-  auto hn = empty_seq({T_, B, H}, x.options());  // [T, B, H]
-  const auto st = state_type(dt);
-  auto bhn = b_hn.to(st).contiguous();  // [H]
-  auto bx = bias_acc(b_x, std::nullopt, G, st);  // [G]
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_seq", [&] {
-    auto w = w_ih.contiguous();
-    fwd_loop<scalar_t>(x.contiguous(), h0.contiguous(), w_hh.contiguous(), bhn, &w, &bx, out,
-                       gates, hn);
-  });
-  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
-  return {out, h_n, gates, hn};
+  CHECK_ARG(b_hn, x.scalar_type(), H);
+  const auto w = w_ih.contiguous();
+  const auto bx = bias_acc(b_x, std::nullopt, 3 * H, state_type(x.scalar_type()));  // [G]
+  return forward(x, h0, w_hh, b_hn, &w, &bx);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(
@@ -259,7 +255,7 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
   constexpr const char* OP = "fastchar::gru_cell";
   const int64_t H = check_cell_args(OP, 3, x, h, w_ih, w_hh, b_ih, b_hh, s_ih, s_hh);
   const auto dt = x.scalar_type();
-  const int64_t B = x.size(0), I = x.size(1), G = 3 * H;
+  const int64_t B = x.size(0), G = 3 * H;
 
   const auto st = state_type(dt);
   // x side carries b_ih + [b_hr, b_hz, 0]; b_hn stays with the hidden side.

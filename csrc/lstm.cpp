@@ -156,6 +156,26 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   slices.run(T_, pointwise, gemm);
 }
 
+// lstm_fwd and lstm_seq after their checks: the outputs, the time loop (with w_ih and the
+// accumulation-type bias for lstm_seq, else nullptr) and the final states.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& in, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const at::Tensor* w_ih, const at::Tensor* bias) {
+  const auto dt = in.scalar_type(), st = state_type(dt);
+  const int64_t T_ = in.size(0), B = in.size(1), G = w_hh.size(0), H = w_hh.size(1);
+  auto out = empty_seq({T_, B, H}, in.options());  // [T, B, H]
+  auto gates = empty_seq({T_, B, G}, in.options());  // [T, B, G]
+  auto cs = empty_seq({T_, B, H}, in.options().dtype(st));  // [T, B, H]
+  auto c0s = c0.to(st).contiguous();  // [B, H]
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_fwd", [&] {
+    fwd_loop<scalar_t>(in.contiguous(), h0.contiguous(), c0s, w_hh.contiguous(), w_ih, bias, out,
+                       gates, cs);
+  });
+  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
+  auto c_n = T_ > 0 ? cs[T_ - 1].to(dt, false, true) : c0.clone();
+  return {out, h_n, c_n, gates, cs};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
     const at::Tensor& xp, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh) {
   constexpr const char* OP = "fastchar::lstm_fwd";
@@ -163,24 +183,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   CHECK_DIM(xp, 3);
   check_float_dtype(OP, xp);
   const auto dt = xp.scalar_type();
-  const int64_t T_ = xp.size(0), B = xp.size(1), G = xp.size(2), H = G / 4;
+  const int64_t B = xp.size(1), G = xp.size(2), H = G / 4;
   TORCH_CHECK_VALUE(G % 4 == 0, OP, ": xp must be [T, B, 4H], got shape ", xp.sizes());
   CHECK_ARG(h0, dt, B, H);
   CHECK_ARG(c0, dt, B, H);
   CHECK_ARG(w_hh, dt, G, H);
-
-  const auto st = state_type(dt);
-  auto out = empty_seq({T_, B, H}, xp.options());  // [T, B, H]
-  auto gates = empty_seq({T_, B, G}, xp.options());  // [T, B, G]
-  auto cs = empty_seq({T_, B, H}, xp.options().dtype(st));  // [T, B, H]
-  auto c0s = c0.to(st).contiguous();  // [B, H]
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_fwd", [&] {
-    fwd_loop<scalar_t>(xp.contiguous(), h0.contiguous(), c0s, w_hh.contiguous(), nullptr,
-                       nullptr, out, gates, cs);
-  });
-  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
-  auto c_n = T_ > 0 ? cs[T_ - 1].to(dt, false, true) : c0.clone();
-  return {out, h_n, c_n, gates, cs};
+  return forward(xp, h0, c0, w_hh, nullptr, nullptr);
 }
 
 // lstm_fwd with the input projection inside the time loop: x [T, B, I], w_ih [G, I],
@@ -191,24 +199,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_seq(
     const std::optional<at::Tensor>& bias, const at::Tensor& w_hh) {
   constexpr const char* OP = "fastchar::lstm_seq";
   const int64_t H = check_seq_args(OP, 4, x, h0, w_ih, bias, w_hh);
-  const auto dt = x.scalar_type();
-  const int64_t T_ = x.size(0), B = x.size(1), G = 4 * H;
-  CHECK_ARG(c0, dt, B, H);
-
-  const auto st = state_type(dt);
-  auto out = empty_seq({T_, B, H}, x.options());  // [T, B, H]
-  auto gates = empty_seq({T_, B, G}, x.options());  // [T, B, G]
-  auto cs = empty_seq({T_, B, H}, x.options().dtype(st));  // [T, B, H]
-  auto c0s = c0.to(st).contiguous();  // [B, H]
-  auto b = bias_acc(bias, std::nullopt, G, st);  // [G]
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_seq", [&] {
-    auto w = w_ih.contiguous();
-    fwd_loop<scalar_t>(x.contiguous(), h0.contiguous(), c0s, w_hh.contiguous(), &w, &b, out,
-                       gates, cs);
-  });
-  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
-  auto c_n = T_ > 0 ? cs[T_ - 1].to(dt, false, true) : c0.clone();
-  return {out, h_n, c_n, gates, cs};
+  CHECK_ARG(c0, x.scalar_type(), x.size(1), H);
+  const auto w = w_ih.contiguous();
+  const auto b = bias_acc(bias, std::nullopt, 4 * H, state_type(x.scalar_type()));  // [G]
+  return forward(x, h0, c0, w_hh, &w, &b);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
@@ -249,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tens
   constexpr const char* OP = "fastchar::lstm_cell";
   const int64_t H = check_cell_args(OP, 4, x, h, w_ih, w_hh, b_ih, b_hh, s_ih, s_hh);
   const auto dt = x.scalar_type();
-  const int64_t B = x.size(0), I = x.size(1), G = 4 * H;
+  const int64_t B = x.size(0), G = 4 * H;
   CHECK_ARG(c, dt, B, H);
 
   const auto st = state_type(dt);

@@ -107,6 +107,25 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   slices.run(T_, pointwise, gemm);
 }
 
+// rnn_fwd and rnn_seq after their checks: the output, the time loop (with w_ih and the
+// accumulation-type bias for rnn_seq, else nullptr) and the final state.
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& in, const at::Tensor& h0,
+                                           const at::Tensor& w_hh, const at::Tensor* w_ih,
+                                           const at::Tensor* bias, bool relu) {
+  const int64_t T_ = in.size(0), B = in.size(1), H = w_hh.size(0);
+  auto out = empty_seq({T_, B, H}, in.options());  // [T, B, H]
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.scalar_type(), "rnn_fwd", [&] {
+    auto xc = in.contiguous(), hc = h0.contiguous(), wc = w_hh.contiguous();
+    if (relu) {
+      fwd_loop<scalar_t, true>(xc, hc, wc, w_ih, bias, out);
+    } else {
+      fwd_loop<scalar_t, false>(xc, hc, wc, w_ih, bias, out);
+    }
+  });
+  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
+  return {out, h_n};
+}
+
 std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& xp, const at::Tensor& h0,
                                            const at::Tensor& w_hh, bool relu) {
   constexpr const char* OP = "fastchar::rnn_fwd";
@@ -114,21 +133,10 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& xp, const at::Tenso
   CHECK_DIM(xp, 3);
   check_float_dtype(OP, xp);
   const auto dt = xp.scalar_type();
-  const int64_t T_ = xp.size(0), B = xp.size(1), H = xp.size(2);
+  const int64_t B = xp.size(1), H = xp.size(2);
   CHECK_ARG(h0, dt, B, H);
   CHECK_ARG(w_hh, dt, H, H);
-
-  auto out = empty_seq({T_, B, H}, xp.options());  // [T, B, H]
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "rnn_fwd", [&] {
-    auto xc = xp.contiguous(), hc = h0.contiguous(), wc = w_hh.contiguous();
-    if (relu) {
-      fwd_loop<scalar_t, true>(xc, hc, wc, nullptr, nullptr, out);
-    } else {
-      fwd_loop<scalar_t, false>(xc, hc, wc, nullptr, nullptr, out);
-    }
-  });
-  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
-  return {out, h_n};
+  return forward(xp, h0, w_hh, nullptr, nullptr, relu);
 }
 
 // rnn_fwd with the input projection inside the time loop: x [T, B, I], w_ih [H, I],
@@ -139,22 +147,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_seq(const at::Tensor& x, const at::Tensor
                                            const at::Tensor& w_hh, bool relu) {
   constexpr const char* OP = "fastchar::rnn_seq";
   const int64_t H = check_seq_args(OP, 1, x, h0, w_ih, bias, w_hh);
-  const auto dt = x.scalar_type();
-  const int64_t T_ = x.size(0), B = x.size(1);
-
-  auto out = empty_seq({T_, B, H}, x.options());  // [T, B, H]
-  auto b = bias_acc(bias, std::nullopt, H, state_type(dt));  // [H]
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "rnn_seq", [&] {
-    auto xc = x.contiguous(), hc = h0.contiguous(), wc = w_hh.contiguous();
-    auto wi = w_ih.contiguous();
-    if (relu) {
-      fwd_loop<scalar_t, true>(xc, hc, wc, &wi, &b, out);
-    } else {
-      fwd_loop<scalar_t, false>(xc, hc, wc, &wi, &b, out);
-    }
-  });
-  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
-  return {out, h_n};
+  const auto w = w_ih.contiguous();
+  const auto b = bias_acc(bias, std::nullopt, H, state_type(x.scalar_type()));  // [H]
+  return forward(x, h0, w_hh, &w, &b, relu);
 }
 
 std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& grad_out,
