@@ -431,6 +431,197 @@ class PairKernel final : public Kernel {
   bool reverse_ = false;  // flips every call (gemm_panels)
 };
 
+// ---- the wide GEMMs (Op::kWideNN, kWideTN): C[M, N] (= or +=) op(A) @ B, B [K, N] ----
+
+// mkl: ATen's matmul (MKL / oneDNN, its own threads); bfloat16 products are added to C
+// as ATen rounds them.
+class AtenWideKernel final : public Kernel {
+ public:
+  AtenWideKernel(at::ScalarType dtype, bool trans_a, int64_t M, int64_t N, int64_t K,
+                 const void* B, int64_t ldb)
+      : dtype_(dtype), trans_a_(trans_a), M_(M), N_(N), K_(K),
+        b_(at::from_blob(const_cast<void*>(B), {K, N}, {ldb, 1}, at::dtype(dtype))) {}
+  void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    auto a = trans_a_ ? at::from_blob(const_cast<void*>(A), {K_, M_}, {lda, 1}, at::dtype(dtype_)).t()
+                      : at::from_blob(const_cast<void*>(A), {M_, K_}, {lda, 1}, at::dtype(dtype_));
+    auto c = at::from_blob(C, {M_, N_}, {ldc, 1}, at::dtype(at::kFloat));
+    if (dtype_ != at::kFloat) {
+      auto prod = at::mm(a, b_);
+      accumulate ? c.add_(prod) : c.copy_(prod);
+    } else if (accumulate) {
+      c.addmm_(a, b_);
+    } else {
+      at::mm_out(c, a, b_);
+    }
+  }
+
+ private:
+  at::ScalarType dtype_;
+  bool trans_a_;
+  int64_t M_, N_, K_;
+  at::Tensor b_;
+};
+
+// fma (float32) and bf16dot (bfloat16) on the wide GEMMs. Each thread takes a range of C's
+// rows and walks K in blocks of kWideK: it packs B's block into panels of its own (B is
+// read once per thread: 2 * rows FLOPs per packed element) and runs gemm_panels over row
+// blocks of kWideM, whose A block stays in L2. Every C element is still one chain of FMAs
+// over k in order, whatever the threads. fma reads A in place (a transposed A too);
+// bf16dot reads A's pairs in place where they are 4-byte aligned, else copies the block:
+// rows of k pairs, or for a transposed A rows k, k + 1 interleaved into pairs.
+constexpr int64_t kWideK = 256;  // = KC: one K block of gemm_panels
+constexpr int64_t kWideM = 192;  // A's block: 192 KB of float32 at kWideK
+
+class OwnWideKernel final : public Kernel {
+ public:
+  OwnWideKernel(bool dot, bool trans_a, int64_t M, int64_t N, int64_t K, const void* B,
+                int64_t ldb)
+      : dot_(dot), trans_a_(trans_a), M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {}
+  void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+#if FASTCHAR_X86_KERNELS
+    const int64_t threads = at::get_num_threads();
+    const int64_t chunk = ((M_ + threads - 1) / threads + 15) / 16 * 16;
+    const int64_t tasks = (M_ + chunk - 1) / chunk;  // one range of rows per thread
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(static_cast<int>(tasks)) schedule(static, 1)
+#endif
+    for (int64_t t = 0; t < tasks; ++t) {
+      rows(t * chunk, std::min(M_, (t + 1) * chunk), A, lda, accumulate, C, ldc);
+    }
+#else
+    TORCH_CHECK(false, "fastchar: the fma and bf16dot engines are not built on this platform");
+#endif
+  }
+
+ private:
+#if FASTCHAR_X86_KERNELS
+  // C rows [m_lo, m_hi) on the calling thread.
+  void rows(int64_t m_lo, int64_t m_hi, const void* A, int64_t lda, bool accumulate, float* C,
+            int64_t ldc) const {
+    const int64_t panels = (N_ + kPanel - 1) / kPanel;
+    std::vector<uint32_t> packed(panels * kWideK * kPanel);
+    std::vector<uint32_t> scratch;
+    for (int64_t k0 = 0; k0 < K_; k0 += kWideK) {
+      const int64_t kb = std::min(kWideK, K_ - k0), steps = (kb + 1) / 2;
+      const bool load = accumulate || k0 > 0;
+      if (!dot_) {
+        pack_block(reinterpret_cast<float*>(packed.data()), k0, kb, panels);
+        const auto* a = static_cast<const float*>(A);
+        for (int64_t m0 = m_lo; m0 < m_hi; m0 += kWideM) {
+          const int64_t mb = std::min(kWideM, m_hi - m0);
+          const auto* pb = reinterpret_cast<const float*>(packed.data());
+          if (trans_a_) {
+            wide_fma<true>(mb, kb, a + k0 * lda + m0, lda, pb, load, C + m0 * ldc, ldc);
+          } else {
+            wide_fma<false>(mb, kb, a + m0 * lda + k0, lda, pb, load, C + m0 * ldc, ldc);
+          }
+        }
+        continue;
+      }
+#if FASTCHAR_HAVE_DPBF16
+      pack_pairs_block(packed.data(), k0, kb, steps, panels);
+      const auto* a = static_cast<const at::BFloat16*>(A);
+      for (int64_t m0 = m_lo; m0 < m_hi; m0 += kWideM) {
+        const int64_t mb = std::min(kWideM, m_hi - m0);
+        const uint32_t* pa;
+        int64_t ldp;
+        if (trans_a_) {  // pairs of rows k, k + 1 of A [K, M]: pa [steps, mb]
+          scratch.resize(steps * mb);
+          for (int64_t s = 0; s < steps; ++s) {
+            const uint16_t* r0 = &a[(k0 + 2 * s) * lda + m0].x;
+            const uint16_t* r1 = 2 * s + 1 < kb ? &a[(k0 + 2 * s + 1) * lda + m0].x : nullptr;
+            uint32_t* o = scratch.data() + s * mb;
+#pragma omp simd
+            for (int64_t m = 0; m < mb; ++m) {
+              o[m] = uint32_t(r0[m]) | (r1 != nullptr ? uint32_t(r1[m]) << 16 : 0u);
+            }
+          }
+          pa = scratch.data();
+          ldp = mb;
+          avx512bf16::gemm_panels<avx512bf16::Dot, true>(mb, N_, steps, pa, ldp, packed.data(),
+                                                          load, C + m0 * ldc, ldc, false);
+          continue;
+        }
+        const at::BFloat16* row0 = a + m0 * lda + k0;
+        if (kb % 2 == 0 && lda % 2 == 0 && reinterpret_cast<uintptr_t>(row0) % 4 == 0) {
+          pa = reinterpret_cast<const uint32_t*>(row0);  // pairs in place
+          ldp = lda / 2;
+        } else {  // rows of k pairs, an odd K padded with a zero
+          scratch.assign(mb * steps, 0u);
+          auto* o = reinterpret_cast<at::BFloat16*>(scratch.data());
+          for (int64_t m = 0; m < mb; ++m) {
+            std::copy(row0 + m * lda, row0 + m * lda + kb, o + m * 2 * steps);
+          }
+          pa = scratch.data();
+          ldp = steps;
+        }
+        avx512bf16::gemm_panels<avx512bf16::Dot>(mb, N_, steps, pa, ldp, packed.data(), load,
+                                                 C + m0 * ldc, ldc, false);
+      }
+#endif
+    }
+  }
+
+  template <bool TA>
+  void wide_fma(int64_t mb, int64_t kb, const float* a, int64_t lda, const float* pb, bool load,
+                float* C, int64_t ldc) const {
+    if (cpu().avx512f) {
+      avx512::gemm_panels<avx512::F32, TA>(mb, N_, kb, a, lda, pb, load, C, ldc, false);
+    } else {
+      avx2::gemm_panels<avx2::F32, TA>(mb, N_, kb, a, lda, pb, load, C, ldc, false);
+    }
+  }
+
+  // B rows [k0, k0 + kb) as float32 panels [panels, kb, 16], the last panel zero padded.
+  void pack_block(float* out, int64_t k0, int64_t kb, int64_t panels) const {
+    const auto* b = static_cast<const float*>(B_);
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t n0 = p * kPanel, nn = std::min(kPanel, N_ - n0);
+      float* o = out + p * kb * kPanel;
+      for (int64_t k = 0; k < kb; ++k) {
+        const float* src = b + (k0 + k) * ldb_ + n0;
+        for (int64_t j = 0; j < kPanel; ++j) {
+          o[k * kPanel + j] = j < nn ? src[j] : 0.0f;
+        }
+      }
+    }
+  }
+
+  // B rows [k0, k0 + kb) of bfloat16 as pairs [panels, steps, 16] (pack_pairs' layout).
+  void pack_pairs_block(uint32_t* out, int64_t k0, int64_t kb, int64_t steps,
+                        int64_t panels) const {
+    const auto* b = static_cast<const at::BFloat16*>(B_);
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t n0 = p * kPanel, nn = std::min(kPanel, N_ - n0);
+      uint32_t* o = out + p * steps * kPanel;
+      for (int64_t s = 0; s < steps; ++s) {
+        const at::BFloat16* r0 = b + (k0 + 2 * s) * ldb_ + n0;
+        const bool odd = 2 * s + 1 < kb;
+        for (int64_t j = 0; j < kPanel; ++j) {
+          const uint32_t lo = j < nn ? r0[j].x : 0u;
+          const uint32_t hi = j < nn && odd ? r0[ldb_ + j].x : 0u;
+          o[s * kPanel + j] = lo | hi << 16;
+        }
+      }
+    }
+  }
+#endif
+
+  bool dot_, trans_a_;
+  int64_t M_, N_, K_;
+  const void* B_;
+  int64_t ldb_;
+};
+
+std::unique_ptr<Kernel> make_wide(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N,
+                                  int64_t K, const void* B, int64_t ldb) {
+  const bool trans_a = op == Op::kWideTN;
+  if (e == Engine::kMkl) {
+    return std::make_unique<AtenWideKernel>(dtype, trans_a, M, N, K, B, ldb);
+  }
+  return std::make_unique<OwnWideKernel>(e == Engine::kBf16dot, trans_a, M, N, K, B, ldb);
+}
+
 std::unique_ptr<Kernel> make_f32(Engine e, Op op, int64_t M, int64_t N, int64_t K,
                                  const float* W, int64_t ldw) {
   const bool trans_w = op != Op::kNN;
@@ -462,6 +653,11 @@ Plan& plan() {
 
 // Limits of an engine for one op and shape beyond the CPU and dtype (why_not).
 std::string op_why_not(Engine e, at::ScalarType dtype, Op op, int64_t K) {
+  if (is_wide(op) && e != Engine::kMkl &&
+      e != (dtype == at::kFloat ? Engine::kFma : Engine::kBf16dot)) {
+    return "the wide GEMMs (weight and input gradients) run float32 on mkl or fma and "
+           "bfloat16 on mkl or bf16dot";
+  }
   if (op == Op::kCell && e != Engine::kMkl &&
       e != (dtype == at::kFloat ? Engine::kFma : Engine::kBf16fma) && e != Engine::kBf16dot) {
     return "the cell ops' GEMM (W used once, unpacked) runs float32 on mkl or fma and "
@@ -485,23 +681,35 @@ std::vector<Engine> candidates(at::ScalarType dtype, Op op, int64_t K) {
   return out;
 }
 
+// Whether the op reads W as W^T (h @ W^T, x @ W^T), else as it is.
+bool transposes_w(Op op) {
+  return op == Op::kNT || op == Op::kCell;
+}
+
 // Random operands of one GEMM shape, from a generator of their own: measuring must not
 // move the user's random stream (a run that measures and one that reads the plan from
 // its cache must draw the same masks).
 struct Operands {
-  at::Tensor w, a, c;  // op(W)'s storage, A [M, K], C [M, N] (zeros)
-  Operands(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, uint64_t seed) {
+  Op op;
+  int64_t M, N, K;
+  at::Tensor w, a, c;  // op(W)'s storage, A [M, K] ([K, M] for kWideTN), C [M, N] (zeros)
+  Operands(at::ScalarType dtype, Op op_, int64_t M_, int64_t N_, int64_t K_, uint64_t seed)
+      : op(op_), M(M_), N(N_), K(K_) {
     auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-    w = (op != Op::kNN ? at::randn({N, K}, gen) : at::randn({K, N}, gen)).to(dtype);
-    a = at::randn({M, K}, gen).to(dtype);
+    w = (transposes_w(op) ? at::randn({N, K}, gen) : at::randn({K, N}, gen)).to(dtype);
+    a = (op == Op::kWideTN ? at::randn({K, M}, gen) : at::randn({M, K}, gen)).to(dtype);
     c = at::zeros({M, N});
   }
-  std::unique_ptr<Kernel> kernel(Engine e, Op op) const {
-    return make_kernel(e, w.scalar_type(), op, a.size(0), c.size(1), a.size(1),
-                       w.const_data_ptr(), w.size(1));
+  std::unique_ptr<Kernel> kernel(Engine e) const {
+    return make_kernel(e, w.scalar_type(), op, M, N, K, w.const_data_ptr(), w.size(1));
   }
   void run(Kernel& k) {
-    k.run(a.const_data_ptr(), a.size(1), false, c.data_ptr<float>(), c.size(1));
+    k.run(a.const_data_ptr(), a.size(1), false, c.data_ptr<float>(), N);
+  }
+  // The float64 product the engines must match.
+  at::Tensor want() const {
+    auto ad = a.to(at::kDouble), wd = w.to(at::kDouble);
+    return at::mm(op == Op::kWideTN ? ad.t() : ad, transposes_w(op) ? wd.t() : wd);
   }
 };
 
@@ -514,7 +722,7 @@ double time_engine(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N, 
   std::vector<double> per_thread(threads, 0.0);
   auto body = [&](int tid) {
     Operands x(dtype, op, M, N, K, 1234 + tid);
-    auto kernel = x.kernel(e, op);
+    auto kernel = x.kernel(e);
     using clock = std::chrono::steady_clock;
     auto batch = [&](int64_t reps) {
       auto t0 = clock::now();
@@ -552,11 +760,9 @@ double time_engine(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N, 
 // alone.
 bool agrees(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K) {
   Operands x(dtype, op, M, N, K, 4321);
-  x.run(*x.kernel(e, op));
+  x.run(*x.kernel(e));
   release_thread();
-  auto wd = x.w.to(at::kDouble);
-  auto want = at::mm(x.a.to(at::kDouble), op != Op::kNN ? wd.t() : wd);
-  const double err = (x.c.to(at::kDouble) - want).abs().max().item<double>();
+  const double err = (x.c.to(at::kDouble) - x.want()).abs().max().item<double>();
   return err <= 1e-4 * std::sqrt(static_cast<double>(K)) + 1e-5;
 }
 
@@ -643,6 +849,11 @@ std::string why_not(Engine e, at::ScalarType dtype) {
 
 std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, Op op, int64_t M,
                                     int64_t N, int64_t K, const void* W, int64_t ldw) {
+  if (is_wide(op)) {
+    const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op, K);
+    TORCH_CHECK(reason.empty(), "fastchar: engine ", engine_name(e), ": ", reason);
+    return make_wide(e, dtype, op, M, N, K, W, ldw);
+  }
   if (op == Op::kCell) {
     const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op, K);
     TORCH_CHECK(reason.empty(), "fastchar: engine ", engine_name(e), ": ", reason);
@@ -682,8 +893,9 @@ Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int 
   const char* env = std::getenv("FASTCHAR_GEMM");
   if (env != nullptr && *env != '\0' && std::string(env) != "auto") {
     const Engine e = parse_engine(env);
-    if (op == Op::kCell && why_not(e, dtype).empty() && !op_why_not(e, dtype, op, K).empty()) {
-      return Engine::kMkl;  // a step-GEMM engine with no cell kernel leaves sampling on mkl
+    if ((op == Op::kCell || is_wide(op)) && why_not(e, dtype).empty() &&
+        !op_why_not(e, dtype, op, K).empty()) {
+      return Engine::kMkl;  // a step-GEMM engine with no kernel for this op leaves it on mkl
     }
     const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op, K);
     TORCH_CHECK(reason.empty(), "fastchar: FASTCHAR_GEMM=", env, " cannot run this ", dtype,
@@ -750,7 +962,9 @@ std::string gemm_why_not(c10::string_view engine, at::ScalarType dtype) {
 }
 
 Op parse_op(int64_t op) {
-  TORCH_CHECK_VALUE(op >= 0 && op <= 2, "fastchar: op must be 0 (d @ W), 1 (h @ W^T) or 2 (cell)");
+  TORCH_CHECK_VALUE(op >= 0 && op < kOps,
+                    "fastchar: op must be 0 (d @ W), 1 (h @ W^T), 2 (cell), 3 (wide A @ B) or "
+                    "4 (wide A^T @ B)");
   return static_cast<Op>(op);
 }
 
@@ -788,7 +1002,7 @@ int64_t gemm_plan_load(const at::Tensor& rows) {
   std::lock_guard<std::mutex> lock(p.mutex);
   for (int64_t i = 0; i < r.size(0); ++i, v += 6) {
     const int64_t dt = v[0], e = v[5];
-    if ((dt != int64_t(at::kFloat) && dt != int64_t(at::kBFloat16)) || v[1] < 0 || v[1] > 2 ||
+    if ((dt != int64_t(at::kFloat) && dt != int64_t(at::kBFloat16)) || v[1] < 0 || v[1] >= kOps ||
         v[2] <= 0 || v[3] <= 0 || v[4] <= 0 || e < 0 || e >= kEngines) {
       continue;
     }
@@ -834,8 +1048,9 @@ at::Tensor gemm_run(c10::string_view engine, const at::Tensor& a, const at::Tens
   const Engine e = parse_engine(std::string(engine));
   const auto dtype = a.scalar_type();
   const Op op = parse_op(op_code);
-  const bool trans_w = op != Op::kNN;
-  const int64_t M = a.size(0), K = a.size(1), N = trans_w ? w.size(0) : w.size(1);
+  const bool trans_w = transposes_w(op), trans_a = op == Op::kWideTN;  // a [K, M] for kWideTN
+  const int64_t M = a.size(trans_a ? 1 : 0), K = a.size(trans_a ? 0 : 1);
+  const int64_t N = trans_w ? w.size(0) : w.size(1);
   const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op, K);
   TORCH_CHECK(reason.empty(), OP, ": engine ", engine, " cannot run ", dtype, ": ", reason);
   TORCH_CHECK_VALUE((trans_w ? w.size(1) : w.size(0)) == K, OP, ": w has shape ", w.sizes(),
@@ -845,7 +1060,7 @@ at::Tensor gemm_run(c10::string_view engine, const at::Tensor& a, const at::Tens
   CHECK_SHAPE(out, M, N);
   if (M > 0 && N > 0 && K > 0) {
     auto kernel = make_kernel(e, dtype, op, M, N, K, wc.const_data_ptr(), wc.size(1));
-    kernel->run(ac.const_data_ptr(), K, c.has_value(), out.data_ptr<float>(), N);
+    kernel->run(ac.const_data_ptr(), ac.size(1), c.has_value(), out.data_ptr<float>(), N);
     release_thread();
   }
   return out;

@@ -131,8 +131,15 @@ namespace engines {
 
 enum class Engine : int { kMkl = 0, kOnednn = 1, kFma = 2, kBf16dot = 3, kBf16fma = 4 };
 // kNN: a time loop's dgates @ W; kNT: its h @ W^T; kCell: a *_cell op's x @ W^T, W used
-// once (nothing to pack).
-enum class Op : int { kNN = 0, kNT = 1, kCell = 2 };
+// once (nothing to pack). kWideNN / kWideTN: a backward pass's wide GEMMs, whose M or K is
+// T * B and whose W is data that changes every call: grad_x = dgates @ W_ih (A [M, K]) and
+// the weight gradients dgates^T @ h (A stored [K, M]); W is B [K, N], and the kernel runs
+// on every thread itself (wide_gemm.cpp).
+enum class Op : int { kNN = 0, kNT = 1, kCell = 2, kWideNN = 3, kWideTN = 4 };
+constexpr int kOps = 5;
+inline bool is_wide(Op op) {
+  return op == Op::kWideNN || op == Op::kWideTN;
+}
 constexpr int kEngines = 5;
 const char* engine_name(Engine e);
 
@@ -144,7 +151,8 @@ std::string why_not(Engine e, at::ScalarType dtype);
 // time loop runs its slices). Throws when a forced engine cannot run.
 Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int threads);
 
-// One engine's prepared GEMM for a fixed W: C[M, N] (= or +=) A @ op(W), fp32 C.
+// One engine's prepared GEMM for a fixed W: C[M, N] (= or +=) A @ op(W), fp32 C (for the
+// wide ops, op(A) @ W).
 class Kernel {
  public:
   virtual ~Kernel() = default;

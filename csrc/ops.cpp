@@ -8,7 +8,8 @@
 //   hn     [T, B, H]  GRU W_hn h_{t-1} + b_hn, needed for the reset-gate grad
 //   s_ih, s_hh        *_cell ops: a float32 scale per row [G] of int8 weights (w = s * q)
 //
-// The gemm_* ops report, seed and time the step-GEMM plan (gemm.h, fastchar/plan.py);
+// The gemm_* ops report, seed and time the GEMM plan (gemm.h, fastchar/plan.py); mm_sum
+// runs the backward passes' wide GEMMs on it (wide_gemm.cpp);
 // generate runs a CharRNN's whole sampling loop (generate.cpp, fastchar/generator.py).
 #include <Python.h>
 #include <torch/library.h>
@@ -54,6 +55,9 @@ TORCH_LIBRARY(fastchar, m) {
   m.def("gemm_plan_clear() -> ()");
   m.def("gemm_rate(str engine, ScalarType dtype, int op, int M, int N, int K, int threads=1) -> float");
   m.def("gemm_run(str engine, Tensor a, Tensor w, int op, Tensor? c=None) -> Tensor");
+  // sum_i op(a_i) @ b_i (op(a) = a^T when trans_a), float32 accumulation: the backward
+  // passes' weight and input gradients on the planned engine (wide_gemm.cpp).
+  m.def("mm_sum(Tensor[] a, Tensor[] b, bool trans_a) -> Tensor");
 
   m.def("rnn_fwd(Tensor xp, Tensor h0, Tensor w_hh, bool relu) -> (Tensor out, Tensor h_n)");
   m.def(

@@ -55,7 +55,13 @@ def gemm_report(measure: bool = True) -> list[str]:
                 plan.choose(dtype, "cell", 1, 2048, K)
     lines.append(f"  cache      {plan.cache_path()}")
     for e in plan.entries():
-        op = {"nt": "h @ W^T", "nn": "d @ W  ", "cell": "x @ W^T"}[e["op"]]
+        op = {
+            "nt": "h @ W^T",
+            "nn": "d @ W  ",
+            "cell": "x @ W^T",
+            "wide_nn": "d @ W_ih",
+            "wide_tn": "d^T @ h",
+        }[e["op"]]
         name = str(e["dtype"]).removeprefix("torch.")
         shape = f"M={e['M']:<4} N={e['N']:<5} K={e['K']:<5}"
         lines.append(f"  {name:<9}  {op}  {shape} -> {e['engine']}")

@@ -36,8 +36,10 @@ from fastchar.cache import cache_dir
 
 ENGINES = ("mkl", "onednn", "fma", "bf16dot", "bf16fma")  # csrc/gemm.h, Engine
 # The GEMMs the plan covers (csrc/gemm.h, Op): a time loop's dgates @ W ("nn") and h @ W^T
-# ("nt"), and a *_cell op's x @ W^T with a W used once ("cell").
-OPS = ("nn", "nt", "cell")
+# ("nt"), a *_cell op's x @ W^T with a W used once ("cell"), and a backward pass's wide
+# GEMMs over all T * B rows (torch.ops.fastchar.mm_sum): dgates @ W_ih ("wide_nn", A [M, K])
+# and the weight gradients dgates^T @ h ("wide_tn", A stored [K, M]).
+OPS = ("nn", "nt", "cell", "wide_nn", "wide_tn")
 DTYPES = (torch.float32, torch.bfloat16)
 CACHE_FORMAT = 4
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")

@@ -24,6 +24,7 @@ DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 F32_ENGINES = ("mkl", "onednn", "fma")  # bf16dot and bf16fma are bf16 x bf16 kernels
 OWN_ENGINES = ("fma", "bf16dot", "bf16fma")  # fastchar's micro-kernels
 CELL_ENGINES = {torch.float32: ("mkl", "fma"), torch.bfloat16: ("mkl", "bf16fma", "bf16dot")}
+WIDE_ENGINES = {torch.float32: ("mkl", "fma"), torch.bfloat16: ("mkl", "bf16dot")}
 
 
 def runnable(dtype):
@@ -61,16 +62,23 @@ def test_float32_runs_on_at_least_two_engines():
 @pytest.mark.parametrize(("engine", "dtype"), ENGINE_CASES)
 def test_engine_matches_mm(engine, dtype, shape, op, accumulate):
     M, N, K = shape
-    trans_w = op != "nn"
-    a = torch.randn(M, K).to(dtype)
+    trans_w, trans_a = op in ("nt", "cell"), op == "wide_tn"  # wide_tn: a stored [K, M]
+    a = (torch.randn(K, M) if trans_a else torch.randn(M, K)).to(dtype)
     w = (torch.randn(N, K) if trans_w else torch.randn(K, N)).to(dtype)
     c = torch.randn(M, N) if accumulate else None
-    if op == "cell" and engine not in CELL_ENGINES[dtype]:
-        with pytest.raises(RuntimeError, match="cell ops' GEMM"):
-            plan.run(engine, a, w, op, c)
-        return
+    limits = (("cell", CELL_ENGINES, "cell ops' GEMM"), ("wide", WIDE_ENGINES, "wide GEMMs"))
+    for kind, engines, says in limits:
+        if op.startswith(kind) and engine not in engines[dtype]:
+            with pytest.raises(RuntimeError, match=says):
+                plan.run(engine, a, w, op, c)
+            return
     got = plan.run(engine, a, w, op, c)
-    want = a.double() @ (w.double().t() if trans_w else w.double())
+    want = (a.double().t() if trans_a else a.double()) @ (w.double().t() if trans_w else w.double())
+    if op.startswith("wide") and engine == "mkl" and dtype == torch.bfloat16:
+        # ATen's bf16 matmul rounds its product to bfloat16 before it is added to C
+        prod = got.double() - (c.double() if accumulate else 0)
+        torch.testing.assert_close(prod, want, atol=2e-5 * K**0.5, rtol=2**-8)
+        return
     if accumulate:
         want = want + c.double()
     # fp32 products of exactly-representable bf16 inputs: both dtypes round only the sums
@@ -384,3 +392,62 @@ def test_bf16_choice_is_measured_outside_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plan.bf16_matmul_widens()
     assert calls == [False]
+
+
+@pytest.mark.parametrize("trans_a", [True, False], ids=["tn", "nn"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("engine", ["auto", "mkl", "fma", "bf16dot"])
+def test_mm_sum_matches_float64(engine, dtype, trans_a, monkeypatch):
+    """The backward passes' wide GEMMs: two terms (one a column block of a wider tensor, as
+    the GRU's gradients are), M past one thread's row range and one A block, K past one K
+    block and odd; float32 accumulation, one rounding to the input dtype."""
+    if engine not in ("auto", *WIDE_ENGINES[dtype]):
+        pytest.skip(f"{engine} has no {dtype} wide kernel (it leaves the wide GEMMs on mkl)")
+    if engine != "auto" and plan.why_not(engine, dtype) is not None:
+        pytest.skip(f"this CPU cannot run {engine}: {plan.why_not(engine, dtype)}")
+    monkeypatch.setenv("FASTCHAR_GEMM", engine)
+    M, N = 400, 40
+    a, b = [], []
+    for K in (601, 7):
+        wide = torch.randn(K, 2 * M) if trans_a else torch.randn(M, 2 * K)
+        a.append((wide[:, :M] if trans_a else wide[:, :K]).to(dtype))  # a column block: a view
+        b.append(torch.randn(K, N).to(dtype))
+    got = torch.ops.fastchar.mm_sum(a, b, trans_a)
+    assert got.dtype == dtype and got.shape == (M, N)
+    terms = [
+        (x.double().t() if trans_a else x.double()) @ y.double() for x, y in zip(a, b, strict=True)
+    ]
+    want = sum(terms)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, atol=2e-5 * 608**0.5, rtol=1e-5)
+    elif engine in ("fma", "bf16dot"):  # float32 sums, one rounding to bf16: half an ulp
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=2**-8)
+    else:  # ATen rounds each term's product to bf16 too: half an ulp of the largest term
+        atol = sum(t.abs().max().item() for t in terms) * 2**-8
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=2**-8)
+
+
+def test_mm_sum_is_the_same_on_any_thread_count(monkeypatch):
+    monkeypatch.setenv("FASTCHAR_GEMM", "fma")
+    a, b = [torch.randn(300, 260)], [torch.randn(300, 50)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.fastchar.mm_sum(a, b, True)
+        torch.set_num_threads(3)
+        many = torch.ops.fastchar.mm_sum(a, b, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_mm_sum_bad_input_names_the_argument():
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    with pytest.raises(ValueError, match="same positive length"):
+        torch.ops.fastchar.mm_sum([x], [y, y], True)
+    with pytest.raises(ValueError, match="term 0 has a"):
+        torch.ops.fastchar.mm_sum([x], [y], False)  # [6, 4] @ [6, 3]
+    with pytest.raises(RuntimeError, match="b.*dtype"):
+        torch.ops.fastchar.mm_sum([x], [y.double()], True)
+    with pytest.raises(ValueError, match=r"a\[i\] must be 2-D"):
+        torch.ops.fastchar.mm_sum([x[None]], [y], True)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastchar import plan
+from fastchar.backends import cpp_loaded
 
 
 def _check_tensor(name: str, t: object, shape: tuple[int, ...], like: Tensor) -> None:
@@ -120,22 +121,42 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x.float(), w.float(), b).to(torch.bfloat16)
 
 
+def _mm_sum(a: list[Tensor], b: list[Tensor], trans_a: bool) -> Tensor:
+    """sum_i op(a_i) @ b_i, op(a) = a^T when ``trans_a``: a backward pass's wide GEMMs.
+
+    On the CPU with the C++ extension they run on the GEMM plan's engine for these shapes
+    (torch.ops.fastchar.mm_sum: fastchar's micro-kernels ran them at 2-2.4x MKL's rate on
+    an AMD EPYC Zen 5), float32 and bfloat16 with one float32 accumulator; elsewhere (other
+    devices and dtypes) torch's matmuls. A bfloat16
+    product runs in float32 where this CPU's bf16 GEMM is the slower one (``_widens``).
+    """
+    if _widens(a[0]):
+        with torch.autocast("cpu", enabled=False):
+            wide = _mm_sum([t.float() for t in a], [t.float() for t in b], trans_a)
+        return wide.to(a[0].dtype)
+    if a[0].device.type == "cpu" and a[0].dtype in plan.DTYPES and cpp_loaded():
+        return torch.ops.fastchar.mm_sum(a, b, trans_a)
+    out = None
+    for ai, bi in zip(a, b, strict=True):
+        ai = ai.t() if trans_a else ai
+        out = ai.mm(bi) if out is None else out.addmm(ai, bi)
+    return out
+
+
 def weight_grad(d_gates: Tensor, h0: Tensor, out: Tensor) -> Tensor:
     """dW_hh [G, H] = sum over steps t of d_gates[t]^T h_{t-1}, with h_{-1} = h0.
 
     ``d_gates`` [T, B, G] may be a column block of a wider gradient (a view).
 
-    Two GEMMs on views (step 0 against h0, steps 1.. against out[:-1]) rather than
-    one on a concatenated copy of every h_{t-1}: that copy ([T, B, H]) would raise
-    the backward's peak memory.
+    Two terms on views (step 0 against h0, steps 1.. against out[:-1]) rather than one on
+    a concatenated copy of every h_{t-1}: that copy ([T, B, H]) would raise the
+    backward's peak memory.
     """
-    if _widens(d_gates):
-        with torch.autocast("cpu", enabled=False):
-            return weight_grad(d_gates.float(), h0.float(), out.float()).to(d_gates.dtype)
-    grad = d_gates[0].t().mm(h0)  # [G, H]
+    a, b = [d_gates[0]], [h0]
     if d_gates.shape[0] > 1:
-        grad = grad.addmm(d_gates[1:].flatten(0, 1).t(), out[:-1].flatten(0, 1))
-    return grad
+        a.append(d_gates[1:].flatten(0, 1))
+        b.append(out[:-1].flatten(0, 1))
+    return _mm_sum(a, b, trans_a=True)
 
 
 def projection_grads(
@@ -144,17 +165,21 @@ def projection_grads(
     """Gradients of xp = x @ w_ih^T + bias from grad_xp [T, B, G], for the C++ ops that
     project the input inside their time loop: (x [T, B, I], w_ih [G, I], bias [G]), each
     None where ``needs`` (x, w_ih, bias) says it is not wanted or there is no bias."""
-    grad_x = linear(grad_xp, w_ih.t()) if needs[0] else None  # [T, B, I]
-    grad_w = None
-    if needs[1]:
-        if _widens(grad_xp):
-            with torch.autocast("cpu", enabled=False):
-                grad_w = grad_xp.flatten(0, 1).float().t().mm(x.flatten(0, 1).float())
-            grad_w = grad_w.to(grad_xp.dtype)
-        else:
-            grad_w = grad_xp.flatten(0, 1).t().mm(x.flatten(0, 1))  # [G, I]
+    flat = grad_xp.flatten(0, 1)  # [T * B, G]
+    grad_x = None
+    if needs[0]:
+        grad_x = _mm_sum([flat], [w_ih], trans_a=False).view(x.shape)  # [T, B, I]
+    grad_w = _mm_sum([flat], [x.flatten(0, 1)], trans_a=True) if needs[1] else None  # [G, I]
     grad_b = grad_xp.sum((0, 1)) if needs[2] and has_bias else None
     return grad_x, grad_w, grad_b
+
+
+def _fake_mm_sum(a: list[Tensor], b: list[Tensor], trans_a: bool) -> Tensor:
+    return a[0].new_empty((a[0].shape[1 if trans_a else 0], b[0].shape[1]))
+
+
+if cpp_loaded():
+    torch.library.register_fake("fastchar::mm_sum")(_fake_mm_sum)
 
 
 def torch_params(w_ih, w_hh, b_ih, b_hh) -> tuple[list[Tensor], bool]:
