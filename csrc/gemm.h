@@ -26,6 +26,7 @@
 #include <ATen/Config.h>
 #include <ATen/OpMathType.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -207,13 +208,81 @@ class StepGemm {
   std::shared_ptr<engines::Kernel> kernel_;
 };
 
+// Weights packed once for the step engines while one fastchar::generate call runs with
+// more samples than the cell kernels' row block (kCellPackRows): those kernels read W once
+// per 4 rows of A, so 16 samples read every weight four times a step, at a
+// matrix-vector product's rate. Packed, W's rows are split over the threads, each part
+// a StepGemm (h @ W^T with M = samples) chosen by the plan. cell_gemm finds them by W's
+// address; the scope (generate.cpp) lasts one call, in which the weights cannot change.
+constexpr int64_t kCellPackRows = 4;
+
+template <typename T>
+class PackedCellWeights {
+ public:
+  void add(int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw) {
+    Entry e{M, N, K, {}, {}};
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t chunk = ((N + threads - 1) / threads + 15) / 16 * 16;
+    const int parts = static_cast<int>((N + chunk - 1) / chunk);
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+      e.n0.push_back(n0);
+      e.gemms.emplace_back(true, M, std::min(chunk, N - n0), K, W + n0 * ldw, ldw, parts);
+    }
+    entries_.emplace(W, std::move(e));
+  }
+
+  // C[M, N] = beta * C + A @ W^T on the packed W, if W was packed for this shape.
+  bool run(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, acc_t<T> beta,
+           acc_t<T>* C, int64_t ldc) const {
+    auto it = entries_.find(W);
+    if (it == entries_.end() || it->second.M != M || it->second.N != N || it->second.K != K) {
+      return false;
+    }
+    const Entry& e = it->second;
+    at::parallel_for(0, static_cast<int64_t>(e.gemms.size()), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        e.gemms[p](A, lda, beta, C + e.n0[p], ldc);
+      }
+    });
+    return true;
+  }
+
+ private:
+  struct Entry {
+    int64_t M, N, K;
+    std::vector<int64_t> n0;  // first row of W in each part
+    std::vector<StepGemm<T>> gemms;
+  };
+  std::map<const T*, Entry> entries_;
+};
+
+template <typename T>
+inline thread_local PackedCellWeights<T>* packed_cells = nullptr;
+
+// Makes `weights` the calling thread's packed cell weights while it lives.
+template <typename T>
+struct PackedCellScope {
+  PackedCellWeights<T> weights;
+  PackedCellScope() {
+    packed_cells<T> = &weights;
+  }
+  ~PackedCellScope() {
+    packed_cells<T> = nullptr;
+  }
+  PackedCellScope(const PackedCellScope&) = delete;
+  PackedCellScope& operator=(const PackedCellScope&) = delete;
+};
+
 // A *_cell op's C[M, N] = beta * C + A[M, K] @ W[N, K]^T: float32 and bfloat16 on the
-// engine the plan picks for this shape (W is used once, so nothing is packed); float64 on
-// torch's BLAS.
+// engine the plan picks for this shape (W is used once, so nothing is packed, unless a
+// generate call packed it: PackedCellWeights); float64 on torch's BLAS.
 template <typename T>
 void cell_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
                acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
+    if (packed_cells<T> != nullptr && packed_cells<T>->run(M, N, K, A, lda, W, beta, C, ldc)) {
+      return;
+    }
     if (M > 0 && N > 0 && K > 0) {
       const auto dtype = c10::CppTypeToScalarType<T>::value;
       const auto e = engines::choose(dtype, engines::Op::kCell, M, N, K, 1);

@@ -94,6 +94,20 @@ at::Tensor head(const at::Tensor& h, const at::Tensor& w, const Opt& b) {
   return out.to(at::kFloat);
 }
 
+// Every layer weight and the head packed for K samples (PackedCellWeights, gemm.h).
+template <typename T>
+void pack_weights(std::optional<PackedCellScope<T>>& scope, int64_t K, at::TensorList weights,
+                  const at::Tensor& head_w) {
+  scope.emplace();
+  for (const auto& w : weights) {
+    if (w.is_contiguous()) {  // the cell ops read a contiguous w in place
+      scope->weights.add(K, w.size(0), w.size(1), w.const_data_ptr<T>(), w.size(1));
+    }
+  }
+  scope->weights.add(K, head_w.size(0), head_w.size(1), head_w.const_data_ptr<T>(),
+                     head_w.size(1));
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
     const at::Tensor& logits, at::TensorList state, const at::Tensor& embedding,
     at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
@@ -158,11 +172,22 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
       c.push_back(state[1][l].contiguous());
     }
   }
+  // More samples than the cell kernels' row block: every weight packed once for this call.
+  std::optional<PackedCellScope<float>> packed_f32;
+  std::optional<PackedCellScope<at::BFloat16>> packed_bf16;
+  const auto head_wc = head_w.contiguous();
+  const bool q8 = scales.get(0).has_value();
+  if (K > kCellPackRows && !q8) {
+    if (dt == at::kFloat) {
+      pack_weights(packed_f32, K, weights, head_wc);
+    } else if (dt == at::kBFloat16) {
+      pack_weights(packed_bf16, K, weights, head_wc);
+    }
+  }
   auto ids = at::empty({K, length}, at::kLong);
   int64_t* idp = ids.data_ptr<int64_t>();
   auto current = logits.contiguous();
   auto emb = embedding.contiguous();
-  const auto head_wc = head_w.contiguous();
   for (int64_t t = 0; t < length; ++t) {
     draw_rows(current, temperature, top_k, top_p, gen, idp + t, length);
     auto x = emb.index_select(0, ids.select(1, t));  // [K, E]

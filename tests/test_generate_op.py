@@ -144,3 +144,39 @@ def test_int8_generation_is_the_float_model_on_dequantised_weights(kind, nonline
     )
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all("weight_ih" in k or "weight_hh" in k for k in changed)
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("kind", "nonlinearity"), CELLS)
+def test_many_samples_on_packed_weights_are_each_sample_alone(kind, nonlinearity, weights):
+    """More samples than the cell kernels' 4-row block: generate packs every weight once
+    for the step engines. Each of 6 samples, started from states of its own, draws the same
+    greedy ids as that sample alone (unpacked), to its final state."""
+    cpp, _ = _pair(kind, nonlinearity, weights)
+    m = cpp.model
+    params = [m.rnn._layer_params(layer, 0) for layer in range(m.rnn.num_layers)]
+    weights_ = [w for w_ih, w_hh, _, _ in params for w in (w_ih, w_hh)]
+    biases = [b for _, _, b_ih, b_hh in params for b in (b_ih, b_hh)]
+    cell = m.kind if m.kind != "rnn" else f"rnn_{nonlinearity}"
+    dtype = m.embedding.weight.dtype
+    gen = torch.Generator().manual_seed(4)
+    K, L, H, V = 6, m.rnn.num_layers, 20, 30
+    n_states = 2 if kind == "lstm" else 1
+    states = [torch.randn(L, K, H, generator=gen).to(dtype) for _ in range(n_states)]
+    logits = torch.randn(K, V, generator=gen)
+
+    def run(rows):
+        return torch.ops.fastchar.generate(
+            logits[rows], [s[:, rows] for s in states], m.embedding.weight, weights_, biases,
+            [None] * len(weights_), m.head.weight, m.head.bias, cell, 30, 0.0, 0, 1.0, None,
+        )  # fmt: skip
+
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        ids, state, last = run(slice(None))
+        for k in range(K):
+            ids_k, state_k, last_k = run(slice(k, k + 1))
+            assert torch.equal(ids[k : k + 1], ids_k), k
+            torch.testing.assert_close(last[k : k + 1], last_k, **tol)
+            for s, s_k in zip(state, state_k, strict=True):
+                torch.testing.assert_close(s[:, k : k + 1], s_k, **tol)
