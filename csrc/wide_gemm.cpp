@@ -17,6 +17,9 @@ int64_t plan_extent(int64_t n) {
   return p;
 }
 
+// The bfloat16 path's float32 accumulator: at most this many elements (1 MB) at a time.
+constexpr int64_t kAccBlockElems = 256 * 1024;
+
 // A 2-D operand as the kernels read it: unit column stride, rows at least a row apart.
 at::Tensor rows_of(const at::Tensor& t) {
   return t.stride(1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous();
@@ -54,21 +57,49 @@ at::Tensor mm_sum(at::TensorList a, at::TensorList b, bool trans_a) {
     return out;
   }
   const auto op = trans_a ? engines::Op::kWideTN : engines::Op::kWideNN;
-  auto out = at::zeros({M, N}, a[0].options().dtype(at::kFloat));
-  bool accumulate = false;
+  std::vector<at::Tensor> as, bs;
   for (size_t i = 0; i < a.size(); ++i) {
-    const auto ai = rows_of(a[i]), bi = rows_of(b[i]);
-    const int64_t K = ai.size(trans_a ? 0 : 1);
-    if (M == 0 || N == 0 || K == 0) {
-      continue;
-    }
-    const auto e = trans_a ? engines::choose(dt, op, M, N, plan_extent(K), 1)
-                           : engines::choose(dt, op, plan_extent(M), N, K, 1);
-    engines::make_kernel(e, dt, op, M, N, K, bi.const_data_ptr(), bi.stride(0))
-        ->run(ai.const_data_ptr(), ai.stride(0), accumulate, out.data_ptr<float>(), N);
-    accumulate = true;
+    as.push_back(rows_of(a[i]));
+    bs.push_back(rows_of(b[i]));
   }
-  return dt == at::kFloat ? out : out.to(dt);
+  const size_t elem = c10::elementSize(dt);
+  // C's rows [m0, m0 + rows) of every term into acc [rows, N] (float32).
+  auto rows_into = [&](int64_t m0, int64_t rows, float* acc) {
+    bool accumulate = false;
+    for (size_t i = 0; i < as.size(); ++i) {
+      const int64_t K = as[i].size(trans_a ? 0 : 1), lda = as[i].stride(0);
+      if (rows == 0 || N == 0 || K == 0) {
+        continue;
+      }
+      const auto e = trans_a ? engines::choose(dt, op, M, N, plan_extent(K), 1)
+                             : engines::choose(dt, op, plan_extent(M), N, K, 1);
+      // op(a)'s rows m0.. are a's columns m0.. when trans_a, else its rows m0..
+      const auto* a0 = static_cast<const char*>(as[i].const_data_ptr()) +
+                       (trans_a ? m0 : m0 * lda) * elem;
+      engines::make_kernel(e, dt, op, rows, N, K, bs[i].const_data_ptr(), bs[i].stride(0))
+          ->run(a0, lda, accumulate, acc, N);
+      accumulate = true;
+    }
+    if (!accumulate) {
+      std::fill(acc, acc + rows * N, 0.0f);
+    }
+  };
+  if (dt == at::kFloat) {
+    auto out = at::empty({M, N}, a[0].options());
+    rows_into(0, M, out.data_ptr<float>());
+    return out;
+  }
+  // bfloat16: a float32 accumulator for a block of rows at a time, rounded into the
+  // output, so that a tall product (grad_x, [T * B, I]) needs no float32 copy of itself.
+  auto out = at::empty({M, N}, a[0].options());
+  const int64_t block = std::max<int64_t>(1, kAccBlockElems / std::max<int64_t>(N, 1));
+  auto acc = at::empty({std::min(M, block), N}, a[0].options().dtype(at::kFloat));
+  for (int64_t m0 = 0; m0 < M; m0 += block) {
+    const int64_t rows = std::min(block, M - m0);
+    rows_into(m0, rows, acc.data_ptr<float>());
+    out.narrow(0, m0, rows).copy_(acc.narrow(0, 0, rows));
+  }
+  return out;
 }
 
 }  // namespace

@@ -451,3 +451,16 @@ def test_mm_sum_bad_input_names_the_argument():
         torch.ops.fastchar.mm_sum([x], [y.double()], True)
     with pytest.raises(ValueError, match=r"a\[i\] must be 2-D"):
         torch.ops.fastchar.mm_sum([x[None]], [y], True)
+
+
+@pytest.mark.parametrize("trans_a", [True, False], ids=["tn", "nn"])
+def test_mm_sum_bf16_tall_product_in_row_blocks(trans_a):
+    """bfloat16 products taller than the float32 accumulator's block (256K elements) are
+    accumulated a block of rows at a time: every block lands in its place."""
+    M, N, K = 3000, 100, 50
+    a = (torch.randn(K, M) if trans_a else torch.randn(M, K)).bfloat16()
+    b = torch.randn(K, N).bfloat16()
+    got = torch.ops.fastchar.mm_sum([a, a], [b, -2 * b], trans_a)
+    want = -((a.double().t() if trans_a else a.double()) @ b.double())
+    terms = (a.double().t() if trans_a else a.double()).abs() @ b.double().abs()
+    torch.testing.assert_close(got.double(), want, atol=terms.max().item() * 2**-7, rtol=2**-7)
