@@ -539,7 +539,13 @@ def bench_memory(cells, impls, dtype, device, cfg, threads) -> list[dict]:
     # glibc's default (or any threshold above a tensor's size), tensors freed in the
     # warm-up stay resident in the heap and the timed step's re-allocations of them are
     # invisible to VmHWM (200 live 32 KiB tensors read as 0 MB with a 64 KiB threshold).
-    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "4096"}
+    # fastchar's cache of sequence buffers (csrc/seq_buffers.cpp) is off in the child for
+    # the same reason: blocks it keeps from the warm-up would be resident before the step.
+    env = os.environ | {
+        "MALLOC_MMAP_THRESHOLD_": "4096",
+        "MALLOC_TRIM_THRESHOLD_": "4096",
+        "FASTCHAR_SEQ_CACHE_MB": "0",
+    }
     rows = []
     for cell in cells:
         for impl in impls:

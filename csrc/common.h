@@ -21,10 +21,6 @@
 #include <optional>
 #include <type_traits>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 // Each op defines `constexpr const char* OP` so the messages name the op too.
 #define CHECK_CPU(x) \
   TORCH_CHECK((x).device().is_cpu(), OP, ": ", #x, " must be a CPU tensor, got ", (x).device())
@@ -104,23 +100,9 @@ inline int64_t check_cell_args(const char* OP, int64_t n_gates, const at::Tensor
 }
 
 // A sequence-sized buffer ([T, B, G] gates, outputs, gradients), written once step after
-// step. Where Linux offers transparent huge pages on request, its 2 MB-aligned interior
-// is advised for them before first touch: faulting such a buffer in 4 KB pages is a large
-// part of a layer's time on a VM (a fresh 64 MB buffer: 24-35 ms to fill in 4 KB pages,
-// 4-6 ms in huge pages, AMD EPYC KVM guest). Advice only: where it is refused nothing
-// changes.
-inline at::Tensor empty_seq(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  auto t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1), e = (p + t.nbytes()) & ~(kHuge - 1);
-  if (e > a) {
-    madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
-}
+// step: from a cache of freed blocks in transparent huge pages (seq_buffers.cpp) when it
+// is 2 MB or more, else at::empty. CPU only; `options` gives the dtype.
+at::Tensor empty_seq(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // The checks a *_seq op (the input projection inside the time loop) shares: x [T, B, I]
 // on the CPU in a supported dtype, then w_hh [n_gates * H, H], w_ih [G, I], h0 [B, H]

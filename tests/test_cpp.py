@@ -446,3 +446,32 @@ def test_wrong_device_is_refused():
         ops.lstm(x, None, None, w, w, impl="cpp")
     with pytest.raises(RuntimeError, match="h0 is on meta"):
         ops.gru(torch.randn(3, 2, 4), torch.zeros(2, 4, device="meta"), *[torch.randn(12, 4)] * 2)
+
+
+def test_sequence_buffers_are_reused_counted_and_correct():
+    """Buffers of 2 MB and more come from a cache of freed blocks (csrc/seq_buffers.cpp):
+    a second call of the same shape gets the first call's blocks back, the profiler sees
+    their bytes, and the results are the same as on fresh memory."""
+    T, B, I, H = 16, 32, 8, 256  # gates [T, B, 4H] float32: 2 MB
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, B, I, generator=gen)
+    h0, c0 = torch.randn(B, H, generator=gen), torch.randn(B, H, generator=gen)
+    w_ih = torch.randn(4 * H, I, generator=gen) * 0.1
+    w_hh = torch.randn(4 * H, H, generator=gen) * 0.1
+
+    def call():
+        return torch.ops.fastchar.lstm_seq(x, h0, c0, w_ih, None, w_hh)
+
+    first = call()
+    want = [t.clone() for t in first]
+    blocks = {t.data_ptr() for t in first if t.nbytes >= 2**21}
+    assert blocks, "no output is large enough to come from the cache"
+    assert all(p % 2**21 == 0 for p in blocks)  # the cache's blocks are 2 MB-aligned
+    del first
+    with torch.profiler.profile(profile_memory=True) as prof:
+        second = call()
+    assert blocks <= {t.data_ptr() for t in second}
+    for got, ref in zip(second, want, strict=True):
+        assert torch.equal(got, ref)
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert allocated >= second[3].nbytes  # the gates buffer is counted
