@@ -1,8 +1,9 @@
 """Sample text from a trained CharRNN: ``python -m fastchar.sample --ckpt DIR/ckpt.pt``.
 
 Prints the prime followed by the generated characters, streamed as they are drawn; with
-``--num-samples K`` the K samples run as one batch and each is printed under a header
-line. ``--score FILE`` prints the mean nats/char and bits/char of a text under the model
+``--num-samples K`` the K samples run as one batch and stream together, each line of
+sample i printed as ``[i] <line>`` as soon as it is complete (``grep '^\\[2\\] '``
+gives sample 2). ``--score FILE`` prints the mean nats/char and bits/char of a text under the model
 instead. The weight format and the impl in use go to stderr. The generation API is
 ``fastchar.sample.Generator`` (fastchar/generator.py).
 """
@@ -111,9 +112,17 @@ def run(args: argparse.Namespace, out=None) -> None:
             out.write(g.vocab.decode(ids[0]))
             out.flush()
         out.write("\n")
-    else:
-        for i, text in enumerate(g.generate(prime, args.length, k, **options), 1):
-            out.write(f"==> sample {i} of {k} <==\n{text}\n")
+        out.flush()
+        return
+    # K samples grow together: each line of sample i is printed, tagged "[i] ", as soon
+    # as it is complete (a chunk at a time), the unfinished last lines at the end.
+    pending = [prime] * k
+    for ids in g.stream(prime, args.length, k, **options):
+        for i in range(k):
+            *done, pending[i] = (pending[i] + g.vocab.decode(ids[i])).split("\n")
+            out.writelines(f"[{i + 1}] {line}\n" for line in done)
+        out.flush()
+    out.writelines(f"[{i + 1}] {line}\n" for i, line in enumerate(pending) if line)
     out.flush()
 
 

@@ -91,14 +91,19 @@ def test_bad_arguments_are_clear_errors(gen, run_dir):  # noqa: F811
         Generator.from_checkpoint(str(run_dir), weights="fp8")
 
 
-def test_cli_num_samples_and_greedy(run_dir, capsys):  # noqa: F811
+def test_cli_num_samples_and_greedy(run_dir, capsys, gen):  # noqa: F811
+    """K samples stream together as tagged lines; each sample's lines are its text."""
     code, out, err = run_sample(capsys, "--ckpt", str(run_dir), "--prime", "the ",
-                                "--length", "30", "--num-samples", "3", "--seed", "4")  # fmt: skip
+                                "--length", "150", "--num-samples", "3", "--seed", "4",
+                                "--impl", "reference")  # fmt: skip
     assert code == 0 and "weights float32" in err
     lines = out.splitlines()
-    assert [ln for ln in lines if ln.startswith("==> sample")] == [
-        f"==> sample {i} of 3 <==" for i in (1, 2, 3)
-    ]
+    assert lines and all(ln[:4] in ("[1] ", "[2] ", "[3] ") for ln in lines), out
+    texts = gen.generate("the ", 150, 3, temperature=0.8, seed=4)
+    assert len(set(texts)) == 3
+    for i, text in enumerate(texts, 1):
+        mine = [ln[4:] for ln in lines if ln.startswith(f"[{i}] ")]
+        assert "\n".join(mine) == text.removesuffix("\n")  # a last empty line is not printed
     _, g1, _ = run_sample(capsys, "--ckpt", str(run_dir), "--prime", "a", "--temperature", "0")
     _, g2, _ = run_sample(capsys, "--ckpt", str(run_dir), "--prime", "a", "--top-k", "1")
     assert g1 == g2
