@@ -277,8 +277,7 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
     using A = acc_t<scalar_t>;
     A* gxp = gx.data_ptr<A>();
     A* ghp = gh.data_ptr<A>();
-    cell_product<scalar_t>(x, w_ih, s_ih, false, gxp, G);
-    cell_product<scalar_t>(h, w_hh, s_hh, false, ghp, G);
+    cell_products<scalar_t>(x, w_ih, s_ih, gxp, h, w_hh, s_hh, ghp, false, G);
     const A* bx = b_x.const_data_ptr<A>();
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t j = 0; j < G; ++j) {

@@ -256,8 +256,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_cell", [&] {
     using A = acc_t<scalar_t>;
     A* a = acc.data_ptr<A>();
-    cell_product<scalar_t>(x, w_ih, s_ih, false, a, G);
-    cell_product<scalar_t>(h, w_hh, s_hh, true, a, G);
+    cell_products<scalar_t>(x, w_ih, s_ih, a, h, w_hh, s_hh, a, true, G);
     const A* bp = bias.const_data_ptr<A>();
     const A* cp = c_old.const_data_ptr<A>();
     scalar_t* gp = gates.data_ptr<scalar_t>();

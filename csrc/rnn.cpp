@@ -195,8 +195,7 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "rnn_cell", [&] {
     using A = acc_t<scalar_t>;
     A* a = acc.data_ptr<A>();
-    cell_product<scalar_t>(x, w_ih, s_ih, false, a, H);
-    cell_product<scalar_t>(h, w_hh, s_hh, true, a, H);
+    cell_products<scalar_t>(x, w_ih, s_ih, a, h, w_hh, s_hh, a, true, H);
     const A* bp = bias.const_data_ptr<A>();
     scalar_t* hp = h_new.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
