@@ -230,36 +230,55 @@ class OnednnF32Kernel final : public Kernel {
 };
 
 // bfloat16 x bfloat16 -> float32 through oneDNN, where it packs bf16 for AMX: each
-// 64-column block of B packed in oneDNN's VNNI layout.
+// 64-column block of B packed in oneDNN's VNNI layout, which pairs rows of B. An odd K is
+// padded to an even one: B gets a row of zeros and A is copied per call into a scratch
+// whose last column stays zero.
 class OnednnBf16Kernel final : public Kernel {
  public:
   OnednnBf16Kernel(bool trans_w, int64_t M, int64_t N, int64_t K, const at::BFloat16* W,
                    int64_t ldw)
-      : M_(M), N_(N), K_(K) {
+      : M_(M), N_(N), K_(K), Kp_(K + K % 2) {
     auto b = dense_kn(trans_w, N, K, W, ldw);  // [K, N]
+    if (Kp_ != K_) {
+      b = at::cat({b, at::zeros({1, N}, b.options())});  // [Kp, N]
+      scratch_ = at::zeros({M, Kp_}, b.options());
+    }
     for (int64_t n0 = 0; n0 < N; n0 += kBrgemmBlock) {
       const int64_t nb = std::min(kBrgemmBlock, N - n0);
-      auto block = b.narrow(1, n0, nb).contiguous();  // [K, nb]
-      auto packed = at::empty({K, nb}, block.options());
-      at::native::cpublas::pack(K, nb, nb, nb, at::kBFloat16, at::kBFloat16,
+      auto block = b.narrow(1, n0, nb).contiguous();  // [Kp, nb]
+      auto packed = at::zeros({Kp_, ldb(nb)}, block.options());
+      at::native::cpublas::pack(Kp_, nb, nb, ldb(nb), at::kBFloat16, at::kBFloat16,
                                 block.const_data_ptr(), packed.data_ptr());
       blocks_.push_back(packed);
     }
   }
   void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
     const auto* a = static_cast<const at::BFloat16*>(A);
+    if (Kp_ != K_) {
+      auto* s = scratch_.data_ptr<at::BFloat16>();
+      for (int64_t m = 0; m < M_; ++m) {
+        std::copy(a + m * lda, a + m * lda + K_, s + m * Kp_);
+      }
+      a = s;
+      lda = Kp_;
+    }
     for (size_t i = 0; i < blocks_.size(); ++i) {
       const int64_t n0 = static_cast<int64_t>(i) * kBrgemmBlock;
       const int64_t nb = std::min(kBrgemmBlock, N_ - n0);
-      at::native::cpublas::brgemm(M_, nb, K_, lda, nb, ldc, accumulate, a,
+      at::native::cpublas::brgemm(M_, nb, Kp_, lda, ldb(nb), ldc, accumulate, a,
                                   blocks_[i].const_data_ptr<at::BFloat16>(), C + n0,
                                   /*is_vnni=*/true);
     }
   }
 
  private:
-  int64_t M_, N_, K_;
+  // oneDNN packs B's VNNI blocks with a row length of 16, 32, 48 or 64 only: a narrower
+  // block is packed with zero columns up to the next of these.
+  static int64_t ldb(int64_t nb) { return (nb + 15) / 16 * 16; }
+
+  int64_t M_, N_, K_, Kp_;
   std::vector<at::Tensor> blocks_;
+  at::Tensor scratch_;  // A [M, Kp] where K is odd
 };
 
 class FmaKernel final : public Kernel {
@@ -652,7 +671,7 @@ Plan& plan() {
 }
 
 // Limits of an engine for one op and shape beyond the CPU and dtype (why_not).
-std::string op_why_not(Engine e, at::ScalarType dtype, Op op, int64_t K) {
+std::string op_why_not(Engine e, at::ScalarType dtype, Op op) {
   if (is_wide(op) && e != Engine::kMkl &&
       e != (dtype == at::kFloat ? Engine::kFma : Engine::kBf16dot)) {
     return "the wide GEMMs (weight and input gradients) run float32 on mkl or fma and "
@@ -663,18 +682,14 @@ std::string op_why_not(Engine e, at::ScalarType dtype, Op op, int64_t K) {
     return "the cell ops' GEMM (W used once, unpacked) runs float32 on mkl or fma and "
            "bfloat16 on mkl, bf16fma or bf16dot";
   }
-  // oneDNN's VNNI layout pairs rows of B, so its bf16 kernel takes an even K.
-  if (e == Engine::kOnednn && dtype == at::kBFloat16 && K % 2 != 0) {
-    return "oneDNN's bfloat16 micro-kernel needs an even K";
-  }
   return "";
 }
 
-std::vector<Engine> candidates(at::ScalarType dtype, Op op, int64_t K) {
+std::vector<Engine> candidates(at::ScalarType dtype, Op op) {
   std::vector<Engine> out;
   for (int i = 0; i < kEngines; ++i) {
     const auto e = static_cast<Engine>(i);
-    if (why_not(e, dtype).empty() && op_why_not(e, dtype, op, K).empty()) {
+    if (why_not(e, dtype).empty() && op_why_not(e, dtype, op).empty()) {
       out.push_back(e);
     }
   }
@@ -767,7 +782,7 @@ bool agrees(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t
 }
 
 Engine measure(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int threads) {
-  const auto engines = candidates(dtype, op, K);
+  const auto engines = candidates(dtype, op);
   TORCH_CHECK(!engines.empty(), "fastchar: no GEMM engine runs ", dtype, " here");
   Engine best = Engine::kMkl;
   double best_s = -1;
@@ -850,12 +865,12 @@ std::string why_not(Engine e, at::ScalarType dtype) {
 std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, Op op, int64_t M,
                                     int64_t N, int64_t K, const void* W, int64_t ldw) {
   if (is_wide(op)) {
-    const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op, K);
+    const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op);
     TORCH_CHECK(reason.empty(), "fastchar: engine ", engine_name(e), ": ", reason);
     return make_wide(e, dtype, op, M, N, K, W, ldw);
   }
   if (op == Op::kCell) {
-    const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op, K);
+    const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op);
     TORCH_CHECK(reason.empty(), "fastchar: engine ", engine_name(e), ": ", reason);
     if (e != Engine::kMkl) {
       return std::make_unique<CellKernel>(e, M, N, K, W, ldw);
@@ -894,10 +909,10 @@ Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int 
   if (env != nullptr && *env != '\0' && std::string(env) != "auto") {
     const Engine e = parse_engine(env);
     if ((op == Op::kCell || is_wide(op)) && why_not(e, dtype).empty() &&
-        !op_why_not(e, dtype, op, K).empty()) {
+        !op_why_not(e, dtype, op).empty()) {
       return Engine::kMkl;  // a step-GEMM engine with no kernel for this op leaves it on mkl
     }
-    const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op, K);
+    const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op);
     TORCH_CHECK(reason.empty(), "fastchar: FASTCHAR_GEMM=", env, " cannot run this ", dtype,
                 " GEMM: ", reason, " (unset FASTCHAR_GEMM or set it to auto)");
     return e;
@@ -1009,7 +1024,7 @@ int64_t gemm_plan_load(const at::Tensor& rows) {
     const auto dtype = static_cast<at::ScalarType>(dt);
     const auto op = static_cast<Op>(v[1]);
     if (!why_not(static_cast<Engine>(e), dtype).empty() ||
-        !op_why_not(static_cast<Engine>(e), dtype, op, v[4]).empty()) {
+        !op_why_not(static_cast<Engine>(e), dtype, op).empty()) {
       continue;
     }
     p.chosen[Key{int(dt), int(v[1]), v[2], v[3], v[4]}] = static_cast<Engine>(e);
@@ -1028,7 +1043,7 @@ void gemm_plan_clear() {
 double gemm_rate(c10::string_view engine, at::ScalarType dtype, int64_t op, int64_t M,
                  int64_t N, int64_t K, int64_t threads) {
   const Engine e = parse_engine(std::string(engine));
-  const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, parse_op(op), K);
+  const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, parse_op(op));
   TORCH_CHECK(reason.empty(), "fastchar: engine ", engine, " cannot run ", dtype, ": ", reason);
   TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0 && threads > 0,
                     "fastchar::gemm_rate: M, N, K and threads must be positive");
@@ -1051,7 +1066,7 @@ at::Tensor gemm_run(c10::string_view engine, const at::Tensor& a, const at::Tens
   const bool trans_w = transposes_w(op), trans_a = op == Op::kWideTN;  // a [K, M] for kWideTN
   const int64_t M = a.size(trans_a ? 1 : 0), K = a.size(trans_a ? 0 : 1);
   const int64_t N = trans_w ? w.size(0) : w.size(1);
-  const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op, K);
+  const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op);
   TORCH_CHECK(reason.empty(), OP, ": engine ", engine, " cannot run ", dtype, ": ", reason);
   TORCH_CHECK_VALUE((trans_w ? w.size(1) : w.size(0)) == K, OP, ": w has shape ", w.sizes(),
                     ", which does not fit a ", a.sizes());
