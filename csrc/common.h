@@ -107,16 +107,108 @@ at::Tensor empty_seq(at::IntArrayRef sizes, const at::TensorOptions& options);
 // The checks a *_seq op (the input projection inside the time loop) shares: x [T, B, I]
 // on the CPU in a supported dtype, then w_hh [n_gates * H, H], w_ih [G, I], h0 [B, H]
 // and the optional bias [G] in x's dtype. Returns H.
+// The rows of each time step in a sequence buffer: step t is rows [off[t], off[t] +
+// rows[t]) of [N, ...]. Dense [T, B, ...] buffers: off[t] = t * B, rows[t] = B. Packed
+// sequences (torch's PackedSequence order): rows[t] = batch_sizes[t], non-increasing, the
+// sequences 0..rows[t]-1 of the B = rows[0] sorted ones; the time loops run each step's
+// GEMM and gate pass on its rows only, and a finished sequence keeps its state.
+struct SeqSteps {
+  int64_t T = 0, B = 0, N = 0;
+  bool packed = false;
+  std::vector<int64_t> off, rows;
+
+  SeqSteps(int64_t T_, int64_t B_) : T(T_), B(B_), N(T_ * B_), off(T_), rows(T_, B_) {
+    for (int64_t t = 0; t < T; ++t) {
+      off[t] = t * B;
+    }
+  }
+
+  // batch_sizes: int64 [T] on the CPU; x_rows: the packed input's rows, which must be N.
+  SeqSteps(const char* OP, const at::Tensor& batch_sizes, int64_t x_rows) : packed(true) {
+    TORCH_CHECK_VALUE(batch_sizes.device().is_cpu() && batch_sizes.dim() == 1 &&
+                          batch_sizes.scalar_type() == at::kLong && batch_sizes.numel() > 0,
+                      OP, ": batch_sizes must be a non-empty 1-D int64 CPU tensor, got ",
+                      batch_sizes.scalar_type(), " ", batch_sizes.sizes(), " on ",
+                      batch_sizes.device());
+    auto bs = batch_sizes.contiguous();
+    const int64_t* p = bs.const_data_ptr<int64_t>();
+    T = bs.numel();
+    B = p[0];
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK_VALUE(p[t] >= 1 && p[t] <= (t > 0 ? p[t - 1] : p[0]), OP,
+                        ": batch_sizes must be positive and non-increasing, got ", p[t],
+                        " at step ", t);
+      off.push_back(N);
+      rows.push_back(p[t]);
+      N += p[t];
+    }
+    TORCH_CHECK_VALUE(N == x_rows, OP, ": batch_sizes sum to ", N, " rows, but the packed input has ",
+                      x_rows);
+  }
+
+  // A sequence buffer's shape: [N, ...] packed, [T, B, ...] dense.
+  std::vector<int64_t> shape(int64_t cols) const {
+    return packed ? std::vector<int64_t>{N, cols} : std::vector<int64_t>{T, B, cols};
+  }
+
+  // Each sequence's last row in a buffer [N, cols] (its final state), int64 [B].
+  at::Tensor last_rows() const {
+    auto out = at::empty({B}, at::kLong);
+    int64_t* o = out.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t next = t + 1 < T ? rows[t + 1] : 0;
+      for (int64_t b = next; b < rows[t]; ++b) {
+        o[b] = off[t] + b;
+      }
+    }
+    return out;
+  }
+
+  // The final states [B, cols] of a sequence buffer whose rows are states.
+  at::Tensor finals(const at::Tensor& seq) const {
+    auto flat = seq.reshape({N, seq.size(-1)});
+    return packed ? flat.index_select(0, last_rows()) : flat.narrow(0, (T - 1) * B, B).clone();
+  }
+};
+
+// The steps of a time loop's sequence `name`: packed [N, features] with batch_sizes, else
+// [T, B, features].
+inline SeqSteps seq_steps(const char* OP, const char* name, const at::Tensor& x,
+                          const std::optional<at::Tensor>& batch_sizes) {
+  if (batch_sizes.has_value()) {
+    TORCH_CHECK_VALUE(x.dim() == 2, OP, ": ", name,
+                      " must be 2-D [N, features] (a packed sequence, with batch_sizes), got "
+                      "shape ", x.sizes());
+    return SeqSteps(OP, *batch_sizes, x.size(0));
+  }
+  TORCH_CHECK_VALUE(x.dim() == 3, OP, ": ", name,
+                    " must be 3-D [T, B, features] (or 2-D with batch_sizes), got shape ",
+                    x.sizes());
+  return SeqSteps(x.size(0), x.size(1));
+}
+
+// A sequence buffer argument of a *_bwd op: CPU, `dtype`, and [T, B, cols] or packed [N, cols].
+inline void check_seq_shape(const char* OP, const char* name, const at::Tensor& x,
+                            const SeqSteps& steps, int64_t cols, at::ScalarType dtype) {
+  const auto want = steps.shape(cols);
+  TORCH_CHECK(x.device().is_cpu(), OP, ": ", name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == dtype, OP, ": ", name, " has dtype ", x.scalar_type(),
+              ", expected ", dtype);
+  TORCH_CHECK_VALUE(x.sizes() == at::IntArrayRef(want), OP, ": ", name, " must have shape ",
+                    at::IntArrayRef(want), ", got ", x.sizes());
+}
+
+// The check of a *_seq op's arguments; returns H. x: [T, B, I], or [N, I] with steps packed.
 inline int64_t check_seq_args(const char* OP, int64_t n_gates, const at::Tensor& x,
-                              const at::Tensor& h0, const at::Tensor& w_ih,
-                              const std::optional<at::Tensor>& b, const at::Tensor& w_hh) {
+                              const SeqSteps& steps, const at::Tensor& h0,
+                              const at::Tensor& w_ih, const std::optional<at::Tensor>& b,
+                              const at::Tensor& w_hh) {
   CHECK_CPU(x);
-  CHECK_DIM(x, 3);
   check_float_dtype(OP, x);
   CHECK_CPU(w_hh);
   CHECK_DIM(w_hh, 2);
   const auto dt = x.scalar_type();
-  const int64_t B = x.size(1), I = x.size(2), H = w_hh.size(1), G = n_gates * H;
+  const int64_t B = steps.B, I = x.size(-1), H = w_hh.size(1), G = n_gates * H;
   CHECK_ARG(w_hh, dt, G, H);
   CHECK_ARG(w_ih, dt, G, I);
   CHECK_ARG(h0, dt, B, H);

@@ -169,16 +169,20 @@ class MklKernel final : public Kernel {
 #endif
   }
   void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    run_rows(M_, A, lda, accumulate, C, ldc);
+  }
+  void run_rows(int64_t m, const void* A, int64_t lda, bool accumulate, float* C,
+                int64_t ldc) override {
     const float* a = static_cast<const float*>(A);
     const float beta = accumulate ? 1.0f : 0.0f;
 #if AT_MKL_ENABLED()
     if (packed_.defined()) {
-      cblas_sgemm_compute(blas::kRowMajor, blas::kNoTrans, blas::kPacked, M_, N_, K_, a, lda,
+      cblas_sgemm_compute(blas::kRowMajor, blas::kNoTrans, blas::kPacked, m, N_, K_, a, lda,
                           packed_.const_data_ptr<float>(), N_, beta, C, ldc);
       return;
     }
 #endif
-    fastchar::gemm<float>(trans_w_, M_, N_, K_, a, lda, W_, ldw_, beta, C, ldc);
+    fastchar::gemm<float>(trans_w_, m, N_, K_, a, lda, W_, ldw_, beta, C, ldc);
   }
 
  private:
@@ -215,11 +219,15 @@ class OnednnF32Kernel final : public Kernel {
   OnednnF32Kernel(bool trans_w, int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw)
       : M_(M), N_(N), K_(K), b_(dense_kn(trans_w, N, K, W, ldw)) {}
   void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    run_rows(M_, A, lda, accumulate, C, ldc);
+  }
+  void run_rows(int64_t m, const void* A, int64_t lda, bool accumulate, float* C,
+                int64_t ldc) override {
     const float* a = static_cast<const float*>(A);
     const float* b = b_.const_data_ptr<float>();
     for (int64_t n0 = 0; n0 < N_; n0 += kBrgemmBlock) {
       const int64_t nb = std::min(kBrgemmBlock, N_ - n0);
-      at::native::cpublas::brgemm(M_, nb, K_, lda, N_, ldc, accumulate, a, b + n0, C + n0,
+      at::native::cpublas::brgemm(m, nb, K_, lda, N_, ldc, accumulate, a, b + n0, C + n0,
                                   /*is_vnni=*/false);
     }
   }
@@ -253,11 +261,15 @@ class OnednnBf16Kernel final : public Kernel {
     }
   }
   void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    run_rows(M_, A, lda, accumulate, C, ldc);
+  }
+  void run_rows(int64_t m, const void* A, int64_t lda, bool accumulate, float* C,
+                int64_t ldc) override {
     const auto* a = static_cast<const at::BFloat16*>(A);
     if (Kp_ != K_) {
       auto* s = scratch_.data_ptr<at::BFloat16>();
-      for (int64_t m = 0; m < M_; ++m) {
-        std::copy(a + m * lda, a + m * lda + K_, s + m * Kp_);
+      for (int64_t r = 0; r < m; ++r) {
+        std::copy(a + r * lda, a + r * lda + K_, s + r * Kp_);
       }
       a = s;
       lda = Kp_;
@@ -265,7 +277,7 @@ class OnednnBf16Kernel final : public Kernel {
     for (size_t i = 0; i < blocks_.size(); ++i) {
       const int64_t n0 = static_cast<int64_t>(i) * kBrgemmBlock;
       const int64_t nb = std::min(kBrgemmBlock, N_ - n0);
-      at::native::cpublas::brgemm(M_, nb, Kp_, lda, ldb(nb), ldc, accumulate, a,
+      at::native::cpublas::brgemm(m, nb, Kp_, lda, ldb(nb), ldc, accumulate, a,
                                   blocks_[i].const_data_ptr<at::BFloat16>(), C + n0,
                                   /*is_vnni=*/true);
     }
@@ -288,14 +300,18 @@ class FmaKernel final : public Kernel {
       : M_(M), N_(N), K_(K), panels_(pack_panels(trans_w, N, K, W, ldw)),
         wide_(cpu().avx512f) {}
   void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    run_rows(M_, A, lda, accumulate, C, ldc);
+  }
+  void run_rows(int64_t m, const void* A, int64_t lda, bool accumulate, float* C,
+                int64_t ldc) override {
 #if FASTCHAR_X86_KERNELS
     const float* a = static_cast<const float*>(A);
     const float* b = panels_.const_data_ptr<float>();
     reverse_ = !reverse_;
     if (wide_) {
-      avx512::gemm_panels<avx512::F32>(M_, N_, K_, a, lda, b, accumulate, C, ldc, reverse_);
+      avx512::gemm_panels<avx512::F32>(m, N_, K_, a, lda, b, accumulate, C, ldc, reverse_);
     } else {
-      avx2::gemm_panels<avx2::F32>(M_, N_, K_, a, lda, b, accumulate, C, ldc, reverse_);
+      avx2::gemm_panels<avx2::F32>(m, N_, K_, a, lda, b, accumulate, C, ldc, reverse_);
     }
 #else
     TORCH_CHECK(false, "fastchar: the fma engine is not built on this platform");
@@ -388,9 +404,13 @@ class Widened final : public Kernel {
       : inner_(std::move(inner)), M_(M), K_(K), wide_w_(std::move(wide_w)),
         scratch_(at::empty({M, K}, at::kFloat)) {}
   void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    run_rows(M_, A, lda, accumulate, C, ldc);
+  }
+  void run_rows(int64_t m, const void* A, int64_t lda, bool accumulate, float* C,
+                int64_t ldc) override {
     float* s = scratch_.data_ptr<float>();
-    widen_rows(M_, K_, static_cast<const at::BFloat16*>(A), lda, s, K_);
-    inner_->run(s, K_, accumulate, C, ldc);
+    widen_rows(m, K_, static_cast<const at::BFloat16*>(A), lda, s, K_);
+    inner_->run_rows(m, s, K_, accumulate, C, ldc);
   }
 
  private:
@@ -412,6 +432,10 @@ class PairKernel final : public Kernel {
         panels_(pack_pairs(trans_w, N, K, W, ldw)), wide_(cpu().avx512f),
         scratch_(at::zeros({M, 2 * steps_}, dot ? at::kBFloat16 : at::kFloat)) {}
   void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) override {
+    run_rows(M_, A, lda, accumulate, C, ldc);
+  }
+  void run_rows(int64_t m, const void* A, int64_t lda, bool accumulate, float* C,
+                int64_t ldc) override {
 #if FASTCHAR_X86_KERNELS
     const auto* a = static_cast<const at::BFloat16*>(A);
     const auto* b = reinterpret_cast<const uint32_t*>(panels_.const_data_ptr<int32_t>());
@@ -419,21 +443,21 @@ class PairKernel final : public Kernel {
     if (dot_) {
 #if FASTCHAR_HAVE_DPBF16
       auto* s = scratch_.data_ptr<at::BFloat16>();
-      for (int64_t m = 0; m < M_; ++m) {
-        std::copy(a + m * lda, a + m * lda + K_, s + m * 2 * steps_);
+      for (int64_t r = 0; r < m; ++r) {
+        std::copy(a + r * lda, a + r * lda + K_, s + r * 2 * steps_);
       }
-      avx512bf16::gemm_panels<avx512bf16::Dot>(M_, N_, steps_, reinterpret_cast<const uint32_t*>(s),
+      avx512bf16::gemm_panels<avx512bf16::Dot>(m, N_, steps_, reinterpret_cast<const uint32_t*>(s),
                                                 steps_, b, accumulate, C, ldc, reverse_);
       return;
 #endif
     }
     float* s = scratch_.data_ptr<float>();
-    widen_rows(M_, K_, a, lda, s, 2 * steps_);
+    widen_rows(m, K_, a, lda, s, 2 * steps_);
     if (wide_) {
-      avx512::gemm_panels<avx512::Pairs>(M_, N_, steps_, s, 2 * steps_, b, accumulate, C, ldc,
+      avx512::gemm_panels<avx512::Pairs>(m, N_, steps_, s, 2 * steps_, b, accumulate, C, ldc,
                                          reverse_);
     } else {
-      avx2::gemm_panels<avx2::Pairs>(M_, N_, steps_, s, 2 * steps_, b, accumulate, C, ldc,
+      avx2::gemm_panels<avx2::Pairs>(m, N_, steps_, s, 2 * steps_, b, accumulate, C, ldc,
                                      reverse_);
     }
 #else
@@ -958,6 +982,12 @@ void cell_gemm_q8(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, 
       }
     }
   });
+}
+
+void Kernel::run_rows(int64_t m, const void* A, int64_t lda, bool accumulate, float* C,
+                      int64_t ldc) {
+  TORCH_CHECK(false, "fastchar: this GEMM kernel runs only the M it was made for (asked ", m,
+              " rows)");
 }
 
 void release_thread() {

@@ -158,6 +158,10 @@ class Kernel {
  public:
   virtual ~Kernel() = default;
   virtual void run(const void* A, int64_t lda, bool accumulate, float* C, int64_t ldc) = 0;
+  // The first m rows of A and C only, m <= M: the shorter steps of a packed sequence. The
+  // step engines' kernels (ops kNN, kNT) run them; the others run only their own M.
+  virtual void run_rows(int64_t m, const void* A, int64_t lda, bool accumulate, float* C,
+                        int64_t ldc);
 };
 std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, Op op, int64_t M,
                                     int64_t N, int64_t K, const void* W, int64_t ldw);
@@ -191,13 +195,18 @@ class StepGemm {
   }
 
   void operator()(const T* A, int64_t lda, acc_t<T> beta, acc_t<T>* C, int64_t ldc) const {
+    rows(M_, A, lda, beta, C, ldc);
+  }
+
+  // The first m <= M rows of A and C (a packed sequence's step with fewer rows).
+  void rows(int64_t m, const T* A, int64_t lda, acc_t<T> beta, acc_t<T>* C, int64_t ldc) const {
     if constexpr (!std::is_same_v<T, double>) {
       if (kernel_) {
-        kernel_->run(A, lda, beta != acc_t<T>(0), C, ldc);
+        kernel_->run_rows(m, A, lda, beta != acc_t<T>(0), C, ldc);
         return;
       }
     }
-    gemm<T>(trans_w_, M_, N_, K_, A, lda, W_, ldw_, beta, C, ldc);
+    gemm<T>(trans_w_, m, N_, K_, A, lda, W_, ldw_, beta, C, ldc);
   }
 
  private:

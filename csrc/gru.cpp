@@ -81,16 +81,17 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
   }
 }
 
-// The forward time loop. Without w_ih, `in` is the projected input xp [T, B, G]. With
+// The forward time loop over `st`'s steps ([T, B, ...] or packed [N, ...] buffers, as
+// lstm.cpp's). Without w_ih, `in` is the projected input xp [T, B, G]. With
 // w_ih [G, I], `in` is x [T, B, I]: each step projects x_t for its slice into a buffer of
 // its own, started from the bias b_x [G] (b_ih + [b_hr, b_hz, 0], accumulation type),
 // as lstm.cpp's fwd_loop does (the n gate needs x_n apart from the hidden side).
 template <typename T>
-void fwd_loop(const at::Tensor& in, const at::Tensor& h0, const at::Tensor& w_hh,
-              const at::Tensor& b_hn, const at::Tensor* w_ih, const at::Tensor* b_x,
-              at::Tensor& out, at::Tensor& gates, at::Tensor& hn) {
+void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
+              const at::Tensor& w_hh, const at::Tensor& b_hn, const at::Tensor* w_ih,
+              const at::Tensor* b_x, at::Tensor& out, at::Tensor& gates, at::Tensor& hn) {
   using A = acc_t<T>;
-  const int64_t T_ = in.size(0), B = in.size(1), G = w_hh.size(0), H = G / 3, K = in.size(2);
+  const int64_t B = st.B, G = w_hh.size(0), H = G / 3, K = in.size(-1);
   const T* in_p = in.const_data_ptr<T>();
   const A* bhn = b_hn.const_data_ptr<A>();
   const T* h0_p = h0.const_data_ptr<T>();
@@ -112,36 +113,36 @@ void fwd_loop(const at::Tensor& in, const at::Tensor& h0, const at::Tensor& w_hh
     x_accs.push_back(at::empty({input_gemms ? B : 0, 3 * n}, acc_type));
   }
   auto step = [&](int64_t s, int64_t t) {
-    const int64_t j0 = slices.begin(s), n = slices.size(s);
-    const T* h_prev = t > 0 ? out_p + (t - 1) * B * H : h0_p;
+    const int64_t j0 = slices.begin(s), n = slices.size(s), m = st.rows[t], r = st.off[t];
+    const T* h_prev = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
     A* acc = accs[s].template data_ptr<A>();
-    T* g = gates_p + t * B * G + j0;
-    T* hn_t = hn_p + t * B * H + j0;
-    T* h_new = out_p + t * B * H + j0;
-    slice_gemms.gemms[s](h_prev, H, A(0), acc, 3 * n);  // [B, 3 n]
+    T* g = gates_p + r * G + j0;
+    T* hn_t = hn_p + r * H + j0;
+    T* h_new = out_p + r * H + j0;
+    slice_gemms.gemms[s].rows(m, h_prev, H, A(0), acc, 3 * n);  // [m, 3 n]
     if (input_gemms) {
-      A* ax = x_accs[s].template data_ptr<A>();  // [B, 3 n]: b_x, then += x_t @ W_ih^T
-      for (int64_t b = 0; b < B; ++b) {
+      A* ax = x_accs[s].template data_ptr<A>();  // [m, 3 n]: b_x, then += x_t @ W_ih^T
+      for (int64_t b = 0; b < m; ++b) {
         for (int64_t q = 0; q < 3; ++q) {
           std::memcpy(ax + (b * 3 + q) * n, bx + q * H + j0, n * sizeof(A));
         }
       }
-      input_gemms->gemms[s](in_p + t * B * K, K, A(1), ax, 3 * n);
-      fwd_rows<T, A>(0, B, n, H, acc, 3 * n, n, ax, n, bhn + j0, h_prev + j0, g, hn_t, h_new);
+      input_gemms->gemms[s].rows(m, in_p + r * K, K, A(1), ax, 3 * n);
+      fwd_rows<T, A>(0, m, n, H, acc, 3 * n, n, ax, n, bhn + j0, h_prev + j0, g, hn_t, h_new);
     } else {
-      fwd_rows<T, T>(0, B, n, H, acc, 3 * n, n, in_p + t * B * G + j0, H, bhn + j0,
-                     h_prev + j0, g, hn_t, h_new);
+      fwd_rows<T, T>(0, m, n, H, acc, 3 * n, n, in_p + r * G + j0, H, bhn + j0, h_prev + j0, g,
+                     hn_t, h_new);
     }
   };
-  slices.run(T_, step, [](int64_t, int64_t) {});
+  slices.run(st.T, step, [](int64_t, int64_t) {});
 }
 
 template <typename T>
-void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tensor& h0,
-              const at::Tensor& out, const at::Tensor& gates, const at::Tensor& hn,
-              at::Tensor& dh, at::Tensor& grad_xp, at::Tensor& grad_ghn) {
+void bwd_loop(const SeqSteps& st, const at::Tensor& grad_out, const at::Tensor& w_hh,
+              const at::Tensor& h0, const at::Tensor& out, const at::Tensor& gates,
+              const at::Tensor& hn, at::Tensor& dh, at::Tensor& grad_xp, at::Tensor& grad_ghn) {
   using A = acc_t<T>;
-  const int64_t T_ = gates.size(0), B = gates.size(1), G = gates.size(2), H = G / 3;
+  const int64_t T_ = st.T, B = st.B, G = gates.size(-1), H = G / 3;
   const T* go_p = grad_out.const_data_ptr<T>();
   const T* g_p = gates.const_data_ptr<T>();
   const T* hn_p = hn.const_data_ptr<T>();
@@ -158,15 +159,16 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   const UnitSlices slices(H, 3);
   const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/false);
   auto pointwise = [&](int64_t s, int64_t i) {
-    const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s);
-    const T* hp_t = t > 0 ? out_p + (t - 1) * B * H : h0_p;
-    bwd_rows<T>(0, B, n, H, go_p + t * B * H + j0, g_p + t * B * G + j0, hn_p + t * B * H + j0,
-                hp_t + j0, dh_p + j0, dx_p + t * B * G + j0, dg_p + (t % 2) * B * G + j0,
-                dgn_p + t * B * H + j0);
+    const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s), r = st.off[t];
+    const T* hp_t = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
+    bwd_rows<T>(0, st.rows[t], n, H, go_p + r * H + j0, g_p + r * G + j0, hn_p + r * H + j0,
+                hp_t + j0, dh_p + j0, dx_p + r * G + j0, dg_p + (t % 2) * B * G + j0,
+                dgn_p + r * H + j0);
   };
   auto gemm = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s);
-    slice_gemms.gemms[s](dg_p + (t % 2) * B * G, G, A(1), dh_p + j0, H);  // dh_{t-1}[:, slice] += dgh @ W_hh
+    // dh_{t-1}[:, slice] += dgh @ W_hh; a packed sequence's later rows keep grad_h_n
+    slice_gemms.gemms[s].rows(st.rows[t], dg_p + (t % 2) * B * G, G, A(1), dh_p + j0, H);
   };
   slices.run(T_, pointwise, gemm);
 }
@@ -174,20 +176,19 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
 // gru_fwd and gru_seq after their checks: the outputs, the time loop (with w_ih and the
 // accumulation-type b_x for gru_seq, else nullptr) and the final state.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& in, const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& b_hn,
-    const at::Tensor* w_ih, const at::Tensor* b_x) {
+    const SeqSteps& steps, const at::Tensor& in, const at::Tensor& h0, const at::Tensor& w_hh,
+    const at::Tensor& b_hn, const at::Tensor* w_ih, const at::Tensor* b_x) {
   const auto dt = in.scalar_type();
-  const int64_t T_ = in.size(0), B = in.size(1), G = w_hh.size(0), H = w_hh.size(1);
-  auto out = empty_seq({T_, B, H}, in.options());  // [T, B, H]
-  auto gates = empty_seq({T_, B, G}, in.options());  // [T, B, G]
-  auto hn = empty_seq({T_, B, H}, in.options());  // [T, B, H]
+  const int64_t G = w_hh.size(0), H = w_hh.size(1);
+  auto out = empty_seq(steps.shape(H), in.options());  // [T, B, H] or [N, H]
+  auto gates = empty_seq(steps.shape(G), in.options());  // [T, B, G] or [N, G]
+  auto hn = empty_seq(steps.shape(H), in.options());  // [T, B, H] or [N, H]
   auto bhn = b_hn.to(state_type(dt)).contiguous();  // [H]
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_fwd", [&] {
-    fwd_loop<scalar_t>(in.contiguous(), h0.contiguous(), w_hh.contiguous(), bhn, w_ih, b_x, out,
-                       gates, hn);
+    fwd_loop<scalar_t>(steps, in.contiguous(), h0.contiguous(), w_hh.contiguous(), bhn, w_ih,
+                       b_x, out, gates, hn);
   });
-  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
-  return {out, h_n, gates, hn};
+  return {out, steps.T > 0 ? steps.finals(out) : h0.clone(), gates, hn};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& xp,
@@ -204,44 +205,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Ten
   CHECK_ARG(h0, dt, B, H);
   CHECK_ARG(w_hh, dt, G, H);
   CHECK_ARG(b_hn, dt, H);
-  return forward(xp, h0, w_hh, b_hn, nullptr, nullptr);
+  return forward(SeqSteps(xp.size(0), B), xp, h0, w_hh, b_hn, nullptr, nullptr);
 }
 
-// gru_fwd with the input projection inside the time loop: x [T, B, I], w_ih [G, I],
-// b_x [G] (b_ih + [b_hr, b_hz, 0]) or none, b_hn [H]. Same outputs; backward is gru_bwd.
+// gru_fwd with the input projection inside the time loop: x [T, B, I] (or packed [N, I]
+// with batch_sizes), w_ih [G, I], b_x [G] (b_ih + [b_hr, b_hz, 0]) or none, b_hn [H]. Same
+// outputs; backward is gru_bwd.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_seq(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
-    const std::optional<at::Tensor>& b_x, const at::Tensor& w_hh, const at::Tensor& b_hn) {
+    const std::optional<at::Tensor>& b_x, const at::Tensor& w_hh, const at::Tensor& b_hn,
+    const std::optional<at::Tensor>& batch_sizes) {
   constexpr const char* OP = "fastchar::gru_seq";
-  const int64_t H = check_seq_args(OP, 3, x, h0, w_ih, b_x, w_hh);
+  const SeqSteps steps = seq_steps(OP, "x", x, batch_sizes);
+  const int64_t H = check_seq_args(OP, 3, x, steps, h0, w_ih, b_x, w_hh);
   CHECK_ARG(b_hn, x.scalar_type(), H);
   const auto w = w_ih.contiguous();
   const auto bx = bias_acc(b_x, std::nullopt, 3 * H, state_type(x.scalar_type()));  // [G]
-  return forward(x, h0, w_hh, b_hn, &w, &bx);
+  return forward(steps, x, h0, w_hh, b_hn, &w, &bx);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(
     const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& w_hh,
-    const at::Tensor& h0, const at::Tensor& out, const at::Tensor& gates, const at::Tensor& hn) {
+    const at::Tensor& h0, const at::Tensor& out, const at::Tensor& gates, const at::Tensor& hn,
+    const std::optional<at::Tensor>& batch_sizes) {
   constexpr const char* OP = "fastchar::gru_bwd";
   CHECK_CPU(gates);
-  CHECK_DIM(gates, 3);
   check_float_dtype(OP, gates);
+  const SeqSteps steps = seq_steps(OP, "gates", gates, batch_sizes);
   const auto dt = gates.scalar_type();
-  const int64_t T_ = gates.size(0), B = gates.size(1), G = gates.size(2), H = G / 3;
+  const int64_t B = steps.B, G = gates.size(-1), H = G / 3;
   TORCH_CHECK_VALUE(G % 3 == 0, OP, ": gates must be [T, B, 3H], got shape ", gates.sizes());
-  CHECK_ARG(grad_out, dt, T_, B, H);
+  check_seq_shape(OP, "grad_out", grad_out, steps, H, dt);
+  check_seq_shape(OP, "out", out, steps, H, dt);
+  check_seq_shape(OP, "hn", hn, steps, H, dt);
   CHECK_ARG(grad_h_n, dt, B, H);
   CHECK_ARG(w_hh, dt, G, H);
   CHECK_ARG(h0, dt, B, H);
-  CHECK_ARG(out, dt, T_, B, H);
-  CHECK_ARG(hn, dt, T_, B, H);
 
   auto dh = at::empty({B, H}, gates.options().dtype(state_type(dt))).copy_(grad_h_n);  // [B, H]
-  auto grad_xp = empty_seq({T_, B, G}, gates.options());  // [T, B, G]
-  auto grad_ghn = empty_seq({T_, B, H}, gates.options());  // [T, B, H]
+  auto grad_xp = empty_seq(steps.shape(G), gates.options());  // [T, B, G] or [N, G]
+  auto grad_ghn = empty_seq(steps.shape(H), gates.options());  // [T, B, H] or [N, H]
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_bwd", [&] {
-    bwd_loop<scalar_t>(grad_out.contiguous(), w_hh.contiguous(), h0.contiguous(),
+    bwd_loop<scalar_t>(steps, grad_out.contiguous(), w_hh.contiguous(), h0.contiguous(),
                        out.contiguous(), gates.contiguous(), hn.contiguous(), dh, grad_xp,
                        grad_ghn);
   });

@@ -75,18 +75,19 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
   }
 }
 
-// The forward time loop. Without w_ih, `in` is the projected input xp [T, B, G] (biases
+// The forward time loop over `st`'s steps (rows of the sequence buffers: [T, B, ...] or
+// packed [N, ...]). Without w_ih, `in` is the projected input xp [T, B, G] (biases
 // included). With w_ih [G, I], `in` is x [T, B, I] and each step first runs
 // x_t @ W_ih^T for its slice on the step engines, then adds h_{t-1} @ W_hh^T and the
 // bias [G] (accumulation type) in the gate pass: the input projection at the step
 // engines' rate (2x MKL's at K = I = 64..128 on an AMD EPYC Zen 4) and no [T, B, G]
 // buffer for it.
 template <typename T>
-void fwd_loop(const at::Tensor& in, const at::Tensor& h0, const at::Tensor& c0,
-              const at::Tensor& w_hh, const at::Tensor* w_ih, const at::Tensor* bias,
-              at::Tensor& out, at::Tensor& gates, at::Tensor& cs) {
+void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
+              const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor* w_ih,
+              const at::Tensor* bias, at::Tensor& out, at::Tensor& gates, at::Tensor& cs) {
   using A = acc_t<T>;
-  const int64_t T_ = in.size(0), B = in.size(1), G = w_hh.size(0), H = G / 4, K = in.size(2);
+  const int64_t B = st.B, G = w_hh.size(0), H = G / 4, K = in.size(-1);
   const T* in_p = in.const_data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   T* gates_p = gates.data_ptr<T>();
@@ -106,32 +107,32 @@ void fwd_loop(const at::Tensor& in, const at::Tensor& h0, const at::Tensor& c0,
   const T* h0_p = h0.const_data_ptr<T>();
   const A* c0_p = c0.const_data_ptr<A>();
   auto step = [&](int64_t s, int64_t t) {
-    const int64_t j0 = slices.begin(s), n = slices.size(s);
-    const T* h_prev = t > 0 ? out_p + (t - 1) * B * H : h0_p;
-    const A* c_prev = t > 0 ? cs_p + (t - 1) * B * H : c0_p;
+    const int64_t j0 = slices.begin(s), n = slices.size(s), m = st.rows[t], r = st.off[t];
+    const T* h_prev = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
+    const A* c_prev = t > 0 ? cs_p + st.off[t - 1] * H : c0_p;
     A* acc = accs[s].template data_ptr<A>();
-    T* g = gates_p + t * B * G + j0;
-    A* c_new = cs_p + t * B * H + j0;
-    T* h_new = out_p + t * B * H + j0;
+    T* g = gates_p + r * G + j0;
+    A* c_new = cs_p + r * H + j0;
+    T* h_new = out_p + r * H + j0;
     if (input_gemms) {
-      input_gemms->gemms[s](in_p + t * B * K, K, A(0), acc, 4 * n);  // x_t @ W_ih^T [B, 4 n]
-      slice_gemms.gemms[s](h_prev, H, A(1), acc, 4 * n);  // += h_{t-1} @ W_hh^T
-      fwd_rows<T, A>(0, B, n, H, acc, 4 * n, n, bias_p + j0, 0, c_prev + j0, g, c_new, h_new);
+      input_gemms->gemms[s].rows(m, in_p + r * K, K, A(0), acc, 4 * n);  // x_t @ W_ih^T [m, 4 n]
+      slice_gemms.gemms[s].rows(m, h_prev, H, A(1), acc, 4 * n);  // += h_{t-1} @ W_hh^T
+      fwd_rows<T, A>(0, m, n, H, acc, 4 * n, n, bias_p + j0, 0, c_prev + j0, g, c_new, h_new);
     } else {
-      slice_gemms.gemms[s](h_prev, H, A(0), acc, 4 * n);  // [B, 4 n]
-      fwd_rows<T, T>(0, B, n, H, acc, 4 * n, n, in_p + t * B * G + j0, G, c_prev + j0, g, c_new,
+      slice_gemms.gemms[s].rows(m, h_prev, H, A(0), acc, 4 * n);  // [m, 4 n]
+      fwd_rows<T, T>(0, m, n, H, acc, 4 * n, n, in_p + r * G + j0, G, c_prev + j0, g, c_new,
                      h_new);
     }
   };
-  slices.run(T_, step, [](int64_t, int64_t) {});
+  slices.run(st.T, step, [](int64_t, int64_t) {});
 }
 
 template <typename T>
-void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tensor& c0,
-              const at::Tensor& gates, const at::Tensor& cs, at::Tensor& dh, at::Tensor& dc,
-              at::Tensor& grad_xp) {
+void bwd_loop(const SeqSteps& st, const at::Tensor& grad_out, const at::Tensor& w_hh,
+              const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cs,
+              at::Tensor& dh, at::Tensor& dc, at::Tensor& grad_xp) {
   using A = acc_t<T>;
-  const int64_t T_ = gates.size(0), B = gates.size(1), G = gates.size(2), H = G / 4;
+  const int64_t T_ = st.T, B = st.B, G = gates.size(-1), H = G / 4;
   const T* go_p = grad_out.const_data_ptr<T>();
   const T* g_p = gates.const_data_ptr<T>();
   const A* cs_p = cs.const_data_ptr<A>();
@@ -141,17 +142,20 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   T* dx_p = grad_xp.data_ptr<T>();
   const UnitSlices slices(H, 4);
   const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/false);
-  // Step t's pointwise pass needs only the slice's own columns of dh; the GEMM
-  // for dh_{t-1}[:, slice] needs every slice's dgates_t, hence the barrier.
+  // Step t's pointwise pass needs only the slice's own columns of dh; the GEMM for
+  // dh_{t-1}[:, slice] needs every slice's dgates_t, hence the barrier. A packed
+  // sequence's rows past step t's own keep dh and dc as they came in (grad_h_n, grad_c_n)
+  // until the step that is their last.
   auto pointwise = [&](int64_t s, int64_t i) {
-    const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s);
-    const A* cp_t = t > 0 ? cs_p + (t - 1) * B * H : c0_p;
-    bwd_rows<T>(0, B, n, H, go_p + t * B * H + j0, g_p + t * B * G + j0, cs_p + t * B * H + j0,
-                cp_t + j0, dh_p + j0, dc_p + j0, dx_p + t * B * G + j0);
+    const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s), r = st.off[t];
+    const A* cp_t = t > 0 ? cs_p + st.off[t - 1] * H : c0_p;
+    bwd_rows<T>(0, st.rows[t], n, H, go_p + r * H + j0, g_p + r * G + j0, cs_p + r * H + j0,
+                cp_t + j0, dh_p + j0, dc_p + j0, dx_p + r * G + j0);
   };
   auto gemm = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s);
-    slice_gemms.gemms[s](dx_p + t * B * G, G, A(0), dh_p + j0, H);  // dh_{t-1}[:, slice]
+    // dh_{t-1}[:, slice]
+    slice_gemms.gemms[s].rows(st.rows[t], dx_p + st.off[t] * G, G, A(0), dh_p + j0, H);
   };
   slices.run(T_, pointwise, gemm);
 }
@@ -159,21 +163,22 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
 // lstm_fwd and lstm_seq after their checks: the outputs, the time loop (with w_ih and the
 // accumulation-type bias for lstm_seq, else nullptr) and the final states.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& in, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-    const at::Tensor* w_ih, const at::Tensor* bias) {
+    const SeqSteps& steps, const at::Tensor& in, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_hh, const at::Tensor* w_ih, const at::Tensor* bias) {
   const auto dt = in.scalar_type(), st = state_type(dt);
-  const int64_t T_ = in.size(0), B = in.size(1), G = w_hh.size(0), H = w_hh.size(1);
-  auto out = empty_seq({T_, B, H}, in.options());  // [T, B, H]
-  auto gates = empty_seq({T_, B, G}, in.options());  // [T, B, G]
-  auto cs = empty_seq({T_, B, H}, in.options().dtype(st));  // [T, B, H]
+  const int64_t G = w_hh.size(0), H = w_hh.size(1);
+  auto out = empty_seq(steps.shape(H), in.options());  // [T, B, H] or [N, H]
+  auto gates = empty_seq(steps.shape(G), in.options());  // [T, B, G] or [N, G]
+  auto cs = empty_seq(steps.shape(H), in.options().dtype(st));  // [T, B, H] or [N, H]
   auto c0s = c0.to(st).contiguous();  // [B, H]
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_fwd", [&] {
-    fwd_loop<scalar_t>(in.contiguous(), h0.contiguous(), c0s, w_hh.contiguous(), w_ih, bias, out,
-                       gates, cs);
+    fwd_loop<scalar_t>(steps, in.contiguous(), h0.contiguous(), c0s, w_hh.contiguous(), w_ih,
+                       bias, out, gates, cs);
   });
-  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
-  auto c_n = T_ > 0 ? cs[T_ - 1].to(dt, false, true) : c0.clone();
-  return {out, h_n, c_n, gates, cs};
+  if (steps.T == 0) {
+    return {out, h0.clone(), c0.clone(), gates, cs};
+  }
+  return {out, steps.finals(out), steps.finals(cs).to(dt), gates, cs};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
@@ -188,47 +193,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   CHECK_ARG(h0, dt, B, H);
   CHECK_ARG(c0, dt, B, H);
   CHECK_ARG(w_hh, dt, G, H);
-  return forward(xp, h0, c0, w_hh, nullptr, nullptr);
+  return forward(SeqSteps(xp.size(0), B), xp, h0, c0, w_hh, nullptr, nullptr);
 }
 
-// lstm_fwd with the input projection inside the time loop: x [T, B, I], w_ih [G, I],
-// bias [G] (b_ih + b_hh) or none. Same outputs; backward is lstm_bwd, whose grad_xp is the
-// gradient of x @ W_ih^T + bias.
+// lstm_fwd with the input projection inside the time loop: x [T, B, I] (or packed [N, I]
+// with batch_sizes), w_ih [G, I], bias [G] (b_ih + b_hh) or none. Same outputs (packed
+// [N, ...] for a packed x; h_n, c_n each sequence's state after its own last step);
+// backward is lstm_bwd, whose grad_xp is the gradient of x @ W_ih^T + bias.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_seq(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const std::optional<at::Tensor>& bias, const at::Tensor& w_hh) {
+    const std::optional<at::Tensor>& bias, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& batch_sizes) {
   constexpr const char* OP = "fastchar::lstm_seq";
-  const int64_t H = check_seq_args(OP, 4, x, h0, w_ih, bias, w_hh);
-  CHECK_ARG(c0, x.scalar_type(), x.size(1), H);
+  const SeqSteps steps = seq_steps(OP, "x", x, batch_sizes);
+  const int64_t H = check_seq_args(OP, 4, x, steps, h0, w_ih, bias, w_hh);
+  CHECK_ARG(c0, x.scalar_type(), steps.B, H);
   const auto w = w_ih.contiguous();
   const auto b = bias_acc(bias, std::nullopt, 4 * H, state_type(x.scalar_type()));  // [G]
-  return forward(x, h0, c0, w_hh, &w, &b);
+  return forward(steps, x, h0, c0, w_hh, &w, &b);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
     const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& w_hh, const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cs) {
+    const at::Tensor& w_hh, const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cs,
+    const std::optional<at::Tensor>& batch_sizes) {
   constexpr const char* OP = "fastchar::lstm_bwd";
   CHECK_CPU(gates);
-  CHECK_DIM(gates, 3);
   check_float_dtype(OP, gates);
+  const SeqSteps steps = seq_steps(OP, "gates", gates, batch_sizes);
   const auto dt = gates.scalar_type();
-  const int64_t T_ = gates.size(0), B = gates.size(1), G = gates.size(2), H = G / 4;
+  const int64_t B = steps.B, G = gates.size(-1), H = G / 4;
   TORCH_CHECK_VALUE(G % 4 == 0, OP, ": gates must be [T, B, 4H], got shape ", gates.sizes());
   const auto st = state_type(dt);
-  CHECK_ARG(grad_out, dt, T_, B, H);
+  check_seq_shape(OP, "grad_out", grad_out, steps, H, dt);
+  check_seq_shape(OP, "cs", cs, steps, H, st);
   CHECK_ARG(grad_h_n, dt, B, H);
   CHECK_ARG(grad_c_n, dt, B, H);
   CHECK_ARG(w_hh, dt, G, H);
   CHECK_ARG(c0, dt, B, H);
-  CHECK_ARG(cs, st, T_, B, H);
 
   auto dh = at::empty({B, H}, gates.options().dtype(st)).copy_(grad_h_n);  // [B, H]
   auto dc = at::empty({B, H}, gates.options().dtype(st)).copy_(grad_c_n);  // [B, H]
-  auto grad_xp = empty_seq({T_, B, G}, gates.options());  // [T, B, G]
+  auto grad_xp = empty_seq(steps.shape(G), gates.options());  // [T, B, G] or [N, G]
   auto c0s = c0.to(st).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_bwd", [&] {
-    bwd_loop<scalar_t>(grad_out.contiguous(), w_hh.contiguous(), c0s, gates.contiguous(),
+    bwd_loop<scalar_t>(steps, grad_out.contiguous(), w_hh.contiguous(), c0s, gates.contiguous(),
                        cs.contiguous(), dh, dc, grad_xp);
   });
   return {grad_xp, dh.to(dt), dc.to(dt)};

@@ -7,6 +7,9 @@
 //   cs     [T, B, H]  LSTM cell states c_1..c_T, float32 for bf16/fp16 inputs
 //   hn     [T, B, H]  GRU W_hn h_{t-1} + b_hn, needed for the reset-gate grad
 //   s_ih, s_hh        *_cell ops: a float32 scale per row [G] of int8 weights (w = s * q)
+//   batch_sizes       *_seq and *_bwd (C++): int64 [T], a packed sequence's rows per step
+//                     (PackedSequence.batch_sizes); every [T, B, X] buffer is then packed
+//                     [N, X], N = sum(batch_sizes), step t's rows after those of steps < t
 //
 // The gemm_* ops report, seed and time the GEMM plan (gemm.h, fastchar/plan.py); mm_sum
 // runs the backward passes' wide GEMMs on it (wide_gemm.cpp);
@@ -23,11 +26,12 @@ TORCH_LIBRARY(fastchar, m) {
   // [b_hr, b_hz, 0]) or None; backward is the *_bwd op, whose grad_xp feeds x, w_ih and
   // that bias.
   m.def(
-      "lstm_seq(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor? bias, Tensor w_hh) -> "
+      "lstm_seq(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor? bias, Tensor w_hh, "
+      "Tensor? batch_sizes=None) -> "
       "(Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cs)");
   m.def(
       "lstm_bwd(Tensor grad_out, Tensor grad_h_n, Tensor grad_c_n, Tensor w_hh, "
-      "Tensor c0, Tensor gates, Tensor cs) -> "
+      "Tensor c0, Tensor gates, Tensor cs, Tensor? batch_sizes=None) -> "
       "(Tensor grad_xp, Tensor grad_h0, Tensor grad_c0)");
   m.def(
       "lstm_cell(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, "
@@ -38,11 +42,12 @@ TORCH_LIBRARY(fastchar, m) {
       "gru_fwd(Tensor xp, Tensor h0, Tensor w_hh, Tensor b_hn) -> "
       "(Tensor out, Tensor h_n, Tensor gates, Tensor hn)");
   m.def(
-      "gru_seq(Tensor x, Tensor h0, Tensor w_ih, Tensor? b_x, Tensor w_hh, Tensor b_hn) -> "
+      "gru_seq(Tensor x, Tensor h0, Tensor w_ih, Tensor? b_x, Tensor w_hh, Tensor b_hn, "
+      "Tensor? batch_sizes=None) -> "
       "(Tensor out, Tensor h_n, Tensor gates, Tensor hn)");
   m.def(
       "gru_bwd(Tensor grad_out, Tensor grad_h_n, Tensor w_hh, Tensor h0, "
-      "Tensor out, Tensor gates, Tensor hn) -> "
+      "Tensor out, Tensor gates, Tensor hn, Tensor? batch_sizes=None) -> "
       "(Tensor grad_xp, Tensor grad_ghn, Tensor grad_h0)");
   m.def(
       "gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
@@ -61,10 +66,12 @@ TORCH_LIBRARY(fastchar, m) {
 
   m.def("rnn_fwd(Tensor xp, Tensor h0, Tensor w_hh, bool relu) -> (Tensor out, Tensor h_n)");
   m.def(
-      "rnn_seq(Tensor x, Tensor h0, Tensor w_ih, Tensor? bias, Tensor w_hh, bool relu) -> "
+      "rnn_seq(Tensor x, Tensor h0, Tensor w_ih, Tensor? bias, Tensor w_hh, bool relu, "
+      "Tensor? batch_sizes=None) -> "
       "(Tensor out, Tensor h_n)");
   m.def(
-      "rnn_bwd(Tensor grad_out, Tensor grad_h_n, Tensor w_hh, Tensor out, bool relu) -> "
+      "rnn_bwd(Tensor grad_out, Tensor grad_h_n, Tensor w_hh, Tensor out, bool relu, "
+      "Tensor? batch_sizes=None) -> "
       "(Tensor grad_xp, Tensor grad_h0)");
   m.def(
       "rnn_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "

@@ -44,14 +44,16 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
   }
 }
 
-// The forward time loop. Without w_ih, `in` is the projected input xp [T, B, H] (biases
+// The forward time loop over `st`'s steps ([T, B, ...] or packed [N, ...] buffers, as
+// lstm.cpp's). Without w_ih, `in` is the projected input xp [T, B, H] (biases
 // included); with w_ih [H, I], `in` is x [T, B, I], projected step by step inside the
 // loop with the bias [H] (accumulation type) added in the pass, as lstm.cpp's fwd_loop.
 template <typename T, bool RELU>
-void fwd_loop(const at::Tensor& in, const at::Tensor& h0, const at::Tensor& w_hh,
-              const at::Tensor* w_ih, const at::Tensor* bias, at::Tensor& out) {
+void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
+              const at::Tensor& w_hh, const at::Tensor* w_ih, const at::Tensor* bias,
+              at::Tensor& out) {
   using A = acc_t<T>;
-  const int64_t T_ = in.size(0), B = in.size(1), H = w_hh.size(0), K = in.size(2);
+  const int64_t B = st.B, H = w_hh.size(0), K = in.size(-1);
   const T* in_p = in.const_data_ptr<T>();
   const T* h0_p = h0.const_data_ptr<T>();
   T* out_p = out.data_ptr<T>();
@@ -68,27 +70,27 @@ void fwd_loop(const at::Tensor& in, const at::Tensor& h0, const at::Tensor& w_hh
     accs.push_back(at::empty({B, n}, in.options().dtype(c10::CppTypeToScalarType<A>::value)));
   }
   auto step = [&](int64_t s, int64_t t) {
-    const int64_t j0 = slices.begin(s), n = slices.size(s);
-    const T* h_prev = t > 0 ? out_p + (t - 1) * B * H : h0_p;
+    const int64_t j0 = slices.begin(s), n = slices.size(s), m = st.rows[t], r = st.off[t];
+    const T* h_prev = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
     A* acc = accs[s].template data_ptr<A>();
-    T* h_new = out_p + t * B * H + j0;
+    T* h_new = out_p + r * H + j0;
     if (input_gemms) {
-      input_gemms->gemms[s](in_p + t * B * K, K, A(0), acc, n);  // x_t @ W_ih^T [B, n]
-      slice_gemms.gemms[s](h_prev, H, A(1), acc, n);  // += h_{t-1} @ W_hh^T
-      fwd_rows<T, A, RELU>(0, B, n, H, acc, n, bias_p + j0, 0, h_new);
+      input_gemms->gemms[s].rows(m, in_p + r * K, K, A(0), acc, n);  // x_t @ W_ih^T [m, n]
+      slice_gemms.gemms[s].rows(m, h_prev, H, A(1), acc, n);  // += h_{t-1} @ W_hh^T
+      fwd_rows<T, A, RELU>(0, m, n, H, acc, n, bias_p + j0, 0, h_new);
     } else {
-      slice_gemms.gemms[s](h_prev, H, A(0), acc, n);  // [B, n]
-      fwd_rows<T, T, RELU>(0, B, n, H, acc, n, in_p + t * B * H + j0, H, h_new);
+      slice_gemms.gemms[s].rows(m, h_prev, H, A(0), acc, n);  // [m, n]
+      fwd_rows<T, T, RELU>(0, m, n, H, acc, n, in_p + r * H + j0, H, h_new);
     }
   };
-  slices.run(T_, step, [](int64_t, int64_t) {});
+  slices.run(st.T, step, [](int64_t, int64_t) {});
 }
 
 template <typename T, bool RELU>
-void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tensor& out,
-              at::Tensor& dh, at::Tensor& grad_xp) {
+void bwd_loop(const SeqSteps& st, const at::Tensor& grad_out, const at::Tensor& w_hh,
+              const at::Tensor& out, at::Tensor& dh, at::Tensor& grad_xp) {
   using A = acc_t<T>;
-  const int64_t T_ = out.size(0), B = out.size(1), H = out.size(2);
+  const int64_t T_ = st.T, B = st.B, H = out.size(-1);
   const T* go_p = grad_out.const_data_ptr<T>();
   const T* out_p = out.const_data_ptr<T>();
   A* dh_p = dh.data_ptr<A>();
@@ -96,34 +98,35 @@ void bwd_loop(const at::Tensor& grad_out, const at::Tensor& w_hh, const at::Tens
   const UnitSlices slices(H, 1);
   const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/false);
   auto pointwise = [&](int64_t s, int64_t i) {
-    const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s);
-    bwd_rows<T, RELU>(0, B, n, H, go_p + t * B * H + j0, out_p + t * B * H + j0, dh_p + j0,
-                      dx_p + t * B * H + j0);
+    const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s), r = st.off[t];
+    bwd_rows<T, RELU>(0, st.rows[t], n, H, go_p + r * H + j0, out_p + r * H + j0, dh_p + j0,
+                      dx_p + r * H + j0);
   };
   auto gemm = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s);
-    slice_gemms.gemms[s](dx_p + t * B * H, H, A(0), dh_p + j0, H);  // dh_{t-1}[:, slice]
+    // dh_{t-1}[:, slice]; a packed sequence's later rows keep grad_h_n until their last step
+    slice_gemms.gemms[s].rows(st.rows[t], dx_p + st.off[t] * H, H, A(0), dh_p + j0, H);
   };
   slices.run(T_, pointwise, gemm);
 }
 
 // rnn_fwd and rnn_seq after their checks: the output, the time loop (with w_ih and the
 // accumulation-type bias for rnn_seq, else nullptr) and the final state.
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& in, const at::Tensor& h0,
-                                           const at::Tensor& w_hh, const at::Tensor* w_ih,
-                                           const at::Tensor* bias, bool relu) {
-  const int64_t T_ = in.size(0), B = in.size(1), H = w_hh.size(0);
-  auto out = empty_seq({T_, B, H}, in.options());  // [T, B, H]
+std::tuple<at::Tensor, at::Tensor> forward(const SeqSteps& steps, const at::Tensor& in,
+                                           const at::Tensor& h0, const at::Tensor& w_hh,
+                                           const at::Tensor* w_ih, const at::Tensor* bias,
+                                           bool relu) {
+  const int64_t H = w_hh.size(0);
+  auto out = empty_seq(steps.shape(H), in.options());  // [T, B, H] or [N, H]
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.scalar_type(), "rnn_fwd", [&] {
     auto xc = in.contiguous(), hc = h0.contiguous(), wc = w_hh.contiguous();
     if (relu) {
-      fwd_loop<scalar_t, true>(xc, hc, wc, w_ih, bias, out);
+      fwd_loop<scalar_t, true>(steps, xc, hc, wc, w_ih, bias, out);
     } else {
-      fwd_loop<scalar_t, false>(xc, hc, wc, w_ih, bias, out);
+      fwd_loop<scalar_t, false>(steps, xc, hc, wc, w_ih, bias, out);
     }
   });
-  auto h_n = T_ > 0 ? out[T_ - 1].clone() : h0.clone();
-  return {out, h_n};
+  return {out, steps.T > 0 ? steps.finals(out) : h0.clone()};
 }
 
 std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& xp, const at::Tensor& h0,
@@ -136,44 +139,48 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& xp, const at::Tenso
   const int64_t B = xp.size(1), H = xp.size(2);
   CHECK_ARG(h0, dt, B, H);
   CHECK_ARG(w_hh, dt, H, H);
-  return forward(xp, h0, w_hh, nullptr, nullptr, relu);
+  return forward(SeqSteps(xp.size(0), B), xp, h0, w_hh, nullptr, nullptr, relu);
 }
 
-// rnn_fwd with the input projection inside the time loop: x [T, B, I], w_ih [H, I],
-// bias [H] (b_ih + b_hh) or none. Same outputs; backward is rnn_bwd.
+// rnn_fwd with the input projection inside the time loop: x [T, B, I] (or packed [N, I]
+// with batch_sizes), w_ih [H, I], bias [H] (b_ih + b_hh) or none. Same outputs; backward
+// is rnn_bwd.
 std::tuple<at::Tensor, at::Tensor> rnn_seq(const at::Tensor& x, const at::Tensor& h0,
                                            const at::Tensor& w_ih,
                                            const std::optional<at::Tensor>& bias,
-                                           const at::Tensor& w_hh, bool relu) {
+                                           const at::Tensor& w_hh, bool relu,
+                                           const std::optional<at::Tensor>& batch_sizes) {
   constexpr const char* OP = "fastchar::rnn_seq";
-  const int64_t H = check_seq_args(OP, 1, x, h0, w_ih, bias, w_hh);
+  const SeqSteps steps = seq_steps(OP, "x", x, batch_sizes);
+  const int64_t H = check_seq_args(OP, 1, x, steps, h0, w_ih, bias, w_hh);
   const auto w = w_ih.contiguous();
   const auto b = bias_acc(bias, std::nullopt, H, state_type(x.scalar_type()));  // [H]
-  return forward(x, h0, w_hh, &w, &b, relu);
+  return forward(steps, x, h0, w_hh, &w, &b, relu);
 }
 
 std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& grad_out,
                                            const at::Tensor& grad_h_n,
                                            const at::Tensor& w_hh, const at::Tensor& out,
-                                           bool relu) {
+                                           bool relu,
+                                           const std::optional<at::Tensor>& batch_sizes) {
   constexpr const char* OP = "fastchar::rnn_bwd";
   CHECK_CPU(out);
-  CHECK_DIM(out, 3);
   check_float_dtype(OP, out);
+  const SeqSteps steps = seq_steps(OP, "out", out, batch_sizes);
   const auto dt = out.scalar_type();
-  const int64_t T_ = out.size(0), B = out.size(1), H = out.size(2);
-  CHECK_ARG(grad_out, dt, T_, B, H);
+  const int64_t B = steps.B, H = out.size(-1);
+  check_seq_shape(OP, "grad_out", grad_out, steps, H, dt);
   CHECK_ARG(grad_h_n, dt, B, H);
   CHECK_ARG(w_hh, dt, H, H);
 
   auto dh = at::empty({B, H}, out.options().dtype(state_type(dt))).copy_(grad_h_n);  // [B, H]
-  auto grad_xp = empty_seq({T_, B, H}, out.options());  // [T, B, H]
+  auto grad_xp = empty_seq(steps.shape(H), out.options());  // [T, B, H] or [N, H]
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "rnn_bwd", [&] {
     auto gc = grad_out.contiguous(), wc = w_hh.contiguous(), oc = out.contiguous();
     if (relu) {
-      bwd_loop<scalar_t, true>(gc, wc, oc, dh, grad_xp);
+      bwd_loop<scalar_t, true>(steps, gc, wc, oc, dh, grad_xp);
     } else {
-      bwd_loop<scalar_t, false>(gc, wc, oc, dh, grad_xp);
+      bwd_loop<scalar_t, false>(steps, gc, wc, oc, dh, grad_xp);
     }
   });
   return {grad_xp, dh.to(dt)};

@@ -143,15 +143,38 @@ def _mm_sum(a: list[Tensor], b: list[Tensor], trans_a: bool) -> Tensor:
     return out
 
 
-def weight_grad(d_gates: Tensor, h0: Tensor, out: Tensor) -> Tensor:
+def previous_rows(batch_sizes: Tensor) -> Tensor:
+    """For a packed sequence (PackedSequence.batch_sizes [T]): the row of h_{t-1} in the
+    packed output [N, H] for each packed row of steps 1.. (int64 [N - B]).
+
+    Step t's rows are sequences 0..b_t-1, and h_{t-1} of sequence b sits b_{t-1} rows
+    before its own row.
+    """
+    B, N = int(batch_sizes[0]), int(batch_sizes.sum())
+    step = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes)  # [N]
+    return torch.arange(B, N) - batch_sizes[step[B:] - 1]
+
+
+def weight_grad(
+    d_gates: Tensor, h0: Tensor, out: Tensor, batch_sizes: Tensor | None = None
+) -> Tensor:
     """dW_hh [G, H] = sum over steps t of d_gates[t]^T h_{t-1}, with h_{-1} = h0.
 
-    ``d_gates`` [T, B, G] may be a column block of a wider gradient (a view).
+    ``d_gates`` [T, B, G] may be a column block of a wider gradient (a view). With
+    ``batch_sizes`` the sequences are packed: d_gates [N, G], out [N, H].
 
     Two terms on views (step 0 against h0, steps 1.. against out[:-1]) rather than one on
     a concatenated copy of every h_{t-1}: that copy ([T, B, H]) would raise the
-    backward's peak memory.
+    backward's peak memory. A packed sequence's h_{t-1} rows are not a shifted view of
+    out, so they are gathered ([N - B, H]).
     """
+    if batch_sizes is not None:
+        B = h0.shape[0]
+        a, b = [d_gates[:B]], [h0]
+        if d_gates.shape[0] > B:
+            a.append(d_gates[B:])
+            b.append(out.index_select(0, previous_rows(batch_sizes).to(out.device)))
+        return _mm_sum(a, b, trans_a=True)
     a, b = [d_gates[0]], [h0]
     if d_gates.shape[0] > 1:
         a.append(d_gates[1:].flatten(0, 1))
@@ -162,15 +185,17 @@ def weight_grad(d_gates: Tensor, h0: Tensor, out: Tensor) -> Tensor:
 def projection_grads(
     needs: tuple[bool, bool, bool], grad_xp: Tensor, x: Tensor, w_ih: Tensor, has_bias: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of xp = x @ w_ih^T + bias from grad_xp [T, B, G], for the C++ ops that
-    project the input inside their time loop: (x [T, B, I], w_ih [G, I], bias [G]), each
-    None where ``needs`` (x, w_ih, bias) says it is not wanted or there is no bias."""
-    flat = grad_xp.flatten(0, 1)  # [T * B, G]
+    """Gradients of xp = x @ w_ih^T + bias from grad_xp [T, B, G] (packed: [N, G]), for the
+    C++ ops that project the input inside their time loop: (x [T, B, I] or [N, I], w_ih
+    [G, I], bias [G]), each None where ``needs`` (x, w_ih, bias) says it is not wanted or
+    there is no bias."""
+    flat = grad_xp.reshape(-1, grad_xp.shape[-1])  # [T * B, G]
     grad_x = None
     if needs[0]:
         grad_x = _mm_sum([flat], [w_ih], trans_a=False).view(x.shape)  # [T, B, I]
-    grad_w = _mm_sum([flat], [x.flatten(0, 1)], trans_a=True) if needs[1] else None  # [G, I]
-    grad_b = grad_xp.sum((0, 1)) if needs[2] and has_bias else None
+    flat_x = x.reshape(-1, x.shape[-1])
+    grad_w = _mm_sum([flat], [flat_x], trans_a=True) if needs[1] else None  # [G, I]
+    grad_b = flat.sum(0) if needs[2] and has_bias else None
     return grad_x, grad_w, grad_b
 
 

@@ -45,13 +45,18 @@ def _fake_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor):
     )
 
 
-def _fake_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn):
-    T, B, G = gates.shape
-    return gates.new_empty(T, B, G), gates.new_empty(T, B, G // 3), h0.new_empty(h0.shape)
+def _fake_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn, batch_sizes=None):
+    return gates.new_empty(gates.shape), hn.new_empty(hn.shape), h0.new_empty(h0.shape)
 
 
-def _fake_seq(x: Tensor, h0: Tensor, w_ih: Tensor, b_x, w_hh: Tensor, b_hn: Tensor):
-    return _fake_fwd(x.new_empty(x.shape[0], x.shape[1], w_hh.shape[0]), h0, w_hh, b_hn)
+def _fake_seq(
+    x: Tensor, h0: Tensor, w_ih: Tensor, b_x, w_hh: Tensor, b_hn: Tensor, batch_sizes=None
+):
+    G, H = w_hh.shape
+    if batch_sizes is not None:  # packed [N, ...]
+        N = x.shape[0]
+        return x.new_empty(N, H), h0.new_empty(h0.shape), x.new_empty(N, G), x.new_empty(N, H)
+    return _fake_fwd(x.new_empty(x.shape[0], x.shape[1], G), h0, w_hh, b_hn)
 
 
 def _fake_cell(x, h, w_ih, w_hh, b_ih, b_hh, s_ih=None, s_hh=None):
@@ -65,18 +70,29 @@ def _setup_context(ctx, inputs, output):
     skip_zero_grads(ctx)
 
 
-def _hidden_grads(bwd, saved, grad_out, grad_h_n, need_w_hh: bool, need_b_hn: bool):
-    """gru_bwd and the hidden-side weight gradients: (grad_xp, grad_h0, grad_w_hh, grad_b_hn)."""
+def _hidden_grads(
+    bwd, saved, grad_out, grad_h_n, need_w_hh: bool, need_b_hn: bool, batch_sizes=None
+):
+    """gru_bwd and the hidden-side weight gradients: (grad_xp, grad_h0, grad_w_hh, grad_b_hn).
+
+    With ``batch_sizes`` (the C++ op on a packed sequence) every sequence tensor is [N, ...].
+    """
     h0, w_hh, out, gates, hn = saved
     grad_out, grad_h_n = grads_or_zeros((grad_out, out), (grad_h_n, h0))
-    grad_xp, grad_ghn, grad_h0 = bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn)
+    if batch_sizes is None:
+        grad_xp, grad_ghn, grad_h0 = bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn)
+    else:
+        grad_xp, grad_ghn, grad_h0 = bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn, batch_sizes)
     H = w_hh.shape[1]
     grad_w_hh = None
     if need_w_hh:  # rows r, z from grad_xp's blocks (views), n from grad_ghn
         grad_w_hh = torch.cat(
-            (weight_grad(grad_xp[..., : 2 * H], h0, out), weight_grad(grad_ghn, h0, out))
+            (
+                weight_grad(grad_xp[..., : 2 * H], h0, out, batch_sizes),
+                weight_grad(grad_ghn, h0, out, batch_sizes),
+            )
         )
-    grad_b_hn = grad_ghn.sum((0, 1)) if need_b_hn else None
+    grad_b_hn = grad_ghn.reshape(-1, H).sum(0) if need_b_hn else None
     return grad_xp, grad_h0, grad_w_hh, grad_b_hn
 
 
@@ -89,10 +105,11 @@ def _autograd_backward(bwd):
 
 
 def _setup_seq(ctx, inputs, output):
-    x, h0, w_ih, b_x, w_hh, b_hn = inputs
+    x, h0, w_ih, b_x, w_hh, b_hn, batch_sizes = inputs
     out, _, gates, hn = output
     ctx.save_for_backward(x, w_ih, h0, w_hh, out, gates, hn)
     ctx.has_bias = b_x is not None
+    ctx.batch_sizes = batch_sizes
     skip_zero_grads(ctx)
 
 
@@ -100,12 +117,12 @@ def _seq_backward(ctx, grad_out, grad_h_n, _grad_gates, _grad_hn):
     x, w_ih, *saved = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_xp, grad_h0, grad_w_hh, grad_b_hn = _hidden_grads(
-        torch.ops.fastchar.gru_bwd, saved, grad_out, grad_h_n, need[4], need[5]
+        torch.ops.fastchar.gru_bwd, saved, grad_out, grad_h_n, need[4], need[5], ctx.batch_sizes
     )
     grad_x, grad_w_ih, grad_b_x = projection_grads(
         (need[0], need[2], need[3]), grad_xp, x, w_ih, ctx.has_bias
     )
-    return grad_x, grad_h0, grad_w_ih, grad_b_x, grad_w_hh, grad_b_hn
+    return grad_x, grad_h0, grad_w_ih, grad_b_x, grad_w_hh, grad_b_hn, None
 
 
 @torch.library.custom_op("fastchar::triton_gru_fwd", mutates_args=(), device_types=("cuda", "cpu"))

@@ -43,13 +43,25 @@ def _fake_fwd(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):
     )
 
 
-def _fake_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs):
-    T, B, G = gates.shape
-    return gates.new_empty(T, B, G), c0.new_empty(c0.shape), c0.new_empty(c0.shape)
+def _fake_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, batch_sizes=None):
+    return gates.new_empty(gates.shape), c0.new_empty(c0.shape), c0.new_empty(c0.shape)
 
 
-def _fake_seq(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, bias, w_hh: Tensor):
-    return _fake_fwd(x.new_empty(x.shape[0], x.shape[1], w_hh.shape[0]), h0, c0, w_hh)
+def _fake_seq(
+    x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, bias, w_hh: Tensor, batch_sizes=None
+):
+    G, H = w_hh.shape
+    if batch_sizes is not None:  # packed [N, ...]
+        N = x.shape[0]
+        st = state_dtype(x.dtype)
+        return (
+            x.new_empty(N, H),
+            h0.new_empty(h0.shape),
+            c0.new_empty(c0.shape),
+            x.new_empty(N, G),
+            x.new_empty(N, H, dtype=st),
+        )
+    return _fake_fwd(x.new_empty(x.shape[0], x.shape[1], G), h0, c0, w_hh)
 
 
 def _fake_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, s_ih=None, s_hh=None):
@@ -134,25 +146,27 @@ if cpp_loaded():
 
 
 def _setup_seq(ctx, inputs, output):
-    x, h0, c0, w_ih, bias, w_hh = inputs
+    x, h0, c0, w_ih, bias, w_hh, batch_sizes = inputs
     out, _, _, gates, cs = output
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, out, gates, cs)
     ctx.has_bias = bias is not None
+    ctx.batch_sizes = batch_sizes
     skip_zero_grads(ctx)
 
 
 def _seq_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs):
     x, h0, c0, w_ih, w_hh, out, gates, cs = ctx.saved_tensors
+    bs = ctx.batch_sizes
     grad_out, grad_h_n, grad_c_n = grads_or_zeros((grad_out, out), (grad_h_n, h0), (grad_c_n, c0))
     grad_xp, grad_h0, grad_c0 = torch.ops.fastchar.lstm_bwd(
-        grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs
+        grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, bs
     )
     need = ctx.needs_input_grad
     grad_x, grad_w_ih, grad_b = projection_grads(
         (need[0], need[3], need[4]), grad_xp, x, w_ih, ctx.has_bias
     )
-    grad_w_hh = weight_grad(grad_xp, h0, out) if need[5] else None
-    return grad_x, grad_h0, grad_c0, grad_w_ih, grad_b, grad_w_hh
+    grad_w_hh = weight_grad(grad_xp, h0, out, bs) if need[5] else None
+    return grad_x, grad_h0, grad_c0, grad_w_ih, grad_b, grad_w_hh, None
 
 
 if cpp_loaded():

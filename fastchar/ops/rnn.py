@@ -36,13 +36,14 @@ def _fake_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, relu: bool):
     return xp.new_empty(T, B, H), xp.new_empty(B, H)
 
 
-def _fake_bwd(grad_out, grad_h_n, w_hh, out, relu):
-    return out.new_empty(out.shape), out.new_empty(out.shape[1:])
+def _fake_bwd(grad_out, grad_h_n, w_hh, out, relu, batch_sizes=None):
+    return out.new_empty(out.shape), grad_h_n.new_empty(grad_h_n.shape)
 
 
-def _fake_seq(x: Tensor, h0: Tensor, w_ih: Tensor, bias, w_hh: Tensor, relu: bool):
-    T, B, _ = x.shape
-    return x.new_empty(T, B, w_hh.shape[0]), x.new_empty(B, w_hh.shape[0])
+def _fake_seq(
+    x: Tensor, h0: Tensor, w_ih: Tensor, bias, w_hh: Tensor, relu: bool, batch_sizes=None
+):
+    return x.new_empty(*x.shape[:-1], w_hh.shape[0]), h0.new_empty(h0.shape)
 
 
 def _fake_cell(x, h, w_ih, w_hh, b_ih, b_hh, relu, s_ih=None, s_hh=None):
@@ -114,21 +115,23 @@ if cpp_loaded():
 
 
 def _setup_seq(ctx, inputs, output):
-    x, h0, w_ih, bias, w_hh, relu = inputs
+    x, h0, w_ih, bias, w_hh, relu, batch_sizes = inputs
     ctx.relu = relu
     ctx.has_bias = bias is not None
+    ctx.batch_sizes = batch_sizes
     ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
 
 
 def _seq_backward(ctx, grad_out, grad_h_n):
     x, h0, w_ih, w_hh, out = ctx.saved_tensors
-    grad_xp, grad_h0 = torch.ops.fastchar.rnn_bwd(grad_out, grad_h_n, w_hh, out, ctx.relu)
+    bs = ctx.batch_sizes
+    grad_xp, grad_h0 = torch.ops.fastchar.rnn_bwd(grad_out, grad_h_n, w_hh, out, ctx.relu, bs)
     need = ctx.needs_input_grad
     grad_x, grad_w_ih, grad_b = projection_grads(
         (need[0], need[2], need[3]), grad_xp, x, w_ih, ctx.has_bias
     )
-    grad_w_hh = weight_grad(grad_xp, h0, out) if need[4] else None
-    return grad_x, grad_h0, grad_w_ih, grad_b, grad_w_hh, None
+    grad_w_hh = weight_grad(grad_xp, h0, out, bs) if need[4] else None
+    return grad_x, grad_h0, grad_w_ih, grad_b, grad_w_hh, None, None
 
 
 if cpp_loaded():
