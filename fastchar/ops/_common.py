@@ -143,16 +143,18 @@ def _mm_sum(a: list[Tensor], b: list[Tensor], trans_a: bool) -> Tensor:
     return out
 
 
-def previous_rows(batch_sizes: Tensor) -> Tensor:
-    """For a packed sequence (PackedSequence.batch_sizes [T]): the row of h_{t-1} in the
-    packed output [N, H] for each packed row of steps 1.. (int64 [N - B]).
+def previous_rows(batch_sizes: Tensor, B: int, N: int) -> Tensor:
+    """For a packed sequence (PackedSequence.batch_sizes [T], B = batch_sizes[0] sequences,
+    N = batch_sizes.sum() rows): the row of h_{t-1} in the packed output [N, H] for each
+    packed row of steps 1.. (int64 [N - B]).
 
     Step t's rows are sequences 0..b_t-1, and h_{t-1} of sequence b sits b_{t-1} rows
-    before its own row.
+    before its own row. B and N come from the tensors' shapes, not from batch_sizes' values,
+    so that traced graphs (torch.compile, opcheck) keep static shapes.
     """
-    B, N = int(batch_sizes[0]), int(batch_sizes.sum())
-    step = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes)  # [N]
-    return torch.arange(B, N) - batch_sizes[step[B:] - 1]
+    steps = torch.arange(len(batch_sizes), device=batch_sizes.device)
+    step = torch.repeat_interleave(steps, batch_sizes, output_size=N)  # [N]
+    return torch.arange(B, N, device=batch_sizes.device) - batch_sizes[step[B:] - 1]
 
 
 def weight_grad(
@@ -173,7 +175,9 @@ def weight_grad(
         a, b = [d_gates[:B]], [h0]
         if d_gates.shape[0] > B:
             a.append(d_gates[B:])
-            b.append(out.index_select(0, previous_rows(batch_sizes).to(out.device)))
+            b.append(
+                out.index_select(0, previous_rows(batch_sizes, B, out.shape[0]).to(out.device))
+            )
         return _mm_sum(a, b, trans_a=True)
     a, b = [d_gates[0]], [h0]
     if d_gates.shape[0] > 1:
