@@ -146,17 +146,22 @@ def test_int8_generation_is_the_float_model_on_dequantised_weights(kind, nonline
     assert changed and all("weight_ih" in k or "weight_hh" in k for k in changed)
 
 
-@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize(("kind", "nonlinearity"), CELLS)
 def test_many_samples_on_packed_weights_are_each_sample_alone(kind, nonlinearity, weights):
     """More samples than the cell kernels' 4-row block: generate packs every weight once
-    for the step engines. Each of 6 samples, started from states of its own, draws the same
-    greedy ids as that sample alone (unpacked), to its final state."""
+    for the step engines (int8 weights dequantised first). Each of 6 samples, started from
+    states of its own, draws the same greedy ids as that sample alone (unpacked; int8: on
+    the int8 row kernel), to its final state."""
     cpp, _ = _pair(kind, nonlinearity, weights)
     m = cpp.model
     params = [m.rnn._layer_params(layer, 0) for layer in range(m.rnn.num_layers)]
     weights_ = [w for w_ih, w_hh, _, _ in params for w in (w_ih, w_hh)]
     biases = [b for _, _, b_ih, b_hh in params for b in (b_ih, b_hh)]
+    scales = [None] * len(weights_)
+    if weights == "int8":
+        weights_ = [q for q_ih, _, q_hh, _ in cpp._int8 for q in (q_ih, q_hh)]
+        scales = [s for _, s_ih, _, s_hh in cpp._int8 for s in (s_ih, s_hh)]
     cell = m.kind if m.kind != "rnn" else f"rnn_{nonlinearity}"
     dtype = m.embedding.weight.dtype
     gen = torch.Generator().manual_seed(4)
@@ -168,7 +173,7 @@ def test_many_samples_on_packed_weights_are_each_sample_alone(kind, nonlinearity
     def run(rows):
         return torch.ops.fastchar.generate(
             logits[rows], [s[:, rows] for s in states], m.embedding.weight, weights_, biases,
-            [None] * len(weights_), m.head.weight, m.head.bias, cell, 30, 0.0, 0, 1.0, None,
+            scales, m.head.weight, m.head.bias, cell, 30, 0.0, 0, 1.0, None,
         )  # fmt: skip
 
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
