@@ -6,7 +6,12 @@ names, shapes, initialisation and ``state_dict`` are torch's own; only
 each direction is one sequence-level op from ``fastchar.ops`` with the chosen
 ``impl`` (see ``fastchar.backends``). ``impl="torch"`` runs torch's forward.
 
-Shape letters: L layers, D directions, T time, B batch, I input, H hidden.
+A ``PackedSequence`` runs as torch.nn runs it: every layer op takes the packed data
+and its batch sizes, the reverse direction reads each sequence reversed within its own
+length, and initial and final states are permuted between the caller's order and the
+packed (longest first) order.
+
+Shape letters: L layers, D directions, T time, B batch, N packed rows, I input, H hidden.
 """
 
 from __future__ import annotations
@@ -18,6 +23,23 @@ from torch.nn.utils.rnn import PackedSequence
 
 from fastchar import ops
 from fastchar.backends import IMPLS, resolve
+from fastchar.ops._common import check_batch_sizes
+
+
+def reversed_rows(batch_sizes: Tensor) -> Tensor:
+    """The packed-row permutation that reverses every sequence within its own length.
+
+    For PackedSequence.batch_sizes [T] (B = batch_sizes[0] sequences, N rows): row r
+    (step t of sequence b) maps to the row of step len_b - 1 - t of sequence b, so that
+    ``x.index_select(0, rows)`` is the packed batch of reversed sequences. The map is
+    its own inverse. Returns int64 [N] on batch_sizes' device (the CPU).
+    """
+    T, B = len(batch_sizes), int(batch_sizes[0])
+    off = torch.cumsum(batch_sizes, 0) - batch_sizes  # [T], first row of each step
+    lengths = (batch_sizes[None, :] > torch.arange(B)[:, None]).sum(1)  # [B]
+    step = torch.repeat_interleave(torch.arange(T), batch_sizes)  # [N]
+    seq = torch.arange(len(step)) - off[step]  # [N]
+    return off[lengths[seq] - 1 - step] + seq
 
 
 class _FastRNNMixin:
@@ -56,10 +78,13 @@ class _FastRNNMixin:
     def _check_input(self, input: object) -> None:
         name = type(self).__name__
         if isinstance(input, PackedSequence):
-            raise NotImplementedError(
-                f"fastchar.nn.{name} does not support PackedSequence yet; pad the batch "
-                "or use torch.nn." + name
-            )
+            data = input.data
+            if data.dim() != 2 or data.shape[-1] != self.input_size:
+                raise ValueError(
+                    f"{name}: a PackedSequence's data must be [N, input_size="
+                    f"{self.input_size}], got shape {list(data.shape)}"
+                )
+            return
         if not isinstance(input, Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (2, 3):
@@ -94,36 +119,68 @@ class _FastRNNMixin:
 
     def forward(self, input, hx=None):
         self._check_input(input)
-        kind = resolve(self.impl, input.device)
+        packed = isinstance(input, PackedSequence)
+        kind = resolve(self.impl, input.data.device if packed else input.device)
         if kind == "torch":
             return super().forward(input, hx)
+        if packed:
+            return self._forward_packed(input, hx, kind)
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(1)
         if batched and self.batch_first:
             x = x.transpose(0, 1)  # [T, B, I]
         states = self._states_in(hx, batched, x.shape[1])
+        x, h = self._stack(x, states, kind)
+        if batched and self.batch_first:
+            x = x.transpose(0, 1)
+        if not batched:
+            x = x.squeeze(1)
+            h = [s.squeeze(1) for s in h]
+        return x, (tuple(h) if self._n_states > 1 else h[0])
+
+    def _forward_packed(self, input: PackedSequence, hx, kind: str):
+        """forward() on a PackedSequence: states in and out in the caller's order, as
+        torch.nn's permute_hidden does; the output keeps the input's batch sizes and
+        indices. batch_first does not apply to packed data."""
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        B = check_batch_sizes(type(self).__name__, batch_sizes, data)
+        states = self._states_in(hx, True, B)
+        if sorted_indices is not None:
+            states = [None if s is None else s.index_select(1, sorted_indices) for s in states]
+        x, h = self._stack(data, states, kind, batch_sizes)
+        if unsorted_indices is not None:
+            h = [s.index_select(1, unsorted_indices) for s in h]
+        out = PackedSequence(x, batch_sizes, sorted_indices, unsorted_indices)
+        return out, (tuple(h) if self._n_states > 1 else h[0])
+
+    def _stack(self, x: Tensor, states, kind: str, batch_sizes: Tensor | None = None):
+        """Every layer and direction over x [T, B, I], or packed x [N, I] with
+        ``batch_sizes``; states [L*D, B, H] or None each. Returns (the top layer's
+        output [T, B, D*H] or [N, D*H], the final states [L*D, B, H] each)."""
         D = 2 if self.bidirectional else 1
+        rows = None
+        if D == 2 and batch_sizes is not None:
+            rows = reversed_rows(batch_sizes).to(x.device)  # once for every layer
+
+        def reverse(t: Tensor) -> Tensor:
+            return t.flip(0) if rows is None else t.index_select(0, rows)
+
         finals: list[list[Tensor]] = [[] for _ in range(self._n_states)]
         for layer in range(self.num_layers):
             outs = []
             for d in range(D):
                 idx = layer * D + d
                 s0 = [None if s is None else s[idx] for s in states]
-                xin = x.flip(0) if d else x
-                out, *s_n = self._layer(xin, s0, self._layer_params(layer, d), kind)
-                outs.append(out.flip(0) if d else out)
+                xin = reverse(x) if d else x
+                params = self._layer_params(layer, d)
+                out, *s_n = self._layer(xin, s0, params, kind, batch_sizes)
+                outs.append(reverse(out) if d else out)
                 for acc, s in zip(finals, s_n, strict=True):
                     acc.append(s)
-            x = outs[0] if D == 1 else torch.cat(outs, 2)  # [T, B, D*H]
+            x = outs[0] if D == 1 else torch.cat(outs, -1)  # [T, B, D*H] or [N, D*H]
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        if batched and self.batch_first:
-            x = x.transpose(0, 1)
-        h = [torch.stack(acc) for acc in finals]  # [L*D, B, H]
-        if not batched:
-            x = x.squeeze(1)
-            h = [s.squeeze(1) for s in h]
-        return x, (tuple(h) if self._n_states > 1 else h[0])
+        return x, [torch.stack(acc) for acc in finals]  # [L*D, B, H]
 
     def step(self, x: Tensor, hx=None):
         """Advance one time step with the single-step ``*_cell`` ops (for sampling).
@@ -156,8 +213,8 @@ class LSTM(_FastRNNMixin, torch.nn.LSTM):
     """``torch.nn.LSTM`` with fastchar kernels: ``out, (h_n, c_n) = m(x, (h0, c0))``.
 
     Arguments are torch.nn.LSTM's plus ``impl`` (fused, cpp, triton, reference,
-    torch), which may be changed after construction. ``proj_size`` and
-    ``PackedSequence`` are not supported yet.
+    torch), which may be changed after construction. ``input`` may be a
+    ``PackedSequence``; ``proj_size`` is not supported yet.
     """
 
     _n_states = 2
@@ -166,8 +223,8 @@ class LSTM(_FastRNNMixin, torch.nn.LSTM):
         super().__init__(*args, **kwargs)
         self._setup(impl)
 
-    def _layer(self, x, s0, params, kind):
-        return ops.lstm(x, s0[0], s0[1], *params, impl=kind)
+    def _layer(self, x, s0, params, kind, batch_sizes=None):
+        return ops.lstm(x, s0[0], s0[1], *params, impl=kind, batch_sizes=batch_sizes)
 
     def _cell(self, x, s0, params, kind):
         return ops.lstm_cell(x, s0[0], s0[1], *params, impl=kind)
@@ -176,15 +233,15 @@ class LSTM(_FastRNNMixin, torch.nn.LSTM):
 class GRU(_FastRNNMixin, torch.nn.GRU):
     """``torch.nn.GRU`` with fastchar kernels: ``out, h_n = m(x, h0)``.
 
-    Arguments are torch.nn.GRU's plus ``impl``; ``PackedSequence`` is not supported yet.
+    Arguments are torch.nn.GRU's plus ``impl``; ``input`` may be a ``PackedSequence``.
     """
 
     def __init__(self, *args, impl: str = "fused", **kwargs):
         super().__init__(*args, **kwargs)
         self._setup(impl)
 
-    def _layer(self, x, s0, params, kind):
-        return ops.gru(x, s0[0], *params, impl=kind)
+    def _layer(self, x, s0, params, kind, batch_sizes=None):
+        return ops.gru(x, s0[0], *params, impl=kind, batch_sizes=batch_sizes)
 
     def _cell(self, x, s0, params, kind):
         return [ops.gru_cell(x, s0[0], *params, impl=kind)]
@@ -194,15 +251,15 @@ class RNN(_FastRNNMixin, torch.nn.RNN):
     """``torch.nn.RNN`` (``nonlinearity="tanh"|"relu"``) with fastchar kernels:
     ``out, h_n = m(x, h0)``.
 
-    Arguments are torch.nn.RNN's plus ``impl``; ``PackedSequence`` is not supported yet.
+    Arguments are torch.nn.RNN's plus ``impl``; ``input`` may be a ``PackedSequence``.
     """
 
     def __init__(self, *args, impl: str = "fused", **kwargs):
         super().__init__(*args, **kwargs)
         self._setup(impl)
 
-    def _layer(self, x, s0, params, kind):
-        return ops.rnn(x, s0[0], *params, self.nonlinearity, impl=kind)
+    def _layer(self, x, s0, params, kind, batch_sizes=None):
+        return ops.rnn(x, s0[0], *params, self.nonlinearity, impl=kind, batch_sizes=batch_sizes)
 
     def _cell(self, x, s0, params, kind):
         return [ops.rnn_cell(x, s0[0], *params, self.nonlinearity, impl=kind)]

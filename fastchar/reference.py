@@ -3,8 +3,11 @@
 Plain autograd-friendly ops on any device and dtype, with torch.nn's gate order
 (LSTM i, f, g, o; GRU r, z, n with ``b_hn`` inside ``r * (W_hn h + b_hn)``).
 
-Shape letters: T time, B batch, I input, H hidden, G gates (4H / 3H / H).
-Every layer function runs one layer in one direction over time-major input.
+Shape letters: T time, B batch, N packed rows, I input, H hidden, G gates (4H / 3H / H).
+Every layer function runs one layer in one direction over time-major input x [T, B, I],
+or, with ``batch_sizes`` (PackedSequence.batch_sizes [T], non-increasing), over packed
+input x [N, I]: step t runs on its first b_t rows, sequences that have ended keep
+their state, and h_n [B, H] is each sequence's state after its own last step.
 """
 
 from __future__ import annotations
@@ -14,8 +17,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _zeros_state(x: Tensor, w_hh: Tensor) -> Tensor:
-    return x.new_zeros(x.shape[1], w_hh.shape[1])
+def _zeros_state(x: Tensor, w_hh: Tensor, batch_sizes: Tensor | None = None) -> Tensor:
+    B = x.shape[1] if batch_sizes is None else int(batch_sizes[0])
+    return x.new_zeros(B, w_hh.shape[1])
+
+
+def _packed_steps(xp: Tensor, states: list[Tensor], batch_sizes: Tensor, step) -> list[Tensor]:
+    """Run ``step(xp_t, *states) -> new states`` over packed rows xp [N, G].
+
+    At step t only the first b_t rows of each state [B, H] advance; the rows that drop
+    out are each sequence's final state, since batch sizes never grow again. Returns
+    [out [N, H] (the first state at every packed row), final states [B, H]...].
+    """
+    outs, finals = [], [[] for _ in states]
+    off = 0
+    for b in batch_sizes.tolist():
+        if b < states[0].shape[0]:  # sequences b.. ended at the previous step
+            for acc, s in zip(finals, states, strict=True):
+                acc.append(s[b:])
+            states = [s[:b] for s in states]
+        states = list(step(xp[off : off + b], *states))
+        outs.append(states[0])
+        off += b
+    for acc, s in zip(finals, states, strict=True):
+        acc.append(s)
+    # rows split off later have lower indices: reversed, the pieces run 0..B-1
+    return [torch.cat(outs), *(torch.cat(acc[::-1]) for acc in finals)]
 
 
 def bias_sum(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
@@ -61,11 +88,19 @@ def lstm(
     w_hh: Tensor,
     b_ih: Tensor | None = None,
     b_hh: Tensor | None = None,
+    *,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """LSTM layer. x [T, B, I], h0/c0 [B, H] or None (zeros) -> out [T, B, H], h_n, c_n [B, H]."""
-    h = _zeros_state(x, w_hh) if h0 is None else h0
-    c = _zeros_state(x, w_hh) if c0 is None else c0
+    """LSTM layer. x [T, B, I], h0/c0 [B, H] or None (zeros) -> out [T, B, H], h_n, c_n [B, H].
+
+    With ``batch_sizes``: x [N, I] packed -> out [N, H], h_n, c_n [B, H].
+    """
+    h = _zeros_state(x, w_hh, batch_sizes) if h0 is None else h0
+    c = _zeros_state(x, w_hh, batch_sizes) if c0 is None else c0
     xp = F.linear(x, w_ih, bias_sum(b_ih, b_hh))  # [T, B, 4H], one GEMM for all steps
+    if batch_sizes is not None:  # xp [N, 4H]
+        out, h, c = _packed_steps(xp, [h, c], batch_sizes, lambda g, h, c: lstm_step(g, h, c, w_hh))
+        return out, h, c
     outs = []
     for t in range(x.shape[0]):
         h, c = lstm_step(xp[t], h, c, w_hh)
@@ -80,10 +115,18 @@ def gru(
     w_hh: Tensor,
     b_ih: Tensor | None = None,
     b_hh: Tensor | None = None,
+    *,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """GRU layer. x [T, B, I], h0 [B, H] or None (zeros) -> out [T, B, H], h_n [B, H]."""
-    h = _zeros_state(x, w_hh) if h0 is None else h0
+    """GRU layer. x [T, B, I], h0 [B, H] or None (zeros) -> out [T, B, H], h_n [B, H].
+
+    With ``batch_sizes``: x [N, I] packed -> out [N, H], h_n [B, H].
+    """
+    h = _zeros_state(x, w_hh, batch_sizes) if h0 is None else h0
     xp = F.linear(x, w_ih, b_ih)  # [T, B, 3H]
+    if batch_sizes is not None:  # xp [N, 3H]
+        out, h = _packed_steps(xp, [h], batch_sizes, lambda g, h: [gru_step(g, h, w_hh, b_hh)])
+        return out, h
     outs = []
     for t in range(x.shape[0]):
         h = gru_step(xp[t], h, w_hh, b_hh)
@@ -99,10 +142,20 @@ def rnn(
     b_ih: Tensor | None = None,
     b_hh: Tensor | None = None,
     nonlinearity: str = "tanh",
+    *,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Elman RNN layer (tanh or relu). x [T, B, I], h0 [B, H] or None -> out [T, B, H], h_n."""
-    h = _zeros_state(x, w_hh) if h0 is None else h0
+    """Elman RNN layer (tanh or relu). x [T, B, I], h0 [B, H] or None -> out [T, B, H], h_n.
+
+    With ``batch_sizes``: x [N, I] packed -> out [N, H], h_n [B, H].
+    """
+    h = _zeros_state(x, w_hh, batch_sizes) if h0 is None else h0
     xp = F.linear(x, w_ih, bias_sum(b_ih, b_hh))  # [T, B, H]
+    if batch_sizes is not None:  # xp [N, H]
+        out, h = _packed_steps(
+            xp, [h], batch_sizes, lambda g, h: [rnn_step(g, h, w_hh, nonlinearity)]
+        )
+        return out, h
     outs = []
     for t in range(x.shape[0]):
         h = rnn_step(xp[t], h, w_hh, nonlinearity)

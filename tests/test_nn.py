@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 from parity import CELLS, assert_close, check_module_parity, flatten_out, make_pair
-from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastchar.backends as backends
 import fastchar.nn
@@ -128,13 +127,9 @@ def test_impl_can_change_after_construction():
         ours.impl = "cuda"
 
 
-def test_refuses_proj_size_and_packed_sequence():
+def test_refuses_proj_size():
     with pytest.raises(ValueError, match="proj_size"):
         fastchar.nn.LSTM(3, 5, proj_size=2)
-    m = fastchar.nn.GRU(3, 5, impl="reference")
-    packed = pack_padded_sequence(torch.randn(4, 2, 3), torch.tensor([4, 2]))
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
-        m(packed)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -5,12 +5,23 @@ Shape letters: T time, B batch, I input, H hidden, G gates (4H / 3H / H).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastchar import plan
 from fastchar.backends import cpp_loaded
+
+
+def warn_packed_fallback(op: str, kind: str) -> None:
+    """The Triton sequence ops do not take packed sequences yet: the reference runs them."""
+    warnings.warn(
+        f"fastchar.ops.{op}: impl {kind!r} has no packed-sequence kernels yet; "
+        "running impl='reference' for this PackedSequence",
+        stacklevel=3,
+    )
 
 
 def _check_tensor(name: str, t: object, shape: tuple[int, ...], like: Tensor) -> None:
@@ -24,6 +35,44 @@ def _check_tensor(name: str, t: object, shape: tuple[int, ...], like: Tensor) ->
         raise RuntimeError(f"{name} is on {t.device}, expected {like.device} like x")
 
 
+def check_batch_sizes(op: str, batch_sizes: object, x: Tensor) -> int:
+    """Validate a packed sequence's ``batch_sizes`` (PackedSequence.batch_sizes) against its
+    packed input x [N, I]; returns B = batch_sizes[0], the number of sequences.
+
+    The same rules and messages as the C++ ops' check (csrc/common.h, SeqSteps): a
+    non-empty 1-D int64 CPU tensor, positive and non-increasing, summing to N. torch.nn
+    itself checks none of this (it fails later, or silently accepts a zero batch size).
+    """
+    if not isinstance(batch_sizes, Tensor):
+        raise TypeError(f"{op}: batch_sizes must be a Tensor, got {type(batch_sizes).__name__}")
+    if (
+        batch_sizes.dim() != 1
+        or batch_sizes.dtype != torch.int64
+        or batch_sizes.device.type != "cpu"
+        or batch_sizes.numel() == 0
+    ):
+        raise ValueError(
+            f"{op}: batch_sizes must be a non-empty 1-D int64 CPU tensor, got "
+            f"{batch_sizes.dtype} {list(batch_sizes.shape)} on {batch_sizes.device}"
+        )
+    if x.dim() != 2:
+        raise ValueError(
+            f"{op}: x must be 2-D [N, I] (a packed sequence, with batch_sizes), "
+            f"got shape {list(x.shape)}"
+        )
+    sizes = batch_sizes.tolist()
+    for t, b in enumerate(sizes):
+        if b < 1 or b > sizes[t - 1 if t else 0]:
+            raise ValueError(
+                f"{op}: batch_sizes must be positive and non-increasing, got {b} at step {t}"
+            )
+    if sum(sizes) != x.shape[0]:
+        raise ValueError(
+            f"{op}: batch_sizes sum to {sum(sizes)} rows, but the packed input has {x.shape[0]}"
+        )
+    return sizes[0]
+
+
 def check_args(
     op: str,
     x: Tensor,
@@ -34,14 +83,19 @@ def check_args(
     b_hh: Tensor | None,
     states: dict[str, Tensor | None],
     seq: bool = True,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[int, int]:
-    """Validate a layer (x [T, B, I], ``seq``) or cell (x [B, I]) call; returns (B, H).
+    """Validate a layer (x [T, B, I], ``seq``; packed x [N, I] with ``batch_sizes``) or cell
+    (x [B, I]) call; returns (B, H).
 
     Raises ValueError for shapes and RuntimeError for dtype or device, naming the argument.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
-    want = 3 if seq else 2
+    B = None
+    if batch_sizes is not None:
+        B = check_batch_sizes(op, batch_sizes, x)
+    want = 3 if seq and B is None else 2
     if x.dim() != want:
         layout = "[T, B, I]" if seq else "[B, I]"
         raise ValueError(f"{op}: x must be {layout}, got shape {list(x.shape)}")
@@ -53,7 +107,7 @@ def check_args(
         got = list(w_hh.shape) if isinstance(w_hh, Tensor) else type(w_hh).__name__
         raise ValueError(f"{op}: w_hh must be [{n_gates}*H, H], got {got}")
     H = w_hh.shape[1]
-    B, I = x.shape[-2], x.shape[-1]
+    B, I = x.shape[-2] if B is None else B, x.shape[-1]
     _check_tensor(f"{op}: w_hh", w_hh, (n_gates * H, H), x)
     _check_tensor(f"{op}: w_ih", w_ih, (n_gates * H, I), x)
     for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):

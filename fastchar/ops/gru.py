@@ -30,6 +30,7 @@ from fastchar.ops._common import (
     projection_grads,
     skip_zero_grads,
     torch_params,
+    warn_packed_fallback,
     weight_grad,
 )
 
@@ -191,16 +192,21 @@ def gru(
     b_hh: Tensor | None = None,
     *,
     impl: str = "fused",
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One GRU layer, one direction, over a whole sequence.
 
     x [T, B, I]; h0 [B, H] or None for zeros; w_ih [3H, I]; w_hh [3H, H];
     b_ih, b_hh [3H] or None. Returns out [T, B, H], h_n [B, H].
+    With ``batch_sizes`` (PackedSequence.batch_sizes, int64 [T] on the CPU) x is packed
+    [N, I] and out [N, H]; h_n is each sequence's state after its own last step.
     Differentiable with respect to every tensor argument.
     """
     x, h0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, w_ih, w_hh, b_ih, b_hh)
-    check_args("gru", x, 3, w_ih, w_hh, b_ih, b_hh, {"h0": h0})
+    check_args("gru", x, 3, w_ih, w_hh, b_ih, b_hh, {"h0": h0}, True, batch_sizes)
     kind = resolve(impl, x.device)
+    if batch_sizes is not None:
+        return _packed(kind, x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes)
     if kind == "reference":
         return reference.gru(x, h0, w_ih, w_hh, b_ih, b_hh)
     B, H = x.shape[1], w_hh.shape[1]
@@ -217,6 +223,24 @@ def gru(
     xp = linear(x, w_ih, b_x)  # [T, B, G], one GEMM
     out, h_n, _, _ = fwd(xp, h0, w_hh, b_hn)
     return out, h_n
+
+
+def _packed(kind, x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes):
+    """``gru()`` on a packed sequence x [N, I] (checked) -> out [N, H], h_n [B, H]."""
+    if kind == "reference":
+        return reference.gru(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes=batch_sizes)
+    B, H = int(batch_sizes[0]), w_hh.shape[1]
+    h0 = x.new_zeros(B, H) if h0 is None else h0
+    if kind == "torch":
+        params, has_bias = torch_params(w_ih, w_hh, b_ih, b_hh)
+        out, h_n = torch.gru(x, batch_sizes, h0[None], params, has_bias, 1, 0.0, False, False)
+        return out, h_n[0]
+    if kind == "cpp":
+        b_x, b_hn = split_gru_bias(x, H, b_ih, b_hh)
+        out, h_n, _, _ = torch.ops.fastchar.gru_seq(x, h0, w_ih, b_x, w_hh, b_hn, batch_sizes)
+        return out, h_n
+    warn_packed_fallback("gru", kind)
+    return reference.gru(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes=batch_sizes)
 
 
 def gru_cell(

@@ -27,6 +27,7 @@ from fastchar.ops._common import (
     projection_grads,
     skip_zero_grads,
     torch_params,
+    warn_packed_fallback,
     weight_grad,
 )
 
@@ -190,16 +191,21 @@ def lstm(
     b_hh: Tensor | None = None,
     *,
     impl: str = "fused",
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer, one direction, over a whole sequence.
 
     x [T, B, I]; h0, c0 [B, H] or None for zeros; w_ih [4H, I]; w_hh [4H, H];
     b_ih, b_hh [4H] or None. Returns out [T, B, H], h_n [B, H], c_n [B, H].
+    With ``batch_sizes`` (PackedSequence.batch_sizes, int64 [T] on the CPU) x is packed
+    [N, I] and out [N, H]; h_n, c_n are each sequence's state after its own last step.
     Differentiable with respect to every tensor argument.
     """
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    check_args("lstm", x, 4, w_ih, w_hh, b_ih, b_hh, {"h0": h0, "c0": c0})
+    check_args("lstm", x, 4, w_ih, w_hh, b_ih, b_hh, {"h0": h0, "c0": c0}, True, batch_sizes)
     kind = resolve(impl, x.device)
+    if batch_sizes is not None:
+        return _packed(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes)
     if kind == "reference":
         return reference.lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     B, H = x.shape[1], w_hh.shape[1]
@@ -219,6 +225,27 @@ def lstm(
     xp = linear(x, w_ih, reference.bias_sum(b_ih, b_hh))  # [T, B, G], one GEMM
     out, h_n, c_n, _, _ = fwd(xp, h0, c0, w_hh)
     return out, h_n, c_n
+
+
+def _packed(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes):
+    """``lstm()`` on a packed sequence x [N, I] (checked) -> out [N, H], h_n, c_n [B, H]."""
+    if kind == "reference":
+        return reference.lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes=batch_sizes)
+    B, H = int(batch_sizes[0]), w_hh.shape[1]
+    h0 = x.new_zeros(B, H) if h0 is None else h0
+    c0 = x.new_zeros(B, H) if c0 is None else c0
+    if kind == "torch":
+        params, has_bias = torch_params(w_ih, w_hh, b_ih, b_hh)
+        out, h_n, c_n = torch.lstm(
+            x, batch_sizes, (h0[None], c0[None]), params, has_bias, 1, 0.0, False, False
+        )
+        return out, h_n[0], c_n[0]
+    if kind == "cpp":
+        bias = reference.bias_sum(b_ih, b_hh)
+        out, h_n, c_n, _, _ = torch.ops.fastchar.lstm_seq(x, h0, c0, w_ih, bias, w_hh, batch_sizes)
+        return out, h_n, c_n
+    warn_packed_fallback("lstm", kind)
+    return reference.lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes=batch_sizes)
 
 
 def lstm_cell(

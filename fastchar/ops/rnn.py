@@ -25,6 +25,7 @@ from fastchar.ops._common import (
     linear,
     projection_grads,
     torch_params,
+    warn_packed_fallback,
     weight_grad,
 )
 
@@ -161,17 +162,22 @@ def rnn(
     nonlinearity: str = "tanh",
     *,
     impl: str = "fused",
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One Elman RNN layer, one direction, over a whole sequence.
 
     x [T, B, I]; h0 [B, H] or None for zeros; w_ih [H, I]; w_hh [H, H];
     b_ih, b_hh [H] or None; nonlinearity "tanh" or "relu".
     Returns out [T, B, H], h_n [B, H]. Differentiable with respect to every tensor argument.
+    With ``batch_sizes`` (PackedSequence.batch_sizes, int64 [T] on the CPU) x is packed
+    [N, I] and out [N, H]; h_n is each sequence's state after its own last step.
     """
     relu = _check_nonlinearity(nonlinearity)
     x, h0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, w_ih, w_hh, b_ih, b_hh)
-    check_args("rnn", x, 1, w_ih, w_hh, b_ih, b_hh, {"h0": h0})
+    check_args("rnn", x, 1, w_ih, w_hh, b_ih, b_hh, {"h0": h0}, True, batch_sizes)
     kind = resolve(impl, x.device)
+    if batch_sizes is not None:
+        return _packed(kind, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
     if kind == "reference":
         return reference.rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     B, H = x.shape[1], w_hh.shape[1]
@@ -187,6 +193,25 @@ def rnn(
     fwd, _ = _kernels(kind)
     xp = linear(x, w_ih, reference.bias_sum(b_ih, b_hh))  # [T, B, H], one GEMM
     return fwd(xp, h0, w_hh, relu)
+
+
+def _packed(kind, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes):
+    """``rnn()`` on a packed sequence x [N, I] (checked) -> out [N, H], h_n [B, H]."""
+    if kind == "reference":
+        return reference.rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes=batch_sizes)
+    B, H = int(batch_sizes[0]), w_hh.shape[1]
+    h0 = x.new_zeros(B, H) if h0 is None else h0
+    if kind == "torch":
+        params, has_bias = torch_params(w_ih, w_hh, b_ih, b_hh)
+        run = torch.rnn_relu if nonlinearity == "relu" else torch.rnn_tanh
+        out, h_n = run(x, batch_sizes, h0[None], params, has_bias, 1, 0.0, False, False)
+        return out, h_n[0]
+    if kind == "cpp":
+        bias = reference.bias_sum(b_ih, b_hh)
+        relu = nonlinearity == "relu"
+        return torch.ops.fastchar.rnn_seq(x, h0, w_ih, bias, w_hh, relu, batch_sizes)
+    warn_packed_fallback("rnn", kind)
+    return reference.rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes=batch_sizes)
 
 
 def rnn_cell(
