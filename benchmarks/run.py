@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--device cpu|cuda] [--quick] [--json FILE] [--plot FILE.png]
         [--cells lstm,gru,rnn_tanh] [--impls cpp,reference,torch] [--dtype float32|bfloat16]
-        [--shapes "B,T,I,H;..."] [--threads N] [--parts layers,sample,train,memory]
+        [--shapes "B,T,I,H;..."] [--threads N] [--parts layers,sample,train,memory,packed]
 
 Parts, all measured in this one process (memory: one fresh child process per case):
   layers  one layer through ``fastchar.ops.<cell>(..., impl=...)`` with grad enabled as in
@@ -13,6 +13,9 @@ Parts, all measured in this one process (memory: one fresh child process per cas
   memory  peak training memory of one CharRNN step above the state after a warm-up step.
   gemm    (CPU, with layers) each cpp layer's GFLOP/s as a fraction of the best step-GEMM
           engine's rate at its own step shapes and of a 1024^3 torch.mm (benchmarks/_gemm.py).
+  packed  an LSTM layer (I=128, H=512) over 64 sequences of lengths uniform in [16, 256],
+          forward + backward through ``fastchar.nn.LSTM(impl=...)`` on the PackedSequence,
+          and the first kernel impl on the same batch padded to 256 steps.
 
 Ratios are speed-ups: ``x torch`` = torch time / impl time, so above 1 is faster than torch.
 Exits 1 when any case failed (its error is in the table and the JSON).
@@ -39,7 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
-PARTS = ("layers", "gemm", "sample", "train", "memory")
+PARTS = ("layers", "gemm", "sample", "train", "memory", "packed")
 IMPL_CHOICES = ("fused", "cpp", "triton", "reference", "torch")
 
 QUICK = {
@@ -56,6 +59,7 @@ VOCAB = 96
 SAMPLE_MODEL = dict(model="lstm", emb_dim=64, hidden=512, layers=2)
 SAMPLE_BATCH = 16  # samples at once in the sampling part's batched rows
 TRAIN_MODEL = dict(emb_dim=64, layers=2)
+PACKED = dict(B=64, I=128, H=512, min_len=16, max_len=256)
 
 
 def _csv(choices: tuple[str, ...]):
@@ -426,6 +430,81 @@ def bench_training(cells, impls, dtype, device, cfg) -> list[dict]:
     return rows
 
 
+def bench_packed(impls, dtype, device, cfg, spec: dict = PACKED) -> list[dict]:
+    """fwd+bwd of one LSTM layer on a PackedSequence of random lengths, every impl, and the
+    first kernel impl on the batch padded to the longest length, interleaved."""
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+    from fastchar import nn
+
+    print("timing packed lstm ...", file=sys.stderr, flush=True)
+    B, I, H, T = spec["B"], spec["I"], spec["H"], spec["max_len"]
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(spec["min_len"], T + 1, (B,), generator=gen)
+    lengths[0] = T  # the padded batch is exactly T steps long
+    x = torch.randn(T, B, I, generator=gen).to(device, dtype)  # [T, B, I]
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    base = nn.LSTM(I, H).to(device, dtype)
+    tokens = int(lengths.sum())
+
+    def fwd_bwd(m, inp) -> None:
+        if isinstance(inp, PackedSequence):
+            data = inp.data.detach().requires_grad_()
+            out = m(
+                PackedSequence(data, inp.batch_sizes, inp.sorted_indices, inp.unsorted_indices)
+            )[0].data
+        else:
+            data = inp.detach().requires_grad_()
+            out = m(data)[0]
+        torch.autograd.grad(out, [data, *m.parameters()], torch.ones_like(out))
+
+    kernel = next((i for i in impls if i in ("fused", "cpp", "triton")), None)
+    calls, rows = {}, {}
+    for impl in impls:
+        m = nn.LSTM(I, H, impl=impl).to(device, dtype)
+        m.load_state_dict(base.state_dict())
+        calls[impl] = partial(fwd_bwd, m, packed)
+        rows[impl] = {"impl": impl, "input": "packed"}
+        if impl == kernel:
+            calls[PADDED] = partial(fwd_bwd, m, x)
+            rows[PADDED] = {"impl": impl, "input": f"padded to {T}"}
+    with torch.enable_grad():
+        timings, errors = bench.time_interleaved(calls, device, **cfg)
+    for name, err in errors.items():
+        rows[name]["error"] = err
+    ref = {k: timings.get(k) for k in ("torch", PADDED)}
+    for name, t in timings.items():
+        rows[name] |= {"fwd_bwd_ms": t.median_ms, "spread": t.spread()}
+        rows[name]["tokens_per_s"] = tokens / (t.median_ms / 1e3)
+        for k, r in ref.items():
+            rows[name][f"vs_{_key(k)}"] = _ratio(r.median_ms if r else None, t.median_ms)
+    common = {"cell": "lstm", "dtype": str(dtype)[6:], **spec, "tokens": tokens}
+    return [common | r for r in rows.values()]
+
+
+PADDED = "padded"
+
+
+def print_packed(rows: list[dict]) -> None:
+    r0 = rows[0]
+    print(
+        f"Packed: one LSTM layer I={r0['I']} H={r0['H']}, {r0['B']} sequences of lengths "
+        f"uniform in [{r0['min_len']}, {r0['max_len']}] ({r0['tokens']} tokens), "
+        f"{r0['dtype']}, fwd+bwd"
+    )
+    _print_results(
+        ["impl", "input", "fwd+bwd ms", "tok/s", "x torch", "x padded"],
+        rows,
+        lambda r: [r["impl"], r["input"]],
+        lambda r: [
+            _fmt_ms({"median_ms": r["fwd_bwd_ms"], "spread": r["spread"]}),
+            f"{r['tokens_per_s']:.3g}",
+            _fmt_ratio(r["vs_torch"]),
+            _fmt_ratio(r["vs_padded"]),
+        ],
+    )
+
+
 def _add_speedups(rows: list[dict], key: str, lower_is_better: bool, prefix: str = "vs") -> None:
     """``vs_torch`` / ``vs_reference`` (``prefix``) within each cell: above 1 means better
     than the base."""
@@ -770,6 +849,9 @@ def main(argv: list[str] | None = None) -> int:
             args.cells, impls, dtype, device, cfg["train"], args.threads
         )
     print_extras(result)
+    if "packed" in args.parts:
+        result["packed"] = bench_packed(impls, dtype, device, cfg["layer"])
+        print_packed(result["packed"])
 
     env["loadavg_end"] = bench.load_average()
     print(f"load average at end {env['loadavg_end']}")
@@ -792,6 +874,7 @@ _KEYS = {
     "sample": "sampling",
     "train": "training",
     "memory": "memory",
+    "packed": "packed",
 }
 
 if __name__ == "__main__":
