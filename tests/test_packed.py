@@ -17,9 +17,8 @@ import fastchar.nn
 from fastchar import backends, ops
 from fastchar.nn import reversed_rows
 
-# The impls whose packed path is built ("fused" on the CPU is "cpp"). "triton" joins when
-# its packed kernels are wired (its cases then run only under TRITON_INTERPRET=1 or on
-# CUDA: see _runnable); until then the ops run the reference for it, with a warning.
+# The impls checked here ("fused" on the CPU is "cpp"). Triton's packed path is checked by
+# tests/triton/test_triton_packed_nn.py and test_triton_packed.py, in the interpreter pass.
 PACKED_IMPLS = ["reference", "torch", "cpp"]
 # The impls whose packed ops are gradchecked in float64.
 GRADCHECK_IMPLS = ["reference", "cpp"]

@@ -5,23 +5,12 @@ Shape letters: T time, B batch, I input, H hidden, G gates (4H / 3H / H).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastchar import plan
 from fastchar.backends import cpp_loaded
-
-
-def warn_packed_fallback(op: str, kind: str) -> None:
-    """The Triton sequence ops do not take packed sequences yet: the reference runs them."""
-    warnings.warn(
-        f"fastchar.ops.{op}: impl {kind!r} has no packed-sequence kernels yet; "
-        "running impl='reference' for this PackedSequence",
-        stacklevel=3,
-    )
 
 
 def _check_tensor(name: str, t: object, shape: tuple[int, ...], like: Tensor) -> None:

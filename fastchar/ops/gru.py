@@ -30,12 +30,19 @@ from fastchar.ops._common import (
     projection_grads,
     skip_zero_grads,
     torch_params,
-    warn_packed_fallback,
     weight_grad,
 )
 
 
-def _fake_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor):
+def _fake_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor, batch_sizes=None):
+    if batch_sizes is not None:  # packed [N, G]
+        N, G = xp.shape
+        return (
+            xp.new_empty(N, G // 3),
+            h0.new_empty(h0.shape),
+            xp.new_empty(N, G),
+            xp.new_empty(N, G // 3),
+        )
     T, B, G = xp.shape
     H = G // 3
     return (
@@ -65,9 +72,10 @@ def _fake_cell(x, h, w_ih, w_hh, b_ih, b_hh, s_ih=None, s_hh=None):
 
 
 def _setup_context(ctx, inputs, output):
-    xp, h0, w_hh, b_hn = inputs
+    xp, h0, w_hh, b_hn, *packed = inputs  # packed: [batch_sizes] for the Triton op
     out, _, gates, hn = output
     ctx.save_for_backward(h0, w_hh, out, gates, hn)
+    ctx.packed = packed
     skip_zero_grads(ctx)
 
 
@@ -100,7 +108,9 @@ def _hidden_grads(
 def _autograd_backward(bwd):
     def backward(ctx, grad_out, grad_h_n, _grad_gates, _grad_hn):
         need = ctx.needs_input_grad
-        return _hidden_grads(bwd, ctx.saved_tensors, grad_out, grad_h_n, need[2], need[3])
+        bs = ctx.packed[0] if ctx.packed else None
+        grads = _hidden_grads(bwd, ctx.saved_tensors, grad_out, grad_h_n, need[2], need[3], bs)
+        return *grads, *([None] * len(ctx.packed))
 
     return backward
 
@@ -128,11 +138,11 @@ def _seq_backward(ctx, grad_out, grad_h_n, _grad_gates, _grad_hn):
 
 @torch.library.custom_op("fastchar::triton_gru_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _triton_fwd(
-    xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor
+    xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor, batch_sizes: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from fastchar.triton import gru as kernels
 
-    return kernels.gru_fwd(xp, h0, w_hh, b_hn)
+    return kernels.gru_fwd(xp, h0, w_hh, b_hn, batch_sizes)
 
 
 @torch.library.custom_op("fastchar::triton_gru_bwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -144,10 +154,11 @@ def _triton_bwd(
     out: Tensor,
     gates: Tensor,
     hn: Tensor,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastchar.triton import gru as kernels
 
-    return kernels.gru_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn)
+    return kernels.gru_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn, batch_sizes)
 
 
 @torch.library.custom_op("fastchar::triton_gru_cell", mutates_args=(), device_types=("cuda", "cpu"))
@@ -239,8 +250,10 @@ def _packed(kind, x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes):
         b_x, b_hn = split_gru_bias(x, H, b_ih, b_hh)
         out, h_n, _, _ = torch.ops.fastchar.gru_seq(x, h0, w_ih, b_x, w_hh, b_hn, batch_sizes)
         return out, h_n
-    warn_packed_fallback("gru", kind)
-    return reference.gru(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes=batch_sizes)
+    b_x, b_hn = split_gru_bias(x, H, b_ih, b_hh)
+    xp = linear(x, w_ih, b_x)  # [N, G], one GEMM
+    out, h_n, _, _ = _triton_fwd(xp, h0, w_hh, b_hn, batch_sizes)
+    return out, h_n
 
 
 def gru_cell(

@@ -27,12 +27,22 @@ from fastchar.ops._common import (
     projection_grads,
     skip_zero_grads,
     torch_params,
-    warn_packed_fallback,
     weight_grad,
 )
 
 
-def _fake_fwd(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):
+def _fake_fwd(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, batch_sizes=None):
+    if batch_sizes is not None:  # packed [N, G]
+        N, G = xp.shape
+        H = G // 4
+        st = state_dtype(xp.dtype)
+        return (
+            xp.new_empty(N, H),
+            h0.new_empty(h0.shape),
+            c0.new_empty(c0.shape),
+            xp.new_empty(N, G),
+            xp.new_empty(N, H, dtype=st),
+        )
     T, B, G = xp.shape
     H = G // 4
     return (
@@ -70,32 +80,35 @@ def _fake_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, s_ih=None, s_hh=None):
 
 
 def _setup_context(ctx, inputs, output):
-    xp, h0, c0, w_hh = inputs
+    xp, h0, c0, w_hh, *packed = inputs  # packed: [batch_sizes] for the Triton op
     out, _, _, gates, cs = output
     ctx.save_for_backward(h0, c0, w_hh, out, gates, cs)
+    ctx.packed = packed
     skip_zero_grads(ctx)
 
 
 def _autograd_backward(bwd):
     def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs):
         h0, c0, w_hh, out, gates, cs = ctx.saved_tensors
+        bs = ctx.packed[0] if ctx.packed else None
         grad_out, grad_h_n, grad_c_n = grads_or_zeros(
             (grad_out, out), (grad_h_n, h0), (grad_c_n, c0)
         )
-        grad_xp, grad_h0, grad_c0 = bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs)
-        grad_w_hh = weight_grad(grad_xp, h0, out) if ctx.needs_input_grad[3] else None
-        return grad_xp, grad_h0, grad_c0, grad_w_hh
+        extra = [bs] if bs is not None else []
+        grad_xp, grad_h0, grad_c0 = bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, *extra)
+        grad_w_hh = weight_grad(grad_xp, h0, out, bs) if ctx.needs_input_grad[3] else None
+        return grad_xp, grad_h0, grad_c0, grad_w_hh, *([None] * len(ctx.packed))
 
     return backward
 
 
 @torch.library.custom_op("fastchar::triton_lstm_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _triton_fwd(
-    xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor
+    xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, batch_sizes: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from fastchar.triton import lstm as kernels
 
-    return kernels.lstm_fwd(xp, h0, c0, w_hh)
+    return kernels.lstm_fwd(xp, h0, c0, w_hh, batch_sizes)
 
 
 @torch.library.custom_op("fastchar::triton_lstm_bwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -107,10 +120,11 @@ def _triton_bwd(
     c0: Tensor,
     gates: Tensor,
     cs: Tensor,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastchar.triton import lstm as kernels
 
-    return kernels.lstm_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs)
+    return kernels.lstm_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, batch_sizes)
 
 
 @torch.library.custom_op(
@@ -244,8 +258,9 @@ def _packed(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes):
         bias = reference.bias_sum(b_ih, b_hh)
         out, h_n, c_n, _, _ = torch.ops.fastchar.lstm_seq(x, h0, c0, w_ih, bias, w_hh, batch_sizes)
         return out, h_n, c_n
-    warn_packed_fallback("lstm", kind)
-    return reference.lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes=batch_sizes)
+    xp = linear(x, w_ih, reference.bias_sum(b_ih, b_hh))  # [N, G], one GEMM
+    out, h_n, c_n, _, _ = _triton_fwd(xp, h0, c0, w_hh, batch_sizes)
+    return out, h_n, c_n
 
 
 def lstm_cell(

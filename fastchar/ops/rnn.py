@@ -25,16 +25,14 @@ from fastchar.ops._common import (
     linear,
     projection_grads,
     torch_params,
-    warn_packed_fallback,
     weight_grad,
 )
 
 NONLINEARITIES = ("tanh", "relu")
 
 
-def _fake_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, relu: bool):
-    T, B, H = xp.shape
-    return xp.new_empty(T, B, H), xp.new_empty(B, H)
+def _fake_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, relu: bool, batch_sizes=None):
+    return xp.new_empty(xp.shape), h0.new_empty(h0.shape)
 
 
 def _fake_bwd(grad_out, grad_h_n, w_hh, out, relu, batch_sizes=None):
@@ -52,36 +50,45 @@ def _fake_cell(x, h, w_ih, w_hh, b_ih, b_hh, relu, s_ih=None, s_hh=None):
 
 
 def _setup_context(ctx, inputs, output):
-    xp, h0, w_hh, relu = inputs
+    xp, h0, w_hh, relu, *packed = inputs  # packed: [batch_sizes] for the Triton op
     out, _ = output
     ctx.relu = relu
+    ctx.packed = packed
     ctx.save_for_backward(h0, w_hh, out)
 
 
 def _autograd_backward(bwd):
     def backward(ctx, grad_out, grad_h_n):
         h0, w_hh, out = ctx.saved_tensors
-        grad_xp, grad_h0 = bwd(grad_out, grad_h_n, w_hh, out, ctx.relu)
-        grad_w_hh = weight_grad(grad_xp, h0, out) if ctx.needs_input_grad[2] else None
-        return grad_xp, grad_h0, grad_w_hh, None
+        bs = ctx.packed[0] if ctx.packed else None
+        grad_xp, grad_h0 = bwd(grad_out, grad_h_n, w_hh, out, ctx.relu, *ctx.packed)
+        grad_w_hh = weight_grad(grad_xp, h0, out, bs) if ctx.needs_input_grad[2] else None
+        return grad_xp, grad_h0, grad_w_hh, None, *([None] * len(ctx.packed))
 
     return backward
 
 
 @torch.library.custom_op("fastchar::triton_rnn_fwd", mutates_args=(), device_types=("cuda", "cpu"))
-def _triton_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
+def _triton_fwd(
+    xp: Tensor, h0: Tensor, w_hh: Tensor, relu: bool, batch_sizes: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     from fastchar.triton import rnn as kernels
 
-    return kernels.rnn_fwd(xp, h0, w_hh, relu)
+    return kernels.rnn_fwd(xp, h0, w_hh, relu, batch_sizes)
 
 
 @torch.library.custom_op("fastchar::triton_rnn_bwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _triton_bwd(
-    grad_out: Tensor, grad_h_n: Tensor, w_hh: Tensor, out: Tensor, relu: bool
+    grad_out: Tensor,
+    grad_h_n: Tensor,
+    w_hh: Tensor,
+    out: Tensor,
+    relu: bool,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     from fastchar.triton import rnn as kernels
 
-    return kernels.rnn_bwd(grad_out, grad_h_n, w_hh, out, relu)
+    return kernels.rnn_bwd(grad_out, grad_h_n, w_hh, out, relu, batch_sizes)
 
 
 @torch.library.custom_op("fastchar::triton_rnn_cell", mutates_args=(), device_types=("cuda", "cpu"))
@@ -210,8 +217,9 @@ def _packed(kind, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes):
         bias = reference.bias_sum(b_ih, b_hh)
         relu = nonlinearity == "relu"
         return torch.ops.fastchar.rnn_seq(x, h0, w_ih, bias, w_hh, relu, batch_sizes)
-    warn_packed_fallback("rnn", kind)
-    return reference.rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes=batch_sizes)
+    xp = linear(x, w_ih, reference.bias_sum(b_ih, b_hh))  # [N, H], one GEMM
+    out, h_n = _triton_fwd(xp, h0, w_hh, nonlinearity == "relu", batch_sizes)
+    return out, h_n
 
 
 def rnn_cell(

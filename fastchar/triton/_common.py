@@ -25,6 +25,15 @@ when its grid fits on the SMs at once (BH grows from 16 to 128 to make it fit), 
 up to INTERPRETER_LOOP_MAX weights (LSTM H <= 64), else ``step``. ``use_variant`` or the environment
 variable FASTCHAR_TRITON_VARIANT forces one (tests, benchmarks/gpu_tune.py).
 
+Packed (variable-length) input: with ``batch_sizes`` the sequence tensors are
+PackedSequence-ordered [N, *] instead of [T, B, *]; step t is rows off[t] .. off[t] + b_t - 1,
+for sequences 0 .. b_t - 1. The kernels take PACKED=True and a [T + 1, 2] int64 table of
+(off[t], b_t), last row (N, 0) (``packing``); they read it each step, mask rows >= b_t and
+skip the step's work in batch tiles with no row left (those still arrive at the
+persistent barrier, whose target counts steps), and the ``step`` variant launches only
+the tiles with rows. All three variants support it; h_n (c_n) is gathered on the host
+from each sequence's last row. Dense input is the same kernels with PACKED=False.
+
 Products run in the input dtype with fp32 accumulation (fp64 for fp64): on CUDA
 bf16/fp16 operands go to the tensor cores, so h is rounded to the input dtype before
 each product, as cuDNN does; under the interpreter, which cannot compute in bf16, the
@@ -190,12 +199,54 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def launch(kernel, p: Plan, args: tuple, T: int, H: int, like: torch.Tensor, backward: bool):
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """What the kernels need of a PackedSequence's batch sizes."""
+
+    batch_sizes: list[int]  # [T] on the host, for the ``step`` variant's grids
+    steps: torch.Tensor  # [T + 1, 2] int64 on the device: (off[t], b_t), then (N, 0)
+    last: torch.Tensor  # [B] int64 on the device: packed row of each sequence's last step
+
+
+def packing(batch_sizes: torch.Tensor | None, N: int, B: int, like: torch.Tensor) -> Packing | None:
+    """The step table for packed input of N rows and B sequences on ``like``'s device,
+    or None for dense input."""
+    if batch_sizes is None:
+        return None
+    if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.is_cuda:
+        raise ValueError("batch_sizes must be a 1-D int64 CPU tensor")
+    bs = batch_sizes
+    T = bs.numel()
+    if T == 0 or bs[0] != B or bs[-1] < 1 or bool((bs[1:] > bs[:-1]).any()) or bs.sum() != N:
+        raise ValueError(
+            f"batch_sizes must be non-increasing, start at B={B}, end >= 1 and sum to "
+            f"N={N}; got {bs.tolist()}"
+        )
+    off = torch.cat([bs.new_zeros(1), bs.cumsum(0)])  # [T + 1]
+    steps = torch.stack([off, torch.cat([bs, bs.new_zeros(1)])], 1)  # [T + 1, 2]
+    # lengths[b] = #{t : b_t > b}, from how many steps have each batch size
+    lengths = torch.bincount(bs, minlength=B + 1)[1:].flip(0).cumsum(0).flip(0)  # [B]
+    last = off[lengths - 1] + torch.arange(B)
+    table = torch.cat([steps.flatten(), last]).to(like.device)  # one copy to the device
+    return Packing(bs.tolist(), table[: 2 * (T + 1)].view(T + 1, 2), table[2 * (T + 1) :])
+
+
+def launch(
+    kernel,
+    p: Plan,
+    args: tuple,
+    T: int,
+    H: int,
+    like: torch.Tensor,
+    backward: bool,
+    pk: Packing | None = None,
+):
     """Run ``kernel`` over all T steps according to the plan.
 
     Sequence kernels take ``*args, t0, n_steps, sync`` and the block/variant
     constexprs; backward kernels also take FINAL, the extra product that gives
-    grad_h0 once the last step's gate gradients are complete.
+    grad_h0 once the last step's gate gradients are complete. With packed input
+    (``pk``) the ``step`` variant launches only the batch tiles that step has rows in.
     """
     sync = torch.zeros(
         p.n_btiles if p.variant == "persistent" else 1, dtype=torch.int32, device=like.device
@@ -217,15 +268,18 @@ def launch(kernel, p: Plan, args: tuple, T: int, H: int, like: torch.Tensor, bac
     # Triton launches on the current device, which need not be the tensors' one
     guard = torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext()
     with guard:
-        _launch_steps(kernel, grid, p, args, T, sync, meta, backward)
+        _launch_steps(kernel, grid, p, args, T, sync, meta, backward, pk)
 
 
-def _launch_steps(kernel, grid, p: Plan, args: tuple, T: int, sync, meta: dict, backward: bool):
+def _launch_steps(kernel, grid, p: Plan, args: tuple, T: int, sync, meta: dict, backward: bool, pk):
     if p.variant != "step":
         kernel[grid](*args, 0, T, sync, **meta, **({"FINAL": True} if backward else {}))
         return
     for t in range(T):
-        kernel[grid](*args, t, 1, sync, **meta, **({"FINAL": False} if backward else {}))
+        g = grid
+        if pk is not None:  # backward launch t runs step T - 1 - t
+            g = (p.n_htiles, triton.cdiv(pk.batch_sizes[T - 1 - t if backward else t], p.BLOCK_B))
+        kernel[g](*args, t, 1, sync, **meta, **({"FINAL": False} if backward else {}))
     if backward:
         kernel[grid](*args, T, 0, sync, **meta, FINAL=True)
 
@@ -246,10 +300,40 @@ def tile_mask(rows, cols, n_rows, n_cols):
 
 
 @triton.jit
-def load_prev(first_ptr, seq_ptr, tt, rows, cols, B, H, CM: tl.constexpr = ""):
-    """Tile of step tt-1's [B, H] state: ``first_ptr`` (h0, c0) at tt == 0, else seq[tt-1]."""
-    a = load_tile(first_ptr, rows, cols, tl.where(tt == 0, B, 0), H, H, CM)
-    b = load_tile(seq_ptr + (tt - 1) * B * H, rows, cols, tl.where(tt > 0, B, 0), H, H, CM)
+def rows_in(rows, cols, lo, hi, n_cols):
+    """Mask of the tile's rows in [lo, hi) and columns below ``n_cols``."""
+    return ((rows >= lo) & (rows < hi))[:, None] & (cols < n_cols)[None, :]
+
+
+@triton.jit
+def step_rows(steps_ptr, tt, B, PACKED: tl.constexpr):
+    """(first row, number of rows) of step tt in a sequence tensor: tt * B and B for
+    [T, B, *], off[tt] and b_tt from the ``packing`` table for packed [N, *]."""
+    if PACKED:
+        row0 = tl.load(steps_ptr + 2 * tt)
+        n = tl.load(steps_ptr + 2 * tt + 1)
+    else:
+        row0 = tt * B
+        n = B
+    return row0, n
+
+
+@triton.jit
+def prev_row(steps_ptr, tt, B, PACKED: tl.constexpr):
+    """First row of step tt-1 (any in-bounds value at tt == 0, where it is not read)."""
+    if PACKED:
+        prev0 = tl.load(steps_ptr + 2 * tl.maximum(tt - 1, 0))
+    else:
+        prev0 = (tt - 1) * B
+    return prev0
+
+
+@triton.jit
+def load_prev(first_ptr, seq_ptr, tt, prev0, rows, cols, n_rows, H, CM: tl.constexpr = ""):
+    """Tile of step tt-1's state for step tt's first ``n_rows`` rows: ``first_ptr`` [B, H]
+    (h0, c0) at tt == 0, else the rows from ``prev0`` of the sequence tensor ``seq_ptr``."""
+    a = load_tile(first_ptr, rows, cols, tl.where(tt == 0, n_rows, 0), H, H, CM)
+    b = load_tile(seq_ptr + prev0 * H, rows, cols, tl.where(tt > 0, n_rows, 0), H, H, CM)
     return a + b
 
 

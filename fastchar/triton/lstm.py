@@ -1,13 +1,16 @@
 """LSTM Triton kernels (gate order i, f, g, o) and their host launchers.
 
-Shape letters: T time, B batch, I input, H hidden, G = 4H gates.
+Shape letters: T time, B batch, I input, H hidden, G = 4H gates, N packed rows.
 
-  lstm_fwd(xp [T, B, G], h0 [B, H], c0 [B, H], w_hh [G, H])
+  lstm_fwd(xp [T, B, G], h0 [B, H], c0 [B, H], w_hh [G, H], batch_sizes=None)
       -> out [T, B, H], h_n [B, H], c_n [B, H], gates [T, B, G] (activated), cs [T, B, H]
-  lstm_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs) -> grad_xp, grad_h0, grad_c0
+  lstm_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, batch_sizes=None)
+      -> grad_xp, grad_h0, grad_c0
   lstm_cell(x [B, I], h, c, w_ih, w_hh, b_ih, b_hh) -> h', c' [B, H]
 
-cs is float32 for bfloat16/float16 inputs. The launch variants are described in
+cs is float32 for bfloat16/float16 inputs. With ``batch_sizes`` (a PackedSequence's,
+int64 on the CPU) every [T, B, *] tensor is packed [N, *] instead, and h_n, c_n are each
+sequence's state after its own last step. The launch variants are described in
 ``fastchar.triton._common``.
 """
 
@@ -27,8 +30,12 @@ from fastchar.triton._common import (
     load_prev,
     load_w,
     load_w_t,
+    packing,
     plan,
+    prev_row,
     rec_gates,
+    rows_in,
+    step_rows,
     tanh,
     tile_mask,
 )
@@ -43,9 +50,11 @@ def _fwd_kernel(
     out_ptr,  # [T, B, H]
     gates_ptr,  # [T, B, G]
     cs_ptr,  # [T, B, H]
+    steps_ptr,  # [T + 1, 2] int64 (off[t], b_t) when PACKED
     B,
     H,
     STORE_GATES: tl.constexpr,
+    PACKED: tl.constexpr,
     t0,
     n_steps,
     sync_ptr,
@@ -71,10 +80,12 @@ def _fwd_kernel(
     bh = rows.to(tl.int64)[:, None] * H + cols[None, :]  # [BB, BH] in a [B, H] slab
     bg = rows.to(tl.int64)[:, None] * G + cols[None, :]  # gate i's [BB, BH] in a [B, G] slab
     first = tl.cast(t0, tl.int64)
+    _, nb0 = step_rows(steps_ptr, first, B, PACKED)
+    prev0 = prev_row(steps_ptr, first, B, PACKED)
 
-    c = load_prev(c0_ptr, cs_ptr, first, rows, cols, B, H).to(ACC)
+    c = load_prev(c0_ptr, cs_ptr, first, prev0, rows, cols, nb0, H).to(ACC)
     if H_IN_REGS:
-        h = load_prev(h0_ptr, out_ptr, first, rows, cols, B, H).to(ACC)
+        h = load_prev(h0_ptr, out_ptr, first, prev0, rows, cols, nb0, H).to(ACC)
     if W_RESIDENT:
         wi = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)  # [BK, BH]
         wf = load_w_t(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
@@ -83,50 +94,60 @@ def _fwd_kernel(
 
     for t in range(t0, t0 + n_steps):
         tt = tl.cast(t, tl.int64)
-        if W_RESIDENT:
-            if H_IN_REGS:
-                hk = h.to(DOT)
-            else:
-                hk = load_prev(h0_ptr, out_ptr, tt, rows, kk, B, H, CM).to(DOT)
-            ai = tl.dot(hk, wi, input_precision=PREC, out_dtype=ACC)
-            af = tl.dot(hk, wf, input_precision=PREC, out_dtype=ACC)
-            ag = tl.dot(hk, wg, input_precision=PREC, out_dtype=ACC)
-            ao = tl.dot(hk, wo, input_precision=PREC, out_dtype=ACC)
+        row0, nb = step_rows(steps_ptr, tt, B, PACKED)
+        prev0 = prev_row(steps_ptr, tt, B, PACKED)
+        if PACKED:
+            live = tile_mask(rows, cols, nb, H)
+            run = pid_b * BLOCK_B < nb
         else:
-            ai = tl.zeros((BLOCK_B, BLOCK_H), ACC)
-            af = tl.zeros((BLOCK_B, BLOCK_H), ACC)
-            ag = tl.zeros((BLOCK_B, BLOCK_H), ACC)
-            ao = tl.zeros((BLOCK_B, BLOCK_H), ACC)
-            for k0 in range(0, H, BLOCK_K):
-                hk = load_prev(h0_ptr, out_ptr, tt, rows, k0 + kk, B, H, CM).to(DOT)
-                w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
-                ai = tl.dot(hk, w, ai, input_precision=PREC, out_dtype=ACC)
-                w = load_w_t(w_ptr, 1, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
-                af = tl.dot(hk, w, af, input_precision=PREC, out_dtype=ACC)
-                w = load_w_t(w_ptr, 2, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
-                ag = tl.dot(hk, w, ag, input_precision=PREC, out_dtype=ACC)
-                w = load_w_t(w_ptr, 3, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
-                ao = tl.dot(hk, w, ao, input_precision=PREC, out_dtype=ACC)
+            live = mask
+            run = True
+        # a finished row's state stays behind in registers unused: rows never restart
+        if run:
+            if W_RESIDENT:
+                if H_IN_REGS:
+                    hk = h.to(DOT)
+                else:
+                    hk = load_prev(h0_ptr, out_ptr, tt, prev0, rows, kk, nb, H, CM).to(DOT)
+                ai = tl.dot(hk, wi, input_precision=PREC, out_dtype=ACC)
+                af = tl.dot(hk, wf, input_precision=PREC, out_dtype=ACC)
+                ag = tl.dot(hk, wg, input_precision=PREC, out_dtype=ACC)
+                ao = tl.dot(hk, wo, input_precision=PREC, out_dtype=ACC)
+            else:
+                ai = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+                af = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+                ag = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+                ao = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+                for k0 in range(0, H, BLOCK_K):
+                    hk = load_prev(h0_ptr, out_ptr, tt, prev0, rows, k0 + kk, nb, H, CM).to(DOT)
+                    w = load_w_t(w_ptr, 0, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
+                    ai = tl.dot(hk, w, ai, input_precision=PREC, out_dtype=ACC)
+                    w = load_w_t(w_ptr, 1, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
+                    af = tl.dot(hk, w, af, input_precision=PREC, out_dtype=ACC)
+                    w = load_w_t(w_ptr, 2, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
+                    ag = tl.dot(hk, w, ag, input_precision=PREC, out_dtype=ACC)
+                    w = load_w_t(w_ptr, 3, k0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
+                    ao = tl.dot(hk, w, ao, input_precision=PREC, out_dtype=ACC)
 
-        x_t = xp_ptr + tt * B * G + bg
-        i = tl.sigmoid(ai + tl.load(x_t, mask=mask, other=0.0).to(ACC))
-        f = tl.sigmoid(af + tl.load(x_t + H, mask=mask, other=0.0).to(ACC))
-        g = tanh(ag + tl.load(x_t + 2 * H, mask=mask, other=0.0).to(ACC))
-        o = tl.sigmoid(ao + tl.load(x_t + 3 * H, mask=mask, other=0.0).to(ACC))
-        c = f * c + i * g
-        h_new = o * tanh(c)
+            x_t = xp_ptr + row0 * G + bg
+            i = tl.sigmoid(ai + tl.load(x_t, mask=live, other=0.0).to(ACC))
+            f = tl.sigmoid(af + tl.load(x_t + H, mask=live, other=0.0).to(ACC))
+            g = tanh(ag + tl.load(x_t + 2 * H, mask=live, other=0.0).to(ACC))
+            o = tl.sigmoid(ao + tl.load(x_t + 3 * H, mask=live, other=0.0).to(ACC))
+            c = f * c + i * g
+            h_new = o * tanh(c)
 
-        tl.store(out_ptr + tt * B * H + bh, h_new.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(cs_ptr + tt * B * H + bh, c.to(cs_ptr.dtype.element_ty), mask=mask)
-        if STORE_GATES:
-            g_t = gates_ptr + tt * B * G + bg
-            GT = gates_ptr.dtype.element_ty
-            tl.store(g_t, i.to(GT), mask=mask)
-            tl.store(g_t + H, f.to(GT), mask=mask)
-            tl.store(g_t + 2 * H, g.to(GT), mask=mask)
-            tl.store(g_t + 3 * H, o.to(GT), mask=mask)
-        if H_IN_REGS:
-            h = h_new
+            tl.store(out_ptr + row0 * H + bh, h_new.to(out_ptr.dtype.element_ty), mask=live)
+            tl.store(cs_ptr + row0 * H + bh, c.to(cs_ptr.dtype.element_ty), mask=live)
+            if STORE_GATES:
+                g_t = gates_ptr + row0 * G + bg
+                GT = gates_ptr.dtype.element_ty
+                tl.store(g_t, i.to(GT), mask=live)
+                tl.store(g_t + H, f.to(GT), mask=live)
+                tl.store(g_t + 2 * H, g.to(GT), mask=live)
+                tl.store(g_t + 3 * H, o.to(GT), mask=live)
+            if H_IN_REGS:
+                h = h_new
         if SYNC:
             grid_barrier(sync_ptr + pid_b, (t - t0 + 1) * tl.num_programs(0))
 
@@ -142,9 +163,11 @@ def _bwd_kernel(
     dxp_ptr,  # [T, B, G] out: gradient of the pre-activations
     dc_ptr,  # [B, H] accumulation dtype: grad_c_n in, grad_c0 out
     dh0_ptr,  # [B, H] out
+    steps_ptr,  # [T + 1, 2] int64 (off[t], b_t) when PACKED
     T,
     B,
     H,
+    PACKED: tl.constexpr,
     s0,
     n_steps,
     sync_ptr,
@@ -190,55 +213,72 @@ def _bwd_kernel(
 
     for s in range(s0, s0 + n_steps):
         tt = tl.cast(T - 1 - s, tl.int64)
-        nxt = dxp_ptr + (tt + 1) * B * G
-        n_rows = tl.where(s > 0, B, 0)
-        rec = tl.zeros((BLOCK_B, BLOCK_H), ACC)
-        rec = rec_gates(
-            rec,
-            nxt,
-            n_rows,
-            rows,
-            j0,
-            H,
-            G,
-            w_ptr,
-            (wi, wf, wg, wo),
-            (di, df, dg, do),
-            BLOCK_B,
-            BLOCK_H,
-            BLOCK_K,
-            H_IN_REGS,
-            W_RESIDENT,
-            CM,
-            ACC,
-            PREC,
-            DOT,
-        )
-        dh = rec + tl.load(grad_out_ptr + tt * B * H + bh, mask=mask, other=0.0).to(ACC)
-        last = tile_mask(rows, cols, tl.where(s == 0, B, 0), H)
-        dh += tl.load(grad_hn_ptr + bh, mask=last, other=0.0).to(ACC)
+        row0, nb = step_rows(steps_ptr, tt, B, PACKED)
+        prev0 = prev_row(steps_ptr, tt, B, PACKED)
+        if PACKED:
+            # step t+1's rows (none after the last step): the others end at step t and
+            # start from grad_h_n; rows >= nb read zeros, so their gradients come out zero
+            nxt0, n_rows = step_rows(steps_ptr, tt + 1, B, PACKED)
+            live = tile_mask(rows, cols, nb, H)
+            last = rows_in(rows, cols, n_rows, nb, H)
+            run = pid_b * BLOCK_B < nb
+        else:
+            nxt0 = (tt + 1) * B
+            n_rows = tl.where(s > 0, B, 0)
+            live = mask
+            last = tile_mask(rows, cols, tl.where(s == 0, B, 0), H)
+            run = True
+        if run:
+            nxt = dxp_ptr + nxt0 * G
+            rec = tl.zeros((BLOCK_B, BLOCK_H), ACC)
+            rec = rec_gates(
+                rec,
+                nxt,
+                n_rows,
+                rows,
+                j0,
+                H,
+                G,
+                w_ptr,
+                (wi, wf, wg, wo),
+                (di, df, dg, do),
+                BLOCK_B,
+                BLOCK_H,
+                BLOCK_K,
+                H_IN_REGS,
+                W_RESIDENT,
+                CM,
+                ACC,
+                PREC,
+                DOT,
+            )
+            dh = rec + tl.load(grad_out_ptr + row0 * H + bh, mask=live, other=0.0).to(ACC)
+            dh += tl.load(grad_hn_ptr + bh, mask=last, other=0.0).to(ACC)
 
-        g_t = gates_ptr + tt * B * G + bg
-        i = tl.load(g_t, mask=mask, other=0.0).to(ACC)
-        f = tl.load(g_t + H, mask=mask, other=0.0).to(ACC)
-        g = tl.load(g_t + 2 * H, mask=mask, other=0.0).to(ACC)
-        o = tl.load(g_t + 3 * H, mask=mask, other=0.0).to(ACC)
-        c = tl.load(cs_ptr + tt * B * H + bh, mask=mask, other=0.0).to(ACC)
-        c_prev = load_prev(c0_ptr, cs_ptr, tt, rows, cols, B, H).to(ACC)
+            g_t = gates_ptr + row0 * G + bg
+            i = tl.load(g_t, mask=live, other=0.0).to(ACC)
+            f = tl.load(g_t + H, mask=live, other=0.0).to(ACC)
+            g = tl.load(g_t + 2 * H, mask=live, other=0.0).to(ACC)
+            o = tl.load(g_t + 3 * H, mask=live, other=0.0).to(ACC)
+            c = tl.load(cs_ptr + row0 * H + bh, mask=live, other=0.0).to(ACC)
+            c_prev = load_prev(c0_ptr, cs_ptr, tt, prev0, rows, cols, nb, H).to(ACC)
 
-        tc = tanh(c)
-        dc += dh * o * (1.0 - tc * tc)
-        di = dc * g * i * (1.0 - i)
-        df = dc * c_prev * f * (1.0 - f)
-        dg = dc * i * (1.0 - g * g)
-        do = dh * tc * o * (1.0 - o)
-        dc = dc * f
+            tc = tanh(c)
+            dc += dh * o * (1.0 - tc * tc)
+            di = dc * g * i * (1.0 - i)
+            df = dc * c_prev * f * (1.0 - f)
+            dg = dc * i * (1.0 - g * g)
+            do = dh * tc * o * (1.0 - o)
+            if PACKED:
+                dc = tl.where(live, dc * f, dc)  # a row not started yet keeps grad_c_n
+            else:
+                dc = dc * f
 
-        d_t = dxp_ptr + tt * B * G + bg
-        tl.store(d_t, di.to(DT), mask=mask)
-        tl.store(d_t + H, df.to(DT), mask=mask)
-        tl.store(d_t + 2 * H, dg.to(DT), mask=mask)
-        tl.store(d_t + 3 * H, do.to(DT), mask=mask)
+            d_t = dxp_ptr + row0 * G + bg
+            tl.store(d_t, di.to(DT), mask=live)
+            tl.store(d_t + H, df.to(DT), mask=live)
+            tl.store(d_t + 2 * H, dg.to(DT), mask=live)
+            tl.store(d_t + 3 * H, do.to(DT), mask=live)
         if SYNC:
             grid_barrier(sync_ptr + pid_b, (s - s0 + 1) * tl.num_programs(0))
 
@@ -269,25 +309,33 @@ def _bwd_kernel(
         tl.store(dh0_ptr + bh, rec.to(dh0_ptr.dtype.element_ty), mask=mask)
 
 
-def _forward(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, store_gates: bool):
-    T, B, G = xp.shape
+def _forward(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, store_gates: bool, batch_sizes=None):
+    *rows, G = xp.shape  # (T, B) or packed (N,)
     H = G // 4
+    B = h0.shape[0]
+    pk = packing(batch_sizes, rows[0], B, xp)
+    T = rows[0] if pk is None else len(pk.batch_sizes)
     xp, w_hh = xp.contiguous(), w_hh.contiguous()
-    out = xp.new_empty(T, B, H)  # [T, B, H]
+    out = xp.new_empty(*rows, H)  # [T, B, H]
     # the cell stores no gates; a one-element stand-in, since a zero-size CUDA tensor
     # has a null pointer that Triton's launcher refuses
-    gates = xp.new_empty(T, B, G) if store_gates else xp.new_empty(1)
-    cs = xp.new_empty(T, B, H, dtype=state_dtype(xp.dtype))  # [T, B, H]
+    gates = xp.new_empty(*rows, G) if store_gates else xp.new_empty(1)
+    cs = xp.new_empty(*rows, H, dtype=state_dtype(xp.dtype))  # [T, B, H]
     p = plan(B, H, 4, xp, T)
-    args = (xp, h0.contiguous(), c0.contiguous(), w_hh, out, gates, cs, B, H, store_gates)
-    launch(_fwd_kernel, p, args, T, H, xp, backward=False)
-    return out, gates, cs
+    steps = None if pk is None else pk.steps
+    args = (xp, h0.contiguous(), c0.contiguous(), w_hh, out, gates, cs, steps, B, H)
+    args += (store_gates, pk is not None)
+    launch(_fwd_kernel, p, args, T, H, xp, backward=False, pk=pk)
+    return out, gates, cs, pk
 
 
-def lstm_fwd(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):
+def lstm_fwd(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, batch_sizes: Tensor | None = None):
     """Sequence forward; see the module docstring for shapes and what is saved."""
-    out, gates, cs = _forward(xp, h0, c0, w_hh, store_gates=True)
-    return out, out[-1].clone(), cs[-1].to(xp.dtype, copy=True), gates, cs
+    out, gates, cs, pk = _forward(xp, h0, c0, w_hh, store_gates=True, batch_sizes=batch_sizes)
+    if pk is None:
+        return out, out[-1].clone(), cs[-1].to(xp.dtype, copy=True), gates, cs
+    h_n = out.index_select(0, pk.last)  # [B, H]
+    return out, h_n, cs.index_select(0, pk.last).to(xp.dtype), gates, cs
 
 
 def lstm_bwd(
@@ -298,12 +346,16 @@ def lstm_bwd(
     c0: Tensor,
     gates: Tensor,
     cs: Tensor,
+    batch_sizes: Tensor | None = None,
 ):
-    """Sequence backward: grad_xp [T, B, G], grad_h0 [B, H], grad_c0 [B, H]."""
-    T, B, G = gates.shape
+    """Sequence backward: grad_xp [T, B, G] (packed [N, G]), grad_h0 [B, H], grad_c0 [B, H]."""
+    *rows, G = gates.shape
     H = G // 4
+    B = c0.shape[0]
+    pk = packing(batch_sizes, rows[0], B, gates)
+    T = rows[0] if pk is None else len(pk.batch_sizes)
     dtype = gates.dtype
-    grad_xp = gates.new_empty(T, B, G)  # [T, B, G]
+    grad_xp = gates.new_empty(*rows, G)  # [T, B, G]
     dc = grad_c_n.to(acc_dtype(dtype), copy=True).contiguous()  # [B, H]
     grad_h0 = c0.new_empty(B, H)
     p = plan(B, H, 4, gates, T)
@@ -317,16 +369,18 @@ def lstm_bwd(
         grad_xp,
         dc,
         grad_h0,
+        None if pk is None else pk.steps,
         T,
         B,
         H,
+        pk is not None,
     )
-    launch(_bwd_kernel, p, args, T, H, gates, backward=True)
+    launch(_bwd_kernel, p, args, T, H, gates, backward=True, pk=pk)
     return grad_xp, grad_h0, dc.to(dtype)
 
 
 def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     """One step from raw input x [B, I]: (h', c') [B, H]."""
     xp = F.linear(x, w_ih, bias_sum(b_ih, b_hh)).unsqueeze(0)  # [1, B, G]
-    out, _, cs = _forward(xp, h, c, w_hh, store_gates=False)
+    out, _, cs, _ = _forward(xp, h, c, w_hh, store_gates=False)
     return out[0], cs[0].to(x.dtype, copy=True)

@@ -39,6 +39,8 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
             sig[name] = "constexpr"
         elif name == "sync_ptr":
             sig[name] = "*i32"
+        elif name == "steps_ptr":
+            sig[name] = "*i64"
         elif name in FP32_BUFFERS:
             sig[name] = "*fp32"
         elif name.endswith("_ptr"):
@@ -55,22 +57,28 @@ def main() -> int:
         "gru": (gru, {"STORE_GATES": True}, {}),
         "rnn": (rnn, {"RELU": True}, {"RELU": False}),
     }
-    jobs = [(cell, "persistent", "bf16") for cell in cells]
-    jobs += [("lstm", "persistent", "fp32"), ("lstm", "loop", "bf16"), ("lstm", "step", "bf16")]
-    for cell, variant, dtype in jobs:
+    jobs = [(cell, "persistent", "bf16", False) for cell in cells]
+    jobs += [("lstm", "persistent", "fp32", False), ("lstm", "loop", "bf16", False)]
+    jobs += [("lstm", "step", "bf16", False)]
+    # packed input (batch_sizes): the per-step table loads and the batch-tile skip
+    jobs += [(cell, "persistent", "bf16", True) for cell in cells]
+    jobs += [("lstm", "loop", "bf16", True), ("gru", "step", "bf16", True)]
+    for cell, variant, dtype, packed in jobs:
         module, fwd_extra, bwd_extra = cells[cell]
         for kernel, extra in (
             (module._fwd_kernel, fwd_extra),
             (module._bwd_kernel, {**bwd_extra, "FINAL": True}),
         ):
             consts = {**VARIANTS[variant], **extra, "ACC": tl.float32, "PREC": "ieee"}
+            # dense launches pass steps_ptr=None, which Triton specialises as a constexpr
+            consts |= {"PACKED": packed} | ({} if packed else {"steps_ptr": None})
             consts["DOT"] = DOT[dtype]
             src = ASTSource(
                 kernel,
                 signature(kernel, dtype, consts),
                 constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()},
             )
-            what = f"{cell} {kernel.fn.__name__} {variant} {dtype}"
+            what = f"{cell} {kernel.fn.__name__} {variant} {dtype}{' packed' * packed}"
             try:
                 compiled = triton.compile(src, target=TARGET, options={"num_warps": 8})
                 assert compiled.asm["cubin"], "no cubin"

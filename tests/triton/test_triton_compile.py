@@ -1,6 +1,6 @@
-"""The GPU-only launch variant (persistent grid barrier) and a loop/step sample,
-compiled for sm_90 with Triton's bundled ptxas, in a child process without the
-interpreter: CPU-only CI cannot run them, but it can see that they lower."""
+"""The GPU-only launch variant (persistent grid barrier) and a loop/step sample, dense
+and packed, compiled for sm_90 with Triton's bundled ptxas, in a child process without
+the interpreter: CPU-only CI cannot run them, but it can see that they lower."""
 
 from __future__ import annotations
 
@@ -26,4 +26,4 @@ def test_kernels_compile_for_sm90():
         [sys.executable, script], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok   ") == 12, result.stdout
+    assert result.stdout.count("ok   ") == 22, result.stdout
