@@ -35,21 +35,13 @@ from fastchar.ops._common import (
 
 
 def _fake_fwd(xp: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor, batch_sizes=None):
-    if batch_sizes is not None:  # packed [N, G]
-        N, G = xp.shape
-        return (
-            xp.new_empty(N, G // 3),
-            h0.new_empty(h0.shape),
-            xp.new_empty(N, G),
-            xp.new_empty(N, G // 3),
-        )
-    T, B, G = xp.shape
+    rows, G = xp.shape[:-1], xp.shape[-1]  # rows: (T, B), or (N,) for a packed sequence
     H = G // 3
     return (
-        xp.new_empty(T, B, H),  # out
-        xp.new_empty(B, H),  # h_n
-        xp.new_empty(T, B, G),  # gates
-        xp.new_empty(T, B, H),  # hn
+        xp.new_empty(*rows, H),  # out
+        h0.new_empty(h0.shape),  # h_n
+        xp.new_empty(*rows, G),  # gates
+        xp.new_empty(*rows, H),  # hn
     )
 
 
@@ -60,11 +52,7 @@ def _fake_bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn, batch_sizes=None):
 def _fake_seq(
     x: Tensor, h0: Tensor, w_ih: Tensor, b_x, w_hh: Tensor, b_hn: Tensor, batch_sizes=None
 ):
-    G, H = w_hh.shape
-    if batch_sizes is not None:  # packed [N, ...]
-        N = x.shape[0]
-        return x.new_empty(N, H), h0.new_empty(h0.shape), x.new_empty(N, G), x.new_empty(N, H)
-    return _fake_fwd(x.new_empty(x.shape[0], x.shape[1], G), h0, w_hh, b_hn)
+    return _fake_fwd(x.new_empty(*x.shape[:-1], w_hh.shape[0]), h0, w_hh, b_hn, batch_sizes)
 
 
 def _fake_cell(x, h, w_ih, w_hh, b_ih, b_hh, s_ih=None, s_hh=None):

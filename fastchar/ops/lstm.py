@@ -32,25 +32,14 @@ from fastchar.ops._common import (
 
 
 def _fake_fwd(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, batch_sizes=None):
-    if batch_sizes is not None:  # packed [N, G]
-        N, G = xp.shape
-        H = G // 4
-        st = state_dtype(xp.dtype)
-        return (
-            xp.new_empty(N, H),
-            h0.new_empty(h0.shape),
-            c0.new_empty(c0.shape),
-            xp.new_empty(N, G),
-            xp.new_empty(N, H, dtype=st),
-        )
-    T, B, G = xp.shape
+    rows, G = xp.shape[:-1], xp.shape[-1]  # rows: (T, B), or (N,) for a packed sequence
     H = G // 4
     return (
-        xp.new_empty(T, B, H),  # out
-        xp.new_empty(B, H),  # h_n
-        xp.new_empty(B, H),  # c_n
-        xp.new_empty(T, B, G),  # gates
-        xp.new_empty(T, B, H, dtype=state_dtype(xp.dtype)),  # cs
+        xp.new_empty(*rows, H),  # out
+        h0.new_empty(h0.shape),  # h_n
+        c0.new_empty(c0.shape),  # c_n
+        xp.new_empty(*rows, G),  # gates
+        xp.new_empty(*rows, H, dtype=state_dtype(xp.dtype)),  # cs
     )
 
 
@@ -61,18 +50,7 @@ def _fake_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, batch_sizes=Non
 def _fake_seq(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, bias, w_hh: Tensor, batch_sizes=None
 ):
-    G, H = w_hh.shape
-    if batch_sizes is not None:  # packed [N, ...]
-        N = x.shape[0]
-        st = state_dtype(x.dtype)
-        return (
-            x.new_empty(N, H),
-            h0.new_empty(h0.shape),
-            c0.new_empty(c0.shape),
-            x.new_empty(N, G),
-            x.new_empty(N, H, dtype=st),
-        )
-    return _fake_fwd(x.new_empty(x.shape[0], x.shape[1], G), h0, c0, w_hh)
+    return _fake_fwd(x.new_empty(*x.shape[:-1], w_hh.shape[0]), h0, c0, w_hh, batch_sizes)
 
 
 def _fake_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, s_ih=None, s_hh=None):
