@@ -200,33 +200,35 @@ def previous_rows(batch_sizes: Tensor, B: int, N: int) -> Tensor:
     return torch.arange(B, N, device=batch_sizes.device) - batch_sizes[step[B:] - 1]
 
 
-def weight_grad(
-    d_gates: Tensor, h0: Tensor, out: Tensor, batch_sizes: Tensor | None = None
-) -> Tensor:
+def previous_states(h0: Tensor, out: Tensor, batch_sizes: Tensor | None = None) -> list[Tensor]:
+    """h_{t-1} for every row of a layer's gate gradient, as the terms ``weight_grad`` sums
+    over: [h0 [B, H], the rows of steps 1.. [T*B - B or N - B, H]].
+
+    Dense, the second term is a view (out[:-1]) rather than a concatenated copy of every
+    h_{t-1}, which would raise the backward's peak memory; it is absent for T = 1. Packed
+    (``batch_sizes``, out [N, H]), h_{t-1} rows are not a shifted view of out, so they are
+    gathered once here and shared by every weight gradient of the layer.
+    """
+    B = h0.shape[0]
+    if out.shape[0] == (B if batch_sizes is not None else 1):
+        return [h0]
+    if batch_sizes is None:
+        return [h0, out[:-1].flatten(0, 1)]
+    rows = previous_rows(batch_sizes, B, out.shape[0]).to(out.device)
+    return [h0, out.index_select(0, rows)]
+
+
+def weight_grad(d_gates: Tensor, prev: list[Tensor]) -> Tensor:
     """dW_hh [G, H] = sum over steps t of d_gates[t]^T h_{t-1}, with h_{-1} = h0.
 
-    ``d_gates`` [T, B, G] may be a column block of a wider gradient (a view). With
-    ``batch_sizes`` the sequences are packed: d_gates [N, G], out [N, H].
-
-    Two terms on views (step 0 against h0, steps 1.. against out[:-1]) rather than one on
-    a concatenated copy of every h_{t-1}: that copy ([T, B, H]) would raise the
-    backward's peak memory. A packed sequence's h_{t-1} rows are not a shifted view of
-    out, so they are gathered ([N - B, H]).
+    ``d_gates`` [T, B, G] (packed: [N, G]) may be a column block of a wider gradient (a
+    view); ``prev`` is ``previous_states`` of the layer: its terms take d_gates' rows in
+    order.
     """
-    if batch_sizes is not None:
-        B = h0.shape[0]
-        a, b = [d_gates[:B]], [h0]
-        if d_gates.shape[0] > B:
-            a.append(d_gates[B:])
-            b.append(
-                out.index_select(0, previous_rows(batch_sizes, B, out.shape[0]).to(out.device))
-            )
-        return _mm_sum(a, b, trans_a=True)
-    a, b = [d_gates[0]], [h0]
-    if d_gates.shape[0] > 1:
-        a.append(d_gates[1:].flatten(0, 1))
-        b.append(out[:-1].flatten(0, 1))
-    return _mm_sum(a, b, trans_a=True)
+    rows = d_gates.flatten(0, -2)  # [T * B, G] or [N, G]; a view
+    B = prev[0].shape[0]
+    a = [rows[:B]] + ([rows[B:]] if len(prev) > 1 else [])
+    return _mm_sum(a, prev, trans_a=True)
 
 
 def projection_grads(

@@ -27,6 +27,7 @@ from fastchar.ops._common import (
     check_args,
     grads_or_zeros,
     linear,
+    previous_states,
     projection_grads,
     skip_zero_grads,
     torch_params,
@@ -76,17 +77,16 @@ def _hidden_grads(
     """
     h0, w_hh, out, gates, hn = saved
     grad_out, grad_h_n = grads_or_zeros((grad_out, out), (grad_h_n, h0))
-    if batch_sizes is None:
-        grad_xp, grad_ghn, grad_h0 = bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn)
-    else:
-        grad_xp, grad_ghn, grad_h0 = bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn, batch_sizes)
+    packed = [] if batch_sizes is None else [batch_sizes]
+    grad_xp, grad_ghn, grad_h0 = bwd(grad_out, grad_h_n, w_hh, h0, out, gates, hn, *packed)
     H = w_hh.shape[1]
     grad_w_hh = None
     if need_w_hh:  # rows r, z from grad_xp's blocks (views), n from grad_ghn
+        prev = previous_states(h0, out, batch_sizes)
         grad_w_hh = torch.cat(
             (
-                weight_grad(grad_xp[..., : 2 * H], h0, out, batch_sizes),
-                weight_grad(grad_ghn, h0, out, batch_sizes),
+                weight_grad(grad_xp[..., : 2 * H], prev),
+                weight_grad(grad_ghn, prev),
             )
         )
     grad_b_hn = grad_ghn.reshape(-1, H).sum(0) if need_b_hn else None

@@ -24,6 +24,7 @@ from fastchar.ops._common import (
     check_args,
     grads_or_zeros,
     linear,
+    previous_states,
     projection_grads,
     skip_zero_grads,
     torch_params,
@@ -74,7 +75,8 @@ def _autograd_backward(bwd):
         )
         extra = [bs] if bs is not None else []
         grad_xp, grad_h0, grad_c0 = bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, *extra)
-        grad_w_hh = weight_grad(grad_xp, h0, out, bs) if ctx.needs_input_grad[3] else None
+        need_w = ctx.needs_input_grad[3]
+        grad_w_hh = weight_grad(grad_xp, previous_states(h0, out, bs)) if need_w else None
         return grad_xp, grad_h0, grad_c0, grad_w_hh, *([None] * len(ctx.packed))
 
     return backward
@@ -158,7 +160,7 @@ def _seq_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs):
     grad_x, grad_w_ih, grad_b = projection_grads(
         (need[0], need[3], need[4]), grad_xp, x, w_ih, ctx.has_bias
     )
-    grad_w_hh = weight_grad(grad_xp, h0, out, bs) if need[5] else None
+    grad_w_hh = weight_grad(grad_xp, previous_states(h0, out, bs)) if need[5] else None
     return grad_x, grad_h0, grad_c0, grad_w_ih, grad_b, grad_w_hh, None
 
 

@@ -23,6 +23,7 @@ from fastchar.ops._common import (
     autocast_inputs,
     check_args,
     linear,
+    previous_states,
     projection_grads,
     torch_params,
     weight_grad,
@@ -62,7 +63,8 @@ def _autograd_backward(bwd):
         h0, w_hh, out = ctx.saved_tensors
         bs = ctx.packed[0] if ctx.packed else None
         grad_xp, grad_h0 = bwd(grad_out, grad_h_n, w_hh, out, ctx.relu, *ctx.packed)
-        grad_w_hh = weight_grad(grad_xp, h0, out, bs) if ctx.needs_input_grad[2] else None
+        need_w = ctx.needs_input_grad[2]
+        grad_w_hh = weight_grad(grad_xp, previous_states(h0, out, bs)) if need_w else None
         return grad_xp, grad_h0, grad_w_hh, None, *([None] * len(ctx.packed))
 
     return backward
@@ -138,7 +140,7 @@ def _seq_backward(ctx, grad_out, grad_h_n):
     grad_x, grad_w_ih, grad_b = projection_grads(
         (need[0], need[2], need[3]), grad_xp, x, w_ih, ctx.has_bias
     )
-    grad_w_hh = weight_grad(grad_xp, h0, out, bs) if need[4] else None
+    grad_w_hh = weight_grad(grad_xp, previous_states(h0, out, bs)) if need[4] else None
     return grad_x, grad_h0, grad_w_ih, grad_b, grad_w_hh, None, None
 
 
