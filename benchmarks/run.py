@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--device cpu|cuda] [--quick] [--json FILE] [--plot FILE.png]
         [--cells lstm,gru,rnn_tanh] [--impls cpp,reference,torch] [--dtype float32|bfloat16]
-        [--shapes "B,T,I,H;..."] [--threads N] [--parts layers,sample,train,memory,packed]
+        [--shapes "B,T,I,H;..."] [--threads N] [--parts layers,sample,train,memory,packed,proj]
 
 Parts, all measured in this one process (memory: one fresh child process per case):
   layers  one layer through ``fastchar.ops.<cell>(..., impl=...)`` with grad enabled as in
@@ -16,6 +16,8 @@ Parts, all measured in this one process (memory: one fresh child process per cas
   packed  an LSTM layer (I=128, H=512) over 64 sequences of lengths uniform in [16, 256],
           forward + backward through ``fastchar.nn.LSTM(impl=...)`` on the PackedSequence,
           and the first kernel impl on the same batch padded to 256 steps.
+  proj    an LSTM layer with proj_size (LSTMP) at three shapes, forward + backward
+          through ``fastchar.nn.LSTM(proj_size=P, impl=...)``, each impl against torch's.
 
 Ratios are speed-ups: ``x torch`` = torch time / impl time, so above 1 is faster than torch.
 Exits 1 when any case failed (its error is in the table and the JSON).
@@ -29,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
-PARTS = ("layers", "gemm", "sample", "train", "memory", "packed")
+PARTS = ("layers", "gemm", "sample", "train", "memory", "packed", "proj")
 IMPL_CHOICES = ("fused", "cpp", "triton", "reference", "torch")
 
 QUICK = {
@@ -60,6 +63,11 @@ SAMPLE_MODEL = dict(model="lstm", emb_dim=64, hidden=512, layers=2)
 SAMPLE_BATCH = 16  # samples at once in the sampling part's batched rows
 TRAIN_MODEL = dict(emb_dim=64, layers=2)
 PACKED = dict(B=64, I=128, H=512, min_len=16, max_len=256)
+PROJ = [  # LSTM layers with proj_size, as speech models use them
+    dict(B=32, T=128, I=128, H=512, P=128),
+    dict(B=64, T=64, I=256, H=1024, P=256),
+    dict(B=1, T=256, I=64, H=512, P=128),
+]
 
 
 def _csv(choices: tuple[str, ...]):
@@ -433,7 +441,7 @@ def bench_training(cells, impls, dtype, device, cfg) -> list[dict]:
 def bench_packed(impls, dtype, device, cfg, spec: dict = PACKED) -> list[dict]:
     """fwd+bwd of one LSTM layer on a PackedSequence of random lengths, every impl, and the
     first kernel impl on the batch padded to the longest length, interleaved."""
-    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+    from torch.nn.utils.rnn import pack_padded_sequence
 
     from fastchar import nn
 
@@ -447,26 +455,15 @@ def bench_packed(impls, dtype, device, cfg, spec: dict = PACKED) -> list[dict]:
     base = nn.LSTM(I, H).to(device, dtype)
     tokens = int(lengths.sum())
 
-    def fwd_bwd(m, inp) -> None:
-        if isinstance(inp, PackedSequence):
-            data = inp.data.detach().requires_grad_()
-            out = m(
-                PackedSequence(data, inp.batch_sizes, inp.sorted_indices, inp.unsorted_indices)
-            )[0].data
-        else:
-            data = inp.detach().requires_grad_()
-            out = m(data)[0]
-        torch.autograd.grad(out, [data, *m.parameters()], torch.ones_like(out))
-
     kernel = next((i for i in impls if i in ("fused", "cpp", "triton")), None)
     calls, rows = {}, {}
     for impl in impls:
         m = nn.LSTM(I, H, impl=impl).to(device, dtype)
         m.load_state_dict(base.state_dict())
-        calls[impl] = partial(fwd_bwd, m, packed)
+        calls[impl] = partial(_module_fwd_bwd, m, packed)
         rows[impl] = {"impl": impl, "input": "packed"}
         if impl == kernel:
-            calls[PADDED] = partial(fwd_bwd, m, x)
+            calls[PADDED] = partial(_module_fwd_bwd, m, x)
             rows[PADDED] = {"impl": impl, "input": f"padded to {T}"}
     with torch.enable_grad():
         timings, errors = bench.time_interleaved(calls, device, **cfg)
@@ -482,7 +479,66 @@ def bench_packed(impls, dtype, device, cfg, spec: dict = PACKED) -> list[dict]:
     return [common | r for r in rows.values()]
 
 
+def _module_fwd_bwd(m, inp) -> None:
+    """One forward and backward of module m on a tensor or PackedSequence: the gradients
+    of its input and every parameter."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    if isinstance(inp, PackedSequence):
+        data = inp.data.detach().requires_grad_()
+        out = m(PackedSequence(data, inp.batch_sizes, inp.sorted_indices, inp.unsorted_indices))
+        out = out[0].data
+    else:
+        data = inp.detach().requires_grad_()
+        out = m(data)[0]
+    torch.autograd.grad(out, [data, *m.parameters()], torch.ones_like(out))
+
+
 PADDED = "padded"
+
+
+def bench_proj(impls, dtype, device, cfg, shapes: list[dict] = PROJ) -> list[dict]:
+    """fwd+bwd of one LSTM layer with proj_size (LSTMP) at each shape, every impl
+    interleaved; ratios against torch.nn.LSTM's own."""
+    from fastchar import nn
+
+    rows = []
+    for spec in shapes:
+        B, T, I, H, P = (spec[k] for k in "BTIHP")
+        print(f"timing lstm proj_size {spec} ...", file=sys.stderr, flush=True)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(T, B, I, generator=gen).to(device, dtype)
+        base = nn.LSTM(I, H, proj_size=P).to(device, dtype)
+        calls, shape_rows = {}, {}
+        for impl in impls:
+            m = nn.LSTM(I, H, proj_size=P, impl=impl).to(device, dtype)
+            m.load_state_dict(base.state_dict())
+            calls[impl] = partial(_module_fwd_bwd, m, x)
+            shape_rows[impl] = {"cell": "lstm", "dtype": str(dtype)[6:], **spec, "impl": impl}
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "LSTM with projections is not supported")
+            timings, errors = bench.time_interleaved(calls, device, **cfg)
+        for name, err in errors.items():
+            shape_rows[name]["error"] = err
+        ref = timings.get("torch")
+        for name, t in timings.items():
+            shape_rows[name] |= {"fwd_bwd_ms": t.median_ms, "spread": t.spread()}
+            shape_rows[name]["vs_torch"] = _ratio(ref.median_ms if ref else None, t.median_ms)
+        rows += shape_rows.values()
+    return rows
+
+
+def print_proj(rows: list[dict]) -> None:
+    print(f"LSTM with proj_size: one layer, {rows[0]['dtype']}, fwd+bwd")
+    _print_results(
+        ["shape", "impl", "fwd+bwd ms", "x torch"],
+        rows,
+        lambda r: [f"B{r['B']} T{r['T']} I{r['I']} H{r['H']} P{r['P']}", r["impl"]],
+        lambda r: [
+            _fmt_ms({"median_ms": r["fwd_bwd_ms"], "spread": r["spread"]}),
+            _fmt_ratio(r["vs_torch"]),
+        ],
+    )
 
 
 def print_packed(rows: list[dict]) -> None:
@@ -850,8 +906,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     print_extras(result)
     if "packed" in args.parts:
-        result["packed"] = bench_packed(impls, dtype, device, cfg["layer"])
+        result["packed"] = bench_packed(impls, dtype, device, cfg["layer"], PACKED)
         print_packed(result["packed"])
+    if "proj" in args.parts:
+        result["proj"] = bench_proj(impls, dtype, device, cfg["layer"], PROJ)
+        print_proj(result["proj"])
 
     env["loadavg_end"] = bench.load_average()
     print(f"load average at end {env['loadavg_end']}")
@@ -875,6 +934,7 @@ _KEYS = {
     "train": "training",
     "memory": "memory",
     "packed": "packed",
+    "proj": "proj",
 }
 
 if __name__ == "__main__":

@@ -199,19 +199,29 @@ inline void check_seq_shape(const char* OP, const char* name, const at::Tensor& 
 }
 
 // The check of a *_seq op's arguments; returns H. x: [T, B, I], or [N, I] with steps packed.
+// With an LSTM projection w_hr [P, H] the recurrent state is P wide: w_hh [G, P], h0 [B, P].
 inline int64_t check_seq_args(const char* OP, int64_t n_gates, const at::Tensor& x,
                               const SeqSteps& steps, const at::Tensor& h0,
                               const at::Tensor& w_ih, const std::optional<at::Tensor>& b,
-                              const at::Tensor& w_hh) {
+                              const at::Tensor& w_hh, const at::Tensor* proj = nullptr) {
   CHECK_CPU(x);
   check_float_dtype(OP, x);
+  const auto dt = x.scalar_type();
   CHECK_CPU(w_hh);
   CHECK_DIM(w_hh, 2);
-  const auto dt = x.scalar_type();
-  const int64_t B = steps.B, I = x.size(-1), H = w_hh.size(1), G = n_gates * H;
-  CHECK_ARG(w_hh, dt, G, H);
+  int64_t H = w_hh.size(1), P = H;
+  if (proj != nullptr) {
+    const at::Tensor& w_hr = *proj;
+    CHECK_CPU(w_hr);
+    CHECK_DIM(w_hr, 2);
+    P = w_hr.size(0);
+    H = w_hr.size(1);
+    CHECK_ARG(w_hr, dt, P, H);
+  }
+  const int64_t B = steps.B, I = x.size(-1), G = n_gates * H;
+  CHECK_ARG(w_hh, dt, G, P);
   CHECK_ARG(w_ih, dt, G, I);
-  CHECK_ARG(h0, dt, B, H);
+  CHECK_ARG(h0, dt, B, P);
   if (b.has_value()) {
     const at::Tensor& bias = *b;
     CHECK_ARG(bias, dt, G);
@@ -320,17 +330,24 @@ namespace fastchar {
 // instead of a GEMM fork and a pointwise fork per step.
 class UnitSlices {
  public:
-  UnitSlices(int64_t H, int64_t n_gates) : H_(H), n_gates_(n_gates) {
-#ifdef _OPENMP
-    // Inside another parallel region a nested team would get one thread.
-    int64_t threads = omp_in_parallel() || H < 32 ? 1 : at::get_num_threads();
-#else
-    int64_t threads = 1;
-#endif
+  UnitSlices(int64_t H, int64_t n_gates) : UnitSlices(H, n_gates, default_threads(H)) {}
+
+  // At most `threads` slices: a second split of the same loop (an LSTM projection's P
+  // columns) takes the first's count, so that slice s of both runs on the same thread.
+  UnitSlices(int64_t H, int64_t n_gates, int64_t threads) : H_(H), n_gates_(n_gates) {
     // Slices are whole 16-lane vectors except the last.
     chunk_ = (H + threads - 1) / threads;
     chunk_ = std::max<int64_t>(1, (chunk_ + 15) / 16 * 16);
     count = (H + chunk_ - 1) / chunk_;
+  }
+
+  static int64_t default_threads(int64_t H) {
+#ifdef _OPENMP
+    // Inside another parallel region a nested team would get one thread.
+    return omp_in_parallel() || H < 32 ? 1 : at::get_num_threads();
+#else
+    return 1;
+#endif
   }
 
   int64_t begin(int64_t s) const {
@@ -351,9 +368,10 @@ class UnitSlices {
 
   // For steps i = 0..steps-1: before(s, i) for every slice, a barrier, then
   // after(s, i). A thread always serves the same slices, so a slice's own
-  // data needs no barrier between after(s, i) and before(s, i + 1).
+  // data needs no barrier between after(s, i) and before(s, i + 1); with `sync_after`
+  // there is one there too (before needs every slice's after: an LSTM projection).
   template <typename Before, typename After>
-  void run(int64_t steps, const Before& before, const After& after) const {
+  void run(int64_t steps, const Before& before, const After& after, bool sync_after = false) const {
     if (count == 1) {
       for (int64_t i = 0; i < steps; ++i) {
         before(0, i);
@@ -373,6 +391,9 @@ class UnitSlices {
 #pragma omp barrier
         for (int64_t s = tid; s < count; s += nth) {
           after(s, i);
+        }
+        if (sync_after) {
+#pragma omp barrier
         }
       }
       engines::release_thread();

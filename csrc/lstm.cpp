@@ -45,15 +45,16 @@ FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
 
 // One backward step for rows [b0, b1) and units [0, n) of a slice: dh (in:
 // gradient from step t+1, before grad_out is added) and dc (in/out) are
-// accumulation-type; writes dgates.
-template <typename T>
+// accumulation-type; writes dgates. Without kGradOut (grad_out unused) dh is the whole
+// gradient of o * tanh(c): an LSTM projection's dr = dh_t @ W_hr.
+template <typename T, bool kGradOut = true>
 FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, const T* grad_out,
                               const T* gates, const acc_t<T>* c, const acc_t<T>* c_prev,
                               const acc_t<T>* dh, acc_t<T>* dc, T* dgates) {
   using A = acc_t<T>;
   const int64_t G = 4 * H;
   for (int64_t b = b0; b < b1; ++b) {
-    const T* go_ = grad_out + b * H;
+    const T* go_ = kGradOut ? grad_out + b * H : nullptr;
     const T* g = gates + b * G;
     const A* cr = c + b * H;
     const A* cp = c_prev + b * H;
@@ -63,7 +64,10 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       A gi = to_acc(g[j]), gf = to_acc(g[H + j]), gg = to_acc(g[2 * H + j]), go = to_acc(g[3 * H + j]);
-      A dht = dhr[j] + to_acc(go_[j]);
+      A dht = dhr[j];
+      if constexpr (kGradOut) {
+        dht += to_acc(go_[j]);
+      }
       A tc = tanh_act(cr[j]);
       A dcv = dcr[j] + dht * go * (A(1) - tc * tc);
       d[j] = from_acc<T>(dcv * gg * gi * (A(1) - gi));
@@ -160,6 +164,151 @@ void bwd_loop(const SeqSteps& st, const at::Tensor& grad_out, const at::Tensor& 
   slices.run(T_, pointwise, gemm);
 }
 
+// An LSTM with a projection (torch.nn.LSTM's proj_size P): r_t = o_t * tanh(c_t) [B, H],
+// h_t = r_t @ W_hr^T [B, P], and the gates read h_{t-1} through W_hh [G, P]. Each step
+// runs in two halves, each split over the threads: the gates of the thread's H units
+// (x_t @ W_ih^T + h_{t-1} @ W_hh^T and the gate pass, writing r_t), a barrier, then the
+// thread's P columns of h_t = r_t @ W_hr^T, and a barrier. `rs` keeps every r_t for
+// dW_hr. Buffers are rows of `st` as in fwd_loop; x is the raw input [.., I].
+template <typename T>
+void fwd_loop_proj(const SeqSteps& st, const at::Tensor& x, const at::Tensor& h0,
+                   const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& bias,
+                   const at::Tensor& w_hh, const at::Tensor& w_hr, at::Tensor& out,
+                   at::Tensor& gates, at::Tensor& cs, at::Tensor& rs) {
+  using A = acc_t<T>;
+  const int64_t B = st.B, G = w_hh.size(0), H = G / 4, P = w_hr.size(0), K = x.size(-1);
+  const T* x_p = x.const_data_ptr<T>();
+  const T* h0_p = h0.const_data_ptr<T>();
+  const A* c0_p = c0.const_data_ptr<A>();
+  const A* bias_p = bias.const_data_ptr<A>();
+  T* out_p = out.data_ptr<T>();
+  T* gates_p = gates.data_ptr<T>();
+  A* cs_p = cs.data_ptr<A>();
+  T* rs_p = rs.data_ptr<T>();
+  const UnitSlices slices(H, 4);
+  const UnitSlices cols(P, 1, slices.count);
+  const SliceGemms<T> input_gemms(slices, w_ih, B, /*forward=*/true);
+  const SliceGemms<T> hidden_gemms(slices, w_hh, B, /*forward=*/true);
+  const SliceGemms<T> proj_gemms(cols, w_hr, B, /*forward=*/true);
+  const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  std::vector<at::Tensor> accs, proj_accs;
+  for (int64_t s = 0; s < slices.count; ++s) {
+    accs.push_back(at::empty({B, 4 * slices.size(s)}, acc_options));
+    proj_accs.push_back(at::empty({B, s < cols.count ? cols.size(s) : 0}, acc_options));
+  }
+  auto gate_half = [&](int64_t s, int64_t t) {
+    const int64_t j0 = slices.begin(s), n = slices.size(s), m = st.rows[t], r = st.off[t];
+    const T* h_prev = t > 0 ? out_p + st.off[t - 1] * P : h0_p;
+    const A* c_prev = t > 0 ? cs_p + st.off[t - 1] * H : c0_p;
+    A* acc = accs[s].template data_ptr<A>();
+    input_gemms.gemms[s].rows(m, x_p + r * K, K, A(0), acc, 4 * n);  // x_t @ W_ih^T [m, 4 n]
+    hidden_gemms.gemms[s].rows(m, h_prev, P, A(1), acc, 4 * n);  // += h_{t-1} @ W_hh^T
+    fwd_rows<T, A>(0, m, n, H, acc, 4 * n, n, bias_p + j0, 0, c_prev + j0, gates_p + r * G + j0,
+                   cs_p + r * H + j0, rs_p + r * H + j0);
+  };
+  auto proj_half = [&](int64_t s, int64_t t) {
+    if (s >= cols.count) {
+      return;
+    }
+    const int64_t p0 = cols.begin(s), np = cols.size(s), m = st.rows[t], r = st.off[t];
+    A* acc = proj_accs[s].template data_ptr<A>();
+    proj_gemms.gemms[s].rows(m, rs_p + r * H, H, A(0), acc, np);  // r_t @ W_hr[cols]^T
+    for (int64_t b = 0; b < m; ++b) {
+      T* h = out_p + (r + b) * P + p0;
+      const A* a = acc + b * np;
+#pragma omp simd
+      for (int64_t j = 0; j < np; ++j) {
+        h[j] = from_acc<T>(a[j]);
+      }
+    }
+  };
+  slices.run(st.T, gate_half, proj_half, /*sync_after=*/true);
+}
+
+// The backward of fwd_loop_proj, step by step from the last: dhs_t (the whole gradient of
+// h_t [.., P], kept for dW_hr) gives dr_t = dhs_t @ W_hr for the thread's H units and
+// their gate pass (dgates_t), a barrier, then the thread's P columns of dhs_{t-1} =
+// dgates_t @ W_hh + grad_out_{t-1} (+ grad_h_n on a packed sequence's rows whose last
+// step is t-1), and a barrier. dc [B, H] starts as grad_c_n; dh0 [B, P] gets dgates_0 @ W_hh.
+template <typename T>
+void bwd_loop_proj(const SeqSteps& st, const at::Tensor& grad_out, const at::Tensor& grad_h_n,
+                   const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& c0,
+                   const at::Tensor& gates, const at::Tensor& cs, at::Tensor& dc,
+                   at::Tensor& dh0, at::Tensor& grad_xp, at::Tensor& dhs) {
+  using A = acc_t<T>;
+  const int64_t T_ = st.T, B = st.B, G = gates.size(-1), H = G / 4, P = w_hr.size(0);
+  const T* go_p = grad_out.const_data_ptr<T>();
+  const T* ghn_p = grad_h_n.const_data_ptr<T>();
+  const T* g_p = gates.const_data_ptr<T>();
+  const A* cs_p = cs.const_data_ptr<A>();
+  const A* c0_p = c0.const_data_ptr<A>();
+  A* dc_p = dc.data_ptr<A>();
+  A* dh0_p = dh0.data_ptr<A>();
+  T* dx_p = grad_xp.data_ptr<T>();
+  T* dhs_p = dhs.data_ptr<T>();
+  const UnitSlices slices(H, 4);
+  const UnitSlices cols(P, 1, slices.count);
+  const SliceGemms<T> dr_gemms(slices, w_hr, B, /*forward=*/false);  // [., P] @ W_hr[:, units]
+  const SliceGemms<T> dh_gemms(cols, w_hh, B, /*forward=*/false);  // [., G] @ W_hh[:, cols]
+  const auto acc_options = gates.options().dtype(c10::CppTypeToScalarType<A>::value);
+  auto dr = at::empty({B, H}, acc_options);
+  A* dr_p = dr.template data_ptr<A>();
+  std::vector<at::Tensor> accs;
+  for (int64_t s = 0; s < cols.count; ++s) {
+    accs.push_back(at::empty({B, cols.size(s)}, acc_options));
+  }
+  // dhs_{T-1} = grad_out_{T-1} + grad_h_n for the rows of the last step
+  {
+    const int64_t r = st.off[T_ - 1];
+    for (int64_t b = 0; b < st.rows[T_ - 1]; ++b) {
+      for (int64_t j = 0; j < P; ++j) {
+        dhs_p[(r + b) * P + j] = from_acc<T>(to_acc(go_p[(r + b) * P + j]) + to_acc(ghn_p[b * P + j]));
+      }
+    }
+  }
+  auto gate_half = [&](int64_t s, int64_t i) {
+    const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s), m = st.rows[t];
+    const int64_t r = st.off[t];
+    const A* cp_t = t > 0 ? cs_p + st.off[t - 1] * H : c0_p;
+    dr_gemms.gemms[s].rows(m, dhs_p + r * P, P, A(0), dr_p + j0, H);  // dr_t[:, units]
+    bwd_rows<T, false>(0, m, n, H, nullptr, g_p + r * G + j0, cs_p + r * H + j0, cp_t + j0,
+                       dr_p + j0, dc_p + j0, dx_p + r * G + j0);
+  };
+  auto state_half = [&](int64_t s, int64_t i) {
+    const int64_t t = T_ - 1 - i;
+    if (s >= cols.count) {
+      return;
+    }
+    const int64_t p0 = cols.begin(s), np = cols.size(s), m = st.rows[t];
+    A* acc = accs[s].template data_ptr<A>();
+    dh_gemms.gemms[s].rows(m, dx_p + st.off[t] * G, G, A(0), acc, np);  // dgates_t @ W_hh[:, cols]
+    if (t == 0) {  // every sequence has step 0: m = B
+      for (int64_t b = 0; b < m; ++b) {
+        std::copy_n(acc + b * np, np, dh0_p + b * P + p0);
+      }
+      return;
+    }
+    const int64_t r = st.off[t - 1];
+    for (int64_t b = 0; b < st.rows[t - 1]; ++b) {
+      T* d = dhs_p + (r + b) * P + p0;
+      const T* go = go_p + (r + b) * P + p0;
+      const T* ghn = ghn_p + b * P + p0;
+      const A* a = acc + b * np;
+      if (b < m) {
+#pragma omp simd
+        for (int64_t j = 0; j < np; ++j) {
+          d[j] = from_acc<T>(a[j] + to_acc(go[j]));
+        }
+      } else {  // sequence b's last step is t - 1
+        for (int64_t j = 0; j < np; ++j) {
+          d[j] = from_acc<T>(to_acc(ghn[j]) + to_acc(go[j]));
+        }
+      }
+    }
+  };
+  slices.run(T_, gate_half, state_half, /*sync_after=*/true);
+}
+
 // lstm_fwd and lstm_seq after their checks: the outputs, the time loop (with w_ih and the
 // accumulation-type bias for lstm_seq, else nullptr) and the final states.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
@@ -243,6 +392,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
   return {grad_xp, dh.to(dt), dc.to(dt)};
 }
 
+// lstm_seq with a projection w_hr [P, H] (torch.nn.LSTM's proj_size): x [T, B, I] or
+// packed [N, I], h0 [B, P], c0 [B, H], w_hh [G, P]. Returns lstm_seq's outputs (out and
+// h_n P wide) and rs [.., H], every r_t = o_t * tanh(c_t), for dW_hr; backward is lstmp_bwd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstmp_seq(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const std::optional<at::Tensor>& bias, const at::Tensor& w_hh, const at::Tensor& w_hr,
+    const std::optional<at::Tensor>& batch_sizes) {
+  constexpr const char* OP = "fastchar::lstmp_seq";
+  const SeqSteps steps = seq_steps(OP, "x", x, batch_sizes);
+  const int64_t H = check_seq_args(OP, 4, x, steps, h0, w_ih, bias, w_hh, &w_hr);
+  const auto dt = x.scalar_type(), st = state_type(dt);
+  CHECK_ARG(c0, dt, steps.B, H);
+  const int64_t G = 4 * H, P = w_hr.size(0);
+  auto out = empty_seq(steps.shape(P), x.options());  // [T, B, P] or [N, P]
+  auto gates = empty_seq(steps.shape(G), x.options());
+  auto cs = empty_seq(steps.shape(H), x.options().dtype(st));
+  auto rs = empty_seq(steps.shape(H), x.options());
+  const auto b = bias_acc(bias, std::nullopt, G, st);  // [G]
+  auto c0s = c0.to(st).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstmp_seq", [&] {
+    fwd_loop_proj<scalar_t>(steps, x.contiguous(), h0.contiguous(), c0s, w_ih.contiguous(), b,
+                            w_hh.contiguous(), w_hr.contiguous(), out, gates, cs, rs);
+  });
+  if (steps.T == 0) {
+    return {out, h0.clone(), c0.clone(), gates, cs, rs};
+  }
+  return {out, steps.finals(out), steps.finals(cs).to(dt), gates, cs, rs};
+}
+
+// The backward of lstmp_seq: grad_xp [.., G] (the gradient of x @ W_ih^T + bias), grad_h0
+// [B, P], grad_c0 [B, H] and grad_hs [.., P], the whole gradient of every h_t (dW_hr =
+// grad_hs^T rs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstmp_bwd(
+    const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& c0, const at::Tensor& gates,
+    const at::Tensor& cs, const std::optional<at::Tensor>& batch_sizes) {
+  constexpr const char* OP = "fastchar::lstmp_bwd";
+  CHECK_CPU(gates);
+  check_float_dtype(OP, gates);
+  const SeqSteps steps = seq_steps(OP, "gates", gates, batch_sizes);
+  const auto dt = gates.scalar_type(), st = state_type(dt);
+  CHECK_CPU(w_hr);
+  CHECK_DIM(w_hr, 2);
+  const int64_t B = steps.B, P = w_hr.size(0), H = w_hr.size(1), G = 4 * H;
+  check_seq_shape(OP, "gates", gates, steps, G, dt);
+  check_seq_shape(OP, "grad_out", grad_out, steps, P, dt);
+  check_seq_shape(OP, "cs", cs, steps, H, st);
+  CHECK_ARG(w_hr, dt, P, H);
+  CHECK_ARG(w_hh, dt, G, P);
+  CHECK_ARG(grad_h_n, dt, B, P);
+  CHECK_ARG(grad_c_n, dt, B, H);
+  CHECK_ARG(c0, dt, B, H);
+
+  auto dc = at::empty({B, H}, gates.options().dtype(st)).copy_(grad_c_n);
+  auto dh0 = at::empty({B, P}, gates.options().dtype(st));
+  auto grad_xp = empty_seq(steps.shape(G), gates.options());
+  auto dhs = empty_seq(steps.shape(P), gates.options());
+  auto c0s = c0.to(st).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstmp_bwd", [&] {
+    bwd_loop_proj<scalar_t>(steps, grad_out.contiguous(), grad_h_n.contiguous(),
+                            w_hh.contiguous(), w_hr.contiguous(), c0s, gates.contiguous(),
+                            cs.contiguous(), dc, dh0, grad_xp, dhs);
+  });
+  return {grad_xp, dh0.to(dt), dc.to(dt), dhs};
+}
+
 std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tensor& h,
                                              const at::Tensor& c, const at::Tensor& w_ih,
                                              const at::Tensor& w_hh,
@@ -284,6 +499,8 @@ TORCH_LIBRARY_IMPL(fastchar, CPU, m) {
   m.impl("lstm_fwd", &lstm_fwd);
   m.impl("lstm_seq", &lstm_seq);
   m.impl("lstm_bwd", &lstm_bwd);
+  m.impl("lstmp_seq", &lstmp_seq);
+  m.impl("lstmp_bwd", &lstmp_bwd);
   m.impl("lstm_cell", &lstm_cell);
 }
 

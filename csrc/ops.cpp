@@ -33,6 +33,17 @@ TORCH_LIBRARY(fastchar, m) {
       "lstm_bwd(Tensor grad_out, Tensor grad_h_n, Tensor grad_c_n, Tensor w_hh, "
       "Tensor c0, Tensor gates, Tensor cs, Tensor? batch_sizes=None) -> "
       "(Tensor grad_xp, Tensor grad_h0, Tensor grad_c0)");
+  // lstmp_seq / lstmp_bwd: lstm_seq / lstm_bwd with a projection w_hr [P, H]
+  // (torch.nn.LSTM's proj_size): out, h0, h_n and w_hh's columns are P wide; rs [T, B, H]
+  // keeps every o_t * tanh(c_t) and grad_hs [T, B, P] every h_t's whole gradient, for dW_hr.
+  m.def(
+      "lstmp_seq(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor? bias, Tensor w_hh, "
+      "Tensor w_hr, Tensor? batch_sizes=None) -> "
+      "(Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cs, Tensor rs)");
+  m.def(
+      "lstmp_bwd(Tensor grad_out, Tensor grad_h_n, Tensor grad_c_n, Tensor w_hh, Tensor w_hr, "
+      "Tensor c0, Tensor gates, Tensor cs, Tensor? batch_sizes=None) -> "
+      "(Tensor grad_xp, Tensor grad_h0, Tensor grad_c0, Tensor grad_hs)");
   m.def(
       "lstm_cell(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? s_ih=None, Tensor? s_hh=None) -> "

@@ -78,11 +78,23 @@ def why_not(impl: str, device_type: str) -> str | None:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
+# What a kernel impl does not run: a call that needs it goes to "reference" under "fused"
+# (with the warning) and fails under the explicit impl.
+FEATURES = ("proj_size",)
+_LACKS = {"triton": {"proj_size": "the Triton kernels have no LSTM projection (proj_size)"}}
+
 _warned: set[str] = set()
 
 
-def resolve(impl: str, device: torch.device | str) -> str:
-    """Map ``impl`` to the concrete implementation that runs on ``device``."""
+def _why_not_feature(impl: str, feature: str | None) -> str | None:
+    if feature is not None and feature not in FEATURES:
+        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+    return _LACKS.get(impl, {}).get(feature) if feature is not None else None
+
+
+def resolve(impl: str, device: torch.device | str, feature: str | None = None) -> str:
+    """Map ``impl`` to the concrete implementation that runs on ``device``; ``feature`` (one
+    of FEATURES) names something the call needs that not every kernel has."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     device_type = torch.device(device).type
@@ -91,7 +103,7 @@ def resolve(impl: str, device: torch.device | str) -> str:
         reason = (
             f"no fastchar kernel for {device_type} tensors"
             if kernel is None
-            else why_not(kernel, device_type)
+            else why_not(kernel, device_type) or _why_not_feature(kernel, feature)
         )
         if reason is None:
             return kernel
@@ -100,7 +112,7 @@ def resolve(impl: str, device: torch.device | str) -> str:
             _warned.add(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
         return "reference"
-    reason = why_not(impl, device_type)
+    reason = why_not(impl, device_type) or _why_not_feature(impl, feature)
     if reason is not None:
         raise RuntimeError(f"impl={impl!r} cannot run on {device_type} tensors: {reason}")
     return impl

@@ -6,12 +6,16 @@ names, shapes, initialisation and ``state_dict`` are torch's own; only
 each direction is one sequence-level op from ``fastchar.ops`` with the chosen
 ``impl`` (see ``fastchar.backends``). ``impl="torch"`` runs torch's forward.
 
+An LSTM's ``proj_size`` P runs as torch.nn.LSTM runs it: each layer's op takes
+``weight_hr`` [P, H], h states and outputs are P wide and c states H wide.
+
 A ``PackedSequence`` runs as torch.nn runs it: every layer op takes the packed data
 and its batch sizes, the reverse direction reads each sequence reversed within its own
 length, and initial and final states are permuted between the caller's order and the
 packed (longest first) order.
 
-Shape letters: L layers, D directions, T time, B batch, N packed rows, I input, H hidden.
+Shape letters: L layers, D directions, T time, B batch, N packed rows, I input, H hidden,
+P an LSTM's proj_size (P = H without one).
 """
 
 from __future__ import annotations
@@ -48,12 +52,17 @@ class _FastRNNMixin:
     _n_states = 1
 
     def _setup(self, impl: str) -> None:
-        if getattr(self, "proj_size", 0):
-            raise ValueError(
-                f"fastchar.nn.{type(self).__name__} does not support proj_size yet; "
-                "use torch.nn.LSTM for projections"
-            )
         self.impl = impl
+
+    @property
+    def _feature(self) -> str | None:
+        """What this module needs that not every kernel has (fastchar.backends.resolve)."""
+        return "proj_size" if getattr(self, "proj_size", 0) else None
+
+    def _state_widths(self) -> list[int]:
+        """Each state's width: h is proj_size wide where there is one, c hidden_size."""
+        h = getattr(self, "proj_size", 0) or self.hidden_size
+        return [h] + [self.hidden_size] * (self._n_states - 1)
 
     @property
     def impl(self) -> str:
@@ -69,11 +78,17 @@ class _FastRNNMixin:
         return f"{super().extra_repr()}, impl={self.impl!r}"
 
     def _layer_params(self, layer: int, direction: int) -> list[Tensor | None]:
+        """[w_ih, w_hh, b_ih, b_hh] of one layer and direction (biases None without), and
+        the LSTM's w_hr where it has proj_size."""
         sfx = f"_l{layer}" + ("_reverse" if direction else "")
         weights = [getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx)]
         if self.bias:
-            return weights + [getattr(self, "bias_ih" + sfx), getattr(self, "bias_hh" + sfx)]
-        return weights + [None, None]
+            weights += [getattr(self, "bias_ih" + sfx), getattr(self, "bias_hh" + sfx)]
+        else:
+            weights += [None, None]
+        if getattr(self, "proj_size", 0):
+            weights.append(getattr(self, "weight_hr" + sfx))
+        return weights
 
     def _check_input(self, input: object) -> None:
         name = type(self).__name__
@@ -105,22 +120,23 @@ class _FastRNNMixin:
         if len(states) != self._n_states:
             raise ValueError(f"{type(self).__name__}: hx must be a tuple (h0, c0)")
         LD = self.num_layers * (2 if self.bidirectional else 1)
-        want = (LD, B, self.hidden_size) if batched else (LD, self.hidden_size)
         names = ("h0", "c0")
-        for name, s in zip(names, states, strict=False):  # names has room for both
+        for name, s, width in zip(names, states, self._state_widths(), strict=False):
             if not isinstance(s, Tensor):
                 raise TypeError(f"{type(self).__name__}: {name} must be a Tensor")
+            want = (LD, B, width) if batched else (LD, width)
             if tuple(s.shape) != want:
                 raise ValueError(
                     f"{type(self).__name__}: expected {name} of shape {list(want)}, "
                     f"got {list(s.shape)}"
                 )
-        return [s if batched else s.unsqueeze(1) for s in states]  # [L*D, B, H]
+        return [s if batched else s.unsqueeze(1) for s in states]  # [L*D, B, P or H]
 
     def forward(self, input, hx=None):
         self._check_input(input)
         packed = isinstance(input, PackedSequence)
-        kind = resolve(self.impl, input.data.device if packed else input.device)
+        device = input.data.device if packed else input.device
+        kind = resolve(self.impl, device, self._feature)
         if kind == "torch":
             return super().forward(input, hx)
         if packed:
@@ -155,8 +171,8 @@ class _FastRNNMixin:
 
     def _stack(self, x: Tensor, states, kind: str, batch_sizes: Tensor | None = None):
         """Every layer and direction over x [T, B, I], or packed x [N, I] with
-        ``batch_sizes``; states [L*D, B, H] or None each. Returns (the top layer's
-        output [T, B, D*H] or [N, D*H], the final states [L*D, B, H] each)."""
+        ``batch_sizes``; states [L*D, B, P or H] or None each. Returns (the top layer's
+        output [T, B, D*P] or [N, D*P], the final states [L*D, B, P or H] each)."""
         D = 2 if self.bidirectional else 1
         rows = None
         if D == 2 and batch_sizes is not None:
@@ -198,9 +214,13 @@ class _FastRNNMixin:
         kind = resolve(self.impl, x.device)
         B = x.shape[0]
         states = self._states_in(hx, True, B)
+        widths = self._state_widths()
         finals: list[list[Tensor]] = [[] for _ in range(self._n_states)]
         for layer in range(self.num_layers):
-            s0 = [x.new_zeros(B, self.hidden_size) if s is None else s[layer] for s in states]
+            s0 = [
+                x.new_zeros(B, w) if s is None else s[layer]
+                for s, w in zip(states, widths, strict=True)
+            ]
             s_n = self._cell(x, s0, self._layer_params(layer, 0), kind)
             x = s_n[0]
             for acc, s in zip(finals, s_n, strict=True):
@@ -214,7 +234,9 @@ class LSTM(_FastRNNMixin, torch.nn.LSTM):
 
     Arguments are torch.nn.LSTM's plus ``impl`` (fused, cpp, triton, reference,
     torch), which may be changed after construction. ``input`` may be a
-    ``PackedSequence``; ``proj_size`` is not supported yet.
+    ``PackedSequence``. With ``proj_size`` the C++ kernels project inside their time loop;
+    the Triton kernels have no projection, so ``fused`` on CUDA runs the reference (with
+    a warning) and ``impl="triton"`` raises RuntimeError.
     """
 
     _n_states = 2
@@ -224,10 +246,12 @@ class LSTM(_FastRNNMixin, torch.nn.LSTM):
         self._setup(impl)
 
     def _layer(self, x, s0, params, kind, batch_sizes=None):
-        return ops.lstm(x, s0[0], s0[1], *params, impl=kind, batch_sizes=batch_sizes)
+        w_hr = params[4] if len(params) > 4 else None
+        return ops.lstm(x, s0[0], s0[1], *params[:4], impl=kind, batch_sizes=batch_sizes, w_hr=w_hr)
 
     def _cell(self, x, s0, params, kind):
-        return ops.lstm_cell(x, s0[0], s0[1], *params, impl=kind)
+        w_hr = params[4] if len(params) > 4 else None
+        return ops.lstm_cell(x, s0[0], s0[1], *params[:4], impl=kind, w_hr=w_hr)
 
 
 class GRU(_FastRNNMixin, torch.nn.GRU):

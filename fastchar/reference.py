@@ -3,7 +3,8 @@
 Plain autograd-friendly ops on any device and dtype, with torch.nn's gate order
 (LSTM i, f, g, o; GRU r, z, n with ``b_hn`` inside ``r * (W_hn h + b_hn)``).
 
-Shape letters: T time, B batch, N packed rows, I input, H hidden, G gates (4H / 3H / H).
+Shape letters: T time, B batch, N packed rows, I input, H hidden, G gates (4H / 3H / H),
+P an LSTM's projection (torch.nn.LSTM's proj_size; without one P = H).
 Every layer function runs one layer in one direction over time-major input x [T, B, I],
 or, with ``batch_sizes`` (PackedSequence.batch_sizes [T], non-increasing), over packed
 input x [N, I]: step t runs on its first b_t rows, sequences that have ended keep
@@ -17,15 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _zeros_state(x: Tensor, w_hh: Tensor, batch_sizes: Tensor | None = None) -> Tensor:
+def _zeros_state(x: Tensor, width: int, batch_sizes: Tensor | None = None) -> Tensor:
     B = x.shape[1] if batch_sizes is None else int(batch_sizes[0])
-    return x.new_zeros(B, w_hh.shape[1])
+    return x.new_zeros(B, width)
 
 
 def _packed_steps(xp: Tensor, states: list[Tensor], batch_sizes: Tensor, step) -> list[Tensor]:
     """Run ``step(xp_t, *states) -> new states`` over packed rows xp [N, G].
 
-    At step t only the first b_t rows of each state [B, H] advance; the rows that drop
+    At step t only the first b_t rows of each state [B, H] (or [B, P]) advance; the rows that drop
     out are each sequence's final state, since batch sizes never grow again. Returns
     [out [N, H] (the first state at every packed row), final states [B, H]...].
     """
@@ -54,13 +55,19 @@ def bias_sum(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
     return b_ih + b_hh
 
 
-def lstm_step(xp_t: Tensor, h: Tensor, c: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
-    """One LSTM step from the projected input ``xp_t`` [B, 4H] (biases included)."""
+def lstm_step(
+    xp_t: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, w_hr: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step from the projected input ``xp_t`` [B, 4H] (biases included).
+
+    With ``w_hr`` [P, H] (an LSTM with proj_size P) h is [B, P] and w_hh [4H, P]:
+    h' = (o * tanh(c')) @ w_hr^T, as torch.nn.LSTM projects.
+    """
     g = xp_t + F.linear(h, w_hh)  # [B, 4H]
     i, f, gg, o = g.chunk(4, dim=1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
     h = torch.sigmoid(o) * torch.tanh(c)
-    return h, c
+    return (h if w_hr is None else F.linear(h, w_hr)), c
 
 
 def gru_step(xp_t: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
@@ -90,20 +97,24 @@ def lstm(
     b_hh: Tensor | None = None,
     *,
     batch_sizes: Tensor | None = None,
+    w_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """LSTM layer. x [T, B, I], h0/c0 [B, H] or None (zeros) -> out [T, B, H], h_n, c_n [B, H].
 
-    With ``batch_sizes``: x [N, I] packed -> out [N, H], h_n, c_n [B, H].
+    With ``batch_sizes``: x [N, I] packed -> out [N, H], h_n, c_n [B, H]. With ``w_hr``
+    [P, H] (proj_size P; w_hh [4H, P]) h0, out and h_n are P wide, c0 and c_n H wide.
     """
-    h = _zeros_state(x, w_hh, batch_sizes) if h0 is None else h0
-    c = _zeros_state(x, w_hh, batch_sizes) if c0 is None else c0
+    h = _zeros_state(x, w_hh.shape[1], batch_sizes) if h0 is None else h0
+    c = _zeros_state(x, w_hh.shape[0] // 4, batch_sizes) if c0 is None else c0
     xp = F.linear(x, w_ih, bias_sum(b_ih, b_hh))  # [T, B, 4H], one GEMM for all steps
     if batch_sizes is not None:  # xp [N, 4H]
-        out, h, c = _packed_steps(xp, [h, c], batch_sizes, lambda g, h, c: lstm_step(g, h, c, w_hh))
+        out, h, c = _packed_steps(
+            xp, [h, c], batch_sizes, lambda g, h, c: lstm_step(g, h, c, w_hh, w_hr)
+        )
         return out, h, c
     outs = []
     for t in range(x.shape[0]):
-        h, c = lstm_step(xp[t], h, c, w_hh)
+        h, c = lstm_step(xp[t], h, c, w_hh, w_hr)
         outs.append(h)
     return torch.stack(outs), h, c
 
@@ -122,7 +133,7 @@ def gru(
 
     With ``batch_sizes``: x [N, I] packed -> out [N, H], h_n [B, H].
     """
-    h = _zeros_state(x, w_hh, batch_sizes) if h0 is None else h0
+    h = _zeros_state(x, w_hh.shape[1], batch_sizes) if h0 is None else h0
     xp = F.linear(x, w_ih, b_ih)  # [T, B, 3H]
     if batch_sizes is not None:  # xp [N, 3H]
         out, h = _packed_steps(xp, [h], batch_sizes, lambda g, h: [gru_step(g, h, w_hh, b_hh)])
@@ -149,7 +160,7 @@ def rnn(
 
     With ``batch_sizes``: x [N, I] packed -> out [N, H], h_n [B, H].
     """
-    h = _zeros_state(x, w_hh, batch_sizes) if h0 is None else h0
+    h = _zeros_state(x, w_hh.shape[1], batch_sizes) if h0 is None else h0
     xp = F.linear(x, w_ih, bias_sum(b_ih, b_hh))  # [T, B, H]
     if batch_sizes is not None:  # xp [N, H]
         out, h = _packed_steps(
@@ -163,9 +174,9 @@ def rnn(
     return torch.stack(outs), h
 
 
-def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None) -> tuple[Tensor, Tensor]:
-    """Single LSTM step from raw input x [B, I] -> (h', c') [B, H]."""
-    return lstm_step(F.linear(x, w_ih, bias_sum(b_ih, b_hh)), h, c, w_hh)
+def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None) -> tuple[Tensor, Tensor]:
+    """Single LSTM step from raw input x [B, I] -> (h', c') [B, H] (h' [B, P] with w_hr)."""
+    return lstm_step(F.linear(x, w_ih, bias_sum(b_ih, b_hh)), h, c, w_hh, w_hr)
 
 
 def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None) -> Tensor:

@@ -180,3 +180,21 @@ def test_gemm_part_relates_cpp_layers_to_the_engines(run_main, tmp_path, capsys)
     rates = row["engine_rates"]["fwd"]
     assert row["fwd_engine"] == max(rates, key=rates.get)
     assert "mkl" in rates and all(_positive(v) for v in rates.values())
+
+
+def test_packed_and_proj_parts(run_module, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run_module, "PACKED", dict(B=3, I=4, H=8, min_len=2, max_len=5))
+    monkeypatch.setattr(run_module, "PROJ", [dict(B=2, T=3, I=4, H=8, P=3)])
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--impls", "reference,torch", "--parts", "packed,proj"]
+    assert run_module.main(argv + ["--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Packed: one LSTM layer" in printed and "LSTM with proj_size" in printed
+    data = json.loads(out.read_text())
+    packed = {(r["impl"], r["input"]) for r in data["packed"]}
+    assert packed == {("reference", "packed"), ("torch", "packed")}  # padded: kernel impls only
+    proj = data["proj"]
+    assert {(r["impl"], r["H"], r["P"]) for r in proj} == {("reference", 8, 3), ("torch", 8, 3)}
+    for r in data["packed"] + proj:
+        assert _positive(r["fwd_bwd_ms"]) and "error" not in r
+    assert next(r for r in proj if r["impl"] == "torch")["vs_torch"] == 1.0

@@ -7,12 +7,17 @@ Shape letters: T time, B batch, I input, H hidden, G gates (4H / 3H / H).
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
-from parity import CELLS, assert_close, check_module_parity, flatten_out, make_pair
+from parity import (
+    CELLS,
+    assert_close,
+    check_bf16_within_torchs,
+    check_module_parity,
+    flatten_out,
+    make_pair,
+)
 
 import fastchar.nn
 from fastchar import ops
@@ -171,35 +176,10 @@ def test_thread_count_does_not_change_results(cell):
         assert_close(many_grads[name], one_grads[name], torch.float64, f"grad {name}")
 
 
-def _errors(module, x, ref_out, ref_grads):
-    """Max abs error of the output and of each gradient against float64 results."""
-    xi = x.to(next(module.parameters()).dtype).requires_grad_()
-    out = module(xi)[0]
-    (out.float() * ref_out["w"]).sum().backward()
-    errs = {"out": (out.double() - ref_out["out"]).abs().max().item()}
-    errs["x"] = (xi.grad.double() - ref_grads["x"]).abs().max().item()
-    for n, p in module.named_parameters():
-        errs[n] = (p.grad.double() - ref_grads[n]).abs().max().item()
-    return errs
-
-
 @pytest.mark.parametrize("cell", CELLS)
 def test_bfloat16_error_within_torchs(cell):
-    """Our bf16 error against a float64 run is at most 2x torch's own bf16 error (+ eps)."""
     ours, theirs = make_pair(cell, "cpp", 16, 32, dtype=torch.float64)
-    x = torch.randn(24, 4, 16, dtype=torch.float64)
-    ref = copy.deepcopy(theirs)
-    xr = x.clone().requires_grad_()
-    out = ref(xr)[0]
-    w = torch.randn_like(out)
-    (out * w).sum().backward()
-    ref_out = {"out": out.detach(), "w": w.float()}
-    ref_grads = {"x": xr.grad, **{n: p.grad for n, p in ref.named_parameters()}}
-    mine = _errors(ours.to(torch.bfloat16), x, ref_out, ref_grads)
-    torch_bf16 = _errors(theirs.to(torch.bfloat16), x, ref_out, ref_grads)
-    for name, err in mine.items():
-        assert err <= 2 * torch_bf16[name] + 1e-2, (name, err, torch_bf16[name])
-        assert err > 0, f"{name}: bf16 result equals float64 exactly, so it was not bf16"
+    check_bf16_within_torchs(ours, theirs, torch.randn(24, 4, 16, dtype=torch.float64))
 
 
 def test_bfloat16_rounding_is_torchs():

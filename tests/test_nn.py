@@ -127,11 +127,6 @@ def test_impl_can_change_after_construction():
         ours.impl = "cuda"
 
 
-def test_refuses_proj_size():
-    with pytest.raises(ValueError, match="proj_size"):
-        fastchar.nn.LSTM(3, 5, proj_size=2)
-
-
 @pytest.mark.parametrize("cell", CELLS)
 def test_bad_module_input(cell):
     ours, _ = make_pair(cell, "reference", 3, 5, num_layers=2)

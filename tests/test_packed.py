@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parity import CELLS, assert_close, flatten_out, make_pair
+from parity import (
+    CELLS,
+    assert_close,
+    check_packed_parity,
+    make_pair,
+    run_packed,
+    skip_unless_runnable,
+)
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastchar.nn
-from fastchar import backends, ops
+from fastchar import ops
 from fastchar.nn import reversed_rows
 
 # The impls checked here ("fused" on the CPU is "cpp"). Triton's packed path is checked by
@@ -59,81 +66,12 @@ CASES = {
 }
 
 
-def _runnable(impl: str) -> None:
-    reason = backends.why_not(impl, "cpu")
-    if reason is not None:
-        pytest.skip(reason)
-
-
-def run_packed(
-    cell: str,
-    impl: str,
-    lengths: list[int],
-    dtype: torch.dtype,
-    *,
-    I: int = 3,
-    H: int = 5,
-    enforce_sorted: bool = True,
-    with_state: bool = True,
-    batch_first: bool = False,
-    **kwargs,
-):
-    """Forward + backward of fastchar.nn (``impl``) and torch.nn with the same weights on
-    one packed batch. Returns, per module, (output PackedSequence, [out.data, h_n, (c_n)],
-    {gradient name: gradient}). The RNG is seeded the same before each forward, so
-    training-mode dropout draws the same masks."""
-    ours, theirs = make_pair(cell, impl, I, H, dtype, batch_first=batch_first, **kwargs)
-    T, B = max(lengths), len(lengths)
-    LD = ours.num_layers * (2 if ours.bidirectional else 1)
-    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
-    n_states = 2 if cell == "lstm" else 1
-    states = [torch.randn(LD, B, H, dtype=dtype) for _ in range(n_states)]
-
-    def run(module):
-        xi = x.clone().requires_grad_()
-        si = [s.clone().requires_grad_() for s in states]
-        packed = pack_padded_sequence(
-            xi, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=enforce_sorted
-        )
-        hx = None if not with_state else (tuple(si) if n_states == 2 else si[0])
-        torch.manual_seed(7)
-        out, hx_n = module(packed, hx)
-        results = flatten_out((out.data, hx_n))
-        torch.manual_seed(1)  # random weights on every output: each gradient path counts
-        sum((r * torch.randn_like(r)).sum() for r in results).backward()
-        grads = {"x": xi.grad}
-        if with_state:
-            grads.update({f"state{k}": s.grad for k, s in enumerate(si)})
-        grads.update({n: p.grad for n, p in module.named_parameters()})
-        return out, results, grads
-
-    return run(ours), run(theirs)
-
-
-def check_packed_parity(cell, impl, lengths, dtype, **kwargs) -> None:
-    (got_out, got, got_grads), (want_out, want, want_grads) = run_packed(
-        cell, impl, lengths, dtype, **kwargs
-    )
-    assert isinstance(got_out, PackedSequence)
-    assert torch.equal(got_out.batch_sizes, want_out.batch_sizes)
-    for name in ("sorted_indices", "unsorted_indices"):
-        a, b = getattr(got_out, name), getattr(want_out, name)
-        assert (a is None and b is None) or torch.equal(a, b), name
-    for name, a, b in zip(["out", "h_n", "c_n"], got, want, strict=False):
-        assert a.shape == b.shape, name
-        assert_close(a, b, dtype, name)
-    assert got_grads.keys() == want_grads.keys()
-    for name in want_grads:
-        assert got_grads[name] is not None, f"no gradient for {name}"
-        assert_close(got_grads[name], want_grads[name], dtype, f"grad {name}")
-
-
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 @pytest.mark.parametrize("impl", PACKED_IMPLS)
 @pytest.mark.parametrize("cell", CELLS)
 def test_packed_module_matches_torch_nn(cell, impl, case, dtype):
-    _runnable(impl)
+    skip_unless_runnable(impl)
     check_packed_parity(cell, impl, dtype=dtype, **case)
 
 
@@ -142,7 +80,7 @@ def test_packed_module_matches_torch_nn(cell, impl, case, dtype):
 def test_packed_train_mode_dropout_between_layers(cell, impl):
     # Seeded alike, fastchar's F.dropout on the packed data [N, D*H] draws torch.nn's masks;
     # a mask drawn in another shape or place would not match.
-    _runnable(impl)
+    skip_unless_runnable(impl)
     kw = dict(lengths=[2, 5, 1, 4], enforce_sorted=False, H=6, num_layers=3, bidirectional=True)
     check_packed_parity(cell, impl, dtype=torch.float64, dropout=0.5, **kw)
     (_, train, _), _ = run_packed(cell, impl, dtype=torch.float64, dropout=0.5, **kw)
@@ -195,7 +133,7 @@ def _packed_op(cell: str, impl: str, batch_sizes):
 @pytest.mark.parametrize("impl", GRADCHECK_IMPLS)
 @pytest.mark.parametrize("cell", CELLS)
 def test_packed_op_gradcheck(cell, impl):
-    _runnable(impl)
+    skip_unless_runnable(impl)
     x, states, weights, bs = _packed_op_inputs(cell, [4, 3, 3, 1])
     assert torch.autograd.gradcheck(_packed_op(cell, impl, bs), (x, *states, *weights))
 
@@ -204,7 +142,7 @@ def test_packed_op_gradcheck(cell, impl):
 @pytest.mark.parametrize("cell", CELLS)
 def test_packed_op_zero_states_and_shapes(cell, impl):
     # h0 (c0) None: zeros for the B = batch_sizes[0] sequences, as torch's packed ops do
-    _runnable(impl)
+    skip_unless_runnable(impl)
     x, states, weights, bs = _packed_op_inputs(cell, [5, 2, 2])
     got = _packed_op(cell, impl, bs)(x, *[None] * len(states), *weights)
     want = _packed_op(cell, "torch", bs)(x, *[torch.zeros_like(s) for s in states], *weights)

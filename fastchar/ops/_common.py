@@ -73,10 +73,14 @@ def check_args(
     states: dict[str, Tensor | None],
     seq: bool = True,
     batch_sizes: Tensor | None = None,
+    w_hr: Tensor | None = None,
 ) -> tuple[int, int]:
     """Validate a layer (x [T, B, I], ``seq``; packed x [N, I] with ``batch_sizes``) or cell
     (x [B, I]) call; returns (B, H).
 
+    With an LSTM projection ``w_hr`` [P, H] (0 < P < H, as torch.nn.LSTM's proj_size) the
+    recurrent state is P wide: w_hh [G, P] and the first of ``states`` (h) [B, P]; the
+    others (c) stay [B, H].
     Raises ValueError for shapes and RuntimeError for dtype or device, naming the argument.
     """
     if not isinstance(x, Tensor):
@@ -92,19 +96,28 @@ def check_args(
         raise ValueError(f"{op}: x must have at least one time step, got shape {list(x.shape)}")
     if not x.is_floating_point():
         raise RuntimeError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
-    if not isinstance(w_hh, Tensor) or w_hh.dim() != 2 or w_hh.shape[0] != n_gates * w_hh.shape[1]:
+    if w_hr is not None:
+        if not isinstance(w_hr, Tensor) or w_hr.dim() != 2 or not 0 < w_hr.shape[0] < w_hr.shape[1]:
+            got = list(w_hr.shape) if isinstance(w_hr, Tensor) else type(w_hr).__name__
+            raise ValueError(f"{op}: w_hr must be [P, H] with 0 < P < H, got {got}")
+        P, H = w_hr.shape
+        _check_tensor(f"{op}: w_hr", w_hr, (P, H), x)
+    elif (
+        not isinstance(w_hh, Tensor) or w_hh.dim() != 2 or w_hh.shape[0] != n_gates * w_hh.shape[1]
+    ):
         got = list(w_hh.shape) if isinstance(w_hh, Tensor) else type(w_hh).__name__
         raise ValueError(f"{op}: w_hh must be [{n_gates}*H, H], got {got}")
-    H = w_hh.shape[1]
+    else:
+        H = P = w_hh.shape[1]
     B, I = x.shape[-2] if B is None else B, x.shape[-1]
-    _check_tensor(f"{op}: w_hh", w_hh, (n_gates * H, H), x)
+    _check_tensor(f"{op}: w_hh", w_hh, (n_gates * H, P), x)
     _check_tensor(f"{op}: w_ih", w_ih, (n_gates * H, I), x)
     for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
         if b is not None:
             _check_tensor(f"{op}: {name}", b, (n_gates * H,), x)
-    for name, s in states.items():
+    for k, (name, s) in enumerate(states.items()):
         if s is not None:
-            _check_tensor(f"{op}: {name}", s, (B, H), x)
+            _check_tensor(f"{op}: {name}", s, (B, P if k == 0 else H), x)
     return B, H
 
 

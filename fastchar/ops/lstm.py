@@ -9,6 +9,11 @@ Both backends implement the same pair of sequence ops:
       -> out [T, B, H], h_n [B, H], c_n [B, H], gates [T, B, G] (activated), cs [T, B, H]
   lstm_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs) -> grad_xp, grad_h0, grad_c0
 so the autograd formula below is written once; dW_hh is one GEMM after the loop.
+
+With a projection w_hr [P, H] (torch.nn.LSTM's proj_size; h is P wide, c H wide) the C++
+backend runs ``lstmp_seq`` (two halves per step: the gates, then h_t = r_t @ W_hr^T with
+r_t = o_t * tanh(c_t)) and ``lstmp_bwd``; the Triton kernels have none, so ``fused`` on
+CUDA runs the reference there (fastchar.backends.resolve, feature "proj_size").
 """
 
 from __future__ import annotations
@@ -169,6 +174,51 @@ if cpp_loaded():
     torch.library.register_autograd("fastchar::lstm_seq", _seq_backward, setup_context=_setup_seq)
 
 
+def _fake_proj_seq(x, h0, c0, w_ih, bias, w_hh, w_hr, batch_sizes=None):
+    rows, H = x.shape[:-1], w_hr.shape[1]  # rows: (T, B), or (N,) for a packed sequence
+    out, h_n, c_n, gates, cs = _fake_fwd(x.new_empty(*rows, 4 * H), h0, c0, w_hh)
+    return out.new_empty(*rows, w_hr.shape[0]), h_n, c_n, gates, cs, x.new_empty(*rows, H)
+
+
+def _fake_proj_bwd(grad_out, grad_h_n, grad_c_n, w_hh, w_hr, c0, gates, cs, batch_sizes=None):
+    grad_xp, _, grad_c0 = _fake_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs)
+    return grad_xp, grad_h_n.new_empty(grad_h_n.shape), grad_c0, grad_out.new_empty(grad_out.shape)
+
+
+def _setup_proj_seq(ctx, inputs, output):
+    x, h0, c0, w_ih, bias, w_hh, w_hr, batch_sizes = inputs
+    out, _, _, gates, cs, rs = output
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, out, gates, cs, rs)
+    ctx.has_bias = bias is not None
+    ctx.batch_sizes = batch_sizes
+    skip_zero_grads(ctx)
+
+
+def _proj_seq_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs, _grad_rs):
+    x, h0, c0, w_ih, w_hh, w_hr, out, gates, cs, rs = ctx.saved_tensors
+    bs = ctx.batch_sizes
+    grad_out, grad_h_n, grad_c_n = grads_or_zeros((grad_out, out), (grad_h_n, h0), (grad_c_n, c0))
+    grad_xp, grad_h0, grad_c0, grad_hs = torch.ops.fastchar.lstmp_bwd(
+        grad_out, grad_h_n, grad_c_n, w_hh, w_hr, c0, gates, cs, bs
+    )
+    need = ctx.needs_input_grad
+    grad_x, grad_w_ih, grad_b = projection_grads(
+        (need[0], need[3], need[4]), grad_xp, x, w_ih, ctx.has_bias
+    )
+    grad_w_hh = weight_grad(grad_xp, previous_states(h0, out, bs)) if need[5] else None
+    # dW_hr = sum over steps of grad_hs[t]^T r_t: one term over every row
+    grad_w_hr = weight_grad(grad_hs, [rs.flatten(0, -2)]) if need[6] else None
+    return grad_x, grad_h0, grad_c0, grad_w_ih, grad_b, grad_w_hh, grad_w_hr, None
+
+
+if cpp_loaded():
+    torch.library.register_fake("fastchar::lstmp_seq")(_fake_proj_seq)
+    torch.library.register_fake("fastchar::lstmp_bwd")(_fake_proj_bwd)
+    torch.library.register_autograd(
+        "fastchar::lstmp_seq", _proj_seq_backward, setup_context=_setup_proj_seq
+    )
+
+
 def _kernels(kind: str):
     if kind == "cpp":
         return torch.ops.fastchar.lstm_fwd, torch.ops.fastchar.lstm_cell
@@ -186,6 +236,7 @@ def lstm(
     *,
     impl: str = "fused",
     batch_sizes: Tensor | None = None,
+    w_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer, one direction, over a whole sequence.
 
@@ -193,11 +244,18 @@ def lstm(
     b_ih, b_hh [4H] or None. Returns out [T, B, H], h_n [B, H], c_n [B, H].
     With ``batch_sizes`` (PackedSequence.batch_sizes, int64 [T] on the CPU) x is packed
     [N, I] and out [N, H]; h_n, c_n are each sequence's state after its own last step.
+    With ``w_hr`` [P, H] (torch.nn.LSTM's weight_hr, proj_size P < H) h_t = W_hr (o_t *
+    tanh(c_t)): w_hh is [4H, P], and h0, out and h_n are P wide (c0, c_n stay H wide).
     Differentiable with respect to every tensor argument.
     """
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    check_args("lstm", x, 4, w_ih, w_hh, b_ih, b_hh, {"h0": h0, "c0": c0}, True, batch_sizes)
-    kind = resolve(impl, x.device)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = autocast_inputs(
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
+    )
+    states = {"h0": h0, "c0": c0}
+    check_args("lstm", x, 4, w_ih, w_hh, b_ih, b_hh, states, True, batch_sizes, w_hr)
+    kind = resolve(impl, x.device, None if w_hr is None else "proj_size")
+    if w_hr is not None:
+        return _projected(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes)
     if batch_sizes is not None:
         return _packed(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes)
     if kind == "reference":
@@ -243,6 +301,27 @@ def _packed(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes):
     return out, h_n, c_n
 
 
+def _projected(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
+    """``lstm()`` with a projection w_hr [P, H] (checked), dense or packed."""
+    if kind == "reference":
+        return reference.lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes=batch_sizes, w_hr=w_hr)
+    B = x.shape[1] if batch_sizes is None else int(batch_sizes[0])
+    (P, H), packed = w_hr.shape, [] if batch_sizes is None else [batch_sizes]
+    h0 = x.new_zeros(B, P) if h0 is None else h0
+    c0 = x.new_zeros(B, H) if c0 is None else c0
+    if kind == "torch":  # torch tells a projection by h0 and c0 of different widths
+        params, has_bias = torch_params(w_ih, w_hh, b_ih, b_hh)
+        args = (params + [w_hr], has_bias, 1, 0.0, False, False)
+        dense = [] if packed else [False]  # batch_first
+        out, h_n, c_n = torch.lstm(x, *packed, (h0[None], c0[None]), *args, *dense)
+        return out, h_n[0], c_n[0]
+    bias = reference.bias_sum(b_ih, b_hh)
+    out, h_n, c_n, _, _, _ = torch.ops.fastchar.lstmp_seq(
+        x, h0, c0, w_ih, bias, w_hh, w_hr, *packed
+    )
+    return out, h_n, c_n
+
+
 def lstm_cell(
     x: Tensor,
     h: Tensor,
@@ -253,16 +332,19 @@ def lstm_cell(
     b_hh: Tensor | None = None,
     *,
     impl: str = "fused",
+    w_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step for sampling (no autograd through the kernels).
 
-    x [B, I]; h, c [B, H]. Returns (h', c') [B, H].
+    x [B, I]; h, c [B, H]. Returns (h', c') [B, H]. With ``w_hr`` [P, H] (proj_size) h and
+    h' are [B, P] and w_hh [4H, P]; no kernel has a projected step, so every impl runs
+    the reference's.
     """
-    x, h, c, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h, c, w_ih, w_hh, b_ih, b_hh)
-    check_args("lstm_cell", x, 4, w_ih, w_hh, b_ih, b_hh, {"h": h, "c": c}, seq=False)
+    x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = autocast_inputs(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+    check_args("lstm_cell", x, 4, w_ih, w_hh, b_ih, b_hh, {"h": h, "c": c}, seq=False, w_hr=w_hr)
     kind = resolve(impl, x.device)
-    if kind == "reference":
-        return reference.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if kind == "reference" or w_hr is not None:
+        return reference.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
     if kind == "torch":
         return torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
     _, cell = _kernels(kind)

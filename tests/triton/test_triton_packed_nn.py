@@ -47,3 +47,25 @@ def test_packed_module_matches_torch(cell, layout):
         assert_close(a, b, dtype, name)
     for i, (a, b) in enumerate(zip(g_got, g_want, strict=True)):
         assert_close(a, b, dtype, f"grad {i}")
+
+
+def test_proj_size_is_not_a_triton_kernel(monkeypatch):
+    # The Triton kernels have no LSTM projection: impl="triton" refuses a proj_size
+    # module; "fused" on CUDA runs the reference with one warning and matches torch.nn.
+    from fastchar import backends
+
+    ours, theirs = make_pair("lstm", "triton", 3, 6, dtype=torch.float32, proj_size=2)
+    ours, theirs = ours.to(DEVICE), theirs.to(DEVICE)
+    x = pack_padded_sequence(torch.randn(4, 3, 3, device=DEVICE), torch.tensor([4, 2, 1]))
+    with pytest.raises(RuntimeError, match="Triton kernels have no LSTM projection"):
+        ours(x)
+    if DEVICE != "cuda":
+        return  # "fused" on CPU tensors is the C++ kernel (tests/test_proj.py)
+    ours.impl = "fused"
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="falls back to 'reference'.*no LSTM projection"):
+        got = ours(x)
+    want = theirs(x)
+    assert_close(got[0].data, want[0].data, torch.float32, "out")
+    for name, a, b in zip(("h_n", "c_n"), got[1], want[1], strict=True):
+        assert_close(a, b, torch.float32, name)
