@@ -458,26 +458,12 @@ void cell_product(const at::Tensor& x, const at::Tensor& w, const std::optional<
 }
 
 // A cell op's two products: acc_x [B, N] = x @ w_ih^T, then acc_h (= or +=, accumulate_h)
-// h @ w_hh^T, both with row stride ldc (acc_h may be acc_x). Where a generate call packed
-// both weights (PackedCellWeights) they run in one parallel region.
+// h @ w_hh^T, both with row stride ldc (acc_h may be acc_x).
 template <typename T>
 void cell_products(const at::Tensor& x, const at::Tensor& w_ih,
                    const std::optional<at::Tensor>& s_ih, acc_t<T>* acc_x, const at::Tensor& h,
                    const at::Tensor& w_hh, const std::optional<at::Tensor>& s_hh,
                    acc_t<T>* acc_h, bool accumulate_h, int64_t ldc) {
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
-    if (packed_cells<T> != nullptr && !s_ih.has_value() && w_ih.is_contiguous() &&
-        w_hh.is_contiguous()) {
-      auto xc = x.contiguous(), hc = h.contiguous();
-      if (packed_cells<T>->run_pair(x.size(0), w_ih.size(0), xc.template const_data_ptr<T>(),
-                                    x.size(1), w_ih.template const_data_ptr<T>(), acc_x,
-                                    hc.template const_data_ptr<T>(), h.size(1),
-                                    w_hh.template const_data_ptr<T>(),
-                                    accumulate_h ? acc_t<T>(1) : acc_t<T>(0), acc_h, ldc)) {
-        return;
-      }
-    }
-  }
   cell_product<T>(x, w_ih, s_ih, false, acc_x, ldc);
   cell_product<T>(h, w_hh, s_hh, accumulate_h, acc_h, ldc);
 }

@@ -26,7 +26,6 @@
 #include <ATen/Config.h>
 #include <ATen/OpMathType.h>
 
-#include <map>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -217,110 +216,17 @@ class StepGemm {
   std::shared_ptr<engines::Kernel> kernel_;
 };
 
-// Weights packed once for the step engines while one fastchar::generate call runs with
-// more samples than the cell kernels' row block (kCellPackRows): those kernels read W once
-// per 4 rows of A, so 16 samples read every weight four times a step, at a
-// matrix-vector product's rate. Packed, W's rows are split over the threads, each part
-// a StepGemm (h @ W^T with M = samples) chosen by the plan. cell_gemm finds them by W's
-// address; the scope (generate.cpp) lasts one call, in which the weights cannot change.
+// The int8 cell kernels' row block: they read every W row once per 4 rows of A, so
+// fastchar::generate dequantises int8 weights for more samples than this (generate.cpp).
 constexpr int64_t kCellPackRows = 4;
-constexpr int64_t kCellSerialFlops = 2'000'000;
-
-template <typename T>
-class PackedCellWeights {
-  struct Entry {
-    int64_t M, N, K;
-    std::vector<int64_t> n0;  // first row of W in each part
-    std::vector<StepGemm<T>> gemms;
-  };
-
- public:
-  void add(int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw) {
-    Entry e{M, N, K, {}, {}};
-    // A small product (the head's [K, V] logits) runs on one thread: a fork costs more.
-    const int64_t threads =
-        2 * M * N * K < kCellSerialFlops ? 1 : std::max<int64_t>(1, at::get_num_threads());
-    const int64_t chunk = ((N + threads - 1) / threads + 15) / 16 * 16;
-    const int parts = static_cast<int>((N + chunk - 1) / chunk);
-    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-      e.n0.push_back(n0);
-      e.gemms.emplace_back(true, M, std::min(chunk, N - n0), K, W + n0 * ldw, ldw, parts);
-    }
-    entries_.emplace(W, std::move(e));
-  }
-
-  // C[M, N] = beta * C + A @ W^T on the packed W, if W was packed for this shape.
-  bool run(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, acc_t<T> beta,
-           acc_t<T>* C, int64_t ldc) const {
-    const Entry* e = find(M, N, K, W);
-    if (e == nullptr) {
-      return false;
-    }
-    at::parallel_for(0, static_cast<int64_t>(e->gemms.size()), 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        e->gemms[p](A, lda, beta, C + e->n0[p], ldc);
-      }
-    });
-    return true;
-  }
-
-  // A cell's two products in one parallel region (one fork a layer and step): C1 = A1 @
-  // W1^T, then C2 = beta2 * C2 + A2 @ W2^T, each thread on its rows of both W (their N
-  // and split agree), if both were packed for these shapes.
-  bool run_pair(int64_t M, int64_t N, const T* A1, int64_t K1, const T* W1, acc_t<T>* C1,
-                const T* A2, int64_t K2, const T* W2, acc_t<T> beta2, acc_t<T>* C2,
-                int64_t ldc) const {
-    const Entry *e1 = find(M, N, K1, W1), *e2 = find(M, N, K2, W2);
-    if (e1 == nullptr || e2 == nullptr || e1->n0 != e2->n0) {
-      return false;
-    }
-    at::parallel_for(0, static_cast<int64_t>(e1->gemms.size()), 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        e1->gemms[p](A1, K1, acc_t<T>(0), C1 + e1->n0[p], ldc);
-        e2->gemms[p](A2, K2, beta2, C2 + e2->n0[p], ldc);
-      }
-    });
-    return true;
-  }
-
- private:
-  const Entry* find(int64_t M, int64_t N, int64_t K, const T* W) const {
-    auto it = entries_.find(W);
-    const bool fits =
-        it != entries_.end() && it->second.M == M && it->second.N == N && it->second.K == K;
-    return fits ? &it->second : nullptr;
-  }
-
-  std::map<const T*, Entry> entries_;
-};
-
-template <typename T>
-inline thread_local PackedCellWeights<T>* packed_cells = nullptr;
-
-// Makes `weights` the calling thread's packed cell weights while it lives.
-template <typename T>
-struct PackedCellScope {
-  PackedCellWeights<T> weights;
-  PackedCellScope() {
-    packed_cells<T> = &weights;
-  }
-  ~PackedCellScope() {
-    packed_cells<T> = nullptr;
-  }
-  PackedCellScope(const PackedCellScope&) = delete;
-  PackedCellScope& operator=(const PackedCellScope&) = delete;
-};
 
 // A *_cell op's C[M, N] = beta * C + A[M, K] @ W[N, K]^T: float32 and bfloat16 on the
-// engine the plan picks for this shape (W is used once, so nothing is packed, unless a
-// generate call packed it: PackedCellWeights); float64 on torch's BLAS.
+// engine the plan picks for this shape (W is used once, so nothing is packed); float64 on
+// torch's BLAS.
 template <typename T>
 void cell_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
                acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
-    if (packed_cells<T> != nullptr && packed_cells<T>->run(M, N, K, A, lda, W, beta, C, ldc)) {
-      return;
-    }
     if (M > 0 && N > 0 && K > 0) {
       const auto dtype = c10::CppTypeToScalarType<T>::value;
       const auto e = engines::choose(dtype, engines::Op::kCell, M, N, K, 1);

@@ -1,9 +1,11 @@
 // fastchar::generate: a CharRNN's sampling loop in one op, for all samples at once
 // (fastchar/generator.py). Per step: a draw from the current logits (argmax at
 // temperature 0, else temperature, top-k, then top-p, from the caller's generator), the
-// embedding rows of the drawn ids, every layer's *_cell op (int8 weights where scales are
-// given), and the head on the planned cell GEMM. No Python per character; the caller asks for the ids in chunks and passes
-// the returned state and logits back in, so text can stream.
+// embedding rows of the drawn ids, every layer's step and the head. float32 and bfloat16
+// weights run the whole loop in one parallel region on the step engines (fused_loop);
+// int8 weights (4 samples or fewer) and float64 run every layer's *_cell op and the head
+// on the planned cell GEMM. No Python per character; the caller asks for the ids in
+// chunks and passes the returned state and logits back in, so text can stream.
 //
 // Shape letters: K samples, V vocabulary, E embedding, L layers, H hidden.
 #include <ATen/CPUGeneratorImpl.h>
@@ -15,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "common.h"
+#include "cell_steps.h"
 
 namespace fastchar {
 namespace {
@@ -94,18 +96,221 @@ at::Tensor head(const at::Tensor& h, const at::Tensor& w, const Opt& b) {
   return out.to(at::kFloat);
 }
 
-// Every layer weight and the head packed for K samples (PackedCellWeights, gemm.h).
+// The step engines' layers and head for fused_loop: every layer's LstmSteps, GruSteps or
+// RnnSteps (W packed for M = K rows, each thread a slice of the units) and the head's
+// slices of V rows. Building them packs every weight (5-9 ms for a 2x512 LSTM on an Intel
+// Xeon, the steps of 30-40 characters), so a thread keeps the last call's set while its
+// weights are unchanged: `keys` holds the weight, bias, scale and head tensors it was built
+// from (alive, so no other tensor takes their place), and a call matches when it passes
+// the same tensors at the same versions (any in-place change, an optimizer step included,
+// bumps a tensor's version; a change made through .data does not), for the same cell,
+// samples and thread count.
 template <typename T>
-void pack_weights(std::optional<PackedCellScope<T>>& scope, int64_t K, at::TensorList weights,
-                  const at::Tensor& head_w) {
-  scope.emplace();
-  for (const auto& w : weights) {
-    if (w.is_contiguous()) {  // the cell ops read a contiguous w in place
-      scope->weights.add(K, w.size(0), w.size(1), w.const_data_ptr<T>(), w.size(1));
+struct LoopEngines {
+  std::string cell;
+  int64_t K, threads;
+  std::vector<at::Tensor> keys;
+  std::vector<int64_t> versions;
+  UnitSlices slices, rows;
+  std::vector<LstmSteps<T>> lstms;
+  std::vector<GruSteps<T>> grus;
+  std::vector<RnnSteps<T>> rnns;
+  at::Tensor head_w, head_bias;
+  SliceGemms<T> head;
+
+  LoopEngines(const std::string& cell_, int64_t K_, int64_t H, at::TensorList ws,
+              const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& head_w_,
+              const Opt& head_b, std::vector<at::Tensor> keys_)
+      : cell(cell_),
+        K(K_),
+        threads(at::get_num_threads()),
+        keys(std::move(keys_)),
+        versions(version_of(keys)),
+        slices(H, cell == "lstm" ? 4 : cell == "gru" ? 3 : 1),
+        rows(head_w_.size(0), 1, slices.count),  // the head's rows of W, a slice per thread
+        head_w(head_w_.contiguous()),
+        head_bias(head_b.has_value() ? head_b->to(at::kFloat).contiguous()
+                                     : at::zeros({head_w_.size(0)}, at::kFloat)),
+        head(rows, head_w, K_, /*forward=*/true) {
+    const auto acc = at::dtype(at::kFloat);
+    for (int64_t l = 0; 2 * l < static_cast<int64_t>(ws.size()); ++l) {
+      const auto w_ih = ws[2 * l].contiguous(), w_hh = ws[2 * l + 1].contiguous();
+      const Opt b_ih = biases.get(2 * l), b_hh = biases.get(2 * l + 1);
+      if (cell == "gru") {  // b_hr, b_hz join the input side; b_hn stays in the reset product
+        auto b_x = bias_acc(b_ih, std::nullopt, 3 * H, at::kFloat);
+        auto b_hn = at::zeros({H}, acc);
+        if (b_hh.has_value()) {
+          b_x.narrow(0, 0, 2 * H).add_(b_hh->narrow(0, 0, 2 * H).to(at::kFloat));
+          b_hn.copy_(b_hh->narrow(0, 2 * H, H));
+        }
+        grus.emplace_back(slices, K, w_ih, w_hh, b_x, b_hn);
+      } else if (cell == "lstm") {
+        lstms.emplace_back(slices, K, w_ih, w_hh, bias_acc(b_ih, b_hh, 4 * H, at::kFloat));
+      } else {
+        rnns.emplace_back(slices, K, w_ih, w_hh, bias_acc(b_ih, b_hh, H, at::kFloat),
+                          cell == "rnn_relu");
+      }
     }
   }
-  scope->weights.add(K, head_w.size(0), head_w.size(1), head_w.const_data_ptr<T>(),
-                     head_w.size(1));
+
+  // The version of each key tensor: 0 for an absent (undefined) one, -1 where a tensor has
+  // none (an inference tensor, which is never matched).
+  static std::vector<int64_t> version_of(const std::vector<at::Tensor>& ts) {
+    std::vector<int64_t> out;
+    for (const auto& t : ts) {
+      if (!t.defined()) {
+        out.push_back(0);
+      } else if (t.is_inference()) {
+        out.push_back(-1);
+      } else {
+        out.push_back(
+            static_cast<int64_t>(t.unsafeGetTensorImpl()->version_counter().current_version()));
+      }
+    }
+    return out;
+  }
+
+  bool matches(const std::string& cell_, int64_t K_, const std::vector<at::Tensor>& ts) const {
+    if (cell_ != cell || K_ != K || at::get_num_threads() != threads || ts.size() != keys.size()) {
+      return false;
+    }
+    const auto now = version_of(ts);
+    for (size_t i = 0; i < ts.size(); ++i) {
+      if (ts[i].defined() != keys[i].defined() || now[i] < 0 || now[i] != versions[i] ||
+          (ts[i].defined() && !ts[i].is_same(keys[i]))) {
+        return false;
+      }
+    }
+    return true;
+  }
+};
+
+// The sampling loop in one parallel region, float32 or bfloat16 weights: per step thread 0
+// draws the K ids and gathers their embedding rows, then every layer's step runs with
+// each thread on its unit slices and the head with each thread on its slice of the V
+// logits, a barrier after each: L + 2 barriers a step, no fork, no allocation. h and c
+// [K, H] per layer and logits [K, V] are replaced by their values after the last step.
+template <typename T>
+void fused_loop(const LoopEngines<T>& eng, const at::Tensor& emb, std::vector<at::Tensor>& h,
+                std::vector<at::Tensor>& c, at::Tensor& logits, int64_t length,
+                double temperature, int64_t top_k, double top_p, at::CPUGeneratorImpl* gen,
+                int64_t* idp) {
+  using A = acc_t<T>;
+  static_assert(std::is_same_v<A, float>, "the logits are float32");
+  const bool lstm = eng.cell == "lstm", gru = eng.cell == "gru";
+  const int64_t L = static_cast<int64_t>(h.size()), K = h[0].size(0), H = h[0].size(1);
+  const int64_t E = emb.size(1), V = eng.head_w.size(0), n_gates = lstm ? 4 : gru ? 3 : 1;
+  auto x0 = at::empty({K, E}, emb.options());
+  std::vector<at::Tensor> hs[2], cs;  // h_{t-1} and h_t per layer, swapped every step
+  for (int64_t l = 0; l < L; ++l) {
+    hs[0].push_back(h[l].contiguous().clone());
+    hs[1].push_back(at::empty({K, H}, emb.options()));
+    if (lstm) {
+      cs.push_back(c[l].to(at::kFloat).contiguous().clone());
+    }
+  }
+  auto gates = at::empty({K, n_gates * H}, emb.options());  // scratch: no backward here
+  auto hn = at::empty({gru ? K : 0, H}, emb.options());
+  logits = logits.contiguous().clone();  // [K, V], float32: drawn from, then rewritten
+  float* lp = logits.data_ptr<float>();
+  const float* hb = eng.head_bias.template const_data_ptr<float>();
+  const T* ep = emb.const_data_ptr<T>();
+  T* xp = x0.data_ptr<T>();
+  T* gp = gates.data_ptr<T>();
+  T* hnp = hn.data_ptr<T>();
+  const int64_t count = eng.slices.count;
+  auto run = [&](int64_t tid, int64_t nth, auto&& barrier) {
+    int64_t cur = 0;  // hs[cur] holds h_{t-1}
+    for (int64_t t = 0; t < length; ++t) {
+      if (tid == 0) {
+        draw_rows(logits, temperature, top_k, top_p, gen, idp + t, length);
+        for (int64_t k = 0; k < K; ++k) {
+          std::memcpy(xp + k * E, ep + idp[k * length + t] * E, E * sizeof(T));
+        }
+      }
+      barrier();
+      const T* x = xp;
+      int64_t ldx = E;
+      for (int64_t l = 0; l < L; ++l) {
+        const T* h_prev = hs[cur][l].template const_data_ptr<T>();
+        T* h_new = hs[1 - cur][l].template data_ptr<T>();
+        for (int64_t s = tid; s < count; s += nth) {
+          if (lstm) {
+            float* cp = cs[l].template data_ptr<float>();
+            eng.lstms[l].step(s, K, x, ldx, h_prev, cp, gp, cp, h_new);
+          } else if (gru) {
+            eng.grus[l].step(s, K, x, ldx, h_prev, gp, hnp, h_new);
+          } else {
+            eng.rnns[l].step(s, K, x, ldx, h_prev, h_new);
+          }
+        }
+        barrier();
+        x = h_new;
+        ldx = H;
+      }
+      for (int64_t s = tid; s < eng.rows.count; s += nth) {
+        const int64_t v0 = eng.rows.begin(s), nv = eng.rows.size(s);
+        eng.head.gemms[s](x, H, 0.0f, lp + v0, V);  // logits[:, rows] = h @ W_head[rows]^T
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t j = 0; j < nv; ++j) {
+            lp[k * V + v0 + j] += hb[v0 + j];
+          }
+        }
+      }
+      barrier();
+      cur = 1 - cur;
+    }
+    engines::release_thread();
+  };
+#ifdef _OPENMP
+  if (count > 1) {
+#pragma omp parallel num_threads(count)
+    run(omp_get_thread_num(), omp_get_num_threads(), [] {
+#pragma omp barrier
+    });
+  } else {
+    run(0, 1, [] {});
+  }
+#else
+  run(0, 1, [] {});
+#endif
+  for (int64_t l = 0; l < L; ++l) {
+    h[l] = hs[length % 2][l];
+    if (lstm) {
+      c[l] = cs[l].to(c[l].scalar_type());
+    }
+  }
+}
+
+// This thread's engines for the call, from its cache of the last call's or built anew.
+template <typename T>
+const LoopEngines<T>& loop_engines(const std::string& cell, int64_t K, int64_t H,
+                                   at::TensorList weights,
+                                   const c10::List<std::optional<at::Tensor>>& biases,
+                                   const c10::List<std::optional<at::Tensor>>& scales,
+                                   const at::Tensor& head_w, const Opt& head_b) {
+  std::vector<at::Tensor> keys(weights.begin(), weights.end());
+  for (const auto& list : {biases, scales}) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      const Opt t = list.get(i);
+      keys.push_back(t.has_value() ? *t : at::Tensor());
+    }
+  }
+  keys.push_back(head_w);
+  keys.push_back(head_b.has_value() ? *head_b : at::Tensor());  // absent: an undefined key
+  thread_local std::unique_ptr<LoopEngines<T>> cached;
+  if (!cached || !cached->matches(cell, K, keys)) {
+    cached.reset();  // the old set's packed weights go first
+    std::vector<at::Tensor> ws(weights.begin(), weights.end());
+    if (scales.get(0).has_value()) {  // int8 rows: dequantised (s * q, float32) for the loop
+      for (size_t i = 0; i < ws.size(); ++i) {
+        ws[i] = ws[i].to(at::kFloat).mul_(scales.get(i)->unsqueeze(1)).contiguous();
+      }
+    }
+    cached = std::make_unique<LoopEngines<T>>(cell, K, H, ws, biases, head_w, head_b,
+                                              std::move(keys));
+  }
+  return *cached;
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
@@ -172,31 +377,33 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
       c.push_back(state[1][l].contiguous());
     }
   }
-  // More samples than the cell kernels' row block: every weight packed once for this call.
-  // int8 weights are dequantised for it (s * q, in float32, once per call): with K rows of
-  // A the product is a GEMM, which the step engines run at several times the rate of the
-  // int8 row kernel, whose K / 4 passes read every W row again (16 samples ran at 2.4x one
-  // sample's chars/s on it, against 8x in float32 on an Intel Xeon).
-  std::optional<PackedCellScope<float>> packed_f32;
-  std::optional<PackedCellScope<at::BFloat16>> packed_bf16;
-  const auto head_wc = head_w.contiguous();
-  bool q8 = scales.get(0).has_value();
-  std::vector<at::Tensor> dequantised;
-  if (K > kCellPackRows && q8 && dt == at::kFloat) {
-    for (size_t i = 0; i < weights.size(); ++i) {
-      const auto s = scales.get(i);
-      TORCH_CHECK_VALUE(s.has_value(), OP, ": int8 weights need a scale for every weight");
-      dequantised.push_back(weights[i].to(at::kFloat).mul_(s->unsqueeze(1)).contiguous());
-    }
-    q8 = false;
+  const bool q8 = scales.get(0).has_value();
+  for (size_t i = 0; i < scales.size(); ++i) {
+    TORCH_CHECK_VALUE(scales.get(i).has_value() == q8, OP,
+                      ": give int8 weights a scale each, or no scales at all");
   }
-  const at::TensorList ws = dequantised.empty() ? weights : at::TensorList(dequantised);
-  if (K > kCellPackRows && !q8) {
-    if (dt == at::kFloat) {
-      pack_weights(packed_f32, K, ws, head_wc);
-    } else if (dt == at::kBFloat16) {
-      pack_weights(packed_bf16, K, ws, head_wc);
+  // float32 and bfloat16 on the step engines in one parallel region (fused_loop); int8
+  // weights too for more samples than the int8 row kernels' block (kCellPackRows),
+  // dequantised (s * q, float32, once per engine set): with K rows of A the product is a
+  // GEMM, which the step engines run at several times the rate of the int8 row kernel,
+  // whose K / 4 passes read every W row again (16 samples ran at 2.4x one sample's chars/s
+  // on it, against 8x in float32 on an Intel Xeon). Else (int8, float64) the cell ops.
+  if ((!q8 || K > kCellPackRows) && (dt == at::kFloat || dt == at::kBFloat16)) {
+    auto ids = at::empty({K, length}, at::kLong);
+    auto current = logits;
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "generate_loop", [&] {
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
+        const auto& eng =
+            loop_engines<scalar_t>(cell, K, H, weights, biases, scales, head_w, head_b);
+        fused_loop<scalar_t>(eng, embedding.contiguous(), h, c, current, length, temperature,
+                             top_k, top_p, gen, ids.data_ptr<int64_t>());
+      }
+    });
+    std::vector<at::Tensor> out_state = {at::stack(h)};
+    if (lstm) {
+      out_state.push_back(at::stack(c));
     }
+    return {ids, out_state, current};
   }
   auto ids = at::empty({K, length}, at::kLong);
   int64_t* idp = ids.data_ptr<int64_t>();
@@ -206,7 +413,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
     draw_rows(current, temperature, top_k, top_p, gen, idp + t, length);
     auto x = emb.index_select(0, ids.select(1, t));  // [K, E]
     for (int64_t l = 0; l < L; ++l) {
-      const auto &w_ih = ws[2 * l], &w_hh = ws[2 * l + 1];
+      const auto &w_ih = weights[2 * l], &w_hh = weights[2 * l + 1];
       const Opt b_ih = biases.get(2 * l), b_hh = biases.get(2 * l + 1);
       const Opt s_ih = q8 ? scales.get(2 * l) : Opt(), s_hh = q8 ? scales.get(2 * l + 1) : Opt();
       if (lstm) {
@@ -218,7 +425,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
       }
       x = h[l];
     }
-    current = head(x, head_wc, head_b);
+    current = head(x, head_w.contiguous(), head_b);
   }
   std::vector<at::Tensor> out_state = {at::stack(h)};
   if (lstm) {

@@ -1,7 +1,7 @@
 // GRU CPU kernels: gru_fwd, gru_bwd (whole sequence, time loop here) and
 // gru_cell (one step, for sampling). Gate order r, z, n; G = 3H, with b_hn
 // inside the reset product: n = tanh(x_n + r * (W_hn h + b_hn)).
-#include "common.h"
+#include "cell_steps.h"
 
 namespace fastchar {
 namespace {
@@ -99,40 +99,29 @@ void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
   T* gates_p = gates.data_ptr<T>();
   T* hn_p = hn.data_ptr<T>();
   const UnitSlices slices(H, 3);
-  const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
-  std::optional<SliceGemms<T>> input_gemms;
-  if (w_ih != nullptr) {
-    input_gemms.emplace(slices, *w_ih, B, /*forward=*/true);
+  if (w_ih != nullptr) {  // the input projection in the loop: GruSteps
+    const GruSteps<T> steps(slices, B, *w_ih, w_hh, *b_x, b_hn);
+    auto step = [&](int64_t s, int64_t t) {
+      const int64_t m = st.rows[t], r = st.off[t];
+      const T* h_prev = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
+      steps.step(s, m, in_p + r * K, K, h_prev, gates_p + r * G, hn_p + r * H, out_p + r * H);
+    };
+    slices.run(st.T, step, [](int64_t, int64_t) {});
+    return;
   }
-  const A* bx = b_x != nullptr ? b_x->const_data_ptr<A>() : nullptr;
+  const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
   const auto acc_type = in.options().dtype(c10::CppTypeToScalarType<A>::value);
-  std::vector<at::Tensor> accs, x_accs;
+  std::vector<at::Tensor> accs;
   for (int64_t s = 0; s < slices.count; ++s) {
-    const int64_t n = slices.size(s);
-    accs.push_back(at::empty({B, 3 * n}, acc_type));
-    x_accs.push_back(at::empty({input_gemms ? B : 0, 3 * n}, acc_type));
+    accs.push_back(at::empty({B, 3 * slices.size(s)}, acc_type));
   }
   auto step = [&](int64_t s, int64_t t) {
     const int64_t j0 = slices.begin(s), n = slices.size(s), m = st.rows[t], r = st.off[t];
     const T* h_prev = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
     A* acc = accs[s].template data_ptr<A>();
-    T* g = gates_p + r * G + j0;
-    T* hn_t = hn_p + r * H + j0;
-    T* h_new = out_p + r * H + j0;
     slice_gemms.gemms[s].rows(m, h_prev, H, A(0), acc, 3 * n);  // [m, 3 n]
-    if (input_gemms) {
-      A* ax = x_accs[s].template data_ptr<A>();  // [m, 3 n]: b_x, then += x_t @ W_ih^T
-      for (int64_t b = 0; b < m; ++b) {
-        for (int64_t q = 0; q < 3; ++q) {
-          std::memcpy(ax + (b * 3 + q) * n, bx + q * H + j0, n * sizeof(A));
-        }
-      }
-      input_gemms->gemms[s].rows(m, in_p + r * K, K, A(1), ax, 3 * n);
-      fwd_rows<T, A>(0, m, n, H, acc, 3 * n, n, ax, n, bhn + j0, h_prev + j0, g, hn_t, h_new);
-    } else {
-      fwd_rows<T, T>(0, m, n, H, acc, 3 * n, n, in_p + r * G + j0, H, bhn + j0, h_prev + j0, g,
-                     hn_t, h_new);
-    }
+    fwd_rows<T, T>(0, m, n, H, acc, 3 * n, n, in_p + r * G + j0, H, bhn + j0, h_prev + j0,
+                   gates_p + r * G + j0, hn_p + r * H + j0, out_p + r * H + j0);
   };
   slices.run(st.T, step, [](int64_t, int64_t) {});
 }
@@ -303,6 +292,43 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
 }
 
 }  // namespace
+
+template <typename T>
+GruSteps<T>::GruSteps(const UnitSlices& slices, int64_t B, const at::Tensor& w_ih,
+                      const at::Tensor& w_hh, const at::Tensor& b_x, const at::Tensor& b_hn)
+    : slices_(slices),
+      H_(w_hh.size(1)),
+      input_(slices, w_ih, B, /*forward=*/true),
+      hidden_(slices, w_hh, B, /*forward=*/true),
+      b_x_(b_x),
+      b_hn_(b_hn) {
+  for (int64_t s = 0; s < slices.count; ++s) {
+    accs_.push_back(at::empty({B, 3 * slices.size(s)}, b_x.options()));
+    x_accs_.push_back(at::empty({B, 3 * slices.size(s)}, b_x.options()));
+  }
+}
+
+template <typename T>
+void GruSteps<T>::step(int64_t s, int64_t m, const T* x, int64_t ldx, const T* h_prev, T* gates,
+                       T* hn, T* h_new) const {
+  const int64_t j0 = slices_.begin(s), n = slices_.size(s), H = H_;
+  A* acc = accs_[s].template data_ptr<A>();
+  A* ax = x_accs_[s].template data_ptr<A>();  // [m, 3 n]: b_x, then += x_t @ W_ih^T
+  const A* bx = b_x_.const_data_ptr<A>();
+  hidden_.gemms[s].rows(m, h_prev, H, A(0), acc, 3 * n);  // [m, 3 n]
+  for (int64_t b = 0; b < m; ++b) {
+    for (int64_t q = 0; q < 3; ++q) {
+      std::memcpy(ax + (b * 3 + q) * n, bx + q * H + j0, n * sizeof(A));
+    }
+  }
+  input_.gemms[s].rows(m, x, ldx, A(1), ax, 3 * n);
+  fwd_rows<T, A>(0, m, n, H, acc, 3 * n, n, ax, n, b_hn_.const_data_ptr<A>() + j0, h_prev + j0,
+                 gates + j0, hn + j0, h_new + j0);
+}
+
+template class GruSteps<float>;
+template class GruSteps<double>;
+template class GruSteps<at::BFloat16>;
 
 TORCH_LIBRARY_IMPL(fastchar, CPU, m) {
   m.impl("gru_fwd", &gru_fwd);

@@ -2,7 +2,7 @@
 // lstm_cell (one step, for sampling). Gate order i, f, g, o; G = 4H.
 // Per step and thread: one GEMM against the thread's slice of W_hh into an
 // accumulation-type buffer, then one fused pointwise pass over its units.
-#include "common.h"
+#include "cell_steps.h"
 
 namespace fastchar {
 namespace {
@@ -97,36 +97,34 @@ void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
   T* gates_p = gates.data_ptr<T>();
   A* cs_p = cs.data_ptr<A>();
   const UnitSlices slices(H, 4);
-  const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
-  std::optional<SliceGemms<T>> input_gemms;
-  if (w_ih != nullptr) {
-    input_gemms.emplace(slices, *w_ih, B, /*forward=*/true);
+  const T* h0_p = h0.const_data_ptr<T>();
+  const A* c0_p = c0.const_data_ptr<A>();
+  if (w_ih != nullptr) {  // the input projection in the loop: LstmSteps
+    const LstmSteps<T> steps(slices, B, *w_ih, w_hh, *bias);
+    auto step = [&](int64_t s, int64_t t) {
+      const int64_t m = st.rows[t], r = st.off[t];
+      const T* h_prev = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
+      const A* c_prev = t > 0 ? cs_p + st.off[t - 1] * H : c0_p;
+      steps.step(s, m, in_p + r * K, K, h_prev, c_prev, gates_p + r * G, cs_p + r * H,
+                 out_p + r * H);
+    };
+    slices.run(st.T, step, [](int64_t, int64_t) {});
+    return;
   }
-  const A* bias_p = bias != nullptr ? bias->const_data_ptr<A>() : nullptr;
+  const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
   std::vector<at::Tensor> accs;
   for (int64_t s = 0; s < slices.count; ++s) {
     const int64_t n = slices.size(s);
     accs.push_back(at::empty({B, 4 * n}, in.options().dtype(c10::CppTypeToScalarType<A>::value)));
   }
-  const T* h0_p = h0.const_data_ptr<T>();
-  const A* c0_p = c0.const_data_ptr<A>();
   auto step = [&](int64_t s, int64_t t) {
     const int64_t j0 = slices.begin(s), n = slices.size(s), m = st.rows[t], r = st.off[t];
     const T* h_prev = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
     const A* c_prev = t > 0 ? cs_p + st.off[t - 1] * H : c0_p;
     A* acc = accs[s].template data_ptr<A>();
-    T* g = gates_p + r * G + j0;
-    A* c_new = cs_p + r * H + j0;
-    T* h_new = out_p + r * H + j0;
-    if (input_gemms) {
-      input_gemms->gemms[s].rows(m, in_p + r * K, K, A(0), acc, 4 * n);  // x_t @ W_ih^T [m, 4 n]
-      slice_gemms.gemms[s].rows(m, h_prev, H, A(1), acc, 4 * n);  // += h_{t-1} @ W_hh^T
-      fwd_rows<T, A>(0, m, n, H, acc, 4 * n, n, bias_p + j0, 0, c_prev + j0, g, c_new, h_new);
-    } else {
-      slice_gemms.gemms[s].rows(m, h_prev, H, A(0), acc, 4 * n);  // [m, 4 n]
-      fwd_rows<T, T>(0, m, n, H, acc, 4 * n, n, in_p + r * G + j0, G, c_prev + j0, g, c_new,
-                     h_new);
-    }
+    slice_gemms.gemms[s].rows(m, h_prev, H, A(0), acc, 4 * n);  // [m, 4 n]
+    fwd_rows<T, T>(0, m, n, H, acc, 4 * n, n, in_p + r * G + j0, G, c_prev + j0,
+                   gates_p + r * G + j0, cs_p + r * H + j0, out_p + r * H + j0);
   };
   slices.run(st.T, step, [](int64_t, int64_t) {});
 }
@@ -494,6 +492,34 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tens
 }
 
 }  // namespace
+
+template <typename T>
+LstmSteps<T>::LstmSteps(const UnitSlices& slices, int64_t B, const at::Tensor& w_ih,
+                        const at::Tensor& w_hh, const at::Tensor& bias)
+    : slices_(slices),
+      H_(w_hh.size(1)),
+      input_(slices, w_ih, B, /*forward=*/true),
+      hidden_(slices, w_hh, B, /*forward=*/true),
+      bias_(bias) {
+  for (int64_t s = 0; s < slices.count; ++s) {
+    accs_.push_back(at::empty({B, 4 * slices.size(s)}, bias.options()));
+  }
+}
+
+template <typename T>
+void LstmSteps<T>::step(int64_t s, int64_t m, const T* x, int64_t ldx, const T* h_prev,
+                        const A* c_prev, T* gates, A* c_new, T* h_new) const {
+  const int64_t j0 = slices_.begin(s), n = slices_.size(s);
+  A* acc = accs_[s].template data_ptr<A>();
+  input_.gemms[s].rows(m, x, ldx, A(0), acc, 4 * n);  // x_t @ W_ih^T [m, 4 n]
+  hidden_.gemms[s].rows(m, h_prev, H_, A(1), acc, 4 * n);  // += h_{t-1} @ W_hh^T
+  fwd_rows<T, A>(0, m, n, H_, acc, 4 * n, n, bias_.const_data_ptr<A>() + j0, 0, c_prev + j0,
+                 gates + j0, c_new + j0, h_new + j0);
+}
+
+template class LstmSteps<float>;
+template class LstmSteps<double>;
+template class LstmSteps<at::BFloat16>;
 
 TORCH_LIBRARY_IMPL(fastchar, CPU, m) {
   m.impl("lstm_fwd", &lstm_fwd);

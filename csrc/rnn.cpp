@@ -1,6 +1,6 @@
 // Elman RNN CPU kernels (tanh or relu): rnn_fwd, rnn_bwd (whole sequence, time
 // loop here) and rnn_cell (one step, for sampling). G = H.
-#include "common.h"
+#include "cell_steps.h"
 
 namespace fastchar {
 namespace {
@@ -58,12 +58,17 @@ void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
   const T* h0_p = h0.const_data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   const UnitSlices slices(H, 1);
-  const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
-  std::optional<SliceGemms<T>> input_gemms;
-  if (w_ih != nullptr) {
-    input_gemms.emplace(slices, *w_ih, B, /*forward=*/true);
+  if (w_ih != nullptr) {  // the input projection in the loop: RnnSteps
+    const RnnSteps<T> steps(slices, B, *w_ih, w_hh, *bias, RELU);
+    auto step = [&](int64_t s, int64_t t) {
+      const int64_t m = st.rows[t], r = st.off[t];
+      const T* h_prev = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
+      steps.step(s, m, in_p + r * K, K, h_prev, out_p + r * H);
+    };
+    slices.run(st.T, step, [](int64_t, int64_t) {});
+    return;
   }
-  const A* bias_p = bias != nullptr ? bias->const_data_ptr<A>() : nullptr;
+  const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
   std::vector<at::Tensor> accs;
   for (int64_t s = 0; s < slices.count; ++s) {
     const int64_t n = slices.size(s);
@@ -73,15 +78,8 @@ void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
     const int64_t j0 = slices.begin(s), n = slices.size(s), m = st.rows[t], r = st.off[t];
     const T* h_prev = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
     A* acc = accs[s].template data_ptr<A>();
-    T* h_new = out_p + r * H + j0;
-    if (input_gemms) {
-      input_gemms->gemms[s].rows(m, in_p + r * K, K, A(0), acc, n);  // x_t @ W_ih^T [m, n]
-      slice_gemms.gemms[s].rows(m, h_prev, H, A(1), acc, n);  // += h_{t-1} @ W_hh^T
-      fwd_rows<T, A, RELU>(0, m, n, H, acc, n, bias_p + j0, 0, h_new);
-    } else {
-      slice_gemms.gemms[s].rows(m, h_prev, H, A(0), acc, n);  // [m, n]
-      fwd_rows<T, T, RELU>(0, m, n, H, acc, n, in_p + r * H + j0, H, h_new);
-    }
+    slice_gemms.gemms[s].rows(m, h_prev, H, A(0), acc, n);  // [m, n]
+    fwd_rows<T, T, RELU>(0, m, n, H, acc, n, in_p + r * H + j0, H, out_p + r * H + j0);
   };
   slices.run(st.T, step, [](int64_t, int64_t) {});
 }
@@ -217,6 +215,39 @@ at::Tensor rnn_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
 }
 
 }  // namespace
+
+template <typename T>
+RnnSteps<T>::RnnSteps(const UnitSlices& slices, int64_t B, const at::Tensor& w_ih,
+                      const at::Tensor& w_hh, const at::Tensor& bias, bool relu)
+    : slices_(slices),
+      H_(w_hh.size(1)),
+      input_(slices, w_ih, B, /*forward=*/true),
+      hidden_(slices, w_hh, B, /*forward=*/true),
+      bias_(bias),
+      relu_(relu) {
+  for (int64_t s = 0; s < slices.count; ++s) {
+    accs_.push_back(at::empty({B, slices.size(s)}, bias.options()));
+  }
+}
+
+template <typename T>
+void RnnSteps<T>::step(int64_t s, int64_t m, const T* x, int64_t ldx, const T* h_prev,
+                       T* h_new) const {
+  const int64_t j0 = slices_.begin(s), n = slices_.size(s);
+  A* acc = accs_[s].template data_ptr<A>();
+  input_.gemms[s].rows(m, x, ldx, A(0), acc, n);  // x_t @ W_ih^T [m, n]
+  hidden_.gemms[s].rows(m, h_prev, H_, A(1), acc, n);  // += h_{t-1} @ W_hh^T
+  const A* b = bias_.const_data_ptr<A>() + j0;
+  if (relu_) {
+    fwd_rows<T, A, true>(0, m, n, H_, acc, n, b, 0, h_new + j0);
+  } else {
+    fwd_rows<T, A, false>(0, m, n, H_, acc, n, b, 0, h_new + j0);
+  }
+}
+
+template class RnnSteps<float>;
+template class RnnSteps<double>;
+template class RnnSteps<at::BFloat16>;
 
 TORCH_LIBRARY_IMPL(fastchar, CPU, m) {
   m.impl("rnn_fwd", &rnn_fwd);

@@ -148,11 +148,11 @@ def test_int8_generation_is_the_float_model_on_dequantised_weights(kind, nonline
 
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize(("kind", "nonlinearity"), CELLS)
-def test_many_samples_on_packed_weights_are_each_sample_alone(kind, nonlinearity, weights):
-    """More samples than the cell kernels' 4-row block: generate packs every weight once
-    for the step engines (int8 weights dequantised first). Each of 6 samples, started from
-    states of its own, draws the same greedy ids as that sample alone (unpacked; int8: on
-    the int8 row kernel), to its final state."""
+def test_many_samples_are_each_sample_alone(kind, nonlinearity, weights):
+    """float32 and bfloat16 run generate's one-region loop on the step engines, whose rows
+    do not interact; int8 weights, for more samples than the int8 kernels' 4-row block, are
+    dequantised for it. Each of 6 samples, started from states of its own, draws the same
+    greedy ids as that sample alone (int8: on the int8 row kernel), to its final state."""
     cpp, _ = _pair(kind, nonlinearity, weights)
     m = cpp.model
     params = [m.rnn._layer_params(layer, 0) for layer in range(m.rnn.num_layers)]
@@ -185,3 +185,79 @@ def test_many_samples_on_packed_weights_are_each_sample_alone(kind, nonlinearity
             torch.testing.assert_close(last[k : k + 1], last_k, **tol)
             for s, s_k in zip(state, state_k, strict=True):
                 torch.testing.assert_close(s[:, k : k + 1], s_k, **tol)
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("kind", "nonlinearity"), CELLS)
+def test_threads_split_units_as_one_thread_does(kind, nonlinearity, weights):
+    """H = 70: the one-region loop splits every layer's units and the head's rows over two
+    threads (slices of 48 and 22 units); the greedy texts equal one thread's, and in
+    float32 the Python step loop's."""
+    torch.manual_seed(2)
+    model = CharRNN(30, model=kind, emb_dim=6, hidden=70, layers=2, impl="cpp",
+                    nonlinearity=nonlinearity)  # fmt: skip
+    cpp = Generator(model, VOCAB, weights)
+    threads = torch.get_num_threads()
+    texts = {}
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            texts[n] = cpp.generate("+-", 40, num_samples=3, temperature=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert texts[2] == texts[1]
+    if weights == "float32":
+        python = Generator(model, VOCAB, weights)
+        python.in_cpp = False
+        assert texts[2] == python.generate("+-", 40, num_samples=3, temperature=0)
+
+
+def test_changed_weights_are_not_served_from_the_engine_cache():
+    """generate keeps the packed engines of its last call while the same weight tensors come
+    back unchanged; a tensor changed in place (its version moves) rebuilds them: each
+    weight, bias and the head in turn is changed, and the op's ids, state and logits equal
+    those of a call on fresh copies of the tensors (which cannot hit the cache)."""
+    torch.manual_seed(3)
+    H, V, E, K = 40, 30, 6, 2
+    tensors = {
+        "emb": torch.randn(V, E),
+        "w_ih0": 0.3 * torch.randn(4 * H, E),
+        "w_hh0": 0.3 * torch.randn(4 * H, H),
+        "w_ih1": 0.3 * torch.randn(4 * H, H),
+        "w_hh1": 0.3 * torch.randn(4 * H, H),
+        "b_ih0": torch.randn(4 * H),
+        "b_hh0": torch.randn(4 * H),
+        "b_ih1": torch.randn(4 * H),
+        "b_hh1": torch.randn(4 * H),
+        "head_w": torch.randn(V, H),
+        "head_b": torch.randn(V),
+    }
+    state = [torch.randn(2, K, H), torch.randn(2, K, H)]
+    logits = torch.randn(K, V)
+
+    def run(t):
+        weights = [t["w_ih0"], t["w_hh0"], t["w_ih1"], t["w_hh1"]]
+        biases = [t["b_ih0"], t["b_hh0"], t["b_ih1"], t["b_hh1"]]
+        return torch.ops.fastchar.generate(
+            logits, state, t["emb"], weights, biases, [None] * 4, t["head_w"], t["head_b"],
+            "lstm", 12, 0.0, 0, 1.0, None,
+        )  # fmt: skip
+
+    def check(what):
+        got = run(tensors)
+        want = run({k: v.clone() for k, v in tensors.items()})
+        assert torch.equal(got[0], want[0]), what
+        torch.testing.assert_close(got[2], want[2], msg=what)
+        for a, b in zip(got[1], want[1], strict=True):
+            torch.testing.assert_close(a, b, msg=what)
+        return got[2]
+
+    before = check("first call")
+    assert torch.equal(run(tensors)[2], before)  # the cached engines, unchanged weights
+    for name, t in tensors.items():
+        run(tensors)  # these very tensors' engines are the cached ones
+        with torch.no_grad():
+            t.add_(torch.randn_like(t))
+        after = check(name)
+        assert not torch.allclose(after, before), f"changing {name} changed nothing"
+        before = after
