@@ -438,6 +438,48 @@ struct SliceGemms {
   }
 };
 
+// The forward step products of one weight w [G, K] for every unit slice, acc (= or +=)
+// a [m, K] @ the slice's gate rows^T [m, n_gates * n]: on the planned step engines
+// (SliceGemms), or, for int8 w with a float32 scale per row (`scale` [G]; T float), on the
+// int8 row kernel over each slice's own contiguous copy of its rows and scales, which then
+// stay in the cache of the thread that serves the slice (fastchar::generate's loop).
+template <typename T>
+class SliceProducts {
+ public:
+  SliceProducts(const UnitSlices& slices, const at::Tensor& w, int64_t B,
+                const std::optional<at::Tensor>& scale = std::nullopt)
+      : K_(w.size(1)) {
+    if (!scale.has_value()) {
+      gemms_.emplace(slices, w, B, /*forward=*/true);
+      return;
+    }
+    TORCH_CHECK((std::is_same_v<T, float>), "fastchar: int8 weights take float32 activations");
+    const auto sc = scale->view({-1, 1});
+    for (int64_t s = 0; s < slices.count; ++s) {
+      q_.push_back(slices.gate_rows(w, s));  // [n_gates * n, K] int8
+      scales_.push_back(slices.gate_rows(sc, s).view({-1}));  // [n_gates * n]
+    }
+  }
+
+  void rows(int64_t s, int64_t m, const T* a, int64_t lda, acc_t<T> beta, acc_t<T>* c,
+            int64_t ldc) const {
+    if (gemms_) {
+      gemms_->gemms[s].rows(m, a, lda, beta, c, ldc);
+      return;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      engines::cell_gemm_q8(m, q_[s].size(0), K_, a, lda, q_[s].template const_data_ptr<int8_t>(),
+                            K_, scales_[s].template const_data_ptr<float>(), beta != 0.0f, c,
+                            ldc);
+    }
+  }
+
+ private:
+  int64_t K_;
+  std::optional<SliceGemms<T>> gemms_;
+  std::vector<at::Tensor> q_, scales_;
+};
+
 // A cell op's acc[B, N] (= or +=) x [B, K] @ w [N, K]^T: w in x's dtype on the planned
 // cell GEMM, or int8 rows with a float32 scale per row (`scale` given; x float32).
 template <typename T>

@@ -118,9 +118,11 @@ struct LoopEngines {
   at::Tensor head_w, head_bias;
   SliceGemms<T> head;
 
+  // ws: float32 or bfloat16 weights, or int8 ones with `scales` (else all None).
   LoopEngines(const std::string& cell_, int64_t K_, int64_t H, at::TensorList ws,
-              const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& head_w_,
-              const Opt& head_b, std::vector<at::Tensor> keys_)
+              const c10::List<std::optional<at::Tensor>>& biases,
+              const std::vector<Opt>& scales, const at::Tensor& head_w_, const Opt& head_b,
+              std::vector<at::Tensor> keys_)
       : cell(cell_),
         K(K_),
         threads(at::get_num_threads()),
@@ -136,6 +138,7 @@ struct LoopEngines {
     for (int64_t l = 0; 2 * l < static_cast<int64_t>(ws.size()); ++l) {
       const auto w_ih = ws[2 * l].contiguous(), w_hh = ws[2 * l + 1].contiguous();
       const Opt b_ih = biases.get(2 * l), b_hh = biases.get(2 * l + 1);
+      const Opt &s_ih = scales[2 * l], &s_hh = scales[2 * l + 1];
       if (cell == "gru") {  // b_hr, b_hz join the input side; b_hn stays in the reset product
         auto b_x = bias_acc(b_ih, std::nullopt, 3 * H, at::kFloat);
         auto b_hn = at::zeros({H}, acc);
@@ -143,12 +146,13 @@ struct LoopEngines {
           b_x.narrow(0, 0, 2 * H).add_(b_hh->narrow(0, 0, 2 * H).to(at::kFloat));
           b_hn.copy_(b_hh->narrow(0, 2 * H, H));
         }
-        grus.emplace_back(slices, K, w_ih, w_hh, b_x, b_hn);
+        grus.emplace_back(slices, K, w_ih, w_hh, b_x, b_hn, s_ih, s_hh);
       } else if (cell == "lstm") {
-        lstms.emplace_back(slices, K, w_ih, w_hh, bias_acc(b_ih, b_hh, 4 * H, at::kFloat));
+        lstms.emplace_back(slices, K, w_ih, w_hh, bias_acc(b_ih, b_hh, 4 * H, at::kFloat), s_ih,
+                           s_hh);
       } else {
         rnns.emplace_back(slices, K, w_ih, w_hh, bias_acc(b_ih, b_hh, H, at::kFloat),
-                          cell == "rnn_relu");
+                          cell == "rnn_relu", s_ih, s_hh);
       }
     }
   }
@@ -302,12 +306,14 @@ const LoopEngines<T>& loop_engines(const std::string& cell, int64_t K, int64_t H
   if (!cached || !cached->matches(cell, K, keys)) {
     cached.reset();  // the old set's packed weights go first
     std::vector<at::Tensor> ws(weights.begin(), weights.end());
-    if (scales.get(0).has_value()) {  // int8 rows: dequantised (s * q, float32) for the loop
+    std::vector<Opt> sc(scales.begin(), scales.end());
+    if (sc[0].has_value() && K > kCellPackRows) {  // int8 rows as float32 (s * q) GEMMs
       for (size_t i = 0; i < ws.size(); ++i) {
-        ws[i] = ws[i].to(at::kFloat).mul_(scales.get(i)->unsqueeze(1)).contiguous();
+        ws[i] = ws[i].to(at::kFloat).mul_(sc[i]->unsqueeze(1)).contiguous();
+        sc[i] = std::nullopt;
       }
     }
-    cached = std::make_unique<LoopEngines<T>>(cell, K, H, ws, biases, head_w, head_b,
+    cached = std::make_unique<LoopEngines<T>>(cell, K, H, ws, biases, sc, head_w, head_b,
                                               std::move(keys));
   }
   return *cached;
@@ -378,17 +384,34 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
     }
   }
   const bool q8 = scales.get(0).has_value();
-  for (size_t i = 0; i < scales.size(); ++i) {
-    TORCH_CHECK_VALUE(scales.get(i).has_value() == q8, OP,
-                      ": give int8 weights a scale each, or no scales at all");
+  TORCH_CHECK(!q8 || dt == at::kFloat, OP, ": int8 weights take a float32 model, got ", dt);
+  const int64_t G = (lstm ? 4 : gru ? 3 : 1) * H;
+  for (int64_t l = 0; l < L; ++l) {  // every layer's weights, biases and scales
+    const at::Tensor &w_ih = weights[2 * l], &w_hh = weights[2 * l + 1];
+    CHECK_ARG(w_ih, q8 ? at::kChar : dt, G, l == 0 ? embedding.size(1) : H);
+    CHECK_ARG(w_hh, q8 ? at::kChar : dt, G, H);
+    for (int64_t i = 2 * l; i < 2 * l + 2; ++i) {
+      const Opt b = biases.get(i), s = scales.get(i);
+      TORCH_CHECK_VALUE(s.has_value() == q8, OP,
+                        ": give int8 weights a scale each, or no scales at all");
+      if (b.has_value()) {
+        const at::Tensor& bias = *b;
+        CHECK_ARG(bias, dt, G);
+      }
+      if (s.has_value()) {
+        const at::Tensor& scale = *s;
+        CHECK_ARG(scale, at::kFloat, G);
+      }
+    }
   }
-  // float32 and bfloat16 on the step engines in one parallel region (fused_loop); int8
-  // weights too for more samples than the int8 row kernels' block (kCellPackRows),
-  // dequantised (s * q, float32, once per engine set): with K rows of A the product is a
+  // float32, bfloat16 and int8 weights in one parallel region (fused_loop), float64
+  // through the cell ops. int8 rows run on the int8 row kernel, each thread on its slices'
+  // rows; for more samples than its block (kCellPackRows) they are dequantised (s * q,
+  // float32, once per engine set) for the step engines: with K rows of A the product is a
   // GEMM, which the step engines run at several times the rate of the int8 row kernel,
   // whose K / 4 passes read every W row again (16 samples ran at 2.4x one sample's chars/s
-  // on it, against 8x in float32 on an Intel Xeon). Else (int8, float64) the cell ops.
-  if ((!q8 || K > kCellPackRows) && (dt == at::kFloat || dt == at::kBFloat16)) {
+  // on it, against 8x in float32 on an Intel Xeon).
+  if (dt == at::kFloat || dt == at::kBFloat16) {
     auto ids = at::empty({K, length}, at::kLong);
     auto current = logits;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "generate_loop", [&] {

@@ -295,11 +295,13 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
 
 template <typename T>
 GruSteps<T>::GruSteps(const UnitSlices& slices, int64_t B, const at::Tensor& w_ih,
-                      const at::Tensor& w_hh, const at::Tensor& b_x, const at::Tensor& b_hn)
+                      const at::Tensor& w_hh, const at::Tensor& b_x, const at::Tensor& b_hn,
+                      const std::optional<at::Tensor>& s_ih,
+                      const std::optional<at::Tensor>& s_hh)
     : slices_(slices),
       H_(w_hh.size(1)),
-      input_(slices, w_ih, B, /*forward=*/true),
-      hidden_(slices, w_hh, B, /*forward=*/true),
+      input_(slices, w_ih, B, s_ih),
+      hidden_(slices, w_hh, B, s_hh),
       b_x_(b_x),
       b_hn_(b_hn) {
   for (int64_t s = 0; s < slices.count; ++s) {
@@ -315,13 +317,13 @@ void GruSteps<T>::step(int64_t s, int64_t m, const T* x, int64_t ldx, const T* h
   A* acc = accs_[s].template data_ptr<A>();
   A* ax = x_accs_[s].template data_ptr<A>();  // [m, 3 n]: b_x, then += x_t @ W_ih^T
   const A* bx = b_x_.const_data_ptr<A>();
-  hidden_.gemms[s].rows(m, h_prev, H, A(0), acc, 3 * n);  // [m, 3 n]
+  hidden_.rows(s, m, h_prev, H, A(0), acc, 3 * n);  // [m, 3 n]
   for (int64_t b = 0; b < m; ++b) {
     for (int64_t q = 0; q < 3; ++q) {
       std::memcpy(ax + (b * 3 + q) * n, bx + q * H + j0, n * sizeof(A));
     }
   }
-  input_.gemms[s].rows(m, x, ldx, A(1), ax, 3 * n);
+  input_.rows(s, m, x, ldx, A(1), ax, 3 * n);
   fwd_rows<T, A>(0, m, n, H, acc, 3 * n, n, ax, n, b_hn_.const_data_ptr<A>() + j0, h_prev + j0,
                  gates + j0, hn + j0, h_new + j0);
 }

@@ -495,11 +495,13 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tens
 
 template <typename T>
 LstmSteps<T>::LstmSteps(const UnitSlices& slices, int64_t B, const at::Tensor& w_ih,
-                        const at::Tensor& w_hh, const at::Tensor& bias)
+                        const at::Tensor& w_hh, const at::Tensor& bias,
+                        const std::optional<at::Tensor>& s_ih,
+                        const std::optional<at::Tensor>& s_hh)
     : slices_(slices),
       H_(w_hh.size(1)),
-      input_(slices, w_ih, B, /*forward=*/true),
-      hidden_(slices, w_hh, B, /*forward=*/true),
+      input_(slices, w_ih, B, s_ih),
+      hidden_(slices, w_hh, B, s_hh),
       bias_(bias) {
   for (int64_t s = 0; s < slices.count; ++s) {
     accs_.push_back(at::empty({B, 4 * slices.size(s)}, bias.options()));
@@ -511,8 +513,8 @@ void LstmSteps<T>::step(int64_t s, int64_t m, const T* x, int64_t ldx, const T* 
                         const A* c_prev, T* gates, A* c_new, T* h_new) const {
   const int64_t j0 = slices_.begin(s), n = slices_.size(s);
   A* acc = accs_[s].template data_ptr<A>();
-  input_.gemms[s].rows(m, x, ldx, A(0), acc, 4 * n);  // x_t @ W_ih^T [m, 4 n]
-  hidden_.gemms[s].rows(m, h_prev, H_, A(1), acc, 4 * n);  // += h_{t-1} @ W_hh^T
+  input_.rows(s, m, x, ldx, A(0), acc, 4 * n);  // x_t @ W_ih^T [m, 4 n]
+  hidden_.rows(s, m, h_prev, H_, A(1), acc, 4 * n);  // += h_{t-1} @ W_hh^T
   fwd_rows<T, A>(0, m, n, H_, acc, 4 * n, n, bias_.const_data_ptr<A>() + j0, 0, c_prev + j0,
                  gates + j0, c_new + j0, h_new + j0);
 }

@@ -83,6 +83,9 @@ def test_bad_arguments_name_themselves():
         (10, -1.0, "temperature"), (12, 0.0, "top_p"), (9, -2, "length"),
         (5, [torch.ones(80)], "scales"),
         (0, torch.zeros(3, 30), "logits"), (2, m.embedding.weight.double(), "dtype"),
+        (3, [w[0], w[1][:, :10]], r"w_hh must have shape \[80, 20\]"),
+        (3, [w[0][:, :5], w[1]], r"w_ih must have shape \[80, 6\]"),
+        (4, [w[2][:7], w[3]], r"bias must have shape \[80\]"),
     ]:  # fmt: skip
         bad = list(args)
         bad[i] = value
