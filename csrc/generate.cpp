@@ -102,15 +102,19 @@ at::Tensor head(const at::Tensor& h, const at::Tensor& w, const Opt& b) {
 // Xeon, the steps of 30-40 characters), so a thread keeps the last call's set while its
 // weights are unchanged: `keys` holds the weight, bias, scale and head tensors it was built
 // from (alive, so no other tensor takes their place), and a call matches when it passes
-// the same tensors at the same versions (any in-place change, an optimizer step included,
-// bumps a tensor's version; a change made through .data does not), for the same cell,
-// samples and thread count.
+// the same tensors at the same versions, over the same storage, data pointer, sizes and
+// strides (any in-place change, an optimizer step included, bumps a tensor's version;
+// assigning .data, as Module.to does, swaps the storage; an in-place change made through a
+// .data alias does neither and is not seen), for the same cell, samples and thread count.
 template <typename T>
 struct LoopEngines {
   std::string cell;
   int64_t K, threads;
   std::vector<at::Tensor> keys;
   std::vector<int64_t> versions;
+  std::vector<c10::Storage> storages;  // held, so that no other storage takes their place
+  std::vector<const void*> data;
+  std::vector<std::vector<int64_t>> shapes;  // sizes then strides
   UnitSlices slices, rows;
   std::vector<LstmSteps<T>> lstms;
   std::vector<GruSteps<T>> grus;
@@ -128,6 +132,9 @@ struct LoopEngines {
         threads(at::get_num_threads()),
         keys(std::move(keys_)),
         versions(version_of(keys)),
+        storages(storage_of(keys)),
+        data(data_of(keys)),
+        shapes(shape_of(keys)),
         slices(H, cell == "lstm" ? 4 : cell == "gru" ? 3 : 1),
         rows(head_w_.size(0), 1, slices.count),  // the head's rows of W, a slice per thread
         head_w(head_w_.contiguous()),
@@ -174,14 +181,50 @@ struct LoopEngines {
     return out;
   }
 
+  static std::vector<c10::Storage> storage_of(const std::vector<at::Tensor>& ts) {
+    std::vector<c10::Storage> out;
+    for (const auto& t : ts) {
+      out.push_back(t.defined() ? t.storage() : c10::Storage());
+    }
+    return out;
+  }
+
+  static std::vector<const void*> data_of(const std::vector<at::Tensor>& ts) {
+    std::vector<const void*> out;
+    for (const auto& t : ts) {
+      out.push_back(t.defined() ? t.const_data_ptr() : nullptr);
+    }
+    return out;
+  }
+
+  static std::vector<std::vector<int64_t>> shape_of(const std::vector<at::Tensor>& ts) {
+    std::vector<std::vector<int64_t>> out;
+    for (const auto& t : ts) {
+      std::vector<int64_t> v;
+      if (t.defined()) {
+        v = t.sizes().vec();
+        const auto st = t.strides();
+        v.insert(v.end(), st.begin(), st.end());
+      }
+      out.push_back(std::move(v));
+    }
+    return out;
+  }
+
   bool matches(const std::string& cell_, int64_t K_, const std::vector<at::Tensor>& ts) const {
     if (cell_ != cell || K_ != K || at::get_num_threads() != threads || ts.size() != keys.size()) {
       return false;
     }
     const auto now = version_of(ts);
+    const auto shape = shape_of(ts);
+    const auto ptrs = data_of(ts);
     for (size_t i = 0; i < ts.size(); ++i) {
       if (ts[i].defined() != keys[i].defined() || now[i] < 0 || now[i] != versions[i] ||
-          (ts[i].defined() && !ts[i].is_same(keys[i]))) {
+          ptrs[i] != data[i] || shape[i] != shapes[i]) {
+        return false;
+      }
+      if (ts[i].defined() && (!ts[i].is_same(keys[i]) ||
+                              !ts[i].storage().is_alias_of(storages[i]))) {
         return false;
       }
     }
@@ -242,6 +285,16 @@ void fused_loop(const LoopEngines<T>& eng, const at::Tensor& emb, std::vector<at
           if (lstm) {
             float* cp = cs[l].template data_ptr<float>();
             eng.lstms[l].step(s, K, x, ldx, h_prev, cp, gp, cp, h_new);
+            if constexpr (!std::is_same_v<T, float>) {
+              // the state a *_cell op returns is T: round c as model.step does, so that
+              // the texts do not depend on the chunks the caller asks for
+              const int64_t j0 = eng.slices.begin(s), n = eng.slices.size(s);
+              for (int64_t k = 0; k < K; ++k) {
+                for (int64_t j = j0; j < j0 + n; ++j) {
+                  cp[k * H + j] = to_acc(from_acc<T>(cp[k * H + j]));
+                }
+              }
+            }
           } else if (gru) {
             eng.grus[l].step(s, K, x, ldx, h_prev, gp, hnp, h_new);
           } else {
@@ -411,7 +464,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
   // GEMM, which the step engines run at several times the rate of the int8 row kernel,
   // whose K / 4 passes read every W row again (16 samples ran at 2.4x one sample's chars/s
   // on it, against 8x in float32 on an Intel Xeon).
-  if (dt == at::kFloat || dt == at::kBFloat16) {
+  if (length > 0 && (dt == at::kFloat || dt == at::kBFloat16)) {
     auto ids = at::empty({K, length}, at::kLong);
     auto current = logits;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "generate_loop", [&] {

@@ -447,6 +447,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstmp_bwd(
   auto dh0 = at::empty({B, P}, gates.options().dtype(st));
   auto grad_xp = empty_seq(steps.shape(G), gates.options());
   auto dhs = empty_seq(steps.shape(P), gates.options());
+  if (steps.T == 0) {  // nothing ran: the final states' gradients are the initial ones'
+    return {grad_xp, grad_h_n.clone(), grad_c_n.clone(), dhs};
+  }
   auto c0s = c0.to(st).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstmp_bwd", [&] {
     bwd_loop_proj<scalar_t>(steps, grad_out.contiguous(), grad_h_n.contiguous(),

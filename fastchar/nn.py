@@ -211,7 +211,7 @@ class _FastRNNMixin:
             raise ValueError(
                 f"{type(self).__name__}.step: x must be [B, {self.input_size}], got {got}"
             )
-        kind = resolve(self.impl, x.device)
+        kind = resolve(self.impl, x.device, self._feature)
         B = x.shape[0]
         states = self._states_in(hx, True, B)
         widths = self._state_widths()

@@ -289,3 +289,17 @@ def test_triton_has_no_projection(monkeypatch):
 def test_state_shapes_helper_knows_proj():
     m = torch.nn.LSTM(3, 5, proj_size=2, num_layers=2, bidirectional=True)
     assert state_shapes(m, 7) == [(4, 7, 2), (4, 7, 5)]
+
+
+def test_no_time_steps():
+    # T = 0 through the op and its backward: the final states are the initial ones
+    skip_unless_runnable("cpp")
+    x, h0, c0, w_ih, bias, w_hh, w_hr, _ = _seq_args([3, 3])
+    x = x.detach()[:0].requires_grad_()
+    out, h_n, c_n, _, _, _ = torch.ops.fastchar.lstmp_seq(x, h0, c0, w_ih, bias, w_hh, w_hr)
+    assert out.shape == (0, 2, 4)
+    assert torch.equal(h_n, h0) and torch.equal(c_n, c0)
+    g_h, g_c = torch.randn_like(h_n), torch.randn_like(c_n)
+    grads = torch.autograd.grad((h_n, c_n), (h0, c0, w_hh), (g_h, g_c), allow_unused=True)
+    assert torch.equal(grads[0], g_h) and torch.equal(grads[1], g_c)
+    assert grads[2] is None or not grads[2].any()

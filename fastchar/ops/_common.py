@@ -239,6 +239,8 @@ def weight_grad(d_gates: Tensor, prev: list[Tensor]) -> Tensor:
     order.
     """
     rows = d_gates.flatten(0, -2)  # [T * B, G] or [N, G]; a view
+    if rows.shape[0] == 0:  # no time steps (a direct op call with T = 0)
+        return rows.new_zeros(rows.shape[1], prev[0].shape[1])
     B = prev[0].shape[0]
     a = [rows[:B]] + ([rows[B:]] if len(prev) > 1 else [])
     return _mm_sum(a, prev, trans_a=True)
