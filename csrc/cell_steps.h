@@ -6,7 +6,7 @@
 // file (lstm.cpp, gru.cpp, rnn.cpp), for float, double and bfloat16.
 //
 // Pointers are to row 0 and unit 0 of full rows (the step adds the slice's offset): x
-// [m, ldx], h_prev and h_new [m, H], gates [m, G] (saved for backward, or scratch),
+// [m, ldx], h_prev and h_new [m, H] (an LSTM projection: see LstmSteps), gates [m, G] (saved for backward, or scratch),
 // states of the accumulation type. Biases are accumulation-type vectors. With scales s_ih,
 // s_hh (float32 [G]) the weights are int8 rows (w = s * q) and T is float.
 #pragma once
@@ -15,11 +15,49 @@
 
 namespace fastchar {
 
+// What every cell's steps share: the slice products x_t @ W_ih[slice]^T and h_{t-1} @
+// W_hh[slice]^T (SliceProducts, packed once) and an accumulation buffer [B, n_gates * n]
+// per slice. H is the units (w_hh's rows / n_gates), P the width of h (w_hh's columns:
+// an LSTM projection's proj_size, else H).
+template <typename T>
+struct StepProducts {
+  using A = acc_t<T>;
+  StepProducts(const UnitSlices& slices_, int64_t B, const at::Tensor& w_ih,
+               const at::Tensor& w_hh, const std::optional<at::Tensor>& s_ih,
+               const std::optional<at::Tensor>& s_hh)
+      : slices(slices_),
+        H(w_hh.size(0) / slices_.n_gates()),
+        P(w_hh.size(1)),
+        input(slices_, w_ih, B, s_ih),
+        hidden(slices_, w_hh, B, s_hh) {
+    const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
+    for (int64_t s = 0; s < slices.count; ++s) {
+      accs.push_back(at::empty({B, slices.n_gates() * slices.size(s)}, acc));
+    }
+  }
+
+  // Slice s's accumulator for m rows: x @ W_ih[slice]^T + h_prev @ W_hh[slice]^T.
+  A* both(int64_t s, int64_t m, const T* x, int64_t ldx, const T* h_prev) const {
+    A* acc = accs[s].template data_ptr<A>();
+    const int64_t ld = slices.n_gates() * slices.size(s);
+    input.rows(s, m, x, ldx, A(0), acc, ld);
+    hidden.rows(s, m, h_prev, P, A(1), acc, ld);
+    return acc;
+  }
+
+  UnitSlices slices;
+  int64_t H, P;
+  SliceProducts<T> input, hidden;
+  std::vector<at::Tensor> accs;
+};
+
 template <typename T>
 class LstmSteps {
  public:
   using A = acc_t<T>;
-  // w_ih [4H, I], w_hh [4H, H], bias [4H] (b_ih + b_hh), B rows at most.
+  // w_ih [4H, I], w_hh [4H, P] (P = H, or an LSTM projection's proj_size: then h_prev is
+  // [m, P] and h_new receives r = o * tanh(c) [m, H]), bias [4H] (b_ih + b_hh), B rows at
+  // most.
   LstmSteps(const UnitSlices& slices, int64_t B, const at::Tensor& w_ih, const at::Tensor& w_hh,
             const at::Tensor& bias, const std::optional<at::Tensor>& s_ih = std::nullopt,
             const std::optional<at::Tensor>& s_hh = std::nullopt);
@@ -28,18 +66,21 @@ class LstmSteps {
             T* gates, A* c_new, T* h_new) const;
 
  private:
-  UnitSlices slices_;
-  int64_t H_;
-  SliceProducts<T> input_, hidden_;
+  StepProducts<T> p_;
   at::Tensor bias_;
-  std::vector<at::Tensor> accs_;
 };
+
+// GRU biases as the steps take them, accumulation type: b_x = b_ih + [b_hr, b_hz, 0] [3H]
+// (the input side) and b_hn [H], which stays inside the reset product.
+std::pair<at::Tensor, at::Tensor> gru_biases(const std::optional<at::Tensor>& b_ih,
+                                             const std::optional<at::Tensor>& b_hh, int64_t H,
+                                             at::ScalarType acc);
 
 template <typename T>
 class GruSteps {
  public:
   using A = acc_t<T>;
-  // w_ih [3H, I], w_hh [3H, H], b_x [3H] (b_ih + [b_hr, b_hz, 0]), b_hn [H].
+  // w_ih [3H, I], w_hh [3H, H], b_x and b_hn from gru_biases.
   GruSteps(const UnitSlices& slices, int64_t B, const at::Tensor& w_ih, const at::Tensor& w_hh,
            const at::Tensor& b_x, const at::Tensor& b_hn,
            const std::optional<at::Tensor>& s_ih = std::nullopt,
@@ -49,11 +90,9 @@ class GruSteps {
             T* h_new) const;
 
  private:
-  UnitSlices slices_;
-  int64_t H_;
-  SliceProducts<T> input_, hidden_;
+  StepProducts<T> p_;
   at::Tensor b_x_, b_hn_;
-  std::vector<at::Tensor> accs_, x_accs_;
+  std::vector<at::Tensor> x_accs_;  // the input side of each slice, apart from the hidden
 };
 
 template <typename T>
@@ -68,12 +107,9 @@ class RnnSteps {
   void step(int64_t s, int64_t m, const T* x, int64_t ldx, const T* h_prev, T* h_new) const;
 
  private:
-  UnitSlices slices_;
-  int64_t H_;
-  SliceProducts<T> input_, hidden_;
+  StepProducts<T> p_;
   at::Tensor bias_;
   bool relu_;
-  std::vector<at::Tensor> accs_;
 };
 
 }  // namespace fastchar

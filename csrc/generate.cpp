@@ -141,18 +141,12 @@ struct LoopEngines {
         head_bias(head_b.has_value() ? head_b->to(at::kFloat).contiguous()
                                      : at::zeros({head_w_.size(0)}, at::kFloat)),
         head(rows, head_w, K_, /*forward=*/true) {
-    const auto acc = at::dtype(at::kFloat);
     for (int64_t l = 0; 2 * l < static_cast<int64_t>(ws.size()); ++l) {
       const auto w_ih = ws[2 * l].contiguous(), w_hh = ws[2 * l + 1].contiguous();
       const Opt b_ih = biases.get(2 * l), b_hh = biases.get(2 * l + 1);
       const Opt &s_ih = scales[2 * l], &s_hh = scales[2 * l + 1];
-      if (cell == "gru") {  // b_hr, b_hz join the input side; b_hn stays in the reset product
-        auto b_x = bias_acc(b_ih, std::nullopt, 3 * H, at::kFloat);
-        auto b_hn = at::zeros({H}, acc);
-        if (b_hh.has_value()) {
-          b_x.narrow(0, 0, 2 * H).add_(b_hh->narrow(0, 0, 2 * H).to(at::kFloat));
-          b_hn.copy_(b_hh->narrow(0, 2 * H, H));
-        }
+      if (cell == "gru") {
+        const auto [b_x, b_hn] = gru_biases(b_ih, b_hh, H, at::kFloat);
         grus.emplace_back(slices, K, w_ih, w_hh, b_x, b_hn, s_ih, s_hh);
       } else if (cell == "lstm") {
         lstms.emplace_back(slices, K, w_ih, w_hh, bias_acc(b_ih, b_hh, 4 * H, at::kFloat), s_ih,
@@ -483,6 +477,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
   }
   auto ids = at::empty({K, length}, at::kLong);
   int64_t* idp = ids.data_ptr<int64_t>();
+  const auto head_wc = head_w.contiguous();
   auto current = logits.contiguous();
   auto emb = embedding.contiguous();
   for (int64_t t = 0; t < length; ++t) {
@@ -501,7 +496,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
       }
       x = h[l];
     }
-    current = head(x, head_w.contiguous(), head_b);
+    current = head(x, head_wc, head_b);
   }
   std::vector<at::Tensor> out_state = {at::stack(h)};
   if (lstm) {

@@ -252,16 +252,7 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
   const int64_t B = x.size(0), G = 3 * H;
 
   const auto st = state_type(dt);
-  // x side carries b_ih + [b_hr, b_hz, 0]; b_hn stays with the hidden side.
-  auto b_x = at::zeros({G}, x.options().dtype(st));  // [G]
-  auto b_hn = at::zeros({H}, x.options().dtype(st));  // [H]
-  if (b_ih.has_value()) {
-    b_x.add_(b_ih->to(st));
-  }
-  if (b_hh.has_value()) {
-    b_x.narrow(0, 0, 2 * H).add_(b_hh->narrow(0, 0, 2 * H).to(st));
-    b_hn.add_(b_hh->narrow(0, 2 * H, H).to(st));
-  }
+  const auto [b_x, b_hn] = gru_biases(b_ih, b_hh, H, st);  // [G], [H]
   auto gx = at::empty({B, G}, x.options().dtype(st));  // [B, G]
   auto gh = at::empty({B, G}, x.options().dtype(st));  // [B, G]
   auto h_new = at::empty({B, H}, x.options());
@@ -293,37 +284,43 @@ at::Tensor gru_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& 
 
 }  // namespace
 
+std::pair<at::Tensor, at::Tensor> gru_biases(const std::optional<at::Tensor>& b_ih,
+                                             const std::optional<at::Tensor>& b_hh, int64_t H,
+                                             at::ScalarType acc) {
+  auto b_x = bias_acc(b_ih, std::nullopt, 3 * H, acc);  // [3H]
+  auto b_hn = at::zeros({H}, at::dtype(acc));  // [H]
+  if (b_hh.has_value()) {
+    b_x.narrow(0, 0, 2 * H).add_(b_hh->narrow(0, 0, 2 * H).to(acc));
+    b_hn.add_(b_hh->narrow(0, 2 * H, H).to(acc));
+  }
+  return {b_x, b_hn};
+}
+
 template <typename T>
 GruSteps<T>::GruSteps(const UnitSlices& slices, int64_t B, const at::Tensor& w_ih,
                       const at::Tensor& w_hh, const at::Tensor& b_x, const at::Tensor& b_hn,
                       const std::optional<at::Tensor>& s_ih,
                       const std::optional<at::Tensor>& s_hh)
-    : slices_(slices),
-      H_(w_hh.size(1)),
-      input_(slices, w_ih, B, s_ih),
-      hidden_(slices, w_hh, B, s_hh),
-      b_x_(b_x),
-      b_hn_(b_hn) {
-  for (int64_t s = 0; s < slices.count; ++s) {
-    accs_.push_back(at::empty({B, 3 * slices.size(s)}, b_x.options()));
-    x_accs_.push_back(at::empty({B, 3 * slices.size(s)}, b_x.options()));
+    : p_(slices, B, w_ih, w_hh, s_ih, s_hh), b_x_(b_x), b_hn_(b_hn) {
+  for (const auto& acc : p_.accs) {
+    x_accs_.push_back(at::empty_like(acc));
   }
 }
 
 template <typename T>
 void GruSteps<T>::step(int64_t s, int64_t m, const T* x, int64_t ldx, const T* h_prev, T* gates,
                        T* hn, T* h_new) const {
-  const int64_t j0 = slices_.begin(s), n = slices_.size(s), H = H_;
-  A* acc = accs_[s].template data_ptr<A>();
+  const int64_t j0 = p_.slices.begin(s), n = p_.slices.size(s), H = p_.H;
+  A* acc = p_.accs[s].template data_ptr<A>();
   A* ax = x_accs_[s].template data_ptr<A>();  // [m, 3 n]: b_x, then += x_t @ W_ih^T
   const A* bx = b_x_.const_data_ptr<A>();
-  hidden_.rows(s, m, h_prev, H, A(0), acc, 3 * n);  // [m, 3 n]
+  p_.hidden.rows(s, m, h_prev, H, A(0), acc, 3 * n);  // [m, 3 n]
   for (int64_t b = 0; b < m; ++b) {
     for (int64_t q = 0; q < 3; ++q) {
       std::memcpy(ax + (b * 3 + q) * n, bx + q * H + j0, n * sizeof(A));
     }
   }
-  input_.rows(s, m, x, ldx, A(1), ax, 3 * n);
+  p_.input.rows(s, m, x, ldx, A(1), ax, 3 * n);
   fwd_rows<T, A>(0, m, n, H, acc, 3 * n, n, ax, n, b_hn_.const_data_ptr<A>() + j0, h_prev + j0,
                  gates + j0, hn + j0, h_new + j0);
 }

@@ -178,31 +178,25 @@ void fwd_loop_proj(const SeqSteps& st, const at::Tensor& x, const at::Tensor& h0
   const T* x_p = x.const_data_ptr<T>();
   const T* h0_p = h0.const_data_ptr<T>();
   const A* c0_p = c0.const_data_ptr<A>();
-  const A* bias_p = bias.const_data_ptr<A>();
   T* out_p = out.data_ptr<T>();
   T* gates_p = gates.data_ptr<T>();
   A* cs_p = cs.data_ptr<A>();
   T* rs_p = rs.data_ptr<T>();
   const UnitSlices slices(H, 4);
   const UnitSlices cols(P, 1, slices.count);
-  const SliceGemms<T> input_gemms(slices, w_ih, B, /*forward=*/true);
-  const SliceGemms<T> hidden_gemms(slices, w_hh, B, /*forward=*/true);
+  const LstmSteps<T> steps(slices, B, w_ih, w_hh, bias);  // h_{t-1} [., P] in, r_t [., H] out
   const SliceGemms<T> proj_gemms(cols, w_hr, B, /*forward=*/true);
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<A>::value);
-  std::vector<at::Tensor> accs, proj_accs;
-  for (int64_t s = 0; s < slices.count; ++s) {
-    accs.push_back(at::empty({B, 4 * slices.size(s)}, acc_options));
-    proj_accs.push_back(at::empty({B, s < cols.count ? cols.size(s) : 0}, acc_options));
+  std::vector<at::Tensor> proj_accs;
+  for (int64_t s = 0; s < cols.count; ++s) {
+    proj_accs.push_back(at::empty({B, cols.size(s)}, acc_options));
   }
   auto gate_half = [&](int64_t s, int64_t t) {
-    const int64_t j0 = slices.begin(s), n = slices.size(s), m = st.rows[t], r = st.off[t];
+    const int64_t m = st.rows[t], r = st.off[t];
     const T* h_prev = t > 0 ? out_p + st.off[t - 1] * P : h0_p;
     const A* c_prev = t > 0 ? cs_p + st.off[t - 1] * H : c0_p;
-    A* acc = accs[s].template data_ptr<A>();
-    input_gemms.gemms[s].rows(m, x_p + r * K, K, A(0), acc, 4 * n);  // x_t @ W_ih^T [m, 4 n]
-    hidden_gemms.gemms[s].rows(m, h_prev, P, A(1), acc, 4 * n);  // += h_{t-1} @ W_hh^T
-    fwd_rows<T, A>(0, m, n, H, acc, 4 * n, n, bias_p + j0, 0, c_prev + j0, gates_p + r * G + j0,
-                   cs_p + r * H + j0, rs_p + r * H + j0);
+    steps.step(s, m, x_p + r * K, K, h_prev, c_prev, gates_p + r * G, cs_p + r * H,
+               rs_p + r * H);
   };
   auto proj_half = [&](int64_t s, int64_t t) {
     if (s >= cols.count) {
@@ -501,24 +495,14 @@ LstmSteps<T>::LstmSteps(const UnitSlices& slices, int64_t B, const at::Tensor& w
                         const at::Tensor& w_hh, const at::Tensor& bias,
                         const std::optional<at::Tensor>& s_ih,
                         const std::optional<at::Tensor>& s_hh)
-    : slices_(slices),
-      H_(w_hh.size(1)),
-      input_(slices, w_ih, B, s_ih),
-      hidden_(slices, w_hh, B, s_hh),
-      bias_(bias) {
-  for (int64_t s = 0; s < slices.count; ++s) {
-    accs_.push_back(at::empty({B, 4 * slices.size(s)}, bias.options()));
-  }
-}
+    : p_(slices, B, w_ih, w_hh, s_ih, s_hh), bias_(bias) {}
 
 template <typename T>
 void LstmSteps<T>::step(int64_t s, int64_t m, const T* x, int64_t ldx, const T* h_prev,
                         const A* c_prev, T* gates, A* c_new, T* h_new) const {
-  const int64_t j0 = slices_.begin(s), n = slices_.size(s);
-  A* acc = accs_[s].template data_ptr<A>();
-  input_.rows(s, m, x, ldx, A(0), acc, 4 * n);  // x_t @ W_ih^T [m, 4 n]
-  hidden_.rows(s, m, h_prev, H_, A(1), acc, 4 * n);  // += h_{t-1} @ W_hh^T
-  fwd_rows<T, A>(0, m, n, H_, acc, 4 * n, n, bias_.const_data_ptr<A>() + j0, 0, c_prev + j0,
+  const int64_t j0 = p_.slices.begin(s), n = p_.slices.size(s);
+  const A* acc = p_.both(s, m, x, ldx, h_prev);  // [m, 4 n]
+  fwd_rows<T, A>(0, m, n, p_.H, acc, 4 * n, n, bias_.const_data_ptr<A>() + j0, 0, c_prev + j0,
                  gates + j0, c_new + j0, h_new + j0);
 }
 

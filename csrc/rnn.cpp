@@ -221,29 +221,18 @@ RnnSteps<T>::RnnSteps(const UnitSlices& slices, int64_t B, const at::Tensor& w_i
                       const at::Tensor& w_hh, const at::Tensor& bias, bool relu,
                       const std::optional<at::Tensor>& s_ih,
                       const std::optional<at::Tensor>& s_hh)
-    : slices_(slices),
-      H_(w_hh.size(1)),
-      input_(slices, w_ih, B, s_ih),
-      hidden_(slices, w_hh, B, s_hh),
-      bias_(bias),
-      relu_(relu) {
-  for (int64_t s = 0; s < slices.count; ++s) {
-    accs_.push_back(at::empty({B, slices.size(s)}, bias.options()));
-  }
-}
+    : p_(slices, B, w_ih, w_hh, s_ih, s_hh), bias_(bias), relu_(relu) {}
 
 template <typename T>
 void RnnSteps<T>::step(int64_t s, int64_t m, const T* x, int64_t ldx, const T* h_prev,
                        T* h_new) const {
-  const int64_t j0 = slices_.begin(s), n = slices_.size(s);
-  A* acc = accs_[s].template data_ptr<A>();
-  input_.rows(s, m, x, ldx, A(0), acc, n);  // x_t @ W_ih^T [m, n]
-  hidden_.rows(s, m, h_prev, H_, A(1), acc, n);  // += h_{t-1} @ W_hh^T
+  const int64_t j0 = p_.slices.begin(s), n = p_.slices.size(s);
+  const A* acc = p_.both(s, m, x, ldx, h_prev);  // [m, n]
   const A* b = bias_.const_data_ptr<A>() + j0;
   if (relu_) {
-    fwd_rows<T, A, true>(0, m, n, H_, acc, n, b, 0, h_new + j0);
+    fwd_rows<T, A, true>(0, m, n, p_.H, acc, n, b, 0, h_new + j0);
   } else {
-    fwd_rows<T, A, false>(0, m, n, H_, acc, n, b, 0, h_new + j0);
+    fwd_rows<T, A, false>(0, m, n, p_.H, acc, n, b, 0, h_new + j0);
   }
 }
 
