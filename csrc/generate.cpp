@@ -111,10 +111,30 @@ struct LoopEngines {
   std::string cell;
   int64_t K, threads;
   std::vector<at::Tensor> keys;
-  std::vector<int64_t> versions;
-  std::vector<c10::Storage> storages;  // held, so that no other storage takes their place
-  std::vector<const void*> data;
-  std::vector<std::vector<int64_t>> shapes;  // sizes then strides
+  // What a key tensor was when the engines were built from it: its version (0 for an
+  // absent tensor, -1 where it has none: an inference tensor, never matched), its storage
+  // (held, so that no other storage takes its place), data pointer, sizes and strides.
+  struct KeyState {
+    int64_t version = 0;
+    c10::Storage storage;
+    const void* data = nullptr;
+    std::vector<int64_t> shape;  // sizes then strides
+
+    explicit KeyState(const at::Tensor& t) {
+      if (!t.defined()) {
+        return;
+      }
+      version = t.is_inference() ? -1
+                                 : static_cast<int64_t>(
+                                       t.unsafeGetTensorImpl()->version_counter().current_version());
+      storage = t.storage();
+      data = t.const_data_ptr();
+      shape = t.sizes().vec();
+      const auto st = t.strides();
+      shape.insert(shape.end(), st.begin(), st.end());
+    }
+  };
+  std::vector<KeyState> states;
   UnitSlices slices, rows;
   std::vector<LstmSteps<T>> lstms;
   std::vector<GruSteps<T>> grus;
@@ -131,10 +151,7 @@ struct LoopEngines {
         K(K_),
         threads(at::get_num_threads()),
         keys(std::move(keys_)),
-        versions(version_of(keys)),
-        storages(storage_of(keys)),
-        data(data_of(keys)),
-        shapes(shape_of(keys)),
+        states(keys.begin(), keys.end()),
         slices(H, cell == "lstm" ? 4 : cell == "gru" ? 3 : 1),
         rows(head_w_.size(0), 1, slices.count),  // the head's rows of W, a slice per thread
         head_w(head_w_.contiguous()),
@@ -158,67 +175,19 @@ struct LoopEngines {
     }
   }
 
-  // The version of each key tensor: 0 for an absent (undefined) one, -1 where a tensor has
-  // none (an inference tensor, which is never matched).
-  static std::vector<int64_t> version_of(const std::vector<at::Tensor>& ts) {
-    std::vector<int64_t> out;
-    for (const auto& t : ts) {
-      if (!t.defined()) {
-        out.push_back(0);
-      } else if (t.is_inference()) {
-        out.push_back(-1);
-      } else {
-        out.push_back(
-            static_cast<int64_t>(t.unsafeGetTensorImpl()->version_counter().current_version()));
-      }
-    }
-    return out;
-  }
-
-  static std::vector<c10::Storage> storage_of(const std::vector<at::Tensor>& ts) {
-    std::vector<c10::Storage> out;
-    for (const auto& t : ts) {
-      out.push_back(t.defined() ? t.storage() : c10::Storage());
-    }
-    return out;
-  }
-
-  static std::vector<const void*> data_of(const std::vector<at::Tensor>& ts) {
-    std::vector<const void*> out;
-    for (const auto& t : ts) {
-      out.push_back(t.defined() ? t.const_data_ptr() : nullptr);
-    }
-    return out;
-  }
-
-  static std::vector<std::vector<int64_t>> shape_of(const std::vector<at::Tensor>& ts) {
-    std::vector<std::vector<int64_t>> out;
-    for (const auto& t : ts) {
-      std::vector<int64_t> v;
-      if (t.defined()) {
-        v = t.sizes().vec();
-        const auto st = t.strides();
-        v.insert(v.end(), st.begin(), st.end());
-      }
-      out.push_back(std::move(v));
-    }
-    return out;
-  }
-
   bool matches(const std::string& cell_, int64_t K_, const std::vector<at::Tensor>& ts) const {
     if (cell_ != cell || K_ != K || at::get_num_threads() != threads || ts.size() != keys.size()) {
       return false;
     }
-    const auto now = version_of(ts);
-    const auto shape = shape_of(ts);
-    const auto ptrs = data_of(ts);
     for (size_t i = 0; i < ts.size(); ++i) {
-      if (ts[i].defined() != keys[i].defined() || now[i] < 0 || now[i] != versions[i] ||
-          ptrs[i] != data[i] || shape[i] != shapes[i]) {
+      const KeyState now(ts[i]);
+      const KeyState& then = states[i];
+      if (ts[i].defined() != keys[i].defined() || now.version < 0 ||
+          now.version != then.version || now.data != then.data || now.shape != then.shape) {
         return false;
       }
-      if (ts[i].defined() && (!ts[i].is_same(keys[i]) ||
-                              !ts[i].storage().is_alias_of(storages[i]))) {
+      if (ts[i].defined() &&
+          (!ts[i].is_same(keys[i]) || !now.storage.is_alias_of(then.storage))) {
         return false;
       }
     }
