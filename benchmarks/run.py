@@ -623,10 +623,11 @@ def memory_child(spec: dict) -> dict:
     The warm-up step allocates AdamW's state and any lazy buffers, which are the
     same for every impl, and ends with the gradients freed; what the timed step
     adds is activations, saved tensors, gradients and the kernels' scratch.
-    CPU reports two measures: ``peak_mb``, the tensor bytes live at the step's peak
-    (as ``torch.cuda.max_memory_allocated`` counts on CUDA), and ``rss_mb``, the
-    resident memory's high-water mark, which also counts memory outside tensors and
-    leaves out allocated pages never touched.
+    CPU reports three measures: ``peak_mb``, the tensor bytes live at the step's peak
+    (as ``torch.cuda.max_memory_allocated`` counts on CUDA), ``rss_mb``, the
+    resident memory's high-water mark above the warm-up state, which also counts memory
+    outside tensors and leaves out allocated pages never touched, and ``rss_peak_mb``,
+    that high-water mark for the whole process.
     """
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
@@ -754,7 +755,8 @@ def print_extras(result: dict) -> None:
         r0 = result["memory"][0]
         print(
             f"Peak training memory: one step of the training model (batch {r0['batch']}, block "
-            f"{r0['block']}) above the state after a warm-up step, a fresh process each"
+            f"{r0['block']}) above the state after a warm-up step, a fresh process each; peak RSS:"
+            " the whole process's resident high-water mark in that step"
         )
 
         def mb(r: dict, key: str, ratio: str) -> list[str]:
