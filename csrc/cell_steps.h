@@ -36,13 +36,23 @@ struct StepProducts {
     }
   }
 
-  // Slice s's accumulator for m rows: x @ W_ih[slice]^T + h_prev @ W_hh[slice]^T.
+  // Slice s's accumulator for m rows: x @ W_ih[slice]^T + h_prev @ W_hh[slice]^T, in two
+  // halves: the input one needs no other slice's h_{t-1}, so a time loop can run it
+  // while the other threads finish step t-1 (UnitSlices::run's `ahead`).
   A* both(int64_t s, int64_t m, const T* x, int64_t ldx, const T* h_prev) const {
+    input_half(s, m, x, ldx);
+    return hidden_half(s, m, h_prev);
+  }
+  void input_half(int64_t s, int64_t m, const T* x, int64_t ldx) const {
+    input.rows(s, m, x, ldx, A(0), accs[s].template data_ptr<A>(), ld(s));
+  }
+  A* hidden_half(int64_t s, int64_t m, const T* h_prev) const {
     A* acc = accs[s].template data_ptr<A>();
-    const int64_t ld = slices.n_gates() * slices.size(s);
-    input.rows(s, m, x, ldx, A(0), acc, ld);
-    hidden.rows(s, m, h_prev, P, A(1), acc, ld);
+    hidden.rows(s, m, h_prev, P, A(1), acc, ld(s));
     return acc;
+  }
+  int64_t ld(int64_t s) const {
+    return slices.n_gates() * slices.size(s);
   }
 
   UnitSlices slices;
@@ -63,7 +73,16 @@ class LstmSteps {
             const std::optional<at::Tensor>& s_hh = std::nullopt);
   // c_prev and c_new [m, H] may be the same buffer.
   void step(int64_t s, int64_t m, const T* x, int64_t ldx, const T* h_prev, const A* c_prev,
-            T* gates, A* c_new, T* h_new) const;
+            T* gates, A* c_new, T* h_new) const {
+    input_half(s, m, x, ldx);
+    hidden_half(s, m, h_prev, c_prev, gates, c_new, h_new);
+  }
+  // step() in its two halves (StepProducts): x_t's product, then h_{t-1}'s and the gates.
+  void input_half(int64_t s, int64_t m, const T* x, int64_t ldx) const {
+    p_.input_half(s, m, x, ldx);
+  }
+  void hidden_half(int64_t s, int64_t m, const T* h_prev, const A* c_prev, T* gates, A* c_new,
+                   T* h_new) const;
 
  private:
   StepProducts<T> p_;

@@ -15,11 +15,20 @@
 #endif
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <optional>
+#include <thread>
 #include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 // Each op defines `constexpr const char* OP` so the messages name the op too.
 #define CHECK_CPU(x) \
@@ -324,6 +333,51 @@ FASTCHAR_INLINE A relu_act(A x) {
 
 namespace fastchar {
 
+// A barrier split in two for the time loops' threads: arrive(tid, phase) publishes that
+// thread tid has finished the phase (its writes before it become visible), wait(n,
+// phase) spins until threads 0..n-1 all have. Between the two a thread may do work of
+// its own. Each flag has its own cache line; after a long spin a thread yields, so an
+// oversubscribed CPU still makes progress.
+class StepFlags {
+ public:
+  explicit StepFlags(int64_t n) : flags_(static_cast<size_t>(n)) {}
+  void arrive(int64_t tid, int64_t phase) {
+    flags_[tid].v.store(phase, std::memory_order_release);
+  }
+  // A whole barrier: arrive, then wait.
+  void sync(int64_t tid, int64_t n, int64_t phase) {
+    arrive(tid, phase);
+    wait(n, phase);
+  }
+  void wait(int64_t n, int64_t phase) const {
+    for (int64_t k = 0; k < n; ++k) {
+      for (int spins = 0; flags_[k].v.load(std::memory_order_acquire) < phase; ++spins) {
+        if (spins < kSpins) {
+          pause();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+    }
+  }
+
+ private:
+  static void pause() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_pause();
+#endif
+  }
+  // Pauses before each yield: a wait between two steps lasts a few thousand cycles; a
+  // thread that is not running (more threads than cores) must get the core soon.
+  static constexpr int kSpins = 256;
+  struct alignas(64) Flag {
+    std::atomic<int64_t> v{0};
+  };
+  std::vector<Flag> flags_;
+};
+
+inline constexpr auto kNoWork = [](int64_t, int64_t) {};
+
 // Hidden units split into contiguous slices, one per thread, for time loops
 // that run inside a single parallel region: a thread keeps its slice of W_hh
 // in its own core's cache and meets the others at one barrier per step,
@@ -370,30 +424,41 @@ class UnitSlices {
   // after(s, i). A thread always serves the same slices, so a slice's own
   // data needs no barrier between after(s, i) and before(s, i + 1); with `sync_after`
   // there is one there too (before needs every slice's after: an LSTM projection).
-  template <typename Before, typename After>
-  void run(int64_t steps, const Before& before, const After& after, bool sync_after = false) const {
+  // `ahead(s, i)` runs inside the first barrier, after this thread's arrival and before
+  // its wait: work that needs only the slice's own data (the next step's input product),
+  // done while the other threads finish theirs.
+  template <typename Before, typename After, typename Ahead = decltype(kNoWork)>
+  void run(int64_t steps, const Before& before, const After& after, bool sync_after = false,
+           const Ahead& ahead = kNoWork) const {
     if (count == 1) {
       for (int64_t i = 0; i < steps; ++i) {
         before(0, i);
+        ahead(0, i);
         after(0, i);
       }
       engines::release_thread();
       return;
     }
 #ifdef _OPENMP
+    StepFlags flags(count);
 #pragma omp parallel num_threads(count)
     {
       const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      int64_t phase = 0;
       for (int64_t i = 0; i < steps; ++i) {
         for (int64_t s = tid; s < count; s += nth) {
           before(s, i);
         }
-#pragma omp barrier
+        flags.arrive(tid, ++phase);
+        for (int64_t s = tid; s < count; s += nth) {
+          ahead(s, i);
+        }
+        flags.wait(nth, phase);
         for (int64_t s = tid; s < count; s += nth) {
           after(s, i);
         }
         if (sync_after) {
-#pragma omp barrier
+          flags.sync(tid, nth, ++phase);
         }
       }
       engines::release_thread();
@@ -420,21 +485,49 @@ struct SliceGemms {
   std::vector<at::Tensor> weights;
   std::vector<StepGemm<T>> gemms;
 
-  SliceGemms(const UnitSlices& slices, const at::Tensor& w, int64_t B, bool forward) {
-    const int64_t G = w.size(0), K = w.size(1);
-    const int threads = static_cast<int>(slices.count);  // slices run at once, one per thread
-    for (int64_t s = 0; s < slices.count; ++s) {
+  // Each slice's rows (or columns) of W are copied and packed on the thread that will run
+  // them (UnitSlices::run serves slice s on thread s): half the time on two threads, and
+  // the packed W starts in that thread's cache.
+  SliceGemms(const UnitSlices& slices, const at::Tensor& w, int64_t B, bool forward)
+      : weights(slices.count), gemms(slices.count) {
+    const int64_t G = w.size(0), K = w.size(1), count = slices.count;
+    const int threads = static_cast<int>(count);  // slices run at once, one per thread
+    // [B, n_gates * n] @ [n_gates * n, K]^T forward, [B, G] @ [G, n] backward
+    auto shape = [&](int64_t s) {
       const int64_t n = slices.size(s);
-      if (forward) {
-        weights.push_back(slices.gate_rows(w, s));  // [n_gates * n, K]
-        gemms.emplace_back(true, B, slices.n_gates() * n, K,
-                           weights.back().template const_data_ptr<T>(), K, threads);
-      } else {
-        weights.push_back(slices.columns(w, s));  // [G, n]
-        gemms.emplace_back(false, B, n, G, weights.back().template const_data_ptr<T>(), n,
-                           threads);
+      return forward ? std::array<int64_t, 2>{slices.n_gates() * n, K}
+                     : std::array<int64_t, 2>{n, G};
+    };
+    std::vector<engines::Engine> engines(count);
+    for (int64_t s = 0; s < count; ++s) {
+      const auto [N, k] = shape(s);
+      engines[s] = StepGemm<T>::engine(forward, B, N, k, threads);
+    }
+    auto build = [&](int64_t s) {
+      const auto [N, k] = shape(s);
+      weights[s] = forward ? slices.gate_rows(w, s) : slices.columns(w, s);
+      gemms[s] = StepGemm<T>(forward, B, N, k, weights[s].template const_data_ptr<T>(),
+                             forward ? K : N, engines[s]);
+    };
+    if (count == 1) {
+      build(0);
+      return;
+    }
+#ifdef _OPENMP
+    std::exception_ptr error;
+#pragma omp parallel for num_threads(count) schedule(static, 1)
+    for (int64_t s = 0; s < count; ++s) {
+      try {
+        build(s);
+      } catch (...) {
+#pragma omp critical(fastchar_slice_gemms)
+        error = std::current_exception();
       }
     }
+    if (error) {
+      std::rethrow_exception(error);
+    }
+#endif
   }
 };
 

@@ -97,16 +97,21 @@ const Cpu& cpu() {
   return c;
 }
 
-// B = op(W) [K, N] (from W [N, K] when trans_w, else W [K, N]) as float32 panels.
+// B = op(W) [K, N] (from W [N, K] when trans_w, else W [K, N]) as float32 panels. Each
+// panel is written in order, lane by lane, while its 16 columns of B are read: 16 rows of
+// W at once (trans_w) or 16 contiguous values of each row.
 template <typename T>
 at::Tensor pack_panels(bool trans_w, int64_t N, int64_t K, const T* W, int64_t ldw) {
   const int64_t panels = (N + kPanel - 1) / kPanel;
-  auto out = at::zeros({panels, K, kPanel}, at::kFloat);  // [panels, K, 16]
+  auto out = at::empty({panels, K, kPanel}, at::kFloat);  // [panels, K, 16]
   float* o = out.data_ptr<float>();
-  for (int64_t n = 0; n < N; ++n) {
-    float* col = o + (n / kPanel) * K * kPanel + n % kPanel;
-    for (int64_t k = 0; k < K; ++k) {
-      col[k * kPanel] = float(trans_w ? W[n * ldw + k] : W[k * ldw + n]);
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t n0 = p * kPanel, nn = std::min(kPanel, N - n0);
+    float* dst = o + p * K * kPanel;
+    for (int64_t k = 0; k < K; ++k, dst += kPanel) {
+      for (int64_t j = 0; j < kPanel; ++j) {
+        dst[j] = j >= nn ? 0.0f : float(trans_w ? W[(n0 + j) * ldw + k] : W[k * ldw + n0 + j]);
+      }
     }
   }
   return out;
@@ -114,18 +119,21 @@ at::Tensor pack_panels(bool trans_w, int64_t N, int64_t K, const T* W, int64_t l
 
 // B = op(W) [K, N] of bfloat16 as panels of pairs (gemm_fma.inc): lane j of step s of
 // panel p holds B[2s][16p + j] in its low 16 bits and B[2s + 1][16p + j] in its high
-// ones; an odd K ends with a zero.
+// ones; an odd K ends with a zero. Written in order, as pack_panels.
 at::Tensor pack_pairs(bool trans_w, int64_t N, int64_t K, const at::BFloat16* W, int64_t ldw) {
   const int64_t panels = (N + kPanel - 1) / kPanel, steps = (K + 1) / 2;
-  auto out = at::zeros({panels, steps, kPanel}, at::kInt);
+  auto out = at::empty({panels, steps, kPanel}, at::kInt);
   auto* o = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   auto bits = [&](int64_t k, int64_t n) -> uint32_t {
     return k < K ? (trans_w ? W[n * ldw + k] : W[k * ldw + n]).x : 0;
   };
-  for (int64_t n = 0; n < N; ++n) {
-    uint32_t* col = o + (n / kPanel) * steps * kPanel + n % kPanel;
-    for (int64_t s = 0; s < steps; ++s) {
-      col[s * kPanel] = bits(2 * s, n) | bits(2 * s + 1, n) << 16;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t n0 = p * kPanel, nn = std::min(kPanel, N - n0);
+    uint32_t* dst = o + p * steps * kPanel;
+    for (int64_t s = 0; s < steps; ++s, dst += kPanel) {
+      for (int64_t j = 0; j < kPanel; ++j) {
+        dst[j] = j >= nn ? 0u : bits(2 * s, n0 + j) | bits(2 * s + 1, n0 + j) << 16;
+      }
     }
   }
   return out;

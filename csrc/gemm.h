@@ -182,15 +182,33 @@ class StepGemm {
   // `threads`: how many StepGemms run at once (the time loop's slices), for the plan.
   StepGemm(bool trans_w, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw,
            int threads = 1)
+      : StepGemm(trans_w, M, N, K, W, ldw, engine(trans_w, M, N, K, threads)) {}
+
+  // On a given engine (from engine()): the plan may measure, so a time loop asks it on
+  // one thread and may then pack each slice's W on the thread that will use it.
+  StepGemm(bool trans_w, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw,
+           engines::Engine e)
       : trans_w_(trans_w), M_(M), N_(N), K_(K), W_(W), ldw_(ldw) {
     if constexpr (!std::is_same_v<T, double>) {
       if (M > 0 && N > 0 && K > 0) {
         const auto dtype = c10::CppTypeToScalarType<T>::value;
-        const auto op = trans_w ? engines::Op::kNT : engines::Op::kNN;
-        kernel_ = engines::make_kernel(engines::choose(dtype, op, M, N, K, threads), dtype, op, M,
-                                       N, K, W, ldw);
+        kernel_ = engines::make_kernel(e, dtype, op(trans_w), M, N, K, W, ldw);
       }
     }
+  }
+
+  StepGemm() = default;  // a placeholder, assigned before use
+
+  // The planned engine for this shape (any engine for float64 and empty shapes, which
+  // run torch's BLAS).
+  static engines::Engine engine(bool trans_w, int64_t M, int64_t N, int64_t K, int threads) {
+    if constexpr (!std::is_same_v<T, double>) {
+      if (M > 0 && N > 0 && K > 0) {
+        return engines::choose(c10::CppTypeToScalarType<T>::value, op(trans_w), M, N, K,
+                               threads);
+      }
+    }
+    return engines::Engine::kMkl;
   }
 
   void operator()(const T* A, int64_t lda, acc_t<T> beta, acc_t<T>* C, int64_t ldc) const {
@@ -209,10 +227,14 @@ class StepGemm {
   }
 
  private:
-  bool trans_w_;
-  int64_t M_, N_, K_;
-  const T* W_;
-  int64_t ldw_;
+  static engines::Op op(bool trans_w) {
+    return trans_w ? engines::Op::kNT : engines::Op::kNN;
+  }
+
+  bool trans_w_ = false;
+  int64_t M_ = 0, N_ = 0, K_ = 0;
+  const T* W_ = nullptr;
+  int64_t ldw_ = 0;
   std::shared_ptr<engines::Kernel> kernel_;
 };
 

@@ -101,14 +101,25 @@ void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
   const A* c0_p = c0.const_data_ptr<A>();
   if (w_ih != nullptr) {  // the input projection in the loop: LstmSteps
     const LstmSteps<T> steps(slices, B, *w_ih, w_hh, *bias);
+    auto input_half = [&](int64_t s, int64_t t) {
+      steps.input_half(s, st.rows[t], in_p + st.off[t] * K, K);
+    };
     auto step = [&](int64_t s, int64_t t) {
       const int64_t m = st.rows[t], r = st.off[t];
       const T* h_prev = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
       const A* c_prev = t > 0 ? cs_p + st.off[t - 1] * H : c0_p;
-      steps.step(s, m, in_p + r * K, K, h_prev, c_prev, gates_p + r * G, cs_p + r * H,
-                 out_p + r * H);
+      if (t == 0) {
+        input_half(s, 0);
+      }
+      steps.hidden_half(s, m, h_prev, c_prev, gates_p + r * G, cs_p + r * H, out_p + r * H);
     };
-    slices.run(st.T, step, [](int64_t, int64_t) {});
+    // x_{t+1}'s product runs while the other threads finish step t.
+    auto next_input = [&](int64_t s, int64_t t) {
+      if (t + 1 < st.T) {
+        input_half(s, t + 1);
+      }
+    };
+    slices.run(st.T, step, kNoWork, false, next_input);
     return;
   }
   const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
@@ -498,10 +509,10 @@ LstmSteps<T>::LstmSteps(const UnitSlices& slices, int64_t B, const at::Tensor& w
     : p_(slices, B, w_ih, w_hh, s_ih, s_hh), bias_(bias) {}
 
 template <typename T>
-void LstmSteps<T>::step(int64_t s, int64_t m, const T* x, int64_t ldx, const T* h_prev,
-                        const A* c_prev, T* gates, A* c_new, T* h_new) const {
+void LstmSteps<T>::hidden_half(int64_t s, int64_t m, const T* h_prev, const A* c_prev, T* gates,
+                               A* c_new, T* h_new) const {
   const int64_t j0 = p_.slices.begin(s), n = p_.slices.size(s);
-  const A* acc = p_.both(s, m, x, ldx, h_prev);  // [m, 4 n]
+  const A* acc = p_.hidden_half(s, m, h_prev);  // [m, 4 n]
   fwd_rows<T, A>(0, m, n, p_.H, acc, 4 * n, n, bias_.const_data_ptr<A>() + j0, 0, c_prev + j0,
                  gates + j0, c_new + j0, h_new + j0);
 }
