@@ -198,7 +198,7 @@ struct LoopEngines {
 // The sampling loop in one parallel region, float32 or bfloat16 weights: per step thread 0
 // draws the K ids and gathers their embedding rows, then every layer's step runs with
 // each thread on its unit slices and the head with each thread on its slice of the V
-// logits, a barrier after each: L + 2 barriers a step, no fork, no allocation. h and c
+// logits, a barrier after each (StepFlags): L + 2 barriers a step, no fork, no allocation. h and c
 // [K, H] per layer and logits [K, V] are replaced by their values after the last step.
 template <typename T>
 void fused_loop(const LoopEngines<T>& eng, const at::Tensor& emb, std::vector<at::Tensor>& h,
@@ -284,10 +284,13 @@ void fused_loop(const LoopEngines<T>& eng, const at::Tensor& emb, std::vector<at
   };
 #ifdef _OPENMP
   if (count > 1) {
+    StepFlags flags(count);
 #pragma omp parallel num_threads(count)
-    run(omp_get_thread_num(), omp_get_num_threads(), [] {
-#pragma omp barrier
-    });
+    {
+      const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      int64_t phase = 0;
+      run(tid, nth, [&] { flags.sync(tid, nth, ++phase); });
+    }
   } else {
     run(0, 1, [] {});
   }
