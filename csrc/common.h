@@ -351,8 +351,9 @@ class StepFlags {
   }
   void wait(int64_t n, int64_t phase) const {
     for (int64_t k = 0; k < n; ++k) {
-      for (int spins = 0; flags_[k].v.load(std::memory_order_acquire) < phase; ++spins) {
+      for (int spins = 0; flags_[k].v.load(std::memory_order_acquire) < phase;) {
         if (spins < kSpins) {
+          ++spins;
           pause();
         } else {
           std::this_thread::yield();
@@ -509,11 +510,11 @@ struct SliceGemms {
       gemms[s] = StepGemm<T>(forward, B, N, k, weights[s].template const_data_ptr<T>(),
                              forward ? K : N, engines[s]);
     };
+#ifdef _OPENMP
     if (count == 1) {
       build(0);
       return;
     }
-#ifdef _OPENMP
     std::exception_ptr error;
 #pragma omp parallel for num_threads(count) schedule(static, 1)
     for (int64_t s = 0; s < count; ++s) {
@@ -526,6 +527,10 @@ struct SliceGemms {
     }
     if (error) {
       std::rethrow_exception(error);
+    }
+#else
+    for (int64_t s = 0; s < count; ++s) {
+      build(s);
     }
 #endif
   }

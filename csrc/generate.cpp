@@ -198,8 +198,9 @@ struct LoopEngines {
 // The sampling loop in one parallel region, float32 or bfloat16 weights: per step thread 0
 // draws the K ids and gathers their embedding rows, then every layer's step runs with
 // each thread on its unit slices and the head with each thread on its slice of the V
-// logits, a barrier after each (StepFlags): L + 2 barriers a step, no fork, no allocation. h and c
-// [K, H] per layer and logits [K, V] are replaced by their values after the last step.
+// logits, a barrier after each (StepFlags): L + 2 barriers a step, no fork, no
+// allocation. h and c [K, H] per layer and logits [K, V] are replaced by their values after
+// the last step.
 template <typename T>
 void fused_loop(const LoopEngines<T>& eng, const at::Tensor& emb, std::vector<at::Tensor>& h,
                 std::vector<at::Tensor>& c, at::Tensor& logits, int64_t length,

@@ -106,7 +106,7 @@ void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
       const T* h_prev = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
       steps.step(s, m, in_p + r * K, K, h_prev, gates_p + r * G, hn_p + r * H, out_p + r * H);
     };
-    slices.run(st.T, step, [](int64_t, int64_t) {});
+    slices.run(st.T, step, kNoWork);
     return;
   }
   const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
@@ -123,7 +123,7 @@ void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
     fwd_rows<T, T>(0, m, n, H, acc, 3 * n, n, in_p + r * G + j0, H, bhn + j0, h_prev + j0,
                    gates_p + r * G + j0, hn_p + r * H + j0, out_p + r * H + j0);
   };
-  slices.run(st.T, step, [](int64_t, int64_t) {});
+  slices.run(st.T, step, kNoWork);
 }
 
 template <typename T>

@@ -137,7 +137,7 @@ void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
     fwd_rows<T, T>(0, m, n, H, acc, 4 * n, n, in_p + r * G + j0, G, c_prev + j0,
                    gates_p + r * G + j0, cs_p + r * H + j0, out_p + r * H + j0);
   };
-  slices.run(st.T, step, [](int64_t, int64_t) {});
+  slices.run(st.T, step, kNoWork);
 }
 
 template <typename T>

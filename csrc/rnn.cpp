@@ -65,7 +65,7 @@ void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
       const T* h_prev = t > 0 ? out_p + st.off[t - 1] * H : h0_p;
       steps.step(s, m, in_p + r * K, K, h_prev, out_p + r * H);
     };
-    slices.run(st.T, step, [](int64_t, int64_t) {});
+    slices.run(st.T, step, kNoWork);
     return;
   }
   const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/true);
@@ -81,7 +81,7 @@ void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
     slice_gemms.gemms[s].rows(m, h_prev, H, A(0), acc, n);  // [m, n]
     fwd_rows<T, T, RELU>(0, m, n, H, acc, n, in_p + r * H + j0, H, out_p + r * H + j0);
   };
-  slices.run(st.T, step, [](int64_t, int64_t) {});
+  slices.run(st.T, step, kNoWork);
 }
 
 template <typename T, bool RELU>
