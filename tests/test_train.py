@@ -351,6 +351,88 @@ def test_dtype_auto_picks_by_the_measured_bf16_speedup(
     assert asked and asked[0][0] == 4  # an LSTM's step shapes
 
 
+@pytest.mark.parametrize(
+    "fp32, bf16, last, want",
+    [
+        (0.2, 0.1, 3000, "float32"),  # both reach the 3000 steps: float32's precision wins
+        (0.35, 0.1, 3000, "bfloat16"),  # float32 reaches 1721 of them, bfloat16 3000
+        (0.2, 0.1, 10**6, "bfloat16"),  # no cap in reach: 2x the steps
+        (0.14, 0.1, 10**6, "float32"),  # 1.4x the steps: not enough
+    ],
+)
+def test_dtype_trial_decides_by_the_steps_each_reaches(fp32, bf16, last, want):
+    from fastchar.training.device import DtypeTrial
+
+    trial = DtypeTrial(time_limit=600.0, last_step=last)
+    dtype, note = trial.decide(16, 3.0, {"float32": fp32, "bfloat16": bf16})
+    assert dtype == want and note.startswith(f"--dtype auto: {want} (")
+    reach_fp32 = min(last, 16 + int(597.0 / fp32))
+    assert f"float32 {reach_fp32}:" in note
+
+
+def test_dtype_trial_times_each_dtype_after_its_warmup():
+    from fastchar.training.device import DtypeTrial
+
+    trial = DtypeTrial(time_limit=60.0, last_step=1000)
+    half = DtypeTrial.WARMUP + DtypeTrial.TIMED
+    dtypes = [trial.dtype_at(step) for step in range(2 * half)]
+    assert dtypes == ["float32"] * half + ["bfloat16"] * half
+    for step in range(2 * half):
+        assert not trial.done(step)
+        trial.record(step, float(step))
+    assert trial.done(2 * half)
+    timed = list(range(DtypeTrial.WARMUP, half))
+    assert trial.times["float32"] == [float(s) for s in timed]
+    assert trial.times["bfloat16"] == [float(s + half) for s in timed]
+    assert trial.medians() == {
+        "float32": timed[len(timed) // 2],
+        "bfloat16": timed[len(timed) // 2] + half,
+    }
+
+
+@pytest.mark.parametrize(
+    "medians, want", [(None, "float32"), ({"float32": 10.0, "bfloat16": 0.1}, "bfloat16")]
+)
+def test_dtype_auto_under_a_time_limit_times_both_then_keeps_one(
+    text_file, tmp_path, capsys, monkeypatch, medians, want
+):
+    """--dtype auto with a time limit, where the bf16 step GEMMs are the faster: the first
+    steps train in float32, then in bfloat16, and the rest in the dtype whose steps reach
+    further. With a limit both reach the last step by, float32 (the real timings); with
+    float32 steps too slow to reach it, bfloat16."""
+    from fastchar import plan
+    from fastchar.backends import cpp_loaded
+    from fastchar.training.device import DtypeTrial
+    from fastchar.training.loop import Trainer
+
+    if not cpp_loaded():
+        pytest.skip("--dtype auto measures the C++ step GEMMs")
+    monkeypatch.setattr(plan, "bf16_step_speedup", lambda n_gates, B, H: 2.0)
+    if medians is not None:
+        monkeypatch.setattr(DtypeTrial, "medians", lambda self: medians)
+    used = []
+    train_step = Trainer.train_step
+
+    def spy(self):
+        used.append(self.cfg.dtype)
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    steps = 8 * DtypeTrial.span()
+    limit = "100000" if medians is None else "100"
+    out = tmp_path / "run"
+    args = tiny_args(text_file, out, "--dtype", "auto", "--impl", "cpp", "--sample-length", "0")
+    args += ["--steps", str(steps), "--eval-interval", str(steps), "--time-limit", limit]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    half = DtypeTrial.span() // 2
+    assert used == ["float32"] * half + ["bfloat16"] * half + [want] * (steps - 2 * half)
+    assert "the first 16 steps time float32 and bfloat16" in err
+    assert f"--dtype auto: {want} (steps timed:" in err
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == steps and ckpt["config"]["dtype"] == want
+
+
 def test_dtype_auto_is_float32_off_the_cpp_kernels():
     from fastchar.training.device import pick_dtype
 

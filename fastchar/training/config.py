@@ -80,7 +80,8 @@ class TrainConfig:
         metadata=_meta(
             "compute dtype; bfloat16/float16 keep float32 weights and autocast "
             "(float16: CUDA only, with a grad scaler); auto: bfloat16 where this CPU's "
-            "bf16 step GEMMs measure >= 1.5x its float32 ones, else float32",
+            "bf16 step GEMMs measure >= 1.5x its float32 ones (under --time-limit: and "
+            "its first steps, timed, reach >= 1.5x float32's by the limit), else float32",
             choices=DTYPES,
         ),
     )

@@ -43,7 +43,7 @@ from fastchar.training.checkpoint import (
     set_rng_state,
 )
 from fastchar.training.config import AUTOCAST_DTYPES, FP16_NEEDS_CUDA, TrainConfig
-from fastchar.training.device import check_impl, pick_device, pick_dtype
+from fastchar.training.device import DtypeTrial, check_impl, pick_device, pick_dtype
 from fastchar.training.errors import CheckpointError, ConfigError, TrainError, first_line
 from fastchar.training.progress import Progress
 
@@ -118,6 +118,14 @@ class Trainer:
             cfg.batch_size // self.world.size,
             cfg.hidden,
         )
+        self.dtype_trial: DtypeTrial | None = None
+        if cfg.dtype == "auto" and DtypeTrial.wanted(dtype, cfg.time_limit, cfg.steps):
+            self.dtype_trial = DtypeTrial(cfg.time_limit, cfg.steps)
+            dtype = self.dtype_trial.dtype_at(0)
+            self.dtype_note += (
+                f"; under the time limit the first {DtypeTrial.span()} steps time float32 "
+                "and bfloat16 training steps, and the steps each reaches decide"
+            )
         if dtype != cfg.dtype:
             self.cfg = cfg = dataclasses.replace(cfg, dtype=dtype)
         self.manifest = manifest
@@ -389,9 +397,13 @@ class Trainer:
         window_tokens, window_time = 0, 0.0
         self._clock = (time.perf_counter(), self.wall)
         while self.step < last and not self.out_of_time:
+            if self.dtype_trial is not None:
+                self._use_dtype(self.dtype_trial.dtype_at(self.step))
             t0 = time.perf_counter()
             loss = self.train_step()
             dt = time.perf_counter() - t0
+            if self.dtype_trial is not None:
+                self._trial_step(dt, progress)
             self.elapsed += dt
             window_tokens += tokens_per_step
             window_time += dt
@@ -426,6 +438,24 @@ class Trainer:
                 f"({record['val_bpc']:.3f} bpc) | {record['tokens_per_sec']:,.0f} tok/s"
                 + (" | best" if best else "")
             )
+
+    def _use_dtype(self, dtype: str) -> None:
+        if dtype != self.cfg.dtype:
+            self.cfg = dataclasses.replace(self.cfg, dtype=dtype)
+
+    def _trial_step(self, seconds: float, progress: Progress) -> None:
+        """--dtype auto's trial (DtypeTrial): step ``self.step``'s time, and once the
+        trial is over, the dtype for the rest of the run (the same on every rank)."""
+        trial = self.dtype_trial
+        trial.record(self.step - 1, seconds)
+        if not trial.done(self.step):
+            return
+        medians = trial.medians()
+        seconds = dict(zip(medians, self.world.mean(list(medians.values())), strict=True))
+        dtype, self.dtype_note = trial.decide(self.step, self.wall, seconds)
+        self._use_dtype(dtype)
+        self.dtype_trial = None
+        progress.log(self.dtype_note)
 
     def sample(self, length: int, temperature: float = 0.8) -> str:
         """A seeded sample from a newline prime (or the first character), prime included."""
