@@ -114,7 +114,9 @@ class DtypeTrial:
         dtype's seconds a step (``seconds``, the same on every rank) at ``step`` steps
         and ``wall`` seconds into the limit."""
         left = max(self.time_limit - wall, 0.0)
-        reach = {d: min(self.last_step, step + int(left / t)) for d, t in seconds.items()}
+        reach = {
+            d: min(self.last_step, step + int(left / max(t, 1e-9))) for d, t in seconds.items()
+        }
         gain = reach["bfloat16"] / max(reach["float32"], 1)
         pick = "bfloat16" if gain >= BF16_MIN_SPEEDUP else "float32"
         return pick, (
