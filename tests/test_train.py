@@ -390,16 +390,18 @@ def test_dtype_trial_times_each_dtype_after_its_warmup():
     }
 
 
+@pytest.mark.parametrize("stateful", [False, True])
 @pytest.mark.parametrize(
     "medians, want", [(None, "float32"), ({"float32": 10.0, "bfloat16": 0.1}, "bfloat16")]
 )
 def test_dtype_auto_under_a_time_limit_times_both_then_keeps_one(
-    text_file, tmp_path, capsys, monkeypatch, medians, want
+    text_file, tmp_path, capsys, monkeypatch, medians, want, stateful
 ):
     """--dtype auto with a time limit, where the bf16 step GEMMs are the faster: the first
     steps train in float32, then in bfloat16, and the rest in the dtype whose steps reach
     further. With a limit both reach the last step by, float32 (the real timings); with
-    float32 steps too slow to reach it, bfloat16."""
+    float32 steps too slow to reach it, bfloat16. --stateful carries its state across
+    both switches (a bfloat16 step's state into a float32 step)."""
     from fastchar import plan
     from fastchar.backends import cpp_loaded
     from fastchar.training.device import DtypeTrial
@@ -423,6 +425,7 @@ def test_dtype_auto_under_a_time_limit_times_both_then_keeps_one(
     out = tmp_path / "run"
     args = tiny_args(text_file, out, "--dtype", "auto", "--impl", "cpp", "--sample-length", "0")
     args += ["--steps", str(steps), "--eval-interval", str(steps), "--time-limit", limit]
+    args += ["--stateful"] if stateful else []
     assert cli.main(args) == 0
     err = capsys.readouterr().err
     half = DtypeTrial.span() // 2

@@ -69,12 +69,17 @@ def lr_at(cfg: TrainConfig, step: int, wall: float = 0.0) -> float:
     return cfg.lr - (cfg.lr - cfg.final_lr()) * (1.0 - scale)
 
 
-def _detach(state):
+def _map_state(state, fn):
+    """``fn`` applied to each tensor of a carried state (a tensor, a tuple of them, None)."""
     if state is None:
         return None
     if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)
-    return state.detach()
+        return tuple(fn(s) for s in state)
+    return fn(state)
+
+
+def _detach(state):
+    return _map_state(state, torch.Tensor.detach)
 
 
 def _state_list(state) -> list[torch.Tensor]:
@@ -442,6 +447,10 @@ class Trainer:
     def _use_dtype(self, dtype: str) -> None:
         if dtype != self.cfg.dtype:
             self.cfg = dataclasses.replace(self.cfg, dtype=dtype)
+            # --stateful: a state carried from a bfloat16 step is bfloat16; a float32 step
+            # takes float32 states only and an autocast one takes them too, so the state
+            # is float32 at every switch.
+            self.state = _map_state(self.state, torch.Tensor.float)
 
     def _trial_step(self, seconds: float, progress: Progress) -> None:
         """--dtype auto's trial (DtypeTrial): step ``self.step``'s time, and once the
