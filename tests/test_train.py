@@ -431,9 +431,51 @@ def test_dtype_auto_under_a_time_limit_times_both_then_keeps_one(
     half = DtypeTrial.span() // 2
     assert used == ["float32"] * half + ["bfloat16"] * half + [want] * (steps - 2 * half)
     assert "the first 16 steps time float32 and bfloat16" in err
-    assert f"--dtype auto: {want} (steps timed:" in err
+    assert f"--dtype auto: {want} (a step timed:" in err
     ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] == steps and ckpt["config"]["dtype"] == want
+
+
+@pytest.mark.parametrize("stop_at", [5, 12])  # in the float32 steps; in the bfloat16 ones
+def test_a_run_stopped_in_the_dtype_trial_runs_it_again_on_resume(
+    text_file, tmp_path, capsys, monkeypatch, stop_at
+):
+    """A checkpoint written during --dtype auto's trial says auto, not the trial's current
+    dtype: the resumed run times both again from its own step (its --stateful state, a
+    bfloat16 one when stopped in the bfloat16 steps, going into float32 steps)."""
+    from fastchar import plan
+    from fastchar.backends import cpp_loaded
+    from fastchar.training.device import DtypeTrial
+    from fastchar.training.loop import Trainer
+
+    if not cpp_loaded():
+        pytest.skip("--dtype auto measures the C++ step GEMMs")
+    monkeypatch.setattr(plan, "bf16_step_speedup", lambda n_gates, B, H: 2.0)
+    used = []
+    train_step = Trainer.train_step
+
+    def spy(self):
+        used.append(self.cfg.dtype)
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    steps = 8 * DtypeTrial.span()
+    out = tmp_path / "run"
+    args = tiny_args(text_file, out, "--dtype", "auto", "--impl", "cpp", "--sample-length", "0")
+    args += ["--steps", str(steps), "--time-limit", "100000", "--stateful"]
+    assert cli.main([*args, "--stop-at", str(stop_at)]) == 0
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == stop_at and ckpt["config"]["dtype"] == "auto"
+    capsys.readouterr()
+    assert cli.main(["--resume", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    half = DtypeTrial.span() // 2
+    assert used[stop_at:] == (
+        ["float32"] * half + ["bfloat16"] * half + ["float32"] * (steps - stop_at - 2 * half)
+    )
+    assert "--dtype auto: float32 (a step timed:" in err
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == steps and ckpt["config"]["dtype"] == "float32"
 
 
 def test_dtype_auto_is_float32_off_the_cpp_kernels():

@@ -8,9 +8,12 @@ files or checkpoints 1, each with one line on stderr.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 
 import torch
 
@@ -28,7 +31,7 @@ from fastchar.training.config import (
 from fastchar.training.corpora import describe_data, load_corpus
 from fastchar.training.device import pick_device
 from fastchar.training.errors import CheckpointError, ConfigError, TrainError, first_line
-from fastchar.training.loop import Trainer, stop_on_signals
+from fastchar.training.loop import Trainer
 from fastchar.training.progress import Progress
 
 PROG = "fastchar.train"
@@ -122,6 +125,27 @@ def run(given: dict, resume: bool = False) -> Trainer:
         distributed.shutdown()
 
 
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """SIGINT/SIGTERM ask ``trainer`` to stop after its current step; a second one acts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        trainer.stop_signal = signum
+        signal.signal(
+            signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        )
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device) -> Trainer:
     out = cfg.out
     ckpt_path = os.path.join(out, "ckpt.pt")
@@ -162,7 +186,8 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
     log(
         f"model: {cfg.model} {cfg.layers}x{cfg.hidden}, {n_params:,} parameters, vocab "
         f"{len(trainer.vocab)} | impl {cfg.impl} -> {trainer.kind} on {trainer.device} "
-        f"({trainer.cfg.dtype}, {torch.get_num_threads()} threads{ranks})"
+        f"({'auto: on trial' if trainer.dtype_trial else trainer.cfg.dtype}, "
+        f"{torch.get_num_threads()} threads{ranks})"
     )
     if trainer.impl_note:
         log(trainer.impl_note)

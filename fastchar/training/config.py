@@ -80,8 +80,9 @@ class TrainConfig:
         metadata=_meta(
             "compute dtype; bfloat16/float16 keep float32 weights and autocast "
             "(float16: CUDA only, with a grad scaler); auto: bfloat16 where this CPU's "
-            "bf16 step GEMMs measure >= 1.5x its float32 ones (under --time-limit: and "
-            "its first steps, timed, reach >= 1.5x float32's by the limit), else float32",
+            "bf16 step GEMMs measure >= 1.5x its float32 ones (under --time-limit with "
+            ">= 128 --steps: and its first 16 steps, 8 float32 then 8 bfloat16, timed, "
+            "project >= 1.5x float32's steps by the limit), else float32",
             choices=DTYPES,
         ),
     )
@@ -112,7 +113,7 @@ class TrainConfig:
         default=None,
         metadata=_meta(
             "stop after this many seconds in the training loop (evaluations included); "
-            "the decay then follows time instead of --steps"
+            "the decay then ends at the limit or at --steps, whichever comes first"
         ),
     )
     preset: str | None = field(

@@ -82,9 +82,10 @@ class DtypeTrial:
     WARMUP = 3  # steps left untimed after a switch: packing, and the plan's first timings
     TIMED = 5
 
-    def __init__(self, time_limit: float, last_step: int):
+    def __init__(self, time_limit: float, last_step: int, start: int = 0):
         self.time_limit = time_limit
         self.last_step = last_step
+        self.start = start  # the run's step the trial starts at (a resumed run's own)
         self.times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
 
     @classmethod
@@ -99,15 +100,15 @@ class DtypeTrial:
 
     def dtype_at(self, step: int) -> str:
         """The dtype of training step ``step`` (0-based) during the trial."""
-        return "float32" if step < self.span() // 2 else "bfloat16"
+        return "float32" if step - self.start < self.span() // 2 else "bfloat16"
 
     def record(self, step: int, seconds: float) -> None:
         """Step ``step``'s time, kept where it is one of a dtype's timed steps."""
-        if step % (self.span() // 2) >= self.WARMUP:
+        if (step - self.start) % (self.span() // 2) >= self.WARMUP:
             self.times[self.dtype_at(step)].append(seconds)
 
     def done(self, steps_taken: int) -> bool:
-        return steps_taken >= self.span()
+        return steps_taken - self.start >= self.span()
 
     def decide(self, step: int, wall: float, seconds: dict[str, float]) -> tuple[str, str]:
         """The dtype for the rest of the run and the note that says why, from each
@@ -120,7 +121,7 @@ class DtypeTrial:
         gain = reach["bfloat16"] / max(reach["float32"], 1)
         pick = "bfloat16" if gain >= BF16_MIN_SPEEDUP else "float32"
         return pick, (
-            f"--dtype auto: {pick} (steps timed: bfloat16 {seconds['bfloat16']:.3f} s, float32 "
+            f"--dtype auto: {pick} (a step timed: bfloat16 {seconds['bfloat16']:.3f} s, float32 "
             f"{seconds['float32']:.3f} s; by the {self.time_limit:g} s limit bfloat16 reaches "
             f"{reach['bfloat16']} of {self.last_step} steps, float32 {reach['float32']}: "
             f"{gain:.2f}x; bfloat16 from {BF16_MIN_SPEEDUP}x)"

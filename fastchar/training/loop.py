@@ -19,14 +19,11 @@ Shape letters: B batch, T block (time) length, V vocabulary, L layers, H hidden.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
-import signal
-import threading
 import time
 
 import torch
@@ -78,10 +75,6 @@ def _map_state(state, fn):
     return fn(state)
 
 
-def _detach(state):
-    return _map_state(state, torch.Tensor.detach)
-
-
 def _state_list(state) -> list[torch.Tensor]:
     return list(state) if isinstance(state, tuple) else [state]
 
@@ -123,6 +116,8 @@ class Trainer:
             cfg.batch_size // self.world.size,
             cfg.hidden,
         )
+        # Every rank trains in rank 0's pick (each rank's own timings could differ).
+        dtype, self.dtype_note = self.world.gather((dtype, self.dtype_note))[0]
         self.dtype_trial: DtypeTrial | None = None
         if cfg.dtype == "auto" and DtypeTrial.wanted(dtype, cfg.time_limit, cfg.steps):
             self.dtype_trial = DtypeTrial(cfg.time_limit, cfg.steps)
@@ -238,7 +233,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.skipped = 0
-            self.state = _detach(state) if cfg.stateful else None
+            self.state = _map_state(state, torch.Tensor.detach) if cfg.stateful else None
             return mean_loss
         what = f"loss {mean_loss}" if not math.isfinite(mean_loss) else f"gradient norm {norm}"
         if self.skipped < cfg.skip_nonfinite:
@@ -318,7 +313,9 @@ class Trainer:
             "rng": rng,
             "stream_state": stream_state,  # [L, B, H] per state tensor, all ranks' rows
             "world_size": self.world.size,
-            "config": self.cfg.to_dict(),
+            # During the trial the dtype is not chosen yet: a resumed run runs it again.
+            "config": self.cfg.to_dict()
+            | ({"dtype": "auto"} if self.dtype_trial is not None else {}),
             "vocab": self.vocab.to_dict(),
             "data_manifest": self.manifest,
         }
@@ -342,6 +339,10 @@ class Trainer:
                 set_rng_state(rng)
             self.batch_gen.set_state(rng["batch"])
             self.state = self._restore_stream_state(ckpt.get("stream_state"))
+            if self.dtype_trial is not None or self.cfg.dtype == "float32":
+                # A checkpoint written during auto's trial may hold a bfloat16 state; a
+                # trial starts in float32, and float32 steps take float32 states only.
+                self.state = _map_state(self.state, torch.Tensor.float)
             if self.scaler.is_enabled() and "scaler" in ckpt:
                 self.scaler.load_state_dict(ckpt["scaler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -401,6 +402,9 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.block_size
         window_tokens, window_time = 0, 0.0
         self._clock = (time.perf_counter(), self.wall)
+        trial = self.dtype_trial
+        if trial is not None and not any(trial.times.values()):
+            trial.start = self.step  # a resumed run's trial starts at its own step
         while self.step < last and not self.out_of_time:
             if self.dtype_trial is not None:
                 self._use_dtype(self.dtype_trial.dtype_at(self.step))
@@ -476,24 +480,3 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
         return prime + self.vocab.decode(ids)
-
-
-@contextlib.contextmanager
-def stop_on_signals(trainer: Trainer):
-    """SIGINT/SIGTERM ask ``trainer`` to stop after its current step; a second one acts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        trainer.stop_signal = signum
-        signal.signal(
-            signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
-        )
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
