@@ -390,28 +390,17 @@ def test_dtype_trial_times_each_dtype_after_its_warmup():
     }
 
 
-@pytest.mark.parametrize("stateful", [False, True])
-@pytest.mark.parametrize(
-    "medians, want", [(None, "float32"), ({"float32": 10.0, "bfloat16": 0.1}, "bfloat16")]
-)
-def test_dtype_auto_under_a_time_limit_times_both_then_keeps_one(
-    text_file, tmp_path, capsys, monkeypatch, medians, want, stateful
-):
-    """--dtype auto with a time limit, where the bf16 step GEMMs are the faster: the first
-    steps train in float32, then in bfloat16, and the rest in the dtype whose steps reach
-    further. With a limit both reach the last step by, float32 (the real timings); with
-    float32 steps too slow to reach it, bfloat16. --stateful carries its state across
-    both switches (a bfloat16 step's state into a float32 step)."""
+@pytest.fixture
+def trial_dtypes(monkeypatch):
+    """For --dtype auto's trial: the plan says bf16 step GEMMs run 2x float32's, and the
+    returned list gets the dtype of every training step the Trainer takes."""
     from fastchar import plan
     from fastchar.backends import cpp_loaded
-    from fastchar.training.device import DtypeTrial
     from fastchar.training.loop import Trainer
 
     if not cpp_loaded():
         pytest.skip("--dtype auto measures the C++ step GEMMs")
     monkeypatch.setattr(plan, "bf16_step_speedup", lambda n_gates, B, H: 2.0)
-    if medians is not None:
-        monkeypatch.setattr(DtypeTrial, "medians", lambda self: medians)
     used = []
     train_step = Trainer.train_step
 
@@ -420,6 +409,26 @@ def test_dtype_auto_under_a_time_limit_times_both_then_keeps_one(
         return train_step(self)
 
     monkeypatch.setattr(Trainer, "train_step", spy)
+    return used
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+@pytest.mark.parametrize(
+    "medians, want", [(None, "float32"), ({"float32": 10.0, "bfloat16": 0.1}, "bfloat16")]
+)
+def test_dtype_auto_under_a_time_limit_times_both_then_keeps_one(
+    text_file, tmp_path, capsys, monkeypatch, trial_dtypes, medians, want, stateful
+):
+    """--dtype auto with a time limit, where the bf16 step GEMMs are the faster: the first
+    steps train in float32, then in bfloat16, and the rest in the dtype whose steps reach
+    further. With a limit both reach the last step by, float32 (the real timings); with
+    float32 steps too slow to reach it, bfloat16. --stateful carries its state across
+    both switches (a bfloat16 step's state into a float32 step)."""
+    from fastchar.training.device import DtypeTrial
+
+    used = trial_dtypes
+    if medians is not None:
+        monkeypatch.setattr(DtypeTrial, "medians", lambda self: medians)
     steps = 8 * DtypeTrial.span()
     limit = "100000" if medians is None else "100"
     out = tmp_path / "run"
@@ -438,27 +447,14 @@ def test_dtype_auto_under_a_time_limit_times_both_then_keeps_one(
 
 @pytest.mark.parametrize("stop_at", [5, 12])  # in the float32 steps; in the bfloat16 ones
 def test_a_run_stopped_in_the_dtype_trial_runs_it_again_on_resume(
-    text_file, tmp_path, capsys, monkeypatch, stop_at
+    text_file, tmp_path, capsys, trial_dtypes, stop_at
 ):
     """A checkpoint written during --dtype auto's trial says auto, not the trial's current
     dtype: the resumed run times both again from its own step (its --stateful state, a
     bfloat16 one when stopped in the bfloat16 steps, going into float32 steps)."""
-    from fastchar import plan
-    from fastchar.backends import cpp_loaded
     from fastchar.training.device import DtypeTrial
-    from fastchar.training.loop import Trainer
 
-    if not cpp_loaded():
-        pytest.skip("--dtype auto measures the C++ step GEMMs")
-    monkeypatch.setattr(plan, "bf16_step_speedup", lambda n_gates, B, H: 2.0)
-    used = []
-    train_step = Trainer.train_step
-
-    def spy(self):
-        used.append(self.cfg.dtype)
-        return train_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", spy)
+    used = trial_dtypes
     steps = 8 * DtypeTrial.span()
     out = tmp_path / "run"
     args = tiny_args(text_file, out, "--dtype", "auto", "--impl", "cpp", "--sample-length", "0")
