@@ -81,11 +81,12 @@ class DtypeTrial:
 
     WARMUP = 3  # steps left untimed after a switch: packing, and the plan's first timings
     TIMED = 5
+    PER_DTYPE = WARMUP + TIMED
 
-    def __init__(self, time_limit: float, last_step: int, start: int = 0):
+    def __init__(self, time_limit: float, last_step: int):
         self.time_limit = time_limit
         self.last_step = last_step
-        self.start = start  # the run's step the trial starts at (a resumed run's own)
+        self.start = 0  # the run's step the trial starts at (Trainer.fit: a resumed run's own)
         self.times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
 
     @classmethod
@@ -96,15 +97,15 @@ class DtypeTrial:
 
     @classmethod
     def span(cls) -> int:
-        return 2 * (cls.WARMUP + cls.TIMED)
+        return 2 * cls.PER_DTYPE
 
     def dtype_at(self, step: int) -> str:
         """The dtype of training step ``step`` (0-based) during the trial."""
-        return "float32" if step - self.start < self.span() // 2 else "bfloat16"
+        return "float32" if step - self.start < self.PER_DTYPE else "bfloat16"
 
     def record(self, step: int, seconds: float) -> None:
         """Step ``step``'s time, kept where it is one of a dtype's timed steps."""
-        if (step - self.start) % (self.span() // 2) >= self.WARMUP:
+        if (step - self.start) % self.PER_DTYPE >= self.WARMUP:
             self.times[self.dtype_at(step)].append(seconds)
 
     def done(self, steps_taken: int) -> bool:

@@ -339,9 +339,9 @@ class Trainer:
                 set_rng_state(rng)
             self.batch_gen.set_state(rng["batch"])
             self.state = self._restore_stream_state(ckpt.get("stream_state"))
-            if self.dtype_trial is not None or self.cfg.dtype == "float32":
-                # A checkpoint written during auto's trial may hold a bfloat16 state; a
-                # trial starts in float32, and float32 steps take float32 states only.
+            if self.cfg.dtype == "float32":  # auto's trial, too, starts in float32
+                # A checkpoint written during auto's trial may hold a bfloat16 state, and
+                # float32 steps take float32 states only.
                 self.state = _map_state(self.state, torch.Tensor.float)
             if self.scaler.is_enabled() and "scaler" in ckpt:
                 self.scaler.load_state_dict(ckpt["scaler"])
