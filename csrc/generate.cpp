@@ -24,12 +24,24 @@ namespace {
 
 using Opt = std::optional<at::Tensor>;
 
+// p[v] = exp((row[v] - top) / temperature), unnormalised, vectorised: the quotient in
+// double (a tiny temperature gives 0 and -inf, never NaN), the exp the gate passes' float32
+// one (about 1 ulp; -inf gives e^-87). libm's double exp here took 3% of a 16-sample step
+// of a 2 x 512 LSTM.
+FASTCHAR_CLONES void weights_of(const float* row, int64_t V, float top, double temperature,
+                                float* p) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    p[v] = fast_exp(static_cast<float>((double(row[v]) - double(top)) / temperature));
+  }
+}
+
 // One id per row of float32 logits [K, V] into out[k * stride].
 void draw_rows(const at::Tensor& logits, double temperature, int64_t top_k, double top_p,
                at::CPUGeneratorImpl* gen, int64_t* out, int64_t stride) {
   const int64_t K = logits.size(0), V = logits.size(1);
   const float* L = logits.const_data_ptr<float>();
-  std::vector<double> p(V);
+  std::vector<float> p(V);
   std::vector<int64_t> order(V);
   at::uniform_real_distribution<double> uniform(0.0, 1.0);
   for (int64_t k = 0; k < K; ++k) {
@@ -39,9 +51,7 @@ void draw_rows(const at::Tensor& logits, double temperature, int64_t top_k, doub
       out[k * stride] = best;
       continue;
     }
-    for (int64_t v = 0; v < V; ++v) {
-      p[v] = std::exp((double(row[v]) - double(row[best])) / temperature);
-    }
+    weights_of(row, V, row[best], temperature, p.data());
     std::iota(order.begin(), order.end(), 0);
     const bool truncated = (top_k > 0 && top_k < V) || top_p < 1.0;
     if (truncated) {  // likeliest first; without truncation any order draws alike

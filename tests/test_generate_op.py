@@ -72,6 +72,13 @@ def test_the_op_draws_from_the_python_distribution(temperature, top_k, top_p):
     assert torch.equal(got == 0, want == 0)  # what top-k / top-p cut is never drawn
 
 
+def test_a_tiny_temperature_draws_the_argmax():
+    """At a temperature near 0 the logit gaps over it leave float range: the op still
+    draws the largest logit every time, never the id that a NaN weight would give."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 3.0, -1.0, 1.5]])
+    assert torch.equal(_draws(logits, 2_000, 1e-30), torch.eye(6)[3])
+
+
 def test_bad_arguments_name_themselves():
     cpp, _ = _pair("lstm", "tanh", layers=1)
     m = cpp.model
