@@ -224,6 +224,26 @@ def test_threads_split_units_as_one_thread_does(kind, nonlinearity, weights):
         assert texts[2] == python.generate("+-", 40, num_samples=3, temperature=0)
 
 
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_threads_draw_their_rows_as_one_thread_draws_them(weights):
+    """Each thread of the one-region loop draws its own rows of a step, from uniforms drawn
+    beforehand in row order: sampled texts (temperature 1, top-p) from two threads equal
+    one thread's, for five samples."""
+    torch.manual_seed(2)
+    model = CharRNN(30, model="lstm", emb_dim=6, hidden=70, layers=2, impl="cpp")
+    cpp = Generator(model, VOCAB, weights)
+    threads = torch.get_num_threads()
+    texts = {}
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            texts[n] = cpp.generate("+-", 40, num_samples=5, temperature=1.0, top_p=0.9, seed=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert texts[2] == texts[1]
+    assert len(set(texts[1])) == 5
+
+
 def test_changed_weights_are_not_served_from_the_engine_cache():
     """generate keeps the packed engines of its last call while the same weight tensors come
     back unchanged; a tensor changed in place (its version moves) rebuilds them: each
