@@ -199,6 +199,19 @@ def test_many_samples_are_each_sample_alone(kind, nonlinearity, weights):
                 torch.testing.assert_close(s[:, k : k + 1], s_k, **tol)
 
 
+def _texts_by_threads(generator, **kw) -> dict[int, list[str]]:
+    """generator.generate("+-", 40, **kw) with 2 threads, then 1, by thread count."""
+    threads = torch.get_num_threads()
+    texts = {}
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            texts[n] = generator.generate("+-", 40, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    return texts
+
+
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])
 @pytest.mark.parametrize(("kind", "nonlinearity"), CELLS)
 def test_threads_split_units_as_one_thread_does(kind, nonlinearity, weights):
@@ -208,15 +221,7 @@ def test_threads_split_units_as_one_thread_does(kind, nonlinearity, weights):
     torch.manual_seed(2)
     model = CharRNN(30, model=kind, emb_dim=6, hidden=70, layers=2, impl="cpp",
                     nonlinearity=nonlinearity)  # fmt: skip
-    cpp = Generator(model, VOCAB, weights)
-    threads = torch.get_num_threads()
-    texts = {}
-    try:
-        for n in (2, 1):
-            torch.set_num_threads(n)
-            texts[n] = cpp.generate("+-", 40, num_samples=3, temperature=0)
-    finally:
-        torch.set_num_threads(threads)
+    texts = _texts_by_threads(Generator(model, VOCAB, weights), num_samples=3, temperature=0)
     assert texts[2] == texts[1]
     if weights == "float32":
         python = Generator(model, VOCAB, weights)
@@ -232,14 +237,7 @@ def test_threads_draw_their_rows_as_one_thread_draws_them(weights):
     torch.manual_seed(2)
     model = CharRNN(30, model="lstm", emb_dim=6, hidden=70, layers=2, impl="cpp")
     cpp = Generator(model, VOCAB, weights)
-    threads = torch.get_num_threads()
-    texts = {}
-    try:
-        for n in (2, 1):
-            torch.set_num_threads(n)
-            texts[n] = cpp.generate("+-", 40, num_samples=5, temperature=1.0, top_p=0.9, seed=4)
-    finally:
-        torch.set_num_threads(threads)
+    texts = _texts_by_threads(cpp, num_samples=5, temperature=1.0, top_p=0.9, seed=4)
     assert texts[2] == texts[1]
     assert len(set(texts[1])) == 5
 
