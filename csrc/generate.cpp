@@ -54,6 +54,9 @@ void uniforms(at::CPUGeneratorImpl* gen, double temperature, int64_t K, double* 
 // with the uniform u[k] (uniforms).
 void draw_rows(const at::Tensor& logits, int64_t k0, int64_t k1, double temperature,
                int64_t top_k, double top_p, const double* u_rows, int64_t* out, int64_t stride) {
+  if (k0 >= k1) {
+    return;
+  }
   const int64_t V = logits.size(1);
   const float* L = logits.const_data_ptr<float>();
   std::vector<float> p(V);
