@@ -46,11 +46,14 @@ FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
 // One backward step for rows [b0, b1) and units [0, n) of a slice: dh (in:
 // gradient from step t+1, before grad_out is added) and dc (in/out) are
 // accumulation-type; writes dgates. Without kGradOut (grad_out unused) dh is the whole
-// gradient of o * tanh(c): an LSTM projection's dr = dh_t @ W_hr.
-template <typename T, bool kGradOut = true>
+// gradient of o * tanh(c): an LSTM projection's dr = dh_t @ W_hr. With kBias, db (gate q
+// at q * H, accumulation type) gets every row's dgates as stored: the bias gradient, summed
+// while the rows are in registers instead of in a pass of its own over [T, B, G].
+template <typename T, bool kGradOut = true, bool kBias = false>
 FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, const T* grad_out,
                               const T* gates, const acc_t<T>* c, const acc_t<T>* c_prev,
-                              const acc_t<T>* dh, acc_t<T>* dc, T* dgates) {
+                              const acc_t<T>* dh, acc_t<T>* dc, T* dgates,
+                              acc_t<T>* db = nullptr) {
   using A = acc_t<T>;
   const int64_t G = 4 * H;
   for (int64_t b = b0; b < b1; ++b) {
@@ -75,6 +78,11 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
       d[2 * H + j] = from_acc<T>(dcv * gi * (A(1) - gg * gg));
       d[3 * H + j] = from_acc<T>(dht * tc * go * (A(1) - go));
       dcr[j] = dcv * gf;
+      if constexpr (kBias) {
+        for (int64_t q = 0; q < 4; ++q) {
+          db[q * H + j] += to_acc(d[q * H + j]);
+        }
+      }
     }
   }
 }
@@ -143,7 +151,7 @@ void fwd_loop(const SeqSteps& st, const at::Tensor& in, const at::Tensor& h0,
 template <typename T>
 void bwd_loop(const SeqSteps& st, const at::Tensor& grad_out, const at::Tensor& w_hh,
               const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cs,
-              at::Tensor& dh, at::Tensor& dc, at::Tensor& grad_xp) {
+              at::Tensor& dh, at::Tensor& dc, at::Tensor& grad_xp, at::Tensor* db) {
   using A = acc_t<T>;
   const int64_t T_ = st.T, B = st.B, G = gates.size(-1), H = G / 4;
   const T* go_p = grad_out.const_data_ptr<T>();
@@ -153,6 +161,7 @@ void bwd_loop(const SeqSteps& st, const at::Tensor& grad_out, const at::Tensor& 
   A* dh_p = dh.data_ptr<A>();
   A* dc_p = dc.data_ptr<A>();
   T* dx_p = grad_xp.data_ptr<T>();
+  A* db_p = db != nullptr ? db->data_ptr<A>() : nullptr;  // [G]: slice s owns its columns
   const UnitSlices slices(H, 4);
   const SliceGemms<T> slice_gemms(slices, w_hh, B, /*forward=*/false);
   // Step t's pointwise pass needs only the slice's own columns of dh; the GEMM for
@@ -162,8 +171,14 @@ void bwd_loop(const SeqSteps& st, const at::Tensor& grad_out, const at::Tensor& 
   auto pointwise = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s), r = st.off[t];
     const A* cp_t = t > 0 ? cs_p + st.off[t - 1] * H : c0_p;
-    bwd_rows<T>(0, st.rows[t], n, H, go_p + r * H + j0, g_p + r * G + j0, cs_p + r * H + j0,
-                cp_t + j0, dh_p + j0, dc_p + j0, dx_p + r * G + j0);
+    if (db_p != nullptr) {
+      bwd_rows<T, true, true>(0, st.rows[t], n, H, go_p + r * H + j0, g_p + r * G + j0,
+                              cs_p + r * H + j0, cp_t + j0, dh_p + j0, dc_p + j0,
+                              dx_p + r * G + j0, db_p + j0);
+    } else {
+      bwd_rows<T>(0, st.rows[t], n, H, go_p + r * H + j0, g_p + r * G + j0, cs_p + r * H + j0,
+                  cp_t + j0, dh_p + j0, dc_p + j0, dx_p + r * G + j0);
+    }
   };
   auto gemm = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s);
@@ -365,10 +380,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_seq(
   return forward(steps, x, h0, c0, w_hh, &w, &b);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
+// bias_grad: also the gradient of the bias [G] (of x @ W_ih^T + bias: grad_xp summed over
+// its rows), accumulated inside the time loop; else grad_bias is empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
     const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
     const at::Tensor& w_hh, const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cs,
-    const std::optional<at::Tensor>& batch_sizes) {
+    const std::optional<at::Tensor>& batch_sizes, bool bias_grad) {
   constexpr const char* OP = "fastchar::lstm_bwd";
   CHECK_CPU(gates);
   check_float_dtype(OP, gates);
@@ -388,11 +405,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
   auto dc = at::empty({B, H}, gates.options().dtype(st)).copy_(grad_c_n);  // [B, H]
   auto grad_xp = empty_seq(steps.shape(G), gates.options());  // [T, B, G] or [N, G]
   auto c0s = c0.to(st).contiguous();
+  auto db = at::zeros({bias_grad ? G : 0}, gates.options().dtype(st));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "lstm_bwd", [&] {
     bwd_loop<scalar_t>(steps, grad_out.contiguous(), w_hh.contiguous(), c0s, gates.contiguous(),
-                       cs.contiguous(), dh, dc, grad_xp);
+                       cs.contiguous(), dh, dc, grad_xp, bias_grad ? &db : nullptr);
   });
-  return {grad_xp, dh.to(dt), dc.to(dt)};
+  return {grad_xp, dh.to(dt), dc.to(dt), db.to(dt)};
 }
 
 // lstm_seq with a projection w_hr [P, H] (torch.nn.LSTM's proj_size): x [T, B, I] or

@@ -31,8 +31,8 @@ TORCH_LIBRARY(fastchar, m) {
       "(Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cs)");
   m.def(
       "lstm_bwd(Tensor grad_out, Tensor grad_h_n, Tensor grad_c_n, Tensor w_hh, "
-      "Tensor c0, Tensor gates, Tensor cs, Tensor? batch_sizes=None) -> "
-      "(Tensor grad_xp, Tensor grad_h0, Tensor grad_c0)");
+      "Tensor c0, Tensor gates, Tensor cs, Tensor? batch_sizes=None, bool bias_grad=False) -> "
+      "(Tensor grad_xp, Tensor grad_h0, Tensor grad_c0, Tensor grad_bias)");
   // lstmp_seq / lstmp_bwd: lstm_seq / lstm_bwd with a projection w_hr [P, H]
   // (torch.nn.LSTM's proj_size): out, h0, h_n and w_hh's columns are P wide; rs [T, B, H]
   // keeps every o_t * tanh(c_t) and grad_hs [T, B, P] every h_t's whole gradient, for dW_hr.

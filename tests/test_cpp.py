@@ -256,6 +256,37 @@ def test_opcheck(cell, kind):
     torch.library.opcheck(op, _op_args(cell)[kind])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_lstm_bwd_sums_the_bias_gradient_in_its_loop(packed, dtype):
+    """lstm_bwd(..., bias_grad=True): grad_bias [G] is grad_xp summed over its rows (dense
+    [T, B, G] or packed [N, G]), the rows as stored in grad_xp's dtype; empty without it;
+    and the op's schema and fake hold with it (opcheck)."""
+    T, B, H = 5, 3, 24
+    G = 4 * H
+    gen = torch.Generator().manual_seed(3)
+    bs = torch.tensor([3, 3, 2, 2, 1]) if packed else None
+    rows = (int(bs.sum()),) if packed else (T, B)
+    xp = torch.randn(*rows, G, generator=gen).to(dtype)
+    h0, c0 = (torch.randn(B, H, generator=gen).to(dtype) for _ in range(2))
+    w_hh = (torch.randn(G, H, generator=gen) / 4).to(dtype)
+    f = torch.ops.fastchar
+    out, h_n, c_n, gates, cs = (
+        f.lstm_fwd(xp, h0, c0, w_hh)
+        if bs is None
+        else f.lstm_seq(xp, h0, c0, torch.eye(G, dtype=dtype), None, w_hh, bs)
+    )
+    args = (torch.randn(out.shape, generator=gen).to(dtype), h_n, c_n, w_hh, c0, gates, cs, bs)
+    grad_xp, _, _, grad_b = f.lstm_bwd(*args, True)
+    want = grad_xp.double().flatten(0, -2).sum(0)
+    tol = {torch.bfloat16: 2e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    assert grad_b.dtype == dtype and grad_b.shape == (G,)
+    torch.testing.assert_close(grad_b.double(), want, atol=tol, rtol=tol)
+    assert f.lstm_bwd(*args)[3].numel() == 0
+    if dtype == torch.float64:
+        torch.library.opcheck(f.lstm_bwd, (*args, True))
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
 def test_opcheck_seq(cell, bias):

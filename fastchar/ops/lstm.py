@@ -8,6 +8,7 @@ Both backends implement the same pair of sequence ops:
   lstm_fwd(xp [T, B, G], h0 [B, H], c0 [B, H], w_hh [G, H])
       -> out [T, B, H], h_n [B, H], c_n [B, H], gates [T, B, G] (activated), cs [T, B, H]
   lstm_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs) -> grad_xp, grad_h0, grad_c0
+(the C++ op also takes bias_grad and returns grad_bias, the bias's gradient summed in its loop)
 so the autograd formula below is written once; dW_hh is one GEMM after the loop.
 
 With a projection w_hr [P, H] (torch.nn.LSTM's proj_size; h is P wide, c H wide) the C++
@@ -53,6 +54,14 @@ def _fake_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, batch_sizes=Non
     return gates.new_empty(gates.shape), c0.new_empty(c0.shape), c0.new_empty(c0.shape)
 
 
+def _fake_cpp_bwd(
+    grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, batch_sizes=None, bias_grad=False
+):
+    """The C++ lstm_bwd's: _fake_bwd's three and grad_bias ([G]; empty without bias_grad)."""
+    grads = _fake_bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs)
+    return *grads, gates.new_empty(gates.shape[-1] if bias_grad else 0)
+
+
 def _fake_seq(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, bias, w_hh: Tensor, batch_sizes=None
 ):
@@ -79,7 +88,9 @@ def _autograd_backward(bwd):
             (grad_out, out), (grad_h_n, h0), (grad_c_n, c0)
         )
         extra = [bs] if bs is not None else []
-        grad_xp, grad_h0, grad_c0 = bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, *extra)
+        # the C++ op also returns grad_bias (empty unless asked for); Triton's returns three
+        grads = bwd(grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, *extra)
+        grad_xp, grad_h0, grad_c0 = grads[:3]
         need_w = ctx.needs_input_grad[3]
         grad_w_hh = weight_grad(grad_xp, previous_states(h0, out, bs)) if need_w else None
         return grad_xp, grad_h0, grad_c0, grad_w_hh, *([None] * len(ctx.packed))
@@ -136,7 +147,7 @@ _triton_fwd.register_autograd(_autograd_backward(_triton_bwd), setup_context=_se
 
 if cpp_loaded():
     torch.library.register_fake("fastchar::lstm_fwd")(_fake_fwd)
-    torch.library.register_fake("fastchar::lstm_bwd")(_fake_bwd)
+    torch.library.register_fake("fastchar::lstm_bwd")(_fake_cpp_bwd)
     torch.library.register_fake("fastchar::lstm_cell")(_fake_cell)
     torch.library.register_autograd(
         "fastchar::lstm_fwd",
@@ -158,13 +169,13 @@ def _seq_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs):
     x, h0, c0, w_ih, w_hh, out, gates, cs = ctx.saved_tensors
     bs = ctx.batch_sizes
     grad_out, grad_h_n, grad_c_n = grads_or_zeros((grad_out, out), (grad_h_n, h0), (grad_c_n, c0))
-    grad_xp, grad_h0, grad_c0 = torch.ops.fastchar.lstm_bwd(
-        grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, bs
-    )
     need = ctx.needs_input_grad
-    grad_x, grad_w_ih, grad_b = projection_grads(
-        (need[0], need[3], need[4]), grad_xp, x, w_ih, ctx.has_bias
+    need_b = need[4] and ctx.has_bias  # summed inside the time loop, not over grad_xp after it
+    grad_xp, grad_h0, grad_c0, grad_b = torch.ops.fastchar.lstm_bwd(
+        grad_out, grad_h_n, grad_c_n, w_hh, c0, gates, cs, bs, need_b
     )
+    grad_x, grad_w_ih, _ = projection_grads((need[0], need[3], False), grad_xp, x, w_ih, False)
+    grad_b = grad_b if need_b else None
     grad_w_hh = weight_grad(grad_xp, previous_states(h0, out, bs)) if need[5] else None
     return grad_x, grad_h0, grad_c0, grad_w_ih, grad_b, grad_w_hh, None
 
