@@ -26,13 +26,14 @@ using Opt = std::optional<at::Tensor>;
 
 // p[v] = exp((row[v] - top) / temperature), unnormalised, vectorised: the quotient in
 // double (a tiny temperature gives 0 and -inf, never NaN), the exp the gate passes' float32
-// one (about 1 ulp; -inf gives e^-87). libm's double exp here took 3% of a 16-sample step
-// of a 2 x 512 LSTM.
+// one (about 1 ulp), 0 below e^-87 (a -inf logit is never drawn). libm's double exp here
+// took 3% of a 16-sample step of a 2 x 512 LSTM.
 FASTCHAR_CLONES void weights_of(const float* row, int64_t V, float top, double temperature,
                                 float* p) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
-    p[v] = fast_exp(static_cast<float>((double(row[v]) - double(top)) / temperature));
+    const float z = static_cast<float>((double(row[v]) - double(top)) / temperature);
+    p[v] = z < -87.0f ? 0.0f : fast_exp(z);
   }
 }
 
@@ -50,17 +51,22 @@ void uniforms(at::CPUGeneratorImpl* gen, double temperature, int64_t K, double* 
   }
 }
 
+// A draw's scratch for V logits, one per thread, allocated once per call of the loop.
+struct DrawScratch {
+  explicit DrawScratch(int64_t V) : p(V), order(V) {}
+  std::vector<float> p;
+  std::vector<int64_t> order;
+};
+
 // One id for each of rows [k0, k1) of float32 logits [K, V] into out[k * stride], row k
 // with the uniform u[k] (uniforms).
 void draw_rows(const at::Tensor& logits, int64_t k0, int64_t k1, double temperature,
-               int64_t top_k, double top_p, const double* u_rows, int64_t* out, int64_t stride) {
-  if (k0 >= k1) {
-    return;
-  }
+               int64_t top_k, double top_p, const double* u_rows, DrawScratch& scratch,
+               int64_t* out, int64_t stride) {
   const int64_t V = logits.size(1);
   const float* L = logits.const_data_ptr<float>();
-  std::vector<float> p(V);
-  std::vector<int64_t> order(V);
+  std::vector<float>& p = scratch.p;
+  std::vector<int64_t>& order = scratch.order;
   for (int64_t k = k0; k < k1; ++k) {
     const float* row = L + k * V;
     const int64_t best = std::max_element(row, row + V) - row;  // the first of the largest
@@ -222,8 +228,9 @@ struct LoopEngines {
 // thread draws its rows of the K ids (with uniforms thread 0 drew at the end of the last
 // step) and gathers their embedding rows, then every layer's step runs with each thread
 // on its unit slices and the head with each thread on its slice of the V logits, a
-// barrier after each (StepFlags): L + 2 barriers a step, no fork, no allocation. h and c [K, H] per layer and logits [K, V] are replaced by their values after
-// the last step.
+// barrier after each (StepFlags): L + 2 barriers a step, no fork, no allocation in a
+// step. h and c [K, H] per layer and logits [K, V] are replaced by their values after the
+// last step.
 template <typename T>
 void fused_loop(const LoopEngines<T>& eng, const at::Tensor& emb, std::vector<at::Tensor>& h,
                 std::vector<at::Tensor>& c, at::Tensor& logits, int64_t length,
@@ -260,8 +267,9 @@ void fused_loop(const LoopEngines<T>& eng, const at::Tensor& emb, std::vector<at
     // The thread's rows of the draw and of x0: the draw took 3% of a 16-sample step of a
     // 2 x 512 LSTM on one thread while the others waited.
     const int64_t k0 = K * tid / nth, k1 = K * (tid + 1) / nth;
+    DrawScratch scratch(V);
     for (int64_t t = 0; t < length; ++t) {
-      draw_rows(logits, k0, k1, temperature, top_k, top_p, u.data(), idp + t, length);
+      draw_rows(logits, k0, k1, temperature, top_k, top_p, u.data(), scratch, idp + t, length);
       for (int64_t k = k0; k < k1; ++k) {
         std::memcpy(xp + k * E, ep + idp[k * length + t] * E, E * sizeof(T));
       }
@@ -483,9 +491,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
   auto current = logits.contiguous();
   auto emb = embedding.contiguous();
   std::vector<double> u(K);
+  DrawScratch scratch(current.size(1));
   for (int64_t t = 0; t < length; ++t) {
     uniforms(gen, temperature, K, u.data());
-    draw_rows(current, 0, K, temperature, top_k, top_p, u.data(), idp + t, length);
+    draw_rows(current, 0, K, temperature, top_k, top_p, u.data(), scratch, idp + t, length);
     auto x = emb.index_select(0, ids.select(1, t));  // [K, E]
     for (int64_t l = 0; l < L; ++l) {
       const auto &w_ih = weights[2 * l], &w_hh = weights[2 * l + 1];

@@ -48,7 +48,9 @@ FASTCHAR_CLONES void fwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
 // accumulation-type; writes dgates. Without kGradOut (grad_out unused) dh is the whole
 // gradient of o * tanh(c): an LSTM projection's dr = dh_t @ W_hr. With kBias, db (gate q
 // at q * H, accumulation type) gets every row's dgates as stored: the bias gradient, summed
-// while the rows are in registers instead of in a pass of its own over [T, B, G].
+// while the rows are in registers instead of in a pass of its own over [T, B, G] (one
+// running sum over the T * B rows, where torch's sum adds in a cascade: the same to
+// float32 rounding per add, a little less accurate over very many rows).
 template <typename T, bool kGradOut = true, bool kBias = false>
 FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, const T* grad_out,
                               const T* gates, const acc_t<T>* c, const acc_t<T>* c_prev,

@@ -260,8 +260,8 @@ def test_opcheck(cell, kind):
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 def test_lstm_bwd_sums_the_bias_gradient_in_its_loop(packed, dtype):
     """lstm_bwd(..., bias_grad=True): grad_bias [G] is grad_xp summed over its rows (dense
-    [T, B, G] or packed [N, G]), the rows as stored in grad_xp's dtype; empty without it;
-    and the op's schema and fake hold with it (opcheck)."""
+    [T, B, G] or packed [N, G]), to the dtype's rounding; empty without it; and the op's
+    schema and fake hold with it (opcheck)."""
     T, B, H = 5, 3, 24
     G = 4 * H
     gen = torch.Generator().manual_seed(3)

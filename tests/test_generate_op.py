@@ -73,10 +73,11 @@ def test_the_op_draws_from_the_python_distribution(temperature, top_k, top_p):
 
 
 def test_a_tiny_temperature_draws_the_argmax():
-    """At a temperature near 0 the logit gaps over it leave float range: the op still
-    draws the largest logit every time, never the id that a NaN weight would give."""
-    logits = torch.tensor([[2.0, 1.0, 0.5, 3.0, -1.0, 1.5]])
-    assert torch.equal(_draws(logits, 2_000, 1e-30), torch.eye(6)[3])
+    """At a temperature below float range (1e-300, which a float32 quotient would turn into
+    0 / 0) the logit gaps over it are -inf, a -inf logit's too: the op still draws the
+    largest logit every time, never the id that a NaN weight would give."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 3.0, -float("inf"), 1.5]])
+    assert torch.equal(_draws(logits, 2_000, 1e-300), torch.eye(6)[3])
 
 
 def test_bad_arguments_name_themselves():
@@ -229,17 +230,18 @@ def test_threads_split_units_as_one_thread_does(kind, nonlinearity, weights):
         assert texts[2] == python.generate("+-", 40, num_samples=3, temperature=0)
 
 
+@pytest.mark.parametrize("num_samples", [1, 5])
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])
-def test_threads_draw_their_rows_as_one_thread_draws_them(weights):
-    """Each thread of the one-region loop draws its own rows of a step, from uniforms drawn
-    beforehand in row order: sampled texts (temperature 1, top-p) from two threads equal
-    one thread's, for five samples."""
+def test_threads_draw_their_rows_as_one_thread_draws_them(weights, num_samples):
+    """Each thread of the one-region loop draws its own rows of a step (none, for one
+    sample on the second thread), from uniforms drawn beforehand in row order: sampled
+    texts (temperature 1, top-p) from two threads equal one thread's."""
     torch.manual_seed(2)
     model = CharRNN(30, model="lstm", emb_dim=6, hidden=70, layers=2, impl="cpp")
     cpp = Generator(model, VOCAB, weights)
-    texts = _texts_by_threads(cpp, num_samples=5, temperature=1.0, top_p=0.9, seed=4)
+    texts = _texts_by_threads(cpp, num_samples=num_samples, temperature=1.0, top_p=0.9, seed=4)
     assert texts[2] == texts[1]
-    assert len(set(texts[1])) == 5
+    assert len(set(texts[1])) == num_samples
 
 
 def test_changed_weights_are_not_served_from_the_engine_cache():
