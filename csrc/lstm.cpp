@@ -173,14 +173,12 @@ void bwd_loop(const SeqSteps& st, const at::Tensor& grad_out, const at::Tensor& 
   auto pointwise = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s), n = slices.size(s), r = st.off[t];
     const A* cp_t = t > 0 ? cs_p + st.off[t - 1] * H : c0_p;
-    if (db_p != nullptr) {
-      bwd_rows<T, true, true>(0, st.rows[t], n, H, go_p + r * H + j0, g_p + r * G + j0,
-                              cs_p + r * H + j0, cp_t + j0, dh_p + j0, dc_p + j0,
-                              dx_p + r * G + j0, db_p + j0);
-    } else {
-      bwd_rows<T>(0, st.rows[t], n, H, go_p + r * H + j0, g_p + r * G + j0, cs_p + r * H + j0,
-                  cp_t + j0, dh_p + j0, dc_p + j0, dx_p + r * G + j0);
-    }
+    auto rows = [&](auto bias) {  // bias: std::bool_constant, whether db is summed
+      bwd_rows<T, true, decltype(bias)::value>(
+          0, st.rows[t], n, H, go_p + r * H + j0, g_p + r * G + j0, cs_p + r * H + j0,
+          cp_t + j0, dh_p + j0, dc_p + j0, dx_p + r * G + j0, bias ? db_p + j0 : nullptr);
+    };
+    db_p != nullptr ? rows(std::true_type{}) : rows(std::false_type{});
   };
   auto gemm = [&](int64_t s, int64_t i) {
     const int64_t t = T_ - 1 - i, j0 = slices.begin(s);
