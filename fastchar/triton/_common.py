@@ -285,7 +285,7 @@ def _launch_steps(kernel, grid, p: Plan, args: tuple, T: int, sync, meta: dict, 
 
 
 @triton.jit
-def load_tile(ptr, rows, cols, n_rows, n_cols, row_stride, CM: tl.constexpr = ""):
+def load_tile(ptr, rows, cols, n_rows, n_cols, row_stride, CM: tl.constexpr):
     """[len(rows), len(cols)] tile of a row-major matrix, zero outside it."""
     offs = rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -329,7 +329,7 @@ def prev_row(steps_ptr, tt, B, PACKED: tl.constexpr):
 
 
 @triton.jit
-def load_prev(first_ptr, seq_ptr, tt, prev0, rows, cols, n_rows, H, CM: tl.constexpr = ""):
+def load_prev(first_ptr, seq_ptr, tt, prev0, rows, cols, n_rows, H, CM: tl.constexpr):
     """Tile of step tt-1's state for step tt's first ``n_rows`` rows: ``first_ptr`` [B, H]
     (h0, c0) at tt == 0, else the rows from ``prev0`` of the sequence tensor ``seq_ptr``."""
     a = load_tile(first_ptr, rows, cols, tl.where(tt == 0, n_rows, 0), H, H, CM)

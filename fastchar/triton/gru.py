@@ -87,7 +87,7 @@ def _fwd_kernel(
     prev0 = prev_row(steps_ptr, first, B, PACKED)
 
     # this program's columns of h_{t-1}, for the z * h_{t-1} term (all of h when H_IN_REGS)
-    h = load_prev(h0_ptr, out_ptr, first, prev0, rows, cols, nb0, H).to(ACC)
+    h = load_prev(h0_ptr, out_ptr, first, prev0, rows, cols, nb0, H, CM).to(ACC)
     b_hn = tl.load(bhn_ptr + cols, mask=cols < H, other=0.0).to(ACC)[None, :]  # [1, BH]
     if W_RESIDENT:
         wr = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)  # [BK, BH]
@@ -279,7 +279,7 @@ def _bwd_kernel(
             z = tl.load(g_t + H, mask=live, other=0.0).to(ACC)
             n = tl.load(g_t + 2 * H, mask=live, other=0.0).to(ACC)
             hn = tl.load(hn_ptr + row0 * H + bh, mask=live, other=0.0).to(ACC)
-            h_prev = load_prev(h0_ptr, out_ptr, tt, prev0, rows, cols, nb, H).to(ACC)
+            h_prev = load_prev(h0_ptr, out_ptr, tt, prev0, rows, cols, nb, H, CM).to(ACC)
 
             carry = dh * z
             dn = dh * (1.0 - z) * (1.0 - n * n)

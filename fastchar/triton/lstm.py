@@ -83,9 +83,9 @@ def _fwd_kernel(
     _, nb0 = step_rows(steps_ptr, first, B, PACKED)
     prev0 = prev_row(steps_ptr, first, B, PACKED)
 
-    c = load_prev(c0_ptr, cs_ptr, first, prev0, rows, cols, nb0, H).to(ACC)
+    c = load_prev(c0_ptr, cs_ptr, first, prev0, rows, cols, nb0, H, CM).to(ACC)
     if H_IN_REGS:
-        h = load_prev(h0_ptr, out_ptr, first, prev0, rows, cols, nb0, H).to(ACC)
+        h = load_prev(h0_ptr, out_ptr, first, prev0, rows, cols, nb0, H, CM).to(ACC)
     if W_RESIDENT:
         wi = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)  # [BK, BH]
         wf = load_w_t(w_ptr, 1, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)
@@ -261,7 +261,7 @@ def _bwd_kernel(
             g = tl.load(g_t + 2 * H, mask=live, other=0.0).to(ACC)
             o = tl.load(g_t + 3 * H, mask=live, other=0.0).to(ACC)
             c = tl.load(cs_ptr + row0 * H + bh, mask=live, other=0.0).to(ACC)
-            c_prev = load_prev(c0_ptr, cs_ptr, tt, prev0, rows, cols, nb, H).to(ACC)
+            c_prev = load_prev(c0_ptr, cs_ptr, tt, prev0, rows, cols, nb, H, CM).to(ACC)
 
             tc = tanh(c)
             dc += dh * o * (1.0 - tc * tc)

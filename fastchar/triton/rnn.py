@@ -78,7 +78,7 @@ def _fwd_kernel(
     prev0 = prev_row(steps_ptr, first, B, PACKED)
 
     if H_IN_REGS:
-        h = load_prev(h0_ptr, out_ptr, first, prev0, rows, cols, nb0, H).to(ACC)
+        h = load_prev(h0_ptr, out_ptr, first, prev0, rows, cols, nb0, H, CM).to(ACC)
     if W_RESIDENT:
         w_t = load_w_t(w_ptr, 0, 0, j0, H, BLOCK_K, BLOCK_H).to(DOT)  # [BK, BH]
 
