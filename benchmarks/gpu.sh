@@ -1,33 +1,38 @@
 #!/usr/bin/env bash
-# One command for a machine with a CUDA GPU: the GPU tests, the Triton launch-variant
-# timings and the benchmark table against cuDNN. Installs nothing.
+# One command for a machine with a CUDA GPU: the GPU tests, the benchmark table against
+# cuDNN and the reference, and the Triton launch-variant timings. Installs nothing.
 #
-#   benchmarks/gpu.sh [--quick] [STEP ...]     STEP: info tests tune bench long model
+#   benchmarks/gpu.sh [--quick] [STEP ...]     STEP: info tests bench long model tune
 #
-# No STEP runs them all, in that order. Every Triton kernel specialisation compiles
-# on first use (seconds each, tests compile a few hundred), so where one call is
-# limited to ~10 minutes run it in parts on the same warm machine, which keeps
-# Triton's compile cache (~/.triton/cache):  gpu.sh info tests;  gpu.sh tune;
-# gpu.sh bench long model.
+# No STEP runs them all, in that order. Every Triton kernel specialisation compiles on
+# first use (seconds each; the tests compile a few hundred): the tests run in parallel
+# processes, and beside them a quarter of the cores compiles the kernels the timing
+# steps will launch, so that Triton's disk cache (~/.triton/cache) serves them there.
+# --quick cuts the repeats (and halves nothing else: the grid keeps its lengths, except
+# in tune, where it is T/4).
 #
-# Results go to benchmarks/gpu-results/<UTC stamp>/: one log per step, tests-*.xml,
-# tune-*.json, bench-*.json and summary.json (each step's exit status and the
-# environment). When OUT is set (a device runner's output folder, which takes back
-# only a few files) that folder is also packed into $OUT/gpu-results-<stamp>.tar.gz,
-# with summary.json beside it. Every step runs even if an earlier one fails; the exit status is
-# non-zero when any failed. PYTHON picks the interpreter (default: .venv/bin/python if
-# present, else python3); STEP_TIMEOUT bounds each step in seconds (default 1500), so a
-# hung kernel (a persistent grid whose barrier never opens) cannot eat the whole run.
+# Results go to benchmarks/gpu-results/<UTC stamp>/: one log per step, tests*.xml,
+# bench-*.json, tune-*.json and summary.json (each step's exit status and the
+# environment). When OUT is set (a device runner's output folder, which takes back only
+# a few files) that folder is also packed into $OUT/gpu-results-<stamp>.tar.gz, with
+# summary.json beside it. Every step runs even if an earlier one fails; the exit status
+# is non-zero when any failed. PYTHON picks the interpreter (default: .venv/bin/python
+# if present, else python3). Each step is bounded in seconds by STEP_TIMEOUT_<step>
+# (the step's name with '-' written '_': STEP_TIMEOUT_bench_bf16; STEP_TIMEOUT_warm
+# bounds the compile-ahead) or else STEP_TIMEOUT (default 1500), so a hung kernel (a
+# persistent grid whose barrier never opens) cannot eat the whole run, and the steps
+# can be sized to fit one call of a device runner.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_STEPS=(info tests tune bench long model)
+ALL_STEPS=(info tests bench long model tune)
+GRID="32,128,64,256;64,128,128,512;1,256,64,256;8,256,64,512" # DESIGN section 5
 QUICK=""
 WANT=()
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK="--quick" ;;
-        info | tests | tune | bench | long | model) WANT+=("$arg") ;;
+        info | tests | bench | long | model | tune) WANT+=("$arg") ;;
         *)
             echo "usage: benchmarks/gpu.sh [--quick] [${ALL_STEPS[*]}]" >&2
             exit 2
@@ -54,12 +59,17 @@ mkdir -p "$DIR"
 STEPS=()
 failed=0
 
+limit() {
+    local var="STEP_TIMEOUT_${1//-/_}"
+    echo "${!var:-${STEP_TIMEOUT:-1500}}"
+}
+
 step() {
     local name=$1
     shift
     echo "== $name: $*"
     local start=$SECONDS
-    timeout "${STEP_TIMEOUT:-1500}" "$@" >"$DIR/$name.log" 2>&1
+    timeout "$(limit "$name")" "$@" >"$DIR/$name.log" 2>&1
     local rc=$?
     tail -n 40 "$DIR/$name.log"
     echo "== $name: exit $rc after $((SECONDS - start)) s"
@@ -73,57 +83,84 @@ if wanted info; then
 fi
 if wanted tests; then
     # all of tests/triton runs on the GPU here: parity for every variant, then the
-    # gpu-marked bf16/fp16/fp32 bounds vs cuDNN, persistent grids and CUDA graphs. Triton
-    # compiles each kernel on one core and these tests need a few hundred, so the suite
-    # runs as parallel shards (correctness only: no timing is taken here).
+    # gpu-marked bf16/fp16/fp32 bounds vs cuDNN, persistent grids and CUDA graphs,
+    # correctness only (no timing is taken here), in parallel processes: pytest-xdist
+    # where it is installed, else one shard per group of files.
+    start=$SECONDS
+    cores=$(nproc)
+    warm_pid=""
+    if wanted bench || wanted long || wanted tune; then
+        jobs=$((cores / 4 > 1 ? cores / 4 : 1))
+        # timeout ends its whole process group, the compiling children too
+        timeout "$(limit warm)" bash -c "
+            '$PYTHON' benchmarks/gpu_tune.py --dtype bfloat16 --compile-only --jobs $jobs \
+                --resident 0,8192,16384
+            '$PYTHON' benchmarks/gpu_tune.py --dtype float32 --compile-only --jobs $jobs \
+                --shapes '$GRID'
+        " >"$DIR/warm.log" 2>&1 &
+        warm_pid=$!
+        cores=$((cores - jobs))
+    fi
+    per_test=()
+    if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then per_test=(--timeout 150); fi
     pids=()
     names=()
-    start=$SECONDS
     shard() {
         local name=$1
         shift
-        timeout "${STEP_TIMEOUT:-1500}" "$PYTHON" -m pytest -q -p no:cacheprovider \
+        timeout "$(limit tests)" "$PYTHON" -m pytest -q -p no:cacheprovider "${per_test[@]}" \
             --junitxml="$DIR/$name.xml" "$@" >"$DIR/$name.log" 2>&1 &
         pids+=($!)
         names+=("$name")
     }
-    shard tests-ops-lstm tests/triton/test_triton_ops.py -k lstm
-    shard tests-ops-gru tests/triton/test_triton_ops.py -k gru
-    shard tests-ops-rnn tests/triton/test_triton_ops.py -k rnn
-    shard tests-ops-rest tests/triton/test_triton_ops.py -k "not lstm and not gru and not rnn"
-    shard tests-gpu-lstm tests/triton/test_triton_gpu.py -k lstm
-    shard tests-gpu-rest tests/triton/test_triton_gpu.py -k "not lstm"
-    shard tests-rest tests/triton/test_triton_nn.py tests/triton/test_triton_dispatch.py \
-        tests/triton/test_triton_plan.py tests/triton/test_triton_compile.py
+    if "$PYTHON" -c "import xdist" 2>/dev/null; then
+        shard tests tests/triton -n "$((cores > 2 ? cores - 1 : 1))"
+    else
+        shard tests-ops-lstm tests/triton/test_triton_ops.py -k lstm
+        shard tests-ops-gru tests/triton/test_triton_ops.py -k gru
+        shard tests-ops-rnn tests/triton/test_triton_ops.py -k rnn
+        shard tests-ops-rest tests/triton/test_triton_ops.py -k "not lstm and not gru and not rnn"
+        shard tests-gpu-lstm tests/triton/test_triton_gpu.py -k lstm
+        shard tests-gpu-rest tests/triton/test_triton_gpu.py -k "not lstm"
+        shard tests-packed tests/triton/test_triton_packed.py tests/triton/test_triton_packed_nn.py
+        shard tests-rest tests/triton/test_triton_nn.py tests/triton/test_triton_dispatch.py \
+            tests/triton/test_triton_plan.py tests/triton/test_triton_compile.py
+    fi
     for i in "${!pids[@]}"; do
         wait "${pids[$i]}"
         rc=$?
         echo "== ${names[$i]}: exit $rc"
-        tail -n 15 "$DIR/${names[$i]}.log"
+        tail -n 30 "$DIR/${names[$i]}.log"
         STEPS+=("${names[$i]}=$rc=$((SECONDS - start))")
         [[ $rc -eq 0 ]] || failed=1
     done
+    if [[ -n "$warm_pid" ]]; then
+        wait "$warm_pid"
+        echo "== warm: exit $? after $((SECONDS - start)) s (a compile-ahead: not a result)"
+        tail -n 3 "$DIR/warm.log"
+    fi
+fi
+if wanted bench; then
+    # full lengths; --quick only cuts the repeats
+    step bench-bf16 "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 --parts layers \
+        --shapes "$GRID" $QUICK --json "$DIR/bench-bf16.json"
+    step bench-fp32 "$PYTHON" benchmarks/run.py --device cuda --dtype float32 --parts layers \
+        --shapes "$GRID" $QUICK --json "$DIR/bench-fp32.json"
+fi
+if wanted long; then
+    # the long-sequence case of issue 5: B=16, T=1024, I=H=768, bfloat16
+    step bench-long-bf16 "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 \
+        --parts layers --shapes "16,1024,768,768" $QUICK --json "$DIR/bench-long-bf16.json"
+fi
+if wanted model; then
+    step bench-model "$PYTHON" benchmarks/run.py --device cuda --parts sample,train,memory \
+        $QUICK --json "$DIR/bench-model.json"
 fi
 if wanted tune; then
     step tune-bf16 "$PYTHON" benchmarks/gpu_tune.py --dtype bfloat16 --jobs 12 $QUICK \
         --resident 0,8192,16384 --json "$DIR/tune-bf16.json"
     step tune-fp32 "$PYTHON" benchmarks/gpu_tune.py --dtype float32 --cells lstm --jobs 12 \
         $QUICK --json "$DIR/tune-fp32.json"
-fi
-if wanted bench; then
-    step bench-fp32 "$PYTHON" benchmarks/run.py --device cuda --dtype float32 --parts layers \
-        $QUICK --json "$DIR/bench-fp32.json"
-    step bench-bf16 "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 --parts layers \
-        $QUICK --json "$DIR/bench-bf16.json"
-fi
-if wanted long; then
-    # the long-sequence case of issue 5: B=16, T=1024, I=H=768, bfloat16
-    step bench-long-bf16 "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 \
-        --parts layers --shapes "16,1024,768,768" --json "$DIR/bench-long-bf16.json"
-fi
-if wanted model; then
-    step bench-model "$PYTHON" benchmarks/run.py --device cuda --parts sample,train,memory \
-        $QUICK --json "$DIR/bench-model.json"
 fi
 
 "$PYTHON" - "$DIR" "${STEPS[@]}" <<'EOF'

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="compile in N processes first")
     p.add_argument("--quick", action="store_true", help="T/4 and few repeats")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument(
+        "--compile-only", action="store_true", help="compile in --jobs processes, time nothing"
+    )
     p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -155,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                             pass
         torch.cuda.synchronize()
         return 0
-    if args.jobs > 1:
+    if args.jobs > 1 or args.compile_only:
         _warm_in_children(args, cells, shapes, args.jobs)
+    if args.compile_only:
+        return 0
 
     cfg = dict(warmup=2, min_repeats=3, max_repeats=10 if args.quick else 30, budget_s=0.5)
     env = H.environment(device, dtype)

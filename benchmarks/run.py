@@ -236,6 +236,9 @@ def bench_layers(cells, shapes, impls, dtype, device, cfg) -> list[dict]:
             for impl, row in group.items():
                 if "error" in row:
                     group[impl] = {k: v for k, v in row.items() if k in _LAYER_KEYS + ("error",)}
+                else:  # a line per impl as it lands, so a run cut short keeps what it timed
+                    ms = [row.get(m, {}).get("median_ms", float("nan")) for m in ("fwd", "fwd_bwd")]
+                    print(f"  {impl}: fwd {ms[0]:.3f} ms, fwd+bwd {ms[1]:.3f} ms", file=sys.stderr)
             rows.extend(group.values())
     return rows
 
