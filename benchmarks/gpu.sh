@@ -13,9 +13,8 @@
 #
 # Results go to benchmarks/gpu-results/<UTC stamp>/: one log per step, tests*.xml,
 # bench-*.json, tune-*.json and summary.json (each step's exit status and the
-# environment). When OUT is set (a device runner's output folder, which takes back only
-# a few files) that folder is also packed into $OUT/gpu-results-<stamp>.tar.gz, with
-# summary.json beside it. Every step runs even if an earlier one fails; the exit status
+# environment). When OUT is set (a device runner's output folder) that folder is copied
+# to $OUT/gpu-results-<stamp>/ after every step. Every step runs even if an earlier one fails; the exit status
 # is non-zero when any failed. PYTHON picks the interpreter (default: .venv/bin/python
 # if present, else python3). Each step is bounded in seconds by STEP_TIMEOUT_<step>
 # (the step's name with '-' written '_': STEP_TIMEOUT_bench_bf16; STEP_TIMEOUT_warm
@@ -59,6 +58,13 @@ mkdir -p "$DIR"
 STEPS=()
 failed=0
 
+# With OUT set, every log and result so far is copied there after each step, so a call
+# that a device runner ends at its limit still brings back what had finished.
+to_out() {
+    [[ -n "${OUT:-}" ]] || return 0
+    mkdir -p "$OUT/gpu-results-$STAMP" && cp -r "$DIR"/. "$OUT/gpu-results-$STAMP/"
+}
+
 limit() {
     local var="STEP_TIMEOUT_${1//-/_}"
     echo "${!var:-${STEP_TIMEOUT:-1500}}"
@@ -75,6 +81,7 @@ step() {
     echo "== $name: exit $rc after $((SECONDS - start)) s"
     STEPS+=("$name=$rc=$((SECONDS - start))")
     [[ $rc -eq 0 ]] || failed=1
+    to_out
 }
 
 if wanted info; then
@@ -139,6 +146,7 @@ if wanted tests; then
         echo "== warm: exit $? after $((SECONDS - start)) s (a compile-ahead: not a result)"
         tail -n 3 "$DIR/warm.log"
     fi
+    to_out
 fi
 if wanted bench; then
     # full lengths; --quick only cuts the repeats
@@ -182,9 +190,7 @@ print(json.dumps(summary["steps"]))
 EOF
 echo "results in $DIR"
 if [[ -n "${OUT:-}" ]]; then
-    mkdir -p "$OUT"
-    tar czf "$OUT/gpu-results-$STAMP.tar.gz" -C benchmarks/gpu-results "$STAMP"
-    cp "$DIR/summary.json" "$OUT/summary-$STAMP.json"
-    echo "packed into $OUT/gpu-results-$STAMP.tar.gz"
+    to_out
+    echo "copied into $OUT/gpu-results-$STAMP"
 fi
 exit $failed
