@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -301,3 +302,42 @@ def test_preset_sets_the_recipe_and_flags_win(text_file, tmp_path, capsys):
     # The recipe's dtype "auto" is resolved; the checkpoint records what ran (float32 off
     # the C++ kernels).
     assert recipe["dtype"] == "auto" and cfg["dtype"] == "float32"
+
+
+# Each rank's --dtype auto pick is forced to its own (argv[1]: rank 0's,rank 1's), as when
+# two machines' plans measure differently; then the rank saves the dtype it trained in.
+DTYPE_RANK_SCRIPT = """
+import json, os, sys
+import torch
+from fastchar.training import cli, config, loop
+rank = int(os.environ["RANK"])
+own = sys.argv[1].split(",")[rank]
+loop.pick_dtype = lambda *args: (own, f"--dtype auto: {own} (rank {rank}'s own pick)")
+given, resume = config.parse_args(sys.argv[2:])
+trainer = cli.run(given, resume)
+with open(os.path.join(trainer.cfg.out, f"rank{rank}.json"), "w") as f:
+    json.dump({"dtype": trainer.cfg.dtype, "note": trainer.dtype_note}, f)
+torch.save(trainer.model.state_dict(), os.path.join(trainer.cfg.out, f"rank{rank}.pt"))
+cli.exit_process(0)
+"""
+
+
+@pytest.mark.parametrize("picks", [("float32", "bfloat16"), ("bfloat16", "float32")])
+def test_ddp_ranks_whose_auto_dtype_picks_differ_train_in_rank_0s(text_file, tmp_path, picks):
+    """--dtype auto measures on each rank; where the ranks' picks differ, every rank trains
+    in rank 0's dtype, so the replicas stay identical."""
+    script = tmp_path / "dtype_rank_run.py"
+    script.write_text(DTYPE_RANK_SCRIPT)
+    out = tmp_path / "ddp"
+    extra = ["--dtype", "auto", "--batch-size", "6", "--sample-length", "0"]
+    proc = torchrun(script, [",".join(picks), *tiny_args(text_file, out, *extra)])
+    ranks = []
+    for r in (0, 1):
+        with open(out / f"rank{r}.json") as f:
+            ranks.append(json.load(f))
+    assert [r["dtype"] for r in ranks] == [picks[0], picks[0]]
+    assert ranks[1]["note"] == f"--dtype auto: {picks[0]} (rank 0's own pick)"
+    assert "rank 1's own pick" not in proc.stderr
+    w0 = torch.load(out / "rank0.pt", weights_only=True)
+    w1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert_weights_close(w0, w1, exact=True)
