@@ -4,11 +4,14 @@
 #include <ATen/Config.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <sstream>
 #include <tuple>
 #include <utility>
 
@@ -29,6 +32,14 @@ constexpr int64_t kPanel = 16;  // columns per packed panel of B
 // The cell ops' row-dot kernels split W's rows over the threads, 64 rows a task (at
 // K = 512, 128 KB of float32): enough to stream, few enough to balance.
 constexpr int64_t kCellRowsPerTask = 64;
+
+// gemm_fma.inc's AVX-512 row blocks where 12-row blocks would leave a last block of 1-3
+// rows: balanced or 12-row, whichever row_blocks_balanced measured faster on this CPU,
+// unless gemm_row_blocks set one (g_row_blocks: -1 measured, 0 12-row, 1 balanced).
+// t_row_blocks is the measuring thread's own setting while it times both.
+std::atomic<int> g_row_blocks{-1};
+thread_local int t_row_blocks = -1;
+bool row_blocks_balanced();
 
 #if FASTCHAR_X86_KERNELS
 #pragma GCC push_options
@@ -96,6 +107,35 @@ const Cpu& cpu() {
   static const Cpu c;
   return c;
 }
+
+// The row-block measurement: 13-row products (N = 512, K = 256), 12 + 1 rows against
+// balanced 7 + 6, in interleaved rounds, once per process.
+struct RowBlockTimes {
+  double equal_s = 0, balanced_s = 0;
+};
+
+#if FASTCHAR_X86_KERNELS
+const RowBlockTimes& row_block_times() {
+  static const RowBlockTimes times = [] {
+    constexpr int kRounds = 9, kReps = 16;
+    std::vector<double> eq, bal;
+    avx512::time_row_blocks(false, 2);  // warm: page in, clocks up
+    for (int r = 0; r < kRounds; ++r) {
+      eq.push_back(avx512::time_row_blocks(false, kReps));
+      bal.push_back(avx512::time_row_blocks(true, kReps));
+    }
+    std::sort(eq.begin(), eq.end());
+    std::sort(bal.begin(), bal.end());
+    return RowBlockTimes{eq[kRounds / 2], bal[kRounds / 2]};
+  }();
+  return times;
+}
+
+bool row_blocks_balanced() {
+  const auto& t = row_block_times();
+  return t.balanced_s < t.equal_s;
+}
+#endif
 
 // B = op(W) [K, N] (from W [N, K] when trans_w, else W [K, N]) as float32 panels. Each
 // panel is written in order, lane by lane, while its 16 columns of B are read: 16 rows of
@@ -816,6 +856,11 @@ bool agrees(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t
 Engine measure(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int threads) {
   const auto engines = candidates(dtype, op);
   TORCH_CHECK(!engines.empty(), "fastchar: no GEMM engine runs ", dtype, " here");
+#if FASTCHAR_X86_KERNELS
+  if (cpu().avx512f) {
+    row_block_times();  // measured now, not inside the engines' timings below
+  }
+#endif
   Engine best = Engine::kMkl;
   double best_s = -1;
   for (Engine e : engines) {
@@ -1021,6 +1066,36 @@ Op parse_op(int64_t op) {
   return static_cast<Op>(op);
 }
 
+// The AVX-512 row blocks: `mode` "" leaves them as they are, "auto" (measured), "equal"
+// (12-row) or "balanced" sets them; returns what is in force and why.
+std::string gemm_row_blocks(c10::string_view mode) {
+  const std::string m(mode);
+  TORCH_CHECK_VALUE(m.empty() || m == "auto" || m == "equal" || m == "balanced",
+                    "fastchar::gemm_row_blocks: mode must be '', 'auto', 'equal' or 'balanced', "
+                    "got '", m, "'");
+  if (!m.empty()) {
+    g_row_blocks.store(m == "auto" ? -1 : m == "balanced" ? 1 : 0);
+  }
+  if (!cpu().avx512f) {
+    return "n/a: no AVX-512 here (AVX2 runs 6-row blocks)";
+  }
+  const int g = g_row_blocks.load();
+  if (g >= 0) {
+    return g == 1 ? "balanced (set)" : "equal (set)";
+  }
+#if FASTCHAR_X86_KERNELS
+  const auto& t = row_block_times();
+  const bool bal = t.balanced_s < t.equal_s;
+  std::ostringstream out;
+  out.precision(3);
+  out << (bal ? "balanced" : "equal") << " (measured: 13 rows as 7 + 6 at "
+      << t.equal_s / t.balanced_s << "x the rate of 12 + 1)";
+  return out.str();
+#else
+  return "equal";
+#endif
+}
+
 std::string gemm_choose(at::ScalarType dtype, int64_t op, int64_t M, int64_t N, int64_t K,
                         int64_t threads) {
   TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0 && threads > 0,
@@ -1125,6 +1200,7 @@ at::Tensor gemm_run(c10::string_view engine, const at::Tensor& a, const at::Tens
 TORCH_LIBRARY_IMPL(fastchar, CompositeExplicitAutograd, m) {
   m.impl("gemm_why_not", &engines::gemm_why_not);
   m.impl("gemm_choose", &engines::gemm_choose);
+  m.impl("gemm_row_blocks", &engines::gemm_row_blocks);
   m.impl("gemm_plan_entries", &engines::gemm_plan_entries);
   m.impl("gemm_plan_clear", &engines::gemm_plan_clear);
   m.impl("gemm_rate", &engines::gemm_rate);

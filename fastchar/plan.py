@@ -94,6 +94,14 @@ def why_not(engine: str, dtype: torch.dtype) -> str | None:
     return reason or None
 
 
+def row_blocks(mode: str = "") -> str:
+    """The AVX-512 FMA kernels' row blocks where 12-row blocks would leave 1-3 rows over
+    (13 rows: 12 + 1, or "balanced" 7 + 6), as measured on this CPU at first use, and why;
+    ``mode`` "auto", "equal" or "balanced" sets them first (tests, A/B). The result of a
+    product does not depend on them."""
+    return torch.ops.fastchar.gemm_row_blocks(mode)
+
+
 def choose(dtype: torch.dtype, op: str, M: int, N: int, K: int, threads: int = 1) -> str:
     """The engine for one GEMM C[M, N] = A[M, K] @ op(W) (measured now if new)."""
     return torch.ops.fastchar.gemm_choose(dtype, OPS.index(op), M, N, K, threads)

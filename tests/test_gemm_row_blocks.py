@@ -1,0 +1,73 @@
+"""The AVX-512 FMA kernels' row blocks (13 rows as 12 + 1, or balanced as 7 + 6): which one
+runs is measured on the CPU at hand (``plan.row_blocks``), and either gives the same
+product, bit for bit, on every engine and op that uses them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastchar import plan
+from fastchar.backends import cpp_loaded
+
+pytestmark = pytest.mark.skipif(not cpp_loaded(), reason="fastchar._C is not built")
+
+AVX512 = cpp_loaded() and "avx512f" in plan.cpu_flags()
+# M rows that 12-row blocks leave 1-3 over (and 12, 24: none over); N past one panel group
+ROWS = (12, 13, 14, 15, 24, 25, 27, 37)
+ENGINE_OPS = [
+    pytest.param(e, d, op, id=f"{e}-{str(d)[6:]}-{op}")
+    for e, d, ops in (
+        ("fma", torch.float32, ("nn", "nt", "wide_nn", "wide_tn")),
+        ("bf16dot", torch.bfloat16, ("nn", "nt", "wide_nn", "wide_tn")),
+        ("bf16fma", torch.bfloat16, ("nn", "nt")),
+    )
+    for op in ops
+    if cpp_loaded() and plan.why_not(e, d) is None
+]
+
+
+@pytest.fixture(autouse=True)
+def _measured_blocks():
+    yield
+    plan.row_blocks("auto")
+
+
+@pytest.mark.parametrize(("engine", "dtype", "op"), ENGINE_OPS)
+def test_either_row_blocking_gives_the_same_product(engine, dtype, op):
+    K, N = 300, 200  # K past the kernels' 256-step block
+    for M in ROWS:
+        trans_w, trans_a = op == "nt", op == "wide_tn"
+        a = (torch.randn(K, M) if trans_a else torch.randn(M, K)).to(dtype)
+        w = (torch.randn(N, K) if trans_w else torch.randn(K, N)).to(dtype)
+        c = torch.randn(M, N)
+        got = {}
+        for mode in ("equal", "balanced"):
+            assert plan.row_blocks(mode).startswith(mode) or not AVX512
+            got[mode] = plan.run(engine, a, w, op, c)
+        assert torch.equal(got["equal"], got["balanced"]), f"M={M}"
+        A = a.double().t() if trans_a else a.double()
+        want = A @ (w.double().t() if trans_w else w.double()) + c.double()
+        err = (got["equal"].double() - want).abs().max().item()
+        assert err <= 1e-4 * K**0.5 * want.abs().max().item(), f"M={M}: {err}"
+
+
+@pytest.mark.skipif(not AVX512, reason="the row blocks are measured on AVX-512 CPUs only")
+def test_the_blocking_in_force_is_measured_and_said():
+    said = plan.row_blocks("auto")
+    assert said.startswith(("balanced (measured", "equal (measured")), said
+    assert "x the rate of 12 + 1" in said
+    assert plan.row_blocks() == said  # measured once per process, kept
+    assert plan.row_blocks("balanced") == "balanced (set)"
+    assert plan.row_blocks() == "balanced (set)"
+    assert plan.row_blocks("equal") == "equal (set)"
+
+
+@pytest.mark.skipif(AVX512, reason="this CPU has AVX-512")
+def test_without_avx512_there_is_nothing_to_choose():
+    assert plan.row_blocks().startswith("n/a: no AVX-512")
+
+
+def test_a_bad_mode_names_the_argument():
+    with pytest.raises(ValueError, match="mode must be"):
+        plan.row_blocks("fastest")
