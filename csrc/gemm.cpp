@@ -39,7 +39,9 @@ constexpr int64_t kCellRowsPerTask = 64;
 // t_row_blocks is the measuring thread's own setting while it times both.
 std::atomic<int> g_row_blocks{-1};
 thread_local int t_row_blocks = -1;
+#if FASTCHAR_X86_KERNELS
 bool row_blocks_balanced();
+#endif
 
 #if FASTCHAR_X86_KERNELS
 #pragma GCC push_options
@@ -108,8 +110,9 @@ const Cpu& cpu() {
   return c;
 }
 
-// The row-block measurement: 13-row products (N = 512, K = 256), 12 + 1 rows against
-// balanced 7 + 6, in interleaved rounds, once per process.
+// The row-block measurement: 13-row float32 products (N = 512, K = 256), 12 + 1 rows
+// against balanced 6 + 7, in interleaved rounds, once per process; the one result
+// decides every M with 1-3 rows over, for the float32 and the bfloat16 kernels.
 struct RowBlockTimes {
   double equal_s = 0, balanced_s = 0;
 };
@@ -856,11 +859,7 @@ bool agrees(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t
 Engine measure(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int threads) {
   const auto engines = candidates(dtype, op);
   TORCH_CHECK(!engines.empty(), "fastchar: no GEMM engine runs ", dtype, " here");
-#if FASTCHAR_X86_KERNELS
-  if (cpu().avx512f) {
-    row_block_times();  // measured now, not inside the engines' timings below
-  }
-#endif
+
   Engine best = Engine::kMkl;
   double best_s = -1;
   for (Engine e : engines) {
@@ -982,6 +981,13 @@ std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, Op op, int64
 }
 
 Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int threads) {
+#if FASTCHAR_X86_KERNELS
+  // The row blocks are measured here, on the one thread that asks before a time loop (also
+  // for a shape the plan's cache holds), not inside the loop or the engines' timings.
+  if (cpu().avx512f && g_row_blocks.load(std::memory_order_relaxed) < 0) {
+    row_block_times();
+  }
+#endif
   const char* env = std::getenv("FASTCHAR_GEMM");
   if (env != nullptr && *env != '\0' && std::string(env) != "auto") {
     const Engine e = parse_engine(env);
@@ -1076,6 +1082,7 @@ std::string gemm_row_blocks(c10::string_view mode) {
   if (!m.empty()) {
     g_row_blocks.store(m == "auto" ? -1 : m == "balanced" ? 1 : 0);
   }
+#if FASTCHAR_X86_KERNELS
   if (!cpu().avx512f) {
     return "n/a: no AVX-512 here (AVX2 runs 6-row blocks)";
   }
@@ -1083,17 +1090,36 @@ std::string gemm_row_blocks(c10::string_view mode) {
   if (g >= 0) {
     return g == 1 ? "balanced (set)" : "equal (set)";
   }
-#if FASTCHAR_X86_KERNELS
   const auto& t = row_block_times();
   const bool bal = t.balanced_s < t.equal_s;
   std::ostringstream out;
   out.precision(3);
-  out << (bal ? "balanced" : "equal") << " (measured: 13 rows as 7 + 6 at "
+  out << (bal ? "balanced" : "equal") << " (measured: 13 rows as 6 + 7 at "
       << t.equal_s / t.balanced_s << "x the rate of 12 + 1)";
   return out.str();
 #else
-  return "equal";
+  return "n/a: fastchar's FMA kernels are not built here";
 #endif
+}
+
+// Where gemm_fma.inc's row blocks start for M rows on this CPU (its widest kernels), as
+// the blocks now in force place them, and M last: the tests' view of the blocking.
+std::vector<int64_t> gemm_row_block_starts(int64_t M) {
+  TORCH_CHECK_VALUE(M > 0, "fastchar::gemm_row_block_starts: M must be positive, got ", M);
+  std::vector<int64_t> starts;
+#if FASTCHAR_X86_KERNELS
+  auto add = [&](const auto& rb) {
+    for (int64_t i = 0; i <= rb.blocks; ++i) {
+      starts.push_back(rb.begin(i));
+    }
+  };
+  if (cpu().avx512f) {
+    add(avx512::RowBlocks(M));
+  } else if (cpu().avx2) {
+    add(avx2::RowBlocks(M));
+  }
+#endif
+  return starts;
 }
 
 std::string gemm_choose(at::ScalarType dtype, int64_t op, int64_t M, int64_t N, int64_t K,
@@ -1201,6 +1227,7 @@ TORCH_LIBRARY_IMPL(fastchar, CompositeExplicitAutograd, m) {
   m.impl("gemm_why_not", &engines::gemm_why_not);
   m.impl("gemm_choose", &engines::gemm_choose);
   m.impl("gemm_row_blocks", &engines::gemm_row_blocks);
+  m.impl("gemm_row_block_starts", &engines::gemm_row_block_starts);
   m.impl("gemm_plan_entries", &engines::gemm_plan_entries);
   m.impl("gemm_plan_clear", &engines::gemm_plan_clear);
   m.impl("gemm_rate", &engines::gemm_rate);

@@ -67,6 +67,7 @@ TORCH_LIBRARY(fastchar, m) {
   m.def("gemm_why_not(str engine, ScalarType dtype) -> str");
   m.def("gemm_choose(ScalarType dtype, int op, int M, int N, int K, int threads=1) -> str");
   m.def("gemm_row_blocks(str mode=\"\") -> str");
+  m.def("gemm_row_block_starts(int M) -> int[]");
   m.def("gemm_plan_entries() -> Tensor");
   m.def("gemm_plan_load(Tensor rows) -> int");
   m.def("gemm_plan_clear() -> ()");

@@ -96,10 +96,16 @@ def why_not(engine: str, dtype: torch.dtype) -> str | None:
 
 def row_blocks(mode: str = "") -> str:
     """The AVX-512 FMA kernels' row blocks where 12-row blocks would leave 1-3 rows over
-    (13 rows: 12 + 1, or "balanced" 7 + 6), as measured on this CPU at first use, and why;
+    (13 rows: 12 + 1, or "balanced" 6 + 7), as measured on this CPU at first use, and why;
     ``mode`` "auto", "equal" or "balanced" sets them first (tests, A/B). The result of a
     product does not depend on them."""
     return torch.ops.fastchar.gemm_row_blocks(mode)
+
+
+def row_block_starts(M: int) -> list[int]:
+    """Where the widest FMA kernels' row blocks start for M rows, as now in force (and M
+    last); empty where this build has no FMA kernels."""
+    return torch.ops.fastchar.gemm_row_block_starts(M)
 
 
 def choose(dtype: torch.dtype, op: str, M: int, N: int, K: int, threads: int = 1) -> str:
