@@ -110,6 +110,7 @@ const Cpu& cpu() {
   return c;
 }
 
+#if FASTCHAR_X86_KERNELS
 // The row-block measurement: 13-row float32 products (N = 512, K = 256), 12 + 1 rows
 // against balanced 6 + 7, in interleaved rounds, once per process; the one result
 // decides every M with 1-3 rows over, for the float32 and the bfloat16 kernels.
@@ -117,7 +118,6 @@ struct RowBlockTimes {
   double equal_s = 0, balanced_s = 0;
 };
 
-#if FASTCHAR_X86_KERNELS
 const RowBlockTimes& row_block_times() {
   static const RowBlockTimes times = [] {
     constexpr int kRounds = 9, kReps = 16;
@@ -859,7 +859,6 @@ bool agrees(Engine e, at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t
 Engine measure(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int threads) {
   const auto engines = candidates(dtype, op);
   TORCH_CHECK(!engines.empty(), "fastchar: no GEMM engine runs ", dtype, " here");
-
   Engine best = Engine::kMkl;
   double best_s = -1;
   for (Engine e : engines) {
@@ -1091,10 +1090,9 @@ std::string gemm_row_blocks(c10::string_view mode) {
     return g == 1 ? "balanced (set)" : "equal (set)";
   }
   const auto& t = row_block_times();
-  const bool bal = t.balanced_s < t.equal_s;
   std::ostringstream out;
   out.precision(3);
-  out << (bal ? "balanced" : "equal") << " (measured: 13 rows as 6 + 7 at "
+  out << (row_blocks_balanced() ? "balanced" : "equal") << " (measured: 13 rows as 6 + 7 at "
       << t.equal_s / t.balanced_s << "x the rate of 12 + 1)";
   return out.str();
 #else
