@@ -150,6 +150,49 @@ def skip_zero_grads(ctx) -> None:
     ctx.set_materialize_grads(False)
 
 
+def differentiable_grads(ctx, layer, inputs: tuple, grad_outputs: tuple) -> tuple | None:
+    """A sequence op's gradients as a graph of their own, when its backward runs under
+    ``create_graph=True`` (the only time grad mode is on inside a backward); else None.
+
+    The fused backward kernels have no derivative, so a gradient of their gradients (a
+    gradient penalty, a Hessian-vector product) would come out silently zero; torch.nn's
+    CPU RNNs give it. Here ``layer(*inputs)`` re-runs the layer with the reference's
+    differentiable ops on the saved inputs (the op's, in its order) and returns the
+    outputs that ``grad_outputs`` belong to; their gradients, built with create_graph,
+    can be differentiated again. The reference's speed, for this case only.
+    """
+    if not torch.is_grad_enabled():
+        return None
+    wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and ctx.needs_input_grad[i]]
+    pairs = [(o, g) for o, g in zip(layer(*inputs), grad_outputs, strict=True) if g is not None]
+    grads = [None] * len(inputs)
+    if wanted and pairs:
+        got = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [inputs[i] for i in wanted],
+            [g for _, g in pairs],
+            create_graph=True,
+            allow_unused=True,
+        )
+        for i, g in zip(wanted, got, strict=True):
+            grads[i] = g
+    return tuple(grads)
+
+
+def refuse_create_graph(op: str) -> None:
+    """For the ops on a projected input xp, which they do not keep (it would cost a [T, B, G]
+    buffer in every training step): under ``create_graph=True`` the layer cannot be re-run
+    as ``differentiable_grads`` does, and a silently zero second derivative is worse than
+    an error. cuDNN's RNNs have none either."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: no gradient of its gradient (backward with create_graph=True): its "
+            "backward kernels have no derivative and it does not keep its input xp to "
+            "re-run the layer. On the CPU, fastchar.ops and fastchar.nn with impl='cpp' "
+            "give one; elsewhere use impl='reference'."
+        )
+
+
 def grads_or_zeros(*pairs: tuple[Tensor | None, Tensor]) -> list[Tensor]:
     """Each (grad, like) pair's gradient, or zeros shaped like ``like`` where it is None."""
     return [torch.zeros_like(like) if grad is None else grad for grad, like in pairs]

@@ -25,10 +25,12 @@ from fastchar.layout import split_gru_bias
 from fastchar.ops._common import (
     autocast_inputs,
     check_args,
+    differentiable_grads,
     grads_or_zeros,
     linear,
     previous_states,
     projection_grads,
+    refuse_create_graph,
     skip_zero_grads,
     torch_params,
     weight_grad,
@@ -93,8 +95,9 @@ def _hidden_grads(
     return grad_xp, grad_h0, grad_w_hh, grad_b_hn
 
 
-def _autograd_backward(bwd):
+def _autograd_backward(bwd, op: str):
     def backward(ctx, grad_out, grad_h_n, _grad_gates, _grad_hn):
+        refuse_create_graph(op)
         need = ctx.needs_input_grad
         bs = ctx.packed[0] if ctx.packed else None
         grads = _hidden_grads(bwd, ctx.saved_tensors, grad_out, grad_h_n, need[2], need[3], bs)
@@ -106,14 +109,19 @@ def _autograd_backward(bwd):
 def _setup_seq(ctx, inputs, output):
     x, h0, w_ih, b_x, w_hh, b_hn, batch_sizes = inputs
     out, _, gates, hn = output
-    ctx.save_for_backward(x, w_ih, h0, w_hh, out, gates, hn)
+    ctx.save_for_backward(x, w_ih, h0, w_hh, out, gates, hn, b_x, b_hn)
     ctx.has_bias = b_x is not None
     ctx.batch_sizes = batch_sizes
     skip_zero_grads(ctx)
 
 
 def _seq_backward(ctx, grad_out, grad_h_n, _grad_gates, _grad_hn):
-    x, w_ih, *saved = ctx.saved_tensors
+    x, w_ih, *saved, b_x, b_hn = ctx.saved_tensors
+    h0, w_hh = saved[:2]
+    inputs = (x, h0, w_ih, b_x, w_hh, b_hn, ctx.batch_sizes)
+    second = differentiable_grads(ctx, _reference_seq, inputs, (grad_out, grad_h_n))
+    if second is not None:
+        return second
     need = ctx.needs_input_grad
     grad_xp, grad_h0, grad_w_hh, grad_b_hn = _hidden_grads(
         torch.ops.fastchar.gru_bwd, saved, grad_out, grad_h_n, need[4], need[5], ctx.batch_sizes
@@ -122,6 +130,13 @@ def _seq_backward(ctx, grad_out, grad_h_n, _grad_gates, _grad_hn):
         (need[0], need[2], need[3]), grad_xp, x, w_ih, ctx.has_bias
     )
     return grad_x, grad_h0, grad_w_ih, grad_b_x, grad_w_hh, grad_b_hn, None
+
+
+def _reference_seq(x, h0, w_ih, b_x, w_hh, b_hn, batch_sizes):
+    """gru_seq's out, h_n from its inputs, by the reference: b_x holds b_ih and the r and z
+    blocks of b_hh, so the hidden side's bias is b_hn alone."""
+    b_hh = torch.cat((b_hn.new_zeros(2 * b_hn.shape[0]), b_hn))
+    return reference.gru(x, h0, w_ih, w_hh, b_x, b_hh, batch_sizes=batch_sizes)
 
 
 @torch.library.custom_op("fastchar::triton_gru_fwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -161,7 +176,9 @@ def _triton_cell(
 _triton_fwd.register_fake(_fake_fwd)
 _triton_bwd.register_fake(_fake_bwd)
 _triton_cell.register_fake(_fake_cell)
-_triton_fwd.register_autograd(_autograd_backward(_triton_bwd), setup_context=_setup_context)
+_triton_fwd.register_autograd(
+    _autograd_backward(_triton_bwd, "fastchar::triton_gru_fwd"), setup_context=_setup_context
+)
 
 if cpp_loaded():
     torch.library.register_fake("fastchar::gru_seq")(_fake_seq)
@@ -171,7 +188,7 @@ if cpp_loaded():
     torch.library.register_fake("fastchar::gru_cell")(_fake_cell)
     torch.library.register_autograd(
         "fastchar::gru_fwd",
-        _autograd_backward(torch.ops.fastchar.gru_bwd),
+        _autograd_backward(torch.ops.fastchar.gru_bwd, "fastchar::gru_fwd"),
         setup_context=_setup_context,
     )
 

@@ -28,10 +28,12 @@ from fastchar.layout import state_dtype
 from fastchar.ops._common import (
     autocast_inputs,
     check_args,
+    differentiable_grads,
     grads_or_zeros,
     linear,
     previous_states,
     projection_grads,
+    refuse_create_graph,
     skip_zero_grads,
     torch_params,
     weight_grad,
@@ -80,8 +82,9 @@ def _setup_context(ctx, inputs, output):
     skip_zero_grads(ctx)
 
 
-def _autograd_backward(bwd):
+def _autograd_backward(bwd, op: str):
     def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs):
+        refuse_create_graph(op)
         h0, c0, w_hh, out, gates, cs = ctx.saved_tensors
         bs = ctx.packed[0] if ctx.packed else None
         grad_out, grad_h_n, grad_c_n = grads_or_zeros(
@@ -143,7 +146,9 @@ def _triton_cell(
 _triton_fwd.register_fake(_fake_fwd)
 _triton_bwd.register_fake(_fake_bwd)
 _triton_cell.register_fake(_fake_cell)
-_triton_fwd.register_autograd(_autograd_backward(_triton_bwd), setup_context=_setup_context)
+_triton_fwd.register_autograd(
+    _autograd_backward(_triton_bwd, "fastchar::triton_lstm_fwd"), setup_context=_setup_context
+)
 
 if cpp_loaded():
     torch.library.register_fake("fastchar::lstm_fwd")(_fake_fwd)
@@ -151,7 +156,7 @@ if cpp_loaded():
     torch.library.register_fake("fastchar::lstm_cell")(_fake_cell)
     torch.library.register_autograd(
         "fastchar::lstm_fwd",
-        _autograd_backward(torch.ops.fastchar.lstm_bwd),
+        _autograd_backward(torch.ops.fastchar.lstm_bwd, "fastchar::lstm_fwd"),
         setup_context=_setup_context,
     )
 
@@ -159,15 +164,19 @@ if cpp_loaded():
 def _setup_seq(ctx, inputs, output):
     x, h0, c0, w_ih, bias, w_hh, batch_sizes = inputs
     out, _, _, gates, cs = output
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, out, gates, cs)
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, out, gates, cs, bias)
     ctx.has_bias = bias is not None
     ctx.batch_sizes = batch_sizes
     skip_zero_grads(ctx)
 
 
 def _seq_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs):
-    x, h0, c0, w_ih, w_hh, out, gates, cs = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, out, gates, cs, bias = ctx.saved_tensors
     bs = ctx.batch_sizes
+    inputs = (x, h0, c0, w_ih, bias, w_hh, bs)
+    second = differentiable_grads(ctx, _reference_seq, inputs, (grad_out, grad_h_n, grad_c_n))
+    if second is not None:
+        return second
     grad_out, grad_h_n, grad_c_n = grads_or_zeros((grad_out, out), (grad_h_n, h0), (grad_c_n, c0))
     need = ctx.needs_input_grad
     need_b = need[4] and ctx.has_bias  # summed inside the time loop, not over grad_xp after it
@@ -178,6 +187,11 @@ def _seq_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs):
     grad_b = grad_b if need_b else None
     grad_w_hh = weight_grad(grad_xp, previous_states(h0, out, bs)) if need[5] else None
     return grad_x, grad_h0, grad_c0, grad_w_ih, grad_b, grad_w_hh, None
+
+
+def _reference_seq(x, h0, c0, w_ih, bias, w_hh, batch_sizes):
+    """lstm_seq's differentiable outputs (out, h_n, c_n) from its inputs, by the reference."""
+    return reference.lstm(x, h0, c0, w_ih, w_hh, bias, batch_sizes=batch_sizes)
 
 
 if cpp_loaded():
@@ -199,15 +213,19 @@ def _fake_proj_bwd(grad_out, grad_h_n, grad_c_n, w_hh, w_hr, c0, gates, cs, batc
 def _setup_proj_seq(ctx, inputs, output):
     x, h0, c0, w_ih, bias, w_hh, w_hr, batch_sizes = inputs
     out, _, _, gates, cs, rs = output
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, out, gates, cs, rs)
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, out, gates, cs, rs, bias)
     ctx.has_bias = bias is not None
     ctx.batch_sizes = batch_sizes
     skip_zero_grads(ctx)
 
 
 def _proj_seq_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs, _grad_rs):
-    x, h0, c0, w_ih, w_hh, w_hr, out, gates, cs, rs = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, w_hr, out, gates, cs, rs, bias = ctx.saved_tensors
     bs = ctx.batch_sizes
+    inputs = (x, h0, c0, w_ih, bias, w_hh, w_hr, bs)
+    second = differentiable_grads(ctx, _reference_proj_seq, inputs, (grad_out, grad_h_n, grad_c_n))
+    if second is not None:
+        return second
     grad_out, grad_h_n, grad_c_n = grads_or_zeros((grad_out, out), (grad_h_n, h0), (grad_c_n, c0))
     grad_xp, grad_h0, grad_c0, grad_hs = torch.ops.fastchar.lstmp_bwd(
         grad_out, grad_h_n, grad_c_n, w_hh, w_hr, c0, gates, cs, bs
@@ -220,6 +238,11 @@ def _proj_seq_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs,
     # dW_hr = sum over steps of grad_hs[t]^T r_t: one term over every row
     grad_w_hr = weight_grad(grad_hs, [rs.flatten(0, -2)]) if need[6] else None
     return grad_x, grad_h0, grad_c0, grad_w_ih, grad_b, grad_w_hh, grad_w_hr, None
+
+
+def _reference_proj_seq(x, h0, c0, w_ih, bias, w_hh, w_hr, batch_sizes):
+    """lstmp_seq's out, h_n, c_n from its inputs, by the reference."""
+    return reference.lstm(x, h0, c0, w_ih, w_hh, bias, batch_sizes=batch_sizes, w_hr=w_hr)
 
 
 if cpp_loaded():

@@ -22,9 +22,11 @@ from fastchar.backends import cpp_loaded, resolve
 from fastchar.ops._common import (
     autocast_inputs,
     check_args,
+    differentiable_grads,
     linear,
     previous_states,
     projection_grads,
+    refuse_create_graph,
     torch_params,
     weight_grad,
 )
@@ -58,8 +60,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(h0, w_hh, out)
 
 
-def _autograd_backward(bwd):
+def _autograd_backward(bwd, op: str):
     def backward(ctx, grad_out, grad_h_n):
+        refuse_create_graph(op)
         h0, w_hh, out = ctx.saved_tensors
         bs = ctx.packed[0] if ctx.packed else None
         grad_xp, grad_h0 = bwd(grad_out, grad_h_n, w_hh, out, ctx.relu, *ctx.packed)
@@ -111,7 +114,9 @@ def _triton_cell(
 _triton_fwd.register_fake(_fake_fwd)
 _triton_bwd.register_fake(_fake_bwd)
 _triton_cell.register_fake(_fake_cell)
-_triton_fwd.register_autograd(_autograd_backward(_triton_bwd), setup_context=_setup_context)
+_triton_fwd.register_autograd(
+    _autograd_backward(_triton_bwd, "fastchar::triton_rnn_fwd"), setup_context=_setup_context
+)
 
 if cpp_loaded():
     torch.library.register_fake("fastchar::rnn_fwd")(_fake_fwd)
@@ -119,7 +124,7 @@ if cpp_loaded():
     torch.library.register_fake("fastchar::rnn_cell")(_fake_cell)
     torch.library.register_autograd(
         "fastchar::rnn_fwd",
-        _autograd_backward(torch.ops.fastchar.rnn_bwd),
+        _autograd_backward(torch.ops.fastchar.rnn_bwd, "fastchar::rnn_fwd"),
         setup_context=_setup_context,
     )
 
@@ -129,12 +134,16 @@ def _setup_seq(ctx, inputs, output):
     ctx.relu = relu
     ctx.has_bias = bias is not None
     ctx.batch_sizes = batch_sizes
-    ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
+    ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], bias)
 
 
 def _seq_backward(ctx, grad_out, grad_h_n):
-    x, h0, w_ih, w_hh, out = ctx.saved_tensors
+    x, h0, w_ih, w_hh, out, bias = ctx.saved_tensors
     bs = ctx.batch_sizes
+    inputs = (x, h0, w_ih, bias, w_hh, ctx.relu, bs)
+    second = differentiable_grads(ctx, _reference_seq, inputs, (grad_out, grad_h_n))
+    if second is not None:
+        return second
     grad_xp, grad_h0 = torch.ops.fastchar.rnn_bwd(grad_out, grad_h_n, w_hh, out, ctx.relu, bs)
     need = ctx.needs_input_grad
     grad_x, grad_w_ih, grad_b = projection_grads(
@@ -142,6 +151,12 @@ def _seq_backward(ctx, grad_out, grad_h_n):
     )
     grad_w_hh = weight_grad(grad_xp, previous_states(h0, out, bs)) if need[4] else None
     return grad_x, grad_h0, grad_w_ih, grad_b, grad_w_hh, None, None
+
+
+def _reference_seq(x, h0, w_ih, bias, w_hh, relu, batch_sizes):
+    """rnn_seq's out, h_n from its inputs, by the reference."""
+    nonlinearity = "relu" if relu else "tanh"
+    return reference.rnn(x, h0, w_ih, w_hh, bias, None, nonlinearity, batch_sizes=batch_sizes)
 
 
 if cpp_loaded():

@@ -187,3 +187,16 @@ def test_layer_under_torch_compile(cell):
         results.append([value.detach()] + [leaf.grad for leaf in leaves])
     for name, a, b in zip(["loss", *inputs], *results, strict=True):
         assert_close(a, b, EXACT, f"compiled {name}")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_second_derivative_is_refused(cell):
+    """The Triton ops keep no input xp to re-run the layer from and their backward kernels
+    have no derivative (nor have cuDNN's): create_graph=True is a clear RuntimeError, not a
+    silently zero gradient of the gradient; the first derivative still runs."""
+    *_, layer, _, extra = CELLS[cell]
+    leaves = [v.clone().requires_grad_() for v in make_inputs(cell, 3, 2, 3, 16, EXACT).values()]
+    out = layer(*leaves, **extra, impl="triton")[0]
+    torch.autograd.grad(out.sum(), leaves[0], retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"fastchar::triton_\w+_fwd: no gradient of its"):
+        torch.autograd.grad(out.sum(), leaves[0], create_graph=True)

@@ -1,0 +1,145 @@
+"""Gradients of gradients (create_graph=True) through the C++ layers: gradient penalties,
+Hessian-vector products. torch.nn's CPU RNNs allow them; the fused backward kernels have
+no derivative of their own, so under create_graph the sequence ops re-run the layer with
+the reference's differentiable ops, and the ops without their input saved refuse clearly.
+
+Shape letters: T time, B batch, N packed rows, I input, H hidden, P projection.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from parity import CELLS, assert_close, make_pair
+
+from fastchar import ops, reference
+from fastchar.backends import cpp_loaded
+
+pytestmark = pytest.mark.skipif(
+    not cpp_loaded(),
+    reason="fastchar._C is not built (pip install --no-build-isolation -e .)",
+)
+
+N_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+LENGTHS = [3, 3, 1]  # a packed batch: batch_sizes [3, 2, 2]
+
+
+def _leaves(cell, T, B, I, H, P=None):
+    """float64 leaf tensors for one layer, in fastchar.ops' argument order."""
+    G, width = N_GATES[cell] * H, P or H
+    args = {"x": torch.randn(T, B, I), "h0": torch.randn(B, width) / 2}
+    if cell == "lstm":
+        args["c0"] = torch.randn(B, H) / 2
+    args["w_ih"] = torch.randn(G, I) / I**0.5
+    args["w_hh"] = torch.randn(G, width) / width**0.5
+    args["b_ih"] = torch.randn(G) / 4
+    args["b_hh"] = torch.randn(G) / 4
+    if P is not None:
+        args["w_hr"] = torch.randn(P, H) / H**0.5
+    return {k: v.double().requires_grad_() for k, v in args.items()}
+
+
+def _layer(cell, names, batch_sizes=None):
+    """fn(*leaves) -> the layer's outputs through fastchar.ops with impl='cpp'."""
+
+    def fn(*args):
+        a = dict(zip(names, args, strict=True))
+        if cell == "lstm":
+            return ops.lstm(
+                a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                impl="cpp", batch_sizes=batch_sizes, w_hr=a.get("w_hr"),
+            )  # fmt: skip
+        if cell == "gru":
+            return ops.gru(
+                a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                impl="cpp", batch_sizes=batch_sizes,
+            )  # fmt: skip
+        return ops.rnn(
+            a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], cell[4:],
+            impl="cpp", batch_sizes=batch_sizes,
+        )  # fmt: skip
+
+    return fn
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradgradcheck_dense(cell):
+    """Second derivatives of every input, against finite differences of the first."""
+    leaves = _leaves(cell, 3, 2, 2, 3)
+    fn = _layer(cell, list(leaves))
+    assert torch.autograd.gradgradcheck(fn, tuple(leaves.values()))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_gradgradcheck_packed(cell):
+    """A PackedSequence's rows (x [N, I], batch_sizes [3, 2, 2]) the same way."""
+    leaves = _leaves(cell, 3, 3, 2, 3)
+    leaves["x"] = torch.randn(sum(LENGTHS), 2, dtype=torch.float64, requires_grad=True)
+    batch_sizes = torch.tensor([3, 2, 2])
+    fn = _layer(cell, list(leaves), batch_sizes)
+    assert torch.autograd.gradgradcheck(fn, tuple(leaves.values()))
+
+
+def test_gradgradcheck_projection():
+    """An LSTM with proj_size (lstmp_seq): h is P = 2 wide, c H = 3 wide."""
+    leaves = _leaves("lstm", 3, 2, 2, 3, P=2)
+    fn = _layer("lstm", list(leaves))
+    assert torch.autograd.gradgradcheck(fn, tuple(leaves.values()))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradient_penalty_matches_torch_nn(cell):
+    """A WGAN-GP style penalty |d out^2 / d x|^2 through two bidirectional layers: its
+    gradient with respect to every parameter equals torch.nn's, and so does the first
+    derivative that it is built from."""
+    ours, theirs = make_pair(cell, "cpp", 3, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        out = module(xi)[0]
+        (g,) = torch.autograd.grad(out.pow(2).sum(), xi, create_graph=True)
+        penalty = g.pow(2).sum()
+        results.append([g.detach(), *torch.autograd.grad(penalty, list(module.parameters()))])
+    names = ["d out^2 / dx"] + [f"d penalty / d {n}" for n, _ in ours.named_parameters()]
+    for name, got, want in zip(names, *results, strict=True):
+        assert want.abs().max() > 0, name  # the penalty does reach every parameter
+        assert_close(got, want, torch.float64, f"{cell}: {name}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_plain_backward_runs_the_kernels(cell, monkeypatch):
+    """The re-run is only for create_graph: a plain backward never calls the reference."""
+    leaves = _leaves(cell, 3, 2, 2, 3)
+    fn = _layer(cell, list(leaves))
+    name = cell.split("_")[0]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"reference.{name} ran")
+
+    monkeypatch.setattr(reference, name, refuse)
+    out = fn(*leaves.values())[0]
+    torch.autograd.grad(out.sum(), list(leaves.values()))
+    with pytest.raises(AssertionError, match=f"reference.{name} ran"):
+        torch.autograd.grad(fn(*leaves.values())[0].sum(), leaves["x"], create_graph=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_projected_input_ops_refuse_create_graph(cell):
+    """torch.ops.fastchar.*_fwd take the projected input xp and do not keep it, so they
+    cannot re-run the layer: create_graph stops with a RuntimeError that says what to use
+    instead (a silently zero second derivative is what it prevents)."""
+    T, B, H = 3, 2, 4
+    G = N_GATES["rnn_tanh" if cell == "rnn" else cell] * H
+    xp = torch.randn(T, B, G, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    w_hh = (torch.randn(G, H, dtype=torch.float64) / 2).requires_grad_()
+    args = {
+        "lstm": (xp, h0, torch.randn(B, H, dtype=torch.float64), w_hh),
+        "gru": (xp, h0, w_hh, torch.zeros(H, dtype=torch.float64)),
+        "rnn": (xp, h0, w_hh, False),
+    }[cell]
+    out = getattr(torch.ops.fastchar, f"{cell}_fwd")(*args)[0]
+    torch.autograd.grad(out.sum(), xp, retain_graph=True)  # first order still works
+    with pytest.raises(RuntimeError, match=f"fastchar::{cell}_fwd.*create_graph"):
+        torch.autograd.grad(out.sum(), xp, create_graph=True)
