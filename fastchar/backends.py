@@ -83,6 +83,10 @@ def why_not(impl: str, device_type: str) -> str | None:
 FEATURES = ("proj_size",)
 _LACKS = {"triton": {"proj_size": "the Triton kernels have no LSTM projection (proj_size)"}}
 
+# The floating dtypes the C++ kernels run. torch.nn's CPU RNNs also run float16: under
+# "fused" it goes to "reference" (with the warning), under "cpp" it fails, saying so.
+CPP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
 _warned: set[str] = set()
 
 
@@ -92,9 +96,29 @@ def _why_not_feature(impl: str, feature: str | None) -> str | None:
     return _LACKS.get(impl, {}).get(feature) if feature is not None else None
 
 
-def resolve(impl: str, device: torch.device | str, feature: str | None = None) -> str:
+def _why_not_dtype(impl: str, dtype: torch.dtype | None) -> str | None:
+    if impl != "cpp" or dtype is None or dtype in CPP_DTYPES:
+        return None
+    return f"the C++ kernels run float32, float64 and bfloat16, not {str(dtype)[6:]}"
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype autocast runs the layers in on this device, or None where it is off."""
+    device_type = torch.device(device).type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def resolve(
+    impl: str,
+    device: torch.device | str,
+    feature: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
     """Map ``impl`` to the concrete implementation that runs on ``device``; ``feature`` (one
-    of FEATURES) names something the call needs that not every kernel has."""
+    of FEATURES) names something the call needs that not every kernel has, ``dtype`` the
+    dtype the layer computes in (None: any)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     device_type = torch.device(device).type
@@ -103,7 +127,9 @@ def resolve(impl: str, device: torch.device | str, feature: str | None = None) -
         reason = (
             f"no fastchar kernel for {device_type} tensors"
             if kernel is None
-            else why_not(kernel, device_type) or _why_not_feature(kernel, feature)
+            else why_not(kernel, device_type)
+            or _why_not_feature(kernel, feature)
+            or _why_not_dtype(kernel, dtype)
         )
         if reason is None:
             return kernel
@@ -112,7 +138,9 @@ def resolve(impl: str, device: torch.device | str, feature: str | None = None) -
             _warned.add(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
         return "reference"
-    reason = why_not(impl, device_type) or _why_not_feature(impl, feature)
+    reason = (
+        why_not(impl, device_type) or _why_not_feature(impl, feature) or _why_not_dtype(impl, dtype)
+    )
     if reason is not None:
         raise RuntimeError(f"impl={impl!r} cannot run on {device_type} tensors: {reason}")
     return impl

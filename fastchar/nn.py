@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from fastchar import ops
-from fastchar.backends import IMPLS, resolve
+from fastchar.backends import IMPLS, autocast_dtype, resolve
 from fastchar.ops._common import check_batch_sizes
 
 
@@ -136,7 +136,8 @@ class _FastRNNMixin:
         self._check_input(input)
         packed = isinstance(input, PackedSequence)
         device = input.data.device if packed else input.device
-        kind = resolve(self.impl, device, self._feature)
+        dtype = autocast_dtype(device) or (input.data if packed else input).dtype
+        kind = resolve(self.impl, device, self._feature, dtype)
         if kind == "torch":
             return super().forward(input, hx)
         if packed:
@@ -211,7 +212,7 @@ class _FastRNNMixin:
             raise ValueError(
                 f"{type(self).__name__}.step: x must be [B, {self.input_size}], got {got}"
             )
-        kind = resolve(self.impl, x.device, self._feature)
+        kind = resolve(self.impl, x.device, self._feature, autocast_dtype(x.device) or x.dtype)
         B = x.shape[0]
         states = self._states_in(hx, True, B)
         widths = self._state_widths()

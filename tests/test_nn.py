@@ -3,6 +3,7 @@ dropout, step(), dispatch and bad input."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -187,6 +188,49 @@ def test_fused_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m(x)  # the same reason warns once
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_float16_on_the_cpu_runs_as_torch_nn_does(cell, monkeypatch):
+    """torch.nn's CPU RNNs run float16, the C++ kernels do not: ``fused`` falls back to the
+    reference with its one warning (the module, its step and the functional op), and the
+    explicit ``cpp`` refuses, naming the dtype."""
+    if backends.why_not("cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(backends, "_warned", set())
+    ours, theirs = make_pair(cell, "fused", 4, 6, dtype=torch.float16, num_layers=2)
+    x = torch.randn(5, 3, 4).half()
+    why = "the C++ kernels run float32, float64 and bfloat16, not float16"
+    with pytest.warns(RuntimeWarning, match=re.escape(f"falls back to 'reference' on cpu: {why}")):
+        out, _ = ours(x)
+    want, _ = theirs(x)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, want, atol=4e-3, rtol=1e-2)
+    step_out, _ = ours.step(x[0])
+    torch.testing.assert_close(step_out, out[0], atol=4e-3, rtol=1e-2)
+    ours.impl = "cpp"
+    with pytest.raises(RuntimeError, match="impl='cpp' cannot run on cpu tensors: .*not float16"):
+        ours(x)
+    with pytest.raises(RuntimeError, match="not float16"):
+        ours.step(x[0])
+
+
+def test_float16_layer_function_falls_back_or_refuses(monkeypatch):
+    """The same through fastchar.ops (and under autocast to float16, which the functions
+    see as the dtype they compute in)."""
+    if backends.why_not("cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(backends, "_warned", set())
+    x, w_ih, w_hh = torch.randn(3, 2, 4), torch.randn(12, 4), torch.randn(12, 4)
+    want, _ = ops.gru(x.half(), None, w_ih.half(), w_hh.half(), impl="reference")
+    with pytest.warns(RuntimeWarning, match="not float16"):
+        out, _ = ops.gru(x.half(), None, w_ih.half(), w_hh.half())
+    assert torch.equal(out, want)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, _ = ops.gru(x, None, w_ih, w_hh)
+    assert torch.equal(out, want)
+    with pytest.raises(RuntimeError, match="impl='cpp' cannot run on cpu tensors: .*not float16"):
+        ops.gru(x.half(), None, w_ih.half(), w_hh.half(), impl="cpp")
 
 
 def test_fused_on_a_device_without_kernels_falls_back(monkeypatch):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastchar import plan
-from fastchar.backends import cpp_loaded
+from fastchar.backends import autocast_dtype, cpp_loaded
 
 
 def _check_tensor(name: str, t: object, shape: tuple[int, ...], like: Tensor) -> None:
@@ -128,11 +128,9 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     Anything that is not a floating-point tensor is left for the argument checks.
     """
     first = tensors[0]
-    if not isinstance(first, Tensor) or not torch.amp.is_autocast_available(first.device.type):
-        return tensors  # e.g. meta: left for the device checks, which say what is wrong
-    if not torch.is_autocast_enabled(first.device.type):
+    dtype = autocast_dtype(first.device) if isinstance(first, Tensor) else None
+    if dtype is None:  # off, or not a tensor: left for the argument checks
         return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(
         t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors
     )

@@ -220,7 +220,7 @@ def gru(
     """
     x, h0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, w_ih, w_hh, b_ih, b_hh)
     check_args("gru", x, 3, w_ih, w_hh, b_ih, b_hh, {"h0": h0}, True, batch_sizes)
-    kind = resolve(impl, x.device)
+    kind = resolve(impl, x.device, dtype=x.dtype)
     if batch_sizes is not None:
         return _packed(kind, x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes)
     if kind == "reference":
@@ -274,7 +274,7 @@ def gru_cell(
     """One GRU step for sampling (no autograd through the kernels). x [B, I]; h [B, H] -> h'."""
     x, h, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h, w_ih, w_hh, b_ih, b_hh)
     check_args("gru_cell", x, 3, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
-    kind = resolve(impl, x.device)
+    kind = resolve(impl, x.device, dtype=x.dtype)
     if kind == "reference":
         return reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
     if kind == "torch":

@@ -287,7 +287,7 @@ def lstm(
     )
     states = {"h0": h0, "c0": c0}
     check_args("lstm", x, 4, w_ih, w_hh, b_ih, b_hh, states, True, batch_sizes, w_hr)
-    kind = resolve(impl, x.device, None if w_hr is None else "proj_size")
+    kind = resolve(impl, x.device, None if w_hr is None else "proj_size", x.dtype)
     if w_hr is not None:
         return _projected(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes)
     if batch_sizes is not None:
@@ -376,7 +376,7 @@ def lstm_cell(
     """
     x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = autocast_inputs(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
     check_args("lstm_cell", x, 4, w_ih, w_hh, b_ih, b_hh, {"h": h, "c": c}, seq=False, w_hr=w_hr)
-    kind = resolve(impl, x.device)
+    kind = resolve(impl, x.device, dtype=x.dtype)
     if kind == "reference" or w_hr is not None:
         return reference.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
     if kind == "torch":

@@ -199,7 +199,7 @@ def rnn(
     relu = _check_nonlinearity(nonlinearity)
     x, h0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, w_ih, w_hh, b_ih, b_hh)
     check_args("rnn", x, 1, w_ih, w_hh, b_ih, b_hh, {"h0": h0}, True, batch_sizes)
-    kind = resolve(impl, x.device)
+    kind = resolve(impl, x.device, dtype=x.dtype)
     if batch_sizes is not None:
         return _packed(kind, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes)
     if kind == "reference":
@@ -254,7 +254,7 @@ def rnn_cell(
     relu = _check_nonlinearity(nonlinearity)
     x, h, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h, w_ih, w_hh, b_ih, b_hh)
     check_args("rnn_cell", x, 1, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
-    kind = resolve(impl, x.device)
+    kind = resolve(impl, x.device, dtype=x.dtype)
     if kind == "reference":
         return reference.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     if kind == "torch":
