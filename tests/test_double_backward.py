@@ -143,3 +143,49 @@ def test_projected_input_ops_refuse_create_graph(cell):
     torch.autograd.grad(out.sum(), xp, retain_graph=True)  # first order still works
     with pytest.raises(RuntimeError, match=f"fastchar::{cell}_fwd.*create_graph"):
         torch.autograd.grad(out.sum(), xp, create_graph=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn_tanh"])
+def test_one_tensor_in_two_slots_gets_each_slots_gradient_once(cell):
+    """ops.lstm(x, s, s, ...) or ops.rnn(x, h0, w, w): under create_graph the gradient of
+    the shared tensor is what a plain backward gives (each slot's share, summed once), not
+    twice that, and a penalty built on it matches the reference's."""
+    H = 4
+    G = N_GATES[cell] * H
+    x = torch.randn(3, 2, H, dtype=torch.float64)
+    w = (torch.randn(G, H, dtype=torch.float64) / 2).requires_grad_()
+    s = (torch.randn(2, H, dtype=torch.float64) / 2).requires_grad_()
+
+    def run(impl):
+        if cell == "lstm":
+            return ops.lstm(x, s, s, torch.randn(G, H, dtype=torch.float64), w, impl=impl)[0]
+        return ops.rnn(x, s, w, w, impl=impl)[0]  # w [H, H] as w_ih and w_hh
+
+    results = {}
+    for impl in ("cpp", "reference"):
+        torch.manual_seed(1)
+        loss = run(impl).pow(2).sum()
+        plain = torch.autograd.grad(loss, [s, w], retain_graph=True)
+        graph = torch.autograd.grad(loss, [s, w], create_graph=True)
+        penalty = torch.autograd.grad(sum(g.pow(2).sum() for g in graph), [s, w])
+        for a, b in zip(plain, graph, strict=True):
+            assert_close(b.detach(), a, torch.float64, f"{impl}: create_graph vs plain")
+        results[impl] = penalty
+    for a, b in zip(results["cpp"], results["reference"], strict=True):
+        assert_close(a, b, torch.float64, "penalty vs reference")
+
+
+def test_bias_changed_in_place_before_backward():
+    """As with torch.nn, an in-place change to a bias (a constraint, an EMA) between the
+    forward and a plain backward is no error (the kernels' backward never reads it). A
+    create_graph backward re-runs the layer from its inputs: from a bias that changed since
+    (GRU's b_hn is a view of bias_hh) it refuses clearly rather than use the new values."""
+    for cell in CELLS:
+        m = make_pair(cell, "cpp", 3, 4)[0]
+        out = m(torch.randn(5, 2, 3, dtype=torch.float64))[0]
+        with torch.no_grad():
+            m.bias_hh_l0.mul_(0.5)
+        out.sum().backward(retain_graph=True)
+        if cell == "gru":
+            with pytest.raises(RuntimeError, match="bias was modified in place"):
+                torch.autograd.grad(out.sum(), m.weight_hh_l0, create_graph=True)

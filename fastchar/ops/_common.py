@@ -148,6 +148,15 @@ def skip_zero_grads(ctx) -> None:
     ctx.set_materialize_grads(False)
 
 
+def keep_unsaved(ctx, *tensors: Tensor | None) -> None:
+    """For a sequence op's setup_context: inputs that only a create_graph backward reads (the
+    biases: the kernels' backward never does), kept on ctx with their versions rather than
+    saved, so that changing one in place before a plain backward is no error, as with
+    torch.nn; ``differentiable_grads`` refuses to re-run the layer from a changed one."""
+    ctx.unsaved = tensors
+    ctx.unsaved_versions = [None if t is None else t._version for t in tensors]
+
+
 def differentiable_grads(ctx, layer, inputs: tuple, grad_outputs: tuple) -> tuple | None:
     """A sequence op's gradients as a graph of their own, when its backward runs under
     ``create_graph=True`` (the only time grad mode is on inside a backward); else None.
@@ -161,7 +170,16 @@ def differentiable_grads(ctx, layer, inputs: tuple, grad_outputs: tuple) -> tupl
     """
     if not torch.is_grad_enabled():
         return None
+    for t, version in zip(ctx.unsaved, ctx.unsaved_versions, strict=True):
+        if t is not None and t._version != version:
+            raise RuntimeError(
+                "fastchar: a bias was modified in place between the forward and a backward "
+                "with create_graph=True, which re-runs the layer from its inputs as they were"
+            )
     wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and ctx.needs_input_grad[i]]
+    # one alias per argument slot: a tensor passed in two (h0 and c0, or w_ih and w_hh)
+    # gets each slot's own gradient, as the kernels' backward gives it, not their sum twice
+    inputs = tuple(t.view_as(t) if i in wanted else t for i, t in enumerate(inputs))
     pairs = [(o, g) for o, g in zip(layer(*inputs), grad_outputs, strict=True) if g is not None]
     grads = [None] * len(inputs)
     if wanted and pairs:

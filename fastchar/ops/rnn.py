@@ -23,6 +23,7 @@ from fastchar.ops._common import (
     autocast_inputs,
     check_args,
     differentiable_grads,
+    keep_unsaved,
     linear,
     previous_states,
     projection_grads,
@@ -134,12 +135,13 @@ def _setup_seq(ctx, inputs, output):
     ctx.relu = relu
     ctx.has_bias = bias is not None
     ctx.batch_sizes = batch_sizes
-    ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], bias)
+    ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
+    keep_unsaved(ctx, bias)
 
 
 def _seq_backward(ctx, grad_out, grad_h_n):
-    x, h0, w_ih, w_hh, out, bias = ctx.saved_tensors
-    bs = ctx.batch_sizes
+    x, h0, w_ih, w_hh, out = ctx.saved_tensors
+    bs, (bias,) = ctx.batch_sizes, ctx.unsaved
     inputs = (x, h0, w_ih, bias, w_hh, ctx.relu, bs)
     second = differentiable_grads(ctx, _reference_seq, inputs, (grad_out, grad_h_n))
     if second is not None:
