@@ -218,7 +218,8 @@ def gru(
     b_ih, b_hh [3H] or None. Returns out [T, B, H], h_n [B, H].
     With ``batch_sizes`` (PackedSequence.batch_sizes, int64 [T] on the CPU) x is packed
     [N, I] and out [N, H]; h_n is each sequence's state after its own last step.
-    Differentiable with respect to every tensor argument.
+    Differentiable with respect to every tensor argument; twice (create_graph) with impl='cpp',
+    whose backward then re-runs the layer by the reference, not with impl='triton'.
     """
     x, h0, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h0, w_ih, w_hh, b_ih, b_hh)
     check_args("gru", x, 3, w_ih, w_hh, b_ih, b_hh, {"h0": h0}, True, batch_sizes)

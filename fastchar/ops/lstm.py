@@ -283,7 +283,8 @@ def lstm(
     [N, I] and out [N, H]; h_n, c_n are each sequence's state after its own last step.
     With ``w_hr`` [P, H] (torch.nn.LSTM's weight_hr, proj_size P < H) h_t = W_hr (o_t *
     tanh(c_t)): w_hh is [4H, P], and h0, out and h_n are P wide (c0, c_n stay H wide).
-    Differentiable with respect to every tensor argument.
+    Differentiable with respect to every tensor argument; twice (create_graph) with impl='cpp',
+    whose backward then re-runs the layer by the reference, not with impl='triton'.
     """
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = autocast_inputs(
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr

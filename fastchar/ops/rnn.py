@@ -194,7 +194,9 @@ def rnn(
 
     x [T, B, I]; h0 [B, H] or None for zeros; w_ih [H, I]; w_hh [H, H];
     b_ih, b_hh [H] or None; nonlinearity "tanh" or "relu".
-    Returns out [T, B, H], h_n [B, H]. Differentiable with respect to every tensor argument.
+    Returns out [T, B, H], h_n [B, H]. Differentiable with respect to every tensor argument;
+    twice (create_graph) with impl='cpp', whose backward then re-runs the layer by the
+    reference, not with impl='triton'.
     With ``batch_sizes`` (PackedSequence.batch_sizes, int64 [T] on the CPU) x is packed
     [N, I] and out [N, H]; h_n is each sequence's state after its own last step.
     """
