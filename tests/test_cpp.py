@@ -58,11 +58,12 @@ def make_inputs(cell, T, B, I, H, dtype, bias=True, state=True, seq=True):
     return inputs
 
 
-def run_op(cell, impl, inputs, seq=True):
+def run_op(cell, impl, inputs, seq=True, **kwargs):
+    """The op on ``inputs`` (make_inputs' order); ``kwargs`` (batch_sizes, w_hr) go with it."""
     name = cell.split("_")[0]
     fn = getattr(ops, name if seq else f"{name}_cell")
     extra = {"nonlinearity": cell.split("_")[1]} if name == "rnn" else {}
-    result = fn(*inputs.values(), **extra, impl=impl)
+    result = fn(*inputs.values(), **extra, **kwargs, impl=impl)
     return list(result) if isinstance(result, tuple) else [result]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from parity import CELLS, assert_close, make_pair
+from test_cpp import N_GATES, make_inputs, run_op
 
 from fastchar import ops, reference
 from fastchar.backends import cpp_loaded
@@ -20,71 +21,48 @@ pytestmark = pytest.mark.skipif(
     reason="fastchar._C is not built (pip install --no-build-isolation -e .)",
 )
 
-N_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 LENGTHS = [3, 3, 1]  # a packed batch: batch_sizes [3, 2, 2]
 
 
-def _leaves(cell, T, B, I, H, P=None):
-    """float64 leaf tensors for one layer, in fastchar.ops' argument order."""
-    G, width = N_GATES[cell] * H, P or H
-    args = {"x": torch.randn(T, B, I), "h0": torch.randn(B, width) / 2}
-    if cell == "lstm":
-        args["c0"] = torch.randn(B, H) / 2
-    args["w_ih"] = torch.randn(G, I) / I**0.5
-    args["w_hh"] = torch.randn(G, width) / width**0.5
-    args["b_ih"] = torch.randn(G) / 4
-    args["b_hh"] = torch.randn(G) / 4
-    if P is not None:
-        args["w_hr"] = torch.randn(P, H) / H**0.5
-    return {k: v.double().requires_grad_() for k, v in args.items()}
-
-
-def _layer(cell, names, batch_sizes=None):
-    """fn(*leaves) -> the layer's outputs through fastchar.ops with impl='cpp'."""
+def _layer(cell, names, **kwargs):
+    """fn(*leaves) -> the layer's outputs (fastchar.ops, impl='cpp'), the leaves in the order
+    of ``names``; a w_hr leaf and ``kwargs`` (batch_sizes) go to the op by keyword."""
 
     def fn(*args):
-        a = dict(zip(names, args, strict=True))
-        if cell == "lstm":
-            return ops.lstm(
-                a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
-                impl="cpp", batch_sizes=batch_sizes, w_hr=a.get("w_hr"),
-            )  # fmt: skip
-        if cell == "gru":
-            return ops.gru(
-                a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
-                impl="cpp", batch_sizes=batch_sizes,
-            )  # fmt: skip
-        return ops.rnn(
-            a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], cell[4:],
-            impl="cpp", batch_sizes=batch_sizes,
-        )  # fmt: skip
+        inputs = dict(zip(names, args, strict=True))
+        w_hr = {"w_hr": inputs.pop("w_hr")} if "w_hr" in inputs else {}
+        return tuple(run_op(cell, "cpp", inputs, **w_hr, **kwargs))
 
     return fn
+
+
+def _gradgradcheck(cell, inputs, **kwargs):
+    fn = _layer(cell, list(inputs), **kwargs)
+    return torch.autograd.gradgradcheck(fn, tuple(v.requires_grad_() for v in inputs.values()))
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_gradgradcheck_dense(cell):
     """Second derivatives of every input, against finite differences of the first."""
-    leaves = _leaves(cell, 3, 2, 2, 3)
-    fn = _layer(cell, list(leaves))
-    assert torch.autograd.gradgradcheck(fn, tuple(leaves.values()))
+    assert _gradgradcheck(cell, make_inputs(cell, 3, 2, 2, 3, torch.float64))
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
 def test_gradgradcheck_packed(cell):
     """A PackedSequence's rows (x [N, I], batch_sizes [3, 2, 2]) the same way."""
-    leaves = _leaves(cell, 3, 3, 2, 3)
-    leaves["x"] = torch.randn(sum(LENGTHS), 2, dtype=torch.float64, requires_grad=True)
-    batch_sizes = torch.tensor([3, 2, 2])
-    fn = _layer(cell, list(leaves), batch_sizes)
-    assert torch.autograd.gradgradcheck(fn, tuple(leaves.values()))
+    inputs = make_inputs(cell, 3, 3, 2, 3, torch.float64)
+    inputs["x"] = torch.randn(sum(LENGTHS), 2, dtype=torch.float64)
+    assert _gradgradcheck(cell, inputs, batch_sizes=torch.tensor([3, 2, 2]))
 
 
 def test_gradgradcheck_projection():
     """An LSTM with proj_size (lstmp_seq): h is P = 2 wide, c H = 3 wide."""
-    leaves = _leaves("lstm", 3, 2, 2, 3, P=2)
-    fn = _layer("lstm", list(leaves))
-    assert torch.autograd.gradgradcheck(fn, tuple(leaves.values()))
+    B, H, P = 2, 3, 2
+    inputs = make_inputs("lstm", 3, B, 2, H, torch.float64)
+    inputs["h0"] = torch.randn(B, P, dtype=torch.float64)
+    inputs["w_hh"] = torch.randn(4 * H, P, dtype=torch.float64) / P**0.5
+    inputs["w_hr"] = torch.randn(P, H, dtype=torch.float64) / H**0.5
+    assert _gradgradcheck("lstm", inputs)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -110,7 +88,8 @@ def test_gradient_penalty_matches_torch_nn(cell):
 @pytest.mark.parametrize("cell", CELLS)
 def test_plain_backward_runs_the_kernels(cell, monkeypatch):
     """The re-run is only for create_graph: a plain backward never calls the reference."""
-    leaves = _leaves(cell, 3, 2, 2, 3)
+    inputs = make_inputs(cell, 3, 2, 2, 3, torch.float64)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
     fn = _layer(cell, list(leaves))
     name = cell.split("_")[0]
 
