@@ -990,11 +990,18 @@ Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int 
   const char* env = std::getenv("FASTCHAR_GEMM");
   if (env != nullptr && *env != '\0' && std::string(env) != "auto") {
     const Engine e = parse_engine(env);
-    if ((op == Op::kCell || is_wide(op)) && why_not(e, dtype).empty() &&
-        !op_why_not(e, dtype, op).empty()) {
-      return Engine::kMkl;  // a step-GEMM engine with no kernel for this op leaves it on mkl
+    std::string reason = why_not(e, dtype);
+    const std::string op_reason = op_why_not(e, dtype, op);
+    if (!op_reason.empty()) {
+      reason += (reason.empty() ? "" : "; ") + op_reason;
     }
-    const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op);
+    // A step-GEMM engine that runs on this CPU but has no kernel for this op and dtype leaves
+    // it on mkl: a cell op, or a wide GEMM (also a bfloat16 one widened to float32, where
+    // this CPU's bf16 GEMM is the slower one, under FASTCHAR_GEMM=bf16fma).
+    const bool runs_here = why_not(e, at::kFloat).empty() || why_not(e, at::kBFloat16).empty();
+    if ((op == Op::kCell || is_wide(op)) && runs_here && !reason.empty()) {
+      return Engine::kMkl;
+    }
     TORCH_CHECK(reason.empty(), "fastchar: FASTCHAR_GEMM=", env, " cannot run this ", dtype,
                 " GEMM: ", reason, " (unset FASTCHAR_GEMM or set it to auto)");
     return e;

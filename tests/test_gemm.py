@@ -101,6 +101,23 @@ def test_forcing_an_engine(engine, dtype, monkeypatch, cell="lstm"):
             forward_backward(cell, "cpp", inputs)
 
 
+@pytest.mark.parametrize("engine", ["bf16fma", "bf16dot"])
+def test_forcing_a_bf16_engine_where_bf16_matmuls_widen(engine, monkeypatch):
+    """Where bf16 matmuls widen to float32 (CPUs without fast bf16 GEMMs, e.g. an AVX2
+    EPYC), the backward's wide GEMMs run in float32: a forced bf16-only step engine leaves
+    them on mkl instead of refusing a float32 product nobody asked it for."""
+    if plan.why_not(engine, torch.bfloat16) is not None:
+        pytest.skip(f"this CPU cannot run {engine}: {plan.why_not(engine, torch.bfloat16)}")
+    monkeypatch.setattr(plan, "_bf16_widen", True)
+    inputs = make_inputs("lstm", 12, 5, 8, 40, torch.float64)
+    theirs = _bf16_errors("lstm", "torch", inputs)
+    monkeypatch.setenv("FASTCHAR_GEMM", engine)
+    assert plan.choose(torch.float32, "wide_tn", 60, 160, 40) == "mkl"
+    mine = _bf16_errors("lstm", "cpp", inputs)
+    for i, (m, t) in enumerate(zip(mine, theirs, strict=True)):
+        assert 0 < m <= 2 * t + 1e-2, (engine, i, m, t)
+
+
 @pytest.mark.parametrize("op", ["nn", "nt"])
 @pytest.mark.parametrize("shape", GEMM_SHAPES.values(), ids=GEMM_SHAPES.keys())
 def test_bf16fma_is_fma_on_widened_inputs(shape, op):
