@@ -416,9 +416,10 @@ class UnitSlices {
   at::Tensor gate_rows(const at::Tensor& w, int64_t s) const {
     return w.view({n_gates_, H_, w.size(1)}).narrow(1, begin(s), size(s)).reshape({-1, w.size(1)}).contiguous();
   }
-  // The W columns of slice s: [rows, n].
+  // The W columns of slice s: [rows, n], a view (row stride w's): every engine reads W
+  // through its row stride, and a copy of it cost a fresh buffer's page faults per call.
   at::Tensor columns(const at::Tensor& w, int64_t s) const {
-    return w.narrow(1, begin(s), size(s)).contiguous();
+    return w.narrow(1, begin(s), size(s));
   }
 
   // For steps i = 0..steps-1: before(s, i) for every slice, a barrier, then
@@ -486,9 +487,9 @@ struct SliceGemms {
   std::vector<at::Tensor> weights;
   std::vector<StepGemm<T>> gemms;
 
-  // Each slice's rows (or columns) of W are copied and packed on the thread that will run
-  // them (UnitSlices::run serves slice s on thread s): half the time on two threads, and
-  // the packed W starts in that thread's cache.
+  // Each slice's rows of W (forward; the backward's columns are a view of W) are copied and
+  // packed on the thread that will run them (UnitSlices::run serves slice s on thread s):
+  // half the time on two threads, and the packed W starts in that thread's cache.
   SliceGemms(const UnitSlices& slices, const at::Tensor& w, int64_t B, bool forward)
       : weights(slices.count), gemms(slices.count) {
     const int64_t G = w.size(0), K = w.size(1), count = slices.count;
@@ -508,7 +509,7 @@ struct SliceGemms {
       const auto [N, k] = shape(s);
       weights[s] = forward ? slices.gate_rows(w, s) : slices.columns(w, s);
       gemms[s] = StepGemm<T>(forward, B, N, k, weights[s].template const_data_ptr<T>(),
-                             forward ? K : N, engines[s]);
+                             weights[s].stride(0), engines[s]);
     };
 #ifdef _OPENMP
     if (count == 1) {
