@@ -760,11 +760,22 @@ std::string op_why_not(Engine e, at::ScalarType dtype, Op op) {
   return "";
 }
 
+// Why `e` cannot run this op in `dtype` here (the CPU and build's reason, then the op's,
+// joined by "; "); empty when it can.
+std::string reasons_not(Engine e, at::ScalarType dtype, Op op) {
+  std::string reason = why_not(e, dtype);
+  const std::string op_reason = op_why_not(e, dtype, op);
+  if (!op_reason.empty()) {
+    reason += (reason.empty() ? "" : "; ") + op_reason;
+  }
+  return reason;
+}
+
 std::vector<Engine> candidates(at::ScalarType dtype, Op op) {
   std::vector<Engine> out;
   for (int i = 0; i < kEngines; ++i) {
     const auto e = static_cast<Engine>(i);
-    if (why_not(e, dtype).empty() && op_why_not(e, dtype, op).empty()) {
+    if (reasons_not(e, dtype, op).empty()) {
       out.push_back(e);
     }
   }
@@ -940,12 +951,12 @@ std::string why_not(Engine e, at::ScalarType dtype) {
 std::unique_ptr<Kernel> make_kernel(Engine e, at::ScalarType dtype, Op op, int64_t M,
                                     int64_t N, int64_t K, const void* W, int64_t ldw) {
   if (is_wide(op)) {
-    const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op);
+    const std::string reason = reasons_not(e, dtype, op);
     TORCH_CHECK(reason.empty(), "fastchar: engine ", engine_name(e), ": ", reason);
     return make_wide(e, dtype, op, M, N, K, W, ldw);
   }
   if (op == Op::kCell) {
-    const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op);
+    const std::string reason = reasons_not(e, dtype, op);
     TORCH_CHECK(reason.empty(), "fastchar: engine ", engine_name(e), ": ", reason);
     if (e != Engine::kMkl) {
       return std::make_unique<CellKernel>(e, M, N, K, W, ldw);
@@ -990,11 +1001,7 @@ Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int 
   const char* env = std::getenv("FASTCHAR_GEMM");
   if (env != nullptr && *env != '\0' && std::string(env) != "auto") {
     const Engine e = parse_engine(env);
-    std::string reason = why_not(e, dtype);
-    const std::string op_reason = op_why_not(e, dtype, op);
-    if (!op_reason.empty()) {
-      reason += (reason.empty() ? "" : "; ") + op_reason;
-    }
+    const std::string reason = reasons_not(e, dtype, op);
     // A step-GEMM engine that runs on this CPU but has no kernel for this op and dtype leaves
     // it on mkl: a cell op, or a wide GEMM (also a bfloat16 one widened to float32, where
     // this CPU's bf16 GEMM is the slower one, under FASTCHAR_GEMM=bf16fma).
@@ -1167,8 +1174,7 @@ int64_t gemm_plan_load(const at::Tensor& rows) {
     }
     const auto dtype = static_cast<at::ScalarType>(dt);
     const auto op = static_cast<Op>(v[1]);
-    if (!why_not(static_cast<Engine>(e), dtype).empty() ||
-        !op_why_not(static_cast<Engine>(e), dtype, op).empty()) {
+    if (!reasons_not(static_cast<Engine>(e), dtype, op).empty()) {
       continue;
     }
     p.chosen[Key{int(dt), int(v[1]), v[2], v[3], v[4]}] = static_cast<Engine>(e);
@@ -1187,7 +1193,7 @@ void gemm_plan_clear() {
 double gemm_rate(c10::string_view engine, at::ScalarType dtype, int64_t op, int64_t M,
                  int64_t N, int64_t K, int64_t threads) {
   const Engine e = parse_engine(std::string(engine));
-  const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, parse_op(op));
+  const std::string reason = reasons_not(e, dtype, parse_op(op));
   TORCH_CHECK(reason.empty(), "fastchar: engine ", engine, " cannot run ", dtype, ": ", reason);
   TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0 && threads > 0,
                     "fastchar::gemm_rate: M, N, K and threads must be positive");
@@ -1210,7 +1216,7 @@ at::Tensor gemm_run(c10::string_view engine, const at::Tensor& a, const at::Tens
   const bool trans_w = transposes_w(op), trans_a = op == Op::kWideTN;  // a [K, M] for kWideTN
   const int64_t M = a.size(trans_a ? 1 : 0), K = a.size(trans_a ? 0 : 1);
   const int64_t N = trans_w ? w.size(0) : w.size(1);
-  const std::string reason = why_not(e, dtype) + op_why_not(e, dtype, op);
+  const std::string reason = reasons_not(e, dtype, op);
   TORCH_CHECK(reason.empty(), OP, ": engine ", engine, " cannot run ", dtype, ": ", reason);
   TORCH_CHECK_VALUE((trans_w ? w.size(1) : w.size(0)) == K, OP, ": w has shape ", w.sizes(),
                     ", which does not fit a ", a.sizes());
