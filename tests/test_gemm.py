@@ -134,6 +134,26 @@ def test_bf16fma_is_fma_on_widened_inputs(shape, op):
         assert torch.equal(plan.run("bf16fma", a, w, op, acc), plan.run("fma", a, w, op, acc))
 
 
+@pytest.mark.parametrize("op", ["nn", "nt"])
+@pytest.mark.parametrize(
+    ("engine", "dtype"), [c for c in ENGINE_CASES if c.values[0] in OWN_ENGINES]
+)
+def test_own_engines_give_a_row_the_same_bits_in_any_batch(engine, dtype, op):
+    """A few rows (one row block: each panel group runs all of K before the next) and many
+    (K blocks outside, every group inside) sum each element in the same order, k after k:
+    a row's result has the same bits either way. K spans three K blocks and N's 13 panels
+    fall into uneven groups."""
+    M, N, K = 20, 200, 600
+    a = torch.randn(M, K).to(dtype)
+    w = (torch.randn(N, K) if op == "nt" else torch.randn(K, N)).to(dtype)
+    c = torch.randn(M, N)
+    for acc in (None, c):
+        many = plan.run(engine, a, w, op, acc)
+        for rows in (1, 4):
+            few = plan.run(engine, a[:rows], w, op, None if acc is None else acc[:rows])
+            assert torch.equal(few, many[:rows]), (engine, op, rows)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize(("engine", "dtype"), ENGINE_CASES)
 def test_cell_op_with_each_engine_forced(engine, dtype, cell, monkeypatch):
