@@ -10,7 +10,9 @@ skips the measurements:
     $FASTCHAR_CACHE_DIR/gemm-plan.json     (default: $XDG_CACHE_HOME/fastchar or
                                             ~/.cache/fastchar)
 
-The file is keyed by the CPU model and flags, the torch version and the fastchar version;
+The file is keyed by the CPU model and flags, the torch version, the fastchar version and
+the compiled extension (its size and modification time: a rebuilt kernel may change which
+engine wins, so its timings are taken again);
 a file that does not parse, belongs to another CPU or version, or names engines this CPU
 cannot run is ignored (row by row, where only some rows are bad) and rewritten at exit.
 An unwritable cache directory only means that the next process measures again.
@@ -41,7 +43,7 @@ ENGINES = ("mkl", "onednn", "fma", "bf16dot", "bf16fma")  # csrc/gemm.h, Engine
 # and the weight gradients dgates^T @ h ("wide_tn", A stored [K, M]).
 OPS = ("nn", "nt", "cell", "wide_nn", "wide_tn")
 DTYPES = (torch.float32, torch.bfloat16)
-CACHE_FORMAT = 5  # 5: the wide ops; bf16_matmul measured with warm-up and a margin
+CACHE_FORMAT = 6  # 5: the wide ops; bf16_matmul measured with warm-up and a margin; 6: build
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 _DTYPE_CODES = {torch.float32: 6, torch.bfloat16: 15}  # c10::ScalarType values
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
@@ -199,6 +201,20 @@ def cache_path() -> Path:
     return cache_dir() / "gemm-plan.json"
 
 
+def extension_build() -> str:
+    """The compiled extension's identity: "<size>-<mtime in ns>" of its library file, which
+    every build rewrites ("none" without one)."""
+    if not cpp_loaded():
+        return "none"
+    from fastchar import _C
+
+    try:
+        st = os.stat(_C.__file__)
+    except (OSError, TypeError):
+        return "unknown"
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
 def _identity() -> dict:
     return {
         "format": CACHE_FORMAT,
@@ -206,6 +222,7 @@ def _identity() -> dict:
         "flags": cpu_flags(),
         "torch": torch.__version__,
         "fastchar": __version__,
+        "build": extension_build(),
     }
 
 

@@ -312,8 +312,14 @@ def test_cache_entries_are_used(tmp_path):
 
 @pytest.mark.parametrize(
     "changes",
-    [dict(cpu="Some Other CPU 9000"), dict(torch="1.0.0"), dict(fastchar="0.0.1"), dict(format=99)],
-    ids=["other_cpu", "other_torch", "other_fastchar", "other_format"],
+    [
+        dict(cpu="Some Other CPU 9000"),
+        dict(torch="1.0.0"),
+        dict(fastchar="0.0.1"),
+        dict(build="123-456"),
+        dict(format=99),
+    ],
+    ids=["other_cpu", "other_torch", "other_fastchar", "rebuilt_extension", "other_format"],
 )
 def test_foreign_or_stale_cache_is_ignored_and_rewritten(tmp_path, changes):
     plan.clear()
