@@ -33,9 +33,10 @@ constexpr int64_t kPanel = 16;  // columns per packed panel of B
 // K = 512, 128 KB of float32): enough to stream, few enough to balance.
 constexpr int64_t kCellRowsPerTask = 64;
 
-// gemm_fma.inc's AVX-512 row blocks where 12-row blocks would leave a last block of 1-3
-// rows: balanced or 12-row, whichever row_blocks_balanced measured faster on this CPU,
-// unless gemm_row_blocks set one (g_row_blocks: -1 measured, 0 12-row, 1 balanced).
+// gemm_fma.inc's row blocks where MRMAX-row blocks (12 with AVX-512, 6 with AVX2) would
+// leave a last block of 1-3 rows: balanced or MRMAX-row, whichever row_blocks_balanced
+// measured faster on this CPU with the kernels it runs, unless gemm_row_blocks set one
+// (g_row_blocks: -1 measured, 0 MRMAX-row, 1 balanced).
 // t_row_blocks is the measuring thread's own setting while it times both.
 std::atomic<int> g_row_blocks{-1};
 thread_local int t_row_blocks = -1;
@@ -118,14 +119,16 @@ struct RowBlockTimes {
   double equal_s = 0, balanced_s = 0;
 };
 
+// Measured with the FMA kernels this CPU runs (AVX-512, else AVX2), once per process.
 const RowBlockTimes& row_block_times() {
   static const RowBlockTimes times = [] {
     constexpr int kRounds = 9, kReps = 16;
     std::vector<double> eq, bal;
-    avx512::time_row_blocks(false, 2);  // warm: page in, clocks up
+    auto time = cpu().avx512f ? &avx512::time_row_blocks : &avx2::time_row_blocks;
+    time(false, 2);  // warm: page in, clocks up
     for (int r = 0; r < kRounds; ++r) {
-      eq.push_back(avx512::time_row_blocks(false, kReps));
-      bal.push_back(avx512::time_row_blocks(true, kReps));
+      eq.push_back(time(false, kReps));
+      bal.push_back(time(true, kReps));
     }
     std::sort(eq.begin(), eq.end());
     std::sort(bal.begin(), bal.end());
@@ -994,7 +997,7 @@ Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int 
 #if FASTCHAR_X86_KERNELS
   // The row blocks are measured here, on the one thread that asks before a time loop (also
   // for a shape the plan's cache holds), not inside the loop or the engines' timings.
-  if (cpu().avx512f && g_row_blocks.load(std::memory_order_relaxed) < 0) {
+  if ((cpu().avx512f || cpu().avx2) && g_row_blocks.load(std::memory_order_relaxed) < 0) {
     row_block_times();
   }
 #endif
@@ -1085,8 +1088,8 @@ Op parse_op(int64_t op) {
   return static_cast<Op>(op);
 }
 
-// The AVX-512 row blocks: `mode` "" leaves them as they are, "auto" (measured), "equal"
-// (12-row) or "balanced" sets them; returns what is in force and why.
+// The FMA kernels' row blocks: `mode` "" leaves them as they are, "auto" (measured),
+// "equal" (MRMAX-row) or "balanced" sets them; returns what is in force and why.
 std::string gemm_row_blocks(c10::string_view mode) {
   const std::string m(mode);
   TORCH_CHECK_VALUE(m.empty() || m == "auto" || m == "equal" || m == "balanced",
@@ -1096,8 +1099,8 @@ std::string gemm_row_blocks(c10::string_view mode) {
     g_row_blocks.store(m == "auto" ? -1 : m == "balanced" ? 1 : 0);
   }
 #if FASTCHAR_X86_KERNELS
-  if (!cpu().avx512f) {
-    return "n/a: no AVX-512 here (AVX2 runs 6-row blocks)";
+  if (!cpu().avx512f && !cpu().avx2) {
+    return "n/a: neither AVX-512 nor AVX2 here";
   }
   const int g = g_row_blocks.load();
   if (g >= 0) {
@@ -1106,8 +1109,10 @@ std::string gemm_row_blocks(c10::string_view mode) {
   const auto& t = row_block_times();
   std::ostringstream out;
   out.precision(3);
-  out << (row_blocks_balanced() ? "balanced" : "equal") << " (measured: 13 rows as 6 + 7 at "
-      << t.equal_s / t.balanced_s << "x the rate of 12 + 1)";
+  out << (row_blocks_balanced() ? "balanced" : "equal") << " (measured: "
+      << (cpu().avx512f ? "13 rows as 6 + 7" : "8 rows as 4 + 4") << " at "
+      << t.equal_s / t.balanced_s << "x the rate of "
+      << (cpu().avx512f ? "12 + 1" : "6 + 2") << ")";
   return out.str();
 #else
   return "n/a: fastchar's FMA kernels are not built here";

@@ -97,8 +97,9 @@ def why_not(engine: str, dtype: torch.dtype) -> str | None:
 
 
 def row_blocks(mode: str = "") -> str:
-    """The AVX-512 FMA kernels' row blocks where 12-row blocks would leave 1-3 rows over
-    (13 rows: 12 + 1, or "balanced" 6 + 7), as measured on this CPU at first use, and why;
+    """The FMA kernels' row blocks where full blocks (12 rows with AVX-512, 6 with AVX2)
+    would leave 1-3 rows over (13 rows: 12 + 1, or "balanced" 6 + 7; AVX2, 8 rows: 6 + 2 or
+    4 + 4), as measured on this CPU at first use, and why;
     ``mode`` "auto", "equal" or "balanced" sets them first (tests, A/B). The result of a
     product does not depend on them."""
     return torch.ops.fastchar.gemm_row_blocks(mode)
