@@ -45,6 +45,7 @@ GEMM_SHAPES = {  # (M, N, K): rows of one and odd sizes; K past the FMA kernel's
     "M1": (1, 100, 33),
     "M5_N7_K70": (5, 7, 70),
     "M3_N33": (3, 33, 100),
+    "M4_K600": (4, 100, 600),  # one row block over three K blocks
     "M17_N132_K300": (17, 132, 300),
     "M13_N100_K300": (13, 100, 300),  # balanced row blocks (6 + 7) where measured faster
     "M26_N40_K20": (26, 40, 20),  # 9 + 9 + 8
@@ -141,9 +142,9 @@ def test_bf16fma_is_fma_on_widened_inputs(shape, op):
 def test_own_engines_give_a_row_the_same_bits_in_any_batch(engine, dtype, op):
     """A few rows (one row block: each panel group runs all of K before the next) and many
     (K blocks outside, every group inside) sum each element in the same order, k after k:
-    a row's result has the same bits either way. K spans three K blocks and N's 13 panels
-    fall into uneven groups."""
-    M, N, K = 20, 200, 600
+    a row's result has the same bits either way. K spans several K blocks (7 of k; 4 of
+    bf16 pairs) and N's 13 panels fall into uneven groups."""
+    M, N, K = 20, 200, 1600
     a = torch.randn(M, K).to(dtype)
     w = (torch.randn(N, K) if op == "nt" else torch.randn(K, N)).to(dtype)
     c = torch.randn(M, N)
