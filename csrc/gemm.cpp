@@ -998,7 +998,8 @@ Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int 
 #if FASTCHAR_X86_KERNELS
   // The row blocks are measured here, on the one thread that asks before a time loop (also
   // for a shape the plan's cache holds), not inside the loop or the engines' timings.
-  if ((cpu().avx512f || cpu().avx2) && g_row_blocks.load(std::memory_order_relaxed) < 0) {
+  if (why_not(Engine::kFma, at::kFloat).empty() &&
+      g_row_blocks.load(std::memory_order_relaxed) < 0) {
     row_block_times();
   }
 #endif
@@ -1100,8 +1101,9 @@ std::string gemm_row_blocks(c10::string_view mode) {
     g_row_blocks.store(m == "auto" ? -1 : m == "balanced" ? 1 : 0);
   }
 #if FASTCHAR_X86_KERNELS
-  if (!cpu().avx512f && !cpu().avx2) {
-    return "n/a: this CPU has neither AVX2+FMA nor AVX-512";
+  const std::string no_fma = why_not(Engine::kFma, at::kFloat);
+  if (!no_fma.empty()) {
+    return "n/a: " + no_fma;
   }
   const int g = g_row_blocks.load();
   if (g >= 0) {
