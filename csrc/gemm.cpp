@@ -600,7 +600,7 @@ class OwnWideKernel final : public Kernel {
     const int64_t panels = (N_ + kPanel - 1) / kPanel;
     std::vector<uint32_t> packed(panels * kWideK * kPanel);
     std::vector<uint32_t> scratch;
-    std::vector<float> at;  // a transposed A's block as rows [mb, kb]
+    std::vector<float> a_rows;  // a transposed A's block as rows [mb, kb]
     for (int64_t k0 = 0; k0 < K_; k0 += kWideK) {
       const int64_t kb = std::min(kWideK, K_ - k0), steps = (kb + 1) / 2;
       const bool load = accumulate || k0 > 0;
@@ -611,8 +611,8 @@ class OwnWideKernel final : public Kernel {
           const int64_t mb = std::min(kWideM, m_hi - m0);
           const auto* pb = reinterpret_cast<const float*>(packed.data());
           if (trans_a_) {
-            transpose_block(a + k0 * lda + m0, lda, kb, mb, at);
-            wide_fma(mb, kb, at.data(), kb, pb, load, C + m0 * ldc, ldc);
+            transpose_block(a + k0 * lda + m0, lda, kb, mb, a_rows);
+            wide_fma(mb, kb, a_rows.data(), kb, pb, load, C + m0 * ldc, ldc);
           } else {
             wide_fma(mb, kb, a + m0 * lda + k0, lda, pb, load, C + m0 * ldc, ldc);
           }

@@ -88,6 +88,21 @@ def test_engine_matches_mm(engine, dtype, shape, op, accumulate):
     torch.testing.assert_close(got.double(), want, atol=2e-5 * K**0.5, rtol=1e-5)
 
 
+@pytest.mark.skipif(
+    not cpp_loaded() or plan.why_not("fma", torch.float32) is not None,
+    reason="the fma engine does not run on this CPU",
+)
+@pytest.mark.parametrize("shape", [(21, 40, 300), (8, 16, 8), (5, 33, 7)], ids=str)
+def test_fma_wide_tn_is_wide_nn_of_the_transpose(shape):
+    """fma turns a transposed A's blocks into rows (8 x 8 tiles, then the leftover rows
+    and columns) before its micro-kernels: the same bits as the same product with A
+    already stored as rows."""
+    M, N, K = shape
+    a, w = torch.randn(K, M), torch.randn(K, N)
+    tn = plan.run("fma", a, w, "wide_tn")
+    assert torch.equal(tn, plan.run("fma", a.t().contiguous(), w, "wide_nn"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("engine", plan.ENGINES)
 def test_forcing_an_engine(engine, dtype, monkeypatch, cell="lstm"):
