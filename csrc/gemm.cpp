@@ -673,9 +673,10 @@ class OwnWideKernel final : public Kernel {
   }
 
   // A transposed block a [kb, mb] (row stride lda) into out as rows [mb, kb]. Read in
-  // place, the micro-kernel's A steps are lda apart: at the weight gradients' lda (G = 4H
-  // floats, a multiple of 4 KB) every step of a row block falls in the same L1 set, and the
-  // fma kernel ran dgates^T @ h at 112 GFLOP/s against MKL's 130 on an AMD EPYC Zen 3.
+  // place, the micro-kernel's A steps are lda apart: at the weight gradients' lda (G
+  // floats: 4 KB for an LSTM at H 256, 8 KB at H 512) every step of a row block falls in
+  // the same L1 set; dgates^T @ h ran 1.1-1.3x faster transposed first on an AMD EPYC
+  // Zen 3 (benchmarks/RESULTS.md, session 19).
   static void transpose_block(const float* a, int64_t lda, int64_t kb, int64_t mb,
                               std::vector<float>& out) {
     out.resize(mb * kb);
