@@ -55,6 +55,49 @@ constexpr int W = 8;
 #include "gemm_fma.inc"
 #undef FASTCHAR_I8_TO_F32
 #undef FASTCHAR_BCAST
+
+// a [kb, mb] (row stride lda) transposed into out [mb, kb] (row stride ldo), in 8 x 8 tiles
+// of AVX shuffles: the wide GEMMs' transposed A (dgates^T), made rows for the micro-kernels.
+// AVX only, so this one copy serves the AVX-512 kernels too (not in gemm_fma.inc, which is
+// compiled once per instruction set).
+inline void transpose_rows(const float* a, int64_t lda, int64_t kb, int64_t mb, float* out,
+                           int64_t ldo) {
+  int64_t k0 = 0;
+  for (; k0 + 8 <= kb; k0 += 8) {
+    int64_t m0 = 0;
+    for (; m0 + 8 <= mb; m0 += 8) {
+      __m256 r[8], t[8], u[8];  // rows k0.., then pairs interleaved, then quads
+      _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) {
+        r[i] = _mm256_loadu_ps(a + (k0 + i) * lda + m0);
+      }
+      _Pragma("GCC unroll 4") for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      _Pragma("GCC unroll 2") for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) {  // the 128-bit halves
+        _mm256_storeu_ps(out + (m0 + j) * ldo + k0, _mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
+        _mm256_storeu_ps(out + (m0 + j + 4) * ldo + k0,
+                         _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
+      }
+    }
+    for (; m0 < mb; ++m0) {
+      for (int64_t k = k0; k < k0 + 8; ++k) {
+        out[m0 * ldo + k] = a[k * lda + m0];
+      }
+    }
+  }
+  for (; k0 < kb; ++k0) {
+    for (int64_t m = 0; m < mb; ++m) {
+      out[m * ldo + k0] = a[k0 * lda + m];
+    }
+  }
+}
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -680,11 +723,7 @@ class OwnWideKernel final : public Kernel {
   static void transpose_block(const float* a, int64_t lda, int64_t kb, int64_t mb,
                               std::vector<float>& out) {
     out.resize(mb * kb);
-    if (cpu().avx512f) {
-      avx512::transpose_rows(a, lda, kb, mb, out.data(), kb);
-    } else {
-      avx2::transpose_rows(a, lda, kb, mb, out.data(), kb);
-    }
+    avx2::transpose_rows(a, lda, kb, mb, out.data(), kb);
   }
 
   // B rows [k0, k0 + kb) as float32 panels [panels, kb, 16], the last panel zero padded.
