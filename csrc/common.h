@@ -322,9 +322,10 @@ FASTCHAR_INLINE T from_acc(at::opmath_type<T> v) {
   }
 }
 
+// torch.relu: NaN stays NaN (and -0 stays -0), as `x > 0 ? x : 0` would not keep it.
 template <typename A>
 FASTCHAR_INLINE A relu_act(A x) {
-  return x > A(0) ? x : A(0);
+  return x < A(0) ? A(0) : x;
 }
 
 }  // namespace fastchar

@@ -39,7 +39,8 @@ FASTCHAR_CLONES void bwd_rows(int64_t b0, int64_t b1, int64_t n, int64_t H, cons
     for (int64_t j = 0; j < n; ++j) {
       A dht = dhr[j] + to_acc(go[j]);
       A hv = to_acc(h[j]);
-      d[j] = from_acc<T>(RELU ? (hv > A(0) ? dht : A(0)) : dht * (A(1) - hv * hv));
+      // relu': torch's threshold_backward, 0 where h <= 0 (a NaN h passes the gradient on)
+      d[j] = from_acc<T>(RELU ? (hv <= A(0) ? A(0) : dht) : dht * (A(1) - hv * hv));
     }
   }
 }

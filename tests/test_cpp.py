@@ -159,6 +159,30 @@ def test_step_matches_forward(cell):
         assert_close(a, b, torch.float64, "step state")
 
 
+def test_relu_propagates_nan_and_inf_as_torch():
+    """relu(NaN) is NaN, as torch.relu's (a `x > 0 ? x : 0` turned it into 0), forward,
+    step and backward (threshold_backward passes the gradient where h is NaN)."""
+    ours, theirs = make_pair("rnn_relu", "cpp", 3, 4, dtype=torch.float32, num_layers=2)
+    x = torch.randn(3, 2, 3)
+    x[0, 0, 0] = float("nan")
+    x[1, 1, 1] = float("inf")
+    x[2, 1, 2] = -float("inf")
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        out, h_n = module(xi)
+        out.sum().backward()
+        results.append([out, h_n, xi.grad] + [p.grad for p in module.parameters()])
+    assert results[1][0].isnan().any() and any(g.isnan().any() for g in results[1][3:])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, equal_nan=True)
+    with torch.no_grad():
+        step, _ = ours.step(x[0])
+        want = theirs(x[:1])[0][0]
+    assert step.isnan().any()
+    torch.testing.assert_close(step, want, equal_nan=True)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_thread_count_does_not_change_results(cell):
     """Two threads split the hidden units into per-thread slices; one thread runs them all."""

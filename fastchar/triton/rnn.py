@@ -109,7 +109,7 @@ def _fwd_kernel(
 
             a += tl.load(xp_ptr + row0 * H + bh, mask=live, other=0.0).to(ACC)
             if RELU:
-                h_new = tl.maximum(a, 0.0)
+                h_new = tl.where(a < 0.0, 0.0, a)  # torch.relu: NaN stays NaN
             else:
                 h_new = tanh(a)
             tl.store(out_ptr + row0 * H + bh, h_new.to(out_ptr.dtype.element_ty), mask=live)
@@ -206,7 +206,7 @@ def _bwd_kernel(
             dh += tl.load(grad_hn_ptr + bh, mask=last, other=0.0).to(ACC)
             h = tl.load(out_ptr + row0 * H + bh, mask=live, other=0.0).to(ACC)
             if RELU:
-                d = tl.where(h > 0.0, dh, 0.0)
+                d = tl.where(h <= 0.0, 0.0, dh)  # threshold_backward
             else:
                 d = dh * (1.0 - h * h)
             tl.store(dxp_ptr + row0 * H + bh, d.to(dxp_ptr.dtype.element_ty), mask=live)

@@ -95,6 +95,26 @@ def test_cell_parity(cell, B, dtype):
             assert_close(a, b, dtype, f"cell {name} vs {impl}")
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_relu_propagates_nan_and_inf_as_torch(variant):
+    """relu(NaN) is NaN as torch.relu's (tl.maximum may drop it), and the backward passes
+    the gradient where h is NaN, as torch's threshold_backward does."""
+    inputs = make_inputs("rnn_relu", 3, 2, 3, 16, EXACT)
+    inputs["x"][0, 0, 0] = float("nan")
+    inputs["x"][1, 1, 1] = float("inf")
+    inputs["x"][2, 1, 2] = -float("inf")
+    with use_variant(variant):
+        got, got_grads = run_layer("rnn_relu", "triton", inputs)
+    want, want_grads = run_layer("rnn_relu", "reference", inputs)
+    assert want[0].isnan().any() and want_grads["w_hh"].isnan().any()
+    for a, b in zip(got + list(got_grads.values()), want + list(want_grads.values()), strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    cell_inputs = {k: v[0] if k == "x" else v for k, v in inputs.items()}
+    (h,) = run_cell("rnn_relu", "triton", cell_inputs)
+    assert h.isnan().any()
+    torch.testing.assert_close(h, want[0][0], equal_nan=True)
+
+
 def test_cell_without_bias_and_state_dtypes():
     inputs = make_inputs("lstm", None, 2, 3, 16, torch.float32, bias=False)
     h, c = run_cell("lstm", "triton", inputs)
