@@ -132,14 +132,17 @@ def _probs(
     logits: Tensor, temperature: float, top_k: int | None, top_p: float | None = None
 ) -> Tensor:
     """Next-character probabilities [B, V] from logits [B, V]: temperature, then the top-k
-    likeliest, then the smallest set whose probability reaches top_p (nucleus)."""
+    likeliest, then the smallest set whose probability reaches top_p (nucleus). Ties are
+    ranked by id, lowest first (stable sorts), as the C++ sampling loop ranks them: top_k
+    keeps exactly k ids, so top_k=1 is the argmax."""
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        keep = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top_k]
+        drop = torch.ones_like(logits, dtype=torch.bool).scatter(-1, keep, False)
+        logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         before = sorted_p.cumsum(-1) - sorted_p  # probability of the likelier ones
         drop_sorted = before >= top_p  # never the likeliest (before = 0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)

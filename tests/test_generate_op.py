@@ -61,15 +61,31 @@ def _draws(logits, n, temperature=1.0, top_k=0, top_p=1.0):
     return torch.bincount(ids[:, 0], minlength=V).float() / n
 
 
+DISTINCT = [2.0, 1.0, 0.5, 0.0, -1.0, 1.5]
+TIED = [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]  # four ids tied at the top
+
+
 @pytest.mark.parametrize(
-    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7)]
+    ("row", "temperature", "top_k", "top_p"),
+    [
+        (DISTINCT, 1.0, 0, 1.0),
+        (DISTINCT, 0.5, 0, 1.0),
+        (DISTINCT, 1.0, 3, 1.0),
+        (DISTINCT, 1.0, 0, 0.7),
+        (TIED, 1.0, 2, 1.0),  # exactly k of the tied ids, the lowest: 1 and 2
+        (TIED, 1.0, 5, 1.0),  # the four tied and the lower of the two after them
+        (TIED, 1.0, 0, 0.3),
+        (TIED, 1.0, 2, 0.9),
+    ],
 )
-def test_the_op_draws_from_the_python_distribution(temperature, top_k, top_p):
-    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5]])
+def test_the_op_draws_from_the_python_distribution(row, temperature, top_k, top_p):
+    logits = torch.tensor([row])
     want = _probs(logits, temperature, top_k or None, top_p if top_p < 1 else None)[0]
     got = _draws(logits, 40_000, temperature, top_k, top_p)
     torch.testing.assert_close(got, want, atol=0.01, rtol=0)
     assert torch.equal(got == 0, want == 0)  # what top-k / top-p cut is never drawn
+    if top_k:
+        assert int((want > 0).sum()) == min(top_k, len(row))  # ties ranked, not all kept
 
 
 def test_a_tiny_temperature_draws_the_argmax():
