@@ -136,7 +136,7 @@ class _FastRNNMixin:
         self._check_input(input)
         packed = isinstance(input, PackedSequence)
         device = input.data.device if packed else input.device
-        dtype = autocast_dtype(device) or (input.data if packed else input).dtype
+        dtype = autocast_dtype(device, (input.data if packed else input).dtype)
         kind = resolve(self.impl, device, self._feature, dtype)
         if kind == "torch":
             return super().forward(input, hx)
@@ -204,6 +204,9 @@ class _FastRNNMixin:
 
         x [B, I]; hx as for ``forward`` (batched) or None. Returns the top layer's
         output [B, H] and the new state. Unidirectional modules only; no dropout.
+        Differentiable: with grad mode on (the parameters require grad) the fused and cpp
+        impls run the reference's step, as the kernels' step has no backward; sample under
+        ``torch.no_grad()`` to run the kernels.
         """
         if self.bidirectional:
             raise RuntimeError(f"{type(self).__name__}.step needs a unidirectional module")
@@ -212,7 +215,7 @@ class _FastRNNMixin:
             raise ValueError(
                 f"{type(self).__name__}.step: x must be [B, {self.input_size}], got {got}"
             )
-        kind = resolve(self.impl, x.device, self._feature, autocast_dtype(x.device) or x.dtype)
+        kind = resolve(self.impl, x.device, self._feature, autocast_dtype(x.device, x.dtype))
         B = x.shape[0]
         states = self._states_in(hx, True, B)
         widths = self._state_widths()

@@ -20,7 +20,7 @@ from parity import (
 )
 
 import fastchar.nn
-from fastchar import ops
+from fastchar import ops, reference
 from fastchar.backends import cpp_loaded, resolve
 from fastchar.model import CharRNN
 
@@ -146,17 +146,52 @@ def test_loss_on_one_output_matches_torch(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_step_matches_forward(cell):
+def test_step_matches_forward(cell, monkeypatch):
     ours, _ = make_pair(cell, "cpp", 3, 6, num_layers=2)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     out, hx_full = ours(x)
+    name = cell.split("_")[0]
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("step without grad ran the reference, not the cell kernel")
+
+    monkeypatch.setattr(reference, f"{name}_cell", no_reference)
     hx, steps = None, []
-    for t in range(x.shape[0]):
-        y, hx = ours.step(x[t], hx)
-        steps.append(y)
+    with torch.no_grad():
+        for t in range(x.shape[0]):
+            y, hx = ours.step(x[t], hx)
+            steps.append(y)
     assert_close(torch.stack(steps), out, torch.float64, "step outputs")
     for a, b in zip(flatten_out((None, hx))[1:], flatten_out((None, hx_full))[1:], strict=True):
         assert_close(a, b, torch.float64, "step state")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_under_grad_gives_torchs_gradients(cell):
+    """The cell kernels have no backward: with grad mode on, step (and the *_cell ops) run
+    the reference's differentiable step, so a loss over steps trains like torch.nn's."""
+    ours, theirs = make_pair(cell, "cpp", 3, 6, num_layers=2)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    losses = []
+    for module, run in ((ours, "step"), (theirs, "forward")):
+        xi = x.clone().requires_grad_()
+        if run == "step":
+            hx, ys = None, []
+            for t in range(x.shape[0]):
+                y, hx = module.step(xi[t], hx)
+                ys.append(y)
+            y = torch.stack(ys)
+        else:
+            y = module(xi)[0]
+        y.pow(2).sum().backward()
+        losses.append([xi.grad] + [p.grad for p in module.parameters()])
+    for got, want in zip(*losses, strict=True):
+        assert got is not None
+        assert_close(got, want, torch.float64, "step gradient")
+    inputs = make_inputs(cell, None, 2, 3, 5, torch.float32, seq=False)
+    w = inputs["w_hh"].requires_grad_()
+    (run_op(cell, "cpp", inputs, seq=False)[0].sum()).backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
 
 
 def test_relu_propagates_nan_and_inf_as_torch():
@@ -181,6 +216,21 @@ def test_relu_propagates_nan_and_inf_as_torch():
         want = theirs(x[:1])[0][0]
     assert step.isnan().any()
     torch.testing.assert_close(step, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_autocast_leaves_float64_alone(cell):
+    """torch.autocast casts float32, not float64: a float64 module stays float64 and exact."""
+    ours, theirs = make_pair(cell, "cpp", 3, 5)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        want = theirs(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours(x)[0]
+            got_step = ours.step(x[0])[0]
+    assert got.dtype == torch.float64 and got_step.dtype == torch.float64
+    assert_close(got, want, torch.float64, "out under autocast")
+    assert_close(got_step, want[0], torch.float64, "step under autocast")
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -125,14 +125,23 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Under autocast the ops run in the autocast dtype, as torch's own RNN ops do.
 
     The casts are differentiable, so float32 master weights still get float32 gradients.
-    Anything that is not a floating-point tensor is left for the argument checks.
+    Anything that is not a floating-point tensor is left for the argument checks, and
+    float64 stays float64, as autocast leaves it.
     """
-    first = tensors[0]
-    dtype = autocast_dtype(first.device) if isinstance(first, Tensor) else None
-    if dtype is None:  # off, or not a tensor: left for the argument checks
-        return tensors
     return tuple(
-        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors
+        t.to(autocast_dtype(t.device, t.dtype))
+        if isinstance(t, Tensor) and t.is_floating_point()
+        else t
+        for t in tensors
+    )
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record an op on these tensors: grad mode on and one of them
+    requires grad. The cell ops' kernels have no backward, so then they run the
+    reference's differentiable step (as torch.nn's cells are differentiable)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in tensors
     )
 
 
@@ -226,9 +235,7 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     (fastchar.plan.bf16_matmul_widens; 10-100x on CPUs without bf16 instructions). The
     input projection of every layer (x [T, B, I] -> [T, B, G]) and CharRNN's head use it.
     """
-    dtype = x.dtype
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
+    dtype = autocast_dtype(x.device, x.dtype)
     if not _widens(x, dtype):
         return F.linear(x, w, bias)
     with torch.autocast("cpu", enabled=False):

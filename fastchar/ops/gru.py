@@ -29,6 +29,7 @@ from fastchar.ops._common import (
     grads_or_zeros,
     keep_unsaved,
     linear,
+    needs_grad,
     previous_states,
     projection_grads,
     refuse_create_graph,
@@ -274,10 +275,13 @@ def gru_cell(
     *,
     impl: str = "fused",
 ) -> Tensor:
-    """One GRU step for sampling (no autograd through the kernels). x [B, I]; h [B, H] -> h'."""
+    """One GRU step, for sampling. x [B, I]; h [B, H] -> h'. Differentiable as lstm_cell
+    is: the reference's step where autograd needs one, the kernels' otherwise."""
     x, h, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h, w_ih, w_hh, b_ih, b_hh)
     check_args("gru_cell", x, 3, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
     kind = resolve(impl, x.device, dtype=x.dtype)
+    if kind not in ("torch", "reference") and needs_grad(x, h, w_ih, w_hh, b_ih, b_hh):
+        kind = "reference"
     if kind == "reference":
         return reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
     if kind == "torch":

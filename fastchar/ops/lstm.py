@@ -32,6 +32,7 @@ from fastchar.ops._common import (
     grads_or_zeros,
     keep_unsaved,
     linear,
+    needs_grad,
     previous_states,
     projection_grads,
     refuse_create_graph,
@@ -372,15 +373,19 @@ def lstm_cell(
     impl: str = "fused",
     w_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One LSTM step for sampling (no autograd through the kernels).
+    """One LSTM step, for sampling.
 
     x [B, I]; h, c [B, H]. Returns (h', c') [B, H]. With ``w_hr`` [P, H] (proj_size) h and
     h' are [B, P] and w_hh [4H, P]; no kernel has a projected step, so every impl runs
-    the reference's.
+    the reference's. The kernels' step has no backward: where autograd needs one (grad
+    mode on and an input requiring grad) the fused and cpp impls run the reference's
+    differentiable step instead.
     """
     x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = autocast_inputs(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
     check_args("lstm_cell", x, 4, w_ih, w_hh, b_ih, b_hh, {"h": h, "c": c}, seq=False, w_hr=w_hr)
     kind = resolve(impl, x.device, dtype=x.dtype)
+    if kind not in ("torch", "reference") and needs_grad(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        kind = "reference"
     if kind == "reference" or w_hr is not None:
         return reference.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
     if kind == "torch":

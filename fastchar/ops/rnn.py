@@ -25,6 +25,7 @@ from fastchar.ops._common import (
     differentiable_grads,
     keep_unsaved,
     linear,
+    needs_grad,
     previous_states,
     projection_grads,
     refuse_create_graph,
@@ -254,11 +255,14 @@ def rnn_cell(
     *,
     impl: str = "fused",
 ) -> Tensor:
-    """One RNN step for sampling (no autograd through the kernels). x [B, I]; h [B, H] -> h'."""
+    """One RNN step, for sampling. x [B, I]; h [B, H] -> h'. Differentiable as lstm_cell
+    is: the reference's step where autograd needs one, the kernels' otherwise."""
     relu = _check_nonlinearity(nonlinearity)
     x, h, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h, w_ih, w_hh, b_ih, b_hh)
     check_args("rnn_cell", x, 1, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
     kind = resolve(impl, x.device, dtype=x.dtype)
+    if kind not in ("torch", "reference") and needs_grad(x, h, w_ih, w_hh, b_ih, b_hh):
+        kind = "reference"
     if kind == "reference":
         return reference.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     if kind == "torch":
