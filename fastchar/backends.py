@@ -96,6 +96,28 @@ def _why_not_feature(impl: str, feature: str | None) -> str | None:
     return _LACKS.get(impl, {}).get(feature) if feature is not None else None
 
 
+def _why_not_transform(impl: str) -> str | None:
+    """The kernels' backward formulas are torch.autograd's (torch.library.register_autograd),
+    which torch.func's differentiating transforms (grad, jacrev, jvp, ...) cannot call: under
+    one, a kernel impl would fail with functorch's error about setup_context. torch.func.vmap
+    alone runs them."""
+    if impl not in ("cpp", "triton") or not torch._C._are_functorch_transforms_active():
+        return None
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    differentiating = [
+        i.key().name
+        for i in retrieve_all_functorch_interpreters()
+        if i.key().name in ("Grad", "Jvp")
+    ]
+    if not differentiating:
+        return None
+    return (
+        f"the kernels' gradients are torch.autograd's, which torch.func transforms "
+        f"({', '.join(differentiating)}) cannot differentiate through"
+    )
+
+
 def _why_not_dtype(impl: str, dtype: torch.dtype | None) -> str | None:
     if impl != "cpp" or dtype is None or dtype in CPP_DTYPES:
         return None
@@ -137,6 +159,7 @@ def resolve(
             else why_not(kernel, device_type)
             or _why_not_feature(kernel, feature)
             or _why_not_dtype(kernel, dtype)
+            or _why_not_transform(kernel)
         )
         if reason is None:
             return kernel
@@ -146,7 +169,10 @@ def resolve(
             warnings.warn(message, RuntimeWarning, stacklevel=3)
         return "reference"
     reason = (
-        why_not(impl, device_type) or _why_not_feature(impl, feature) or _why_not_dtype(impl, dtype)
+        why_not(impl, device_type)
+        or _why_not_feature(impl, feature)
+        or _why_not_dtype(impl, dtype)
+        or _why_not_transform(impl)
     )
     if reason is not None:
         raise RuntimeError(f"impl={impl!r} cannot run on {device_type} tensors: {reason}")

@@ -233,6 +233,34 @@ def test_autocast_leaves_float64_alone(cell):
     assert_close(got_step, want[0], torch.float64, "step under autocast")
 
 
+def test_torch_func_grad_runs_the_reference_and_cpp_refuses_it(monkeypatch):
+    """torch.func.grad cannot differentiate through the kernels' torch.autograd formulas:
+    fused falls back to the reference (torch.nn's gradients, one warning), cpp refuses with
+    a clear error; vmap alone still runs the kernels."""
+    from torch.func import functional_call, grad, vmap
+
+    monkeypatch.setattr(fastchar.backends, "_warned", set())  # the warning is once a reason
+    ours, theirs = make_pair("lstm", "fused", 3, 4)
+    params = {k: v.detach() for k, v in theirs.named_parameters()}
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def loss(module):
+        return lambda p, x: functional_call(module, p, (x,))[0].pow(2).sum()
+
+    want = grad(loss(theirs))(params, x)
+    with pytest.warns(RuntimeWarning, match="torch.func transforms"):
+        got = grad(loss(ours))(params, x)
+    for name in want:
+        assert_close(got[name], want[name], torch.float64, f"grad {name}")
+    ours.impl = "cpp"
+    with pytest.raises(RuntimeError, match="impl='cpp'.*torch.func transforms"):
+        grad(loss(ours))(params, x)
+    xs = torch.randn(2, 5, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        batched = vmap(lambda xi: ours(xi)[0])(xs)
+        assert_close(batched[1], theirs(xs[1])[0], torch.float64, "vmap")
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_thread_count_does_not_change_results(cell):
     """Two threads split the hidden units into per-thread slices; one thread runs them all."""
