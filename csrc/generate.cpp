@@ -12,6 +12,9 @@
 #include <ATen/core/DistributionsHelper.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <mutex>
 #include <numeric>
 #include <string>
@@ -59,17 +62,26 @@ struct DrawScratch {
 };
 
 // One id for each of rows [k0, k1) of float32 logits [K, V] into out[k * stride], row k
-// with the uniform u[k] (uniforms).
-void draw_rows(const at::Tensor& logits, int64_t k0, int64_t k1, double temperature,
+// with the uniform u[k] (uniforms). False when a row has a NaN or +inf logit (a diverged
+// model), which has no distribution to draw from: that row gets id 0 (an id the loop can
+// go on with; the caller then throws, out of its parallel region).
+bool draw_rows(const at::Tensor& logits, int64_t k0, int64_t k1, double temperature,
                int64_t top_k, double top_p, const double* u_rows, DrawScratch& scratch,
                int64_t* out, int64_t stride) {
   const int64_t V = logits.size(1);
   const float* L = logits.const_data_ptr<float>();
   std::vector<float>& p = scratch.p;
   std::vector<int64_t>& order = scratch.order;
+  bool finite = true;
   for (int64_t k = k0; k < k1; ++k) {
     const float* row = L + k * V;
     const int64_t best = std::max_element(row, row + V) - row;  // the first of the largest
+    if ((std::isinf(row[best]) && row[best] > 0.0f) ||
+        std::any_of(row, row + V, [](float v) { return std::isnan(v); })) {
+      out[k * stride] = 0;
+      finite = false;
+      continue;
+    }
     if (temperature == 0.0) {
       out[k * stride] = best;
       continue;
@@ -106,6 +118,12 @@ void draw_rows(const at::Tensor& logits, int64_t k0, int64_t k1, double temperat
     }
     out[k * stride] = pick;
   }
+  return finite;
+}
+
+void check_logits(bool finite) {
+  TORCH_CHECK(finite, "fastchar::generate: the model's logits are NaN or +inf, so there is no "
+              "distribution to draw the next character from (a diverged model?)");
 }
 
 // logits [K, V] float32 = h [K, H] @ w [V, H]^T + b (w contiguous), on the planned cell
@@ -261,6 +279,7 @@ void fused_loop(const LoopEngines<T>& eng, const at::Tensor& emb, std::vector<at
   T* hnp = hn.data_ptr<T>();
   const int64_t count = eng.slices.count;
   std::vector<double> u(K);  // the current step's uniforms (uniforms)
+  std::atomic<bool> finite{true};  // every draw had finite logits (draw_rows)
   uniforms(gen, temperature, K, u.data());
   auto run = [&](int64_t tid, int64_t nth, auto&& barrier) {
     int64_t cur = 0;  // hs[cur] holds h_{t-1}
@@ -269,7 +288,10 @@ void fused_loop(const LoopEngines<T>& eng, const at::Tensor& emb, std::vector<at
     const int64_t k0 = K * tid / nth, k1 = K * (tid + 1) / nth;
     DrawScratch scratch(V);
     for (int64_t t = 0; t < length; ++t) {
-      draw_rows(logits, k0, k1, temperature, top_k, top_p, u.data(), scratch, idp + t, length);
+      if (!draw_rows(logits, k0, k1, temperature, top_k, top_p, u.data(), scratch, idp + t,
+                     length)) {
+        finite.store(false, std::memory_order_relaxed);
+      }
       for (int64_t k = k0; k < k1; ++k) {
         std::memcpy(xp + k * E, ep + idp[k * length + t] * E, E * sizeof(T));
       }
@@ -335,6 +357,7 @@ void fused_loop(const LoopEngines<T>& eng, const at::Tensor& emb, std::vector<at
 #else
   run(0, 1, [] {});
 #endif
+  check_logits(finite.load());
   for (int64_t l = 0; l < L; ++l) {
     h[l] = hs[length % 2][l];
     if (lstm) {
@@ -494,7 +517,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
   DrawScratch scratch(current.size(1));
   for (int64_t t = 0; t < length; ++t) {
     uniforms(gen, temperature, K, u.data());
-    draw_rows(current, 0, K, temperature, top_k, top_p, u.data(), scratch, idp + t, length);
+    check_logits(
+        draw_rows(current, 0, K, temperature, top_k, top_p, u.data(), scratch, idp + t, length));
     auto x = emb.index_select(0, ids.select(1, t));  // [K, E]
     for (int64_t l = 0; l < L; ++l) {
       const auto &w_ih = weights[2 * l], &w_hh = weights[2 * l + 1];

@@ -159,8 +159,14 @@ def draw(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """One id per row of logits [B, V] -> [B] (on the CPU): the argmax when temperature is
-    0, else a draw from ``generator``."""
+    0, else a draw from ``generator``. NaN or +inf logits (a diverged model) have no
+    distribution: a RuntimeError, as the C++ loop raises."""
     logits = logits.float().cpu()
+    if logits.isnan().any() or logits.isposinf().any():
+        raise RuntimeError(
+            "the model's logits are NaN or +inf, so there is no distribution to draw the "
+            "next character from (a diverged model?)"
+        )
     if temperature == 0:
         return logits.argmax(-1)
     probs = _probs(logits, temperature, top_k, top_p)

@@ -10,7 +10,7 @@ import torch
 from fastchar.backends import cpp_loaded
 from fastchar.data import Vocab
 from fastchar.generator import Generator, quantize_rows
-from fastchar.model import CharRNN, _probs
+from fastchar.model import CharRNN, _probs, draw
 
 pytestmark = pytest.mark.skipif(not cpp_loaded(), reason="fastchar._C is not built")
 VOCAB = Vocab([chr(40 + i) for i in range(30)])
@@ -94,6 +94,23 @@ def test_a_tiny_temperature_draws_the_argmax():
     largest logit every time, never the id that a NaN weight would give."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 3.0, -float("inf"), 1.5]])
     assert torch.equal(_draws(logits, 2_000, 1e-300), torch.eye(6)[3])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_diverged_model_is_an_error_not_a_text(bad, temperature):
+    """NaN or +inf logits have no distribution: the C++ loop (which drew id 0 or the last
+    candidate from them) and the Python loop both raise, at any temperature."""
+    logits = torch.tensor([[2.0, bad, 0.5]])
+    with pytest.raises(RuntimeError, match="NaN or \\+inf"):
+        _draws(logits, 3, temperature)
+    with pytest.raises(RuntimeError, match="NaN or \\+inf"):
+        draw(logits, temperature)
+    for generator in _pair("gru", "tanh"):
+        with torch.no_grad():
+            generator.model.head.bias[2] = bad
+        with pytest.raises(RuntimeError, match="NaN or \\+inf"):
+            generator.generate("+-", 20, num_samples=3, temperature=temperature, seed=0)
 
 
 def test_bad_arguments_name_themselves():

@@ -160,6 +160,10 @@ def _bad_checkpoint(tmp_path, run_dir, case):
         ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
         ckpt["config"]["hidden"] = 99
         torch.save(ckpt, path)
+    elif case == "diverged":
+        ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+        ckpt["model"]["head.bias"][1] = float("nan")
+        torch.save(ckpt, path)
     elif case == "code":
         torch.save({"format": _RunsCode(str(tmp_path / "pwned"))}, path)
     return path
@@ -173,6 +177,7 @@ def _bad_checkpoint(tmp_path, run_dir, case):
         ("garbage", "cannot read checkpoint"),
         ("other_data", "not a fastchar checkpoint"),
         ("bad_model", "usable model"),
+        ("diverged", "weights are not finite (NaN or inf in head.bias)"),
         ("code", "holds code or objects (io.open)"),
     ],
 )

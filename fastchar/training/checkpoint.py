@@ -136,6 +136,12 @@ def model_from_checkpoint(
         raise CheckpointError(
             f"checkpoint does not describe a usable model: {first_line(e)}"
         ) from None
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # a diverged run's weights: no distribution to sample or score with
+        raise CheckpointError(
+            f"checkpoint's weights are not finite (NaN or inf in {', '.join(bad)}): "
+            "the run that saved it diverged"
+        )
     return model.to(device).eval(), vocab, cfg
 
 
