@@ -128,6 +128,12 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     Anything that is not a floating-point tensor is left for the argument checks, and
     float64 stays float64, as autocast leaves it.
     """
+    first = tensors[0]
+    if (
+        not isinstance(first, Tensor)
+        or autocast_dtype(first.device, torch.float32) is torch.float32
+    ):
+        return tensors  # autocast off (the common case: one check), or not a tensor
     return tuple(
         t.to(autocast_dtype(t.device, t.dtype))
         if isinstance(t, Tensor) and t.is_floating_point()
