@@ -23,6 +23,7 @@ RuntimeError when this CPU cannot run it).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import platform
@@ -229,11 +230,15 @@ def _identity() -> dict:
 
 def _rows(data: dict) -> list[list[int]]:
     rows = []
-    for entry in data.get("entries", []):
+    entries = data.get("entries")
+    for entry in entries if isinstance(entries, list) else []:
         try:
             code = _DTYPE_CODES[getattr(torch, entry["dtype"])]
             row = [code, OPS.index(entry["op"])]
-            row += [int(entry[k]) for k in ("M", "N", "K")]
+            dims = [entry[k] for k in ("M", "N", "K")]
+            if not all(type(d) is int and 0 < d < 2**31 for d in dims):
+                continue  # not a shape (a float, a bool, inf, 1e30, 2**70)
+            row += dims
             row.append(ENGINES.index(entry["engine"]))
         except (AttributeError, KeyError, TypeError, ValueError):
             continue  # one bad row is dropped; the rest may still be good
@@ -264,7 +269,10 @@ def load_cache(path: Path | None = None) -> int:
     rows = _rows(data)
     if not rows or not cpp_loaded():
         return 0
-    taken = torch.ops.fastchar.gemm_plan_load(torch.tensor(rows, dtype=torch.int64))
+    try:
+        taken = torch.ops.fastchar.gemm_plan_load(torch.tensor(rows, dtype=torch.int64))
+    except (RuntimeError, ValueError):
+        return 0  # rows the plan refuses: ignored, measured again and rewritten
     _loaded.update(_key(e) for e in entries())
     return int(taken)
 
@@ -282,6 +290,7 @@ def save_cache(path: Path | None = None) -> bool:
     if _bf16_widen is not None:
         data["bf16_matmul"] = "widen" if _bf16_widen else "native"
     data["entries"] = [dict(e, dtype=str(e["dtype"]).removeprefix("torch.")) for e in plan]
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gemm-plan-", suffix=".tmp")
@@ -289,6 +298,9 @@ def save_cache(path: Path | None = None) -> bool:
             json.dump(data, f, indent=1)
         os.replace(tmp, path)
     except OSError:
+        if tmp is not None:  # a directory in the way, or a full disk: no temp file left
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         return False  # read-only or full: the next process measures again
     _loaded.update(known)
     return True

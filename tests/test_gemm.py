@@ -384,6 +384,36 @@ def test_cache_rows_that_do_not_fit_are_dropped(tmp_path):
     assert plan.entries() == [dict(good, dtype=torch.float32)]
 
 
+@pytest.mark.parametrize("entries", [None, 5, "x", {"M": 2}], ids=repr)
+def test_cache_whose_entries_are_not_a_list_is_ignored(tmp_path, entries):
+    """A file with the right identity but no list of entries: ignored, as a corrupt file
+    is (it crashed `import fastchar.ops`, and so every command, until deleted by hand)."""
+    plan.clear()
+    path = tmp_path / "gemm-plan.json"
+    _write(path, entries=entries)
+    assert plan.load_cache(path) == 0
+    assert plan.entries() == []
+
+
+def test_cache_dimensions_that_are_not_shapes_are_dropped(tmp_path):
+    plan.clear()
+    path = tmp_path / "gemm-plan.json"
+    row = dict(dtype="float32", op="nt", N=8, K=8, engine="mkl")
+    bad = [dict(row, M=m) for m in (float("inf"), 1e30, 2**70, True, 2.5, "7", -3)]
+    _write(path, entries=[*bad, dict(row, M=5)])  # json writes inf as Infinity
+    assert plan.load_cache(path) == 1
+    assert plan.entries() == [dict(row, M=5, dtype=torch.float32)]
+
+
+def test_a_directory_at_the_cache_path_leaves_no_temp_file(tmp_path):
+    plan.clear()
+    path = tmp_path / "gemm-plan.json"
+    path.mkdir()
+    plan.choose(torch.float32, "nt", 2, 16, 8)
+    assert plan.save_cache(path) is False
+    assert [p.name for p in tmp_path.iterdir()] == ["gemm-plan.json"]
+
+
 def test_unwritable_cache_directory_is_not_an_error(tmp_path):
     plan.clear()
     blocker = tmp_path / "file-not-dir"
