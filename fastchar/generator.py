@@ -130,6 +130,10 @@ class Generator:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if seed is not None and not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {seed}")
+        if top_k is not None:  # k >= the vocabulary keeps every id (and fits the C++ op)
+            top_k = min(top_k, len(self.vocab))
         ids = self._encode(prime, "the prime").to(self.device)
         gen = torch.Generator()
         if seed is None:

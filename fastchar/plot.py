@@ -9,6 +9,7 @@ its own at the end. matplotlib is an optional extra: ``pip install 'fastchar[plo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -28,7 +29,11 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise PlotError(f"{run_dir} is not a run directory (no metrics.jsonl)")
     records = []
-    for line in path.read_text().splitlines():
+    try:  # bytes that are not UTF-8 spoil their line only (replaced; json skips it)
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise PlotError(f"cannot read {path}: {e.strerror or e}") from None
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -67,11 +72,15 @@ def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike | None =
         axis.grid(alpha=0.3)
     by_time.legend(fontsize="small")
     path = Path(out) if out is not None else Path(run_dirs[0]) / FILENAME
+    if not path.name:
+        raise PlotError(f"--out must name a file, got {str(out)!r}")
     tmp = path.with_name("." + path.name + ".tmp")
     try:
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, path)
     except OSError as e:
+        with contextlib.suppress(OSError):  # a directory in the way: no temp file left
+            tmp.unlink()
         raise PlotError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 

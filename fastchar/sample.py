@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from fastchar.backends import IMPLS
@@ -62,6 +63,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not -(2**63) <= args.seed < 2**64:
+        raise ConfigError(f"--seed must fit in 64 bits, got {args.seed}")
 
 
 def _generator(args: argparse.Namespace) -> tuple[Generator, str]:
@@ -134,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, DataError, CheckpointError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        # Python would report the pipe again flushing stdout at exit: point it at devnull
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -75,6 +75,27 @@ def test_plot_of_no_run_is_one_line_and_exit_1(tmp_path, capsys, what):
     assert len(err) == 1 and err[0].startswith("fastchar.plot: error: ")
 
 
+def test_bytes_that_are_not_utf8_spoil_only_their_line(tmp_path, capsys):
+    _fake_run(tmp_path / "a", [2.0, 1.5])
+    with open(tmp_path / "a" / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe garbage\n")
+    assert [r["step"] for r in plot.read_metrics(tmp_path / "a")] == [10, 20]
+    assert plot.main([str(tmp_path / "a")]) == 0
+
+
+@pytest.mark.parametrize("out", ["", "dir"])
+def test_an_out_that_is_no_file_is_one_line_and_leaves_nothing(tmp_path, capsys, out):
+    _fake_run(tmp_path / "a", [2.0, 1.5])
+    if out:
+        (tmp_path / out).mkdir()
+        out = str(tmp_path / out)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert plot.main([str(tmp_path / "a"), "--out", out]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastchar.plot: error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp file left
+
+
 def test_the_command_lists_its_subcommands(capsys):
     assert command.main(["--help"]) == 0
     shown = capsys.readouterr().out

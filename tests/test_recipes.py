@@ -66,6 +66,15 @@ def test_a_bad_file_is_one_line_and_exit_2(tmp_path, text_file, capsys, toml, me
     assert not out.exists()
 
 
+def test_a_file_that_is_not_utf8_is_one_line_and_exit_2(tmp_path, text_file, capsys):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_bytes(b"\xff\xfehidden = 3\n")
+    assert cli.main([*tiny_args(text_file, tmp_path / "run"), "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "not valid TOML" in err
+
+
 def test_a_missing_file_is_one_line_and_exit_2(tmp_path, capsys):
     assert cli.main(["--config", str(tmp_path / "nope.toml")]) == 2
     err = capsys.readouterr().err

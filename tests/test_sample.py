@@ -130,6 +130,7 @@ def test_unknown_prime_characters_are_named(run_dir, capsys):
     [
         ["--length", "-1"], ["--temperature", "-0.5"], ["--top-k", "0"], ["--top-p", "0"],
         ["--top-p", "1.5"], ["--num-samples", "0"], ["--weights", "int8"],
+        ["--seed", str(10**23)], ["--seed", str(2**64)],
     ],
 )  # fmt: skip
 def test_bad_sampling_flags(run_dir, capsys, flags):
@@ -204,3 +205,33 @@ def test_cli_subprocess(run_dir, tmp_path):
     )  # fmt: skip
     assert bad.returncode == 1
     assert_one_line_error(bad.stderr)
+
+
+def test_a_top_k_beyond_the_vocabulary_keeps_every_id(run_dir, capsys):
+    """Any k >= the vocabulary is no truncation (a k past int64 overflowed the C++ op)."""
+    texts = []
+    for k in (str(10**20), "1000"):
+        code, out, err = run_sample(
+            capsys, "--ckpt", str(run_dir), "--prime", "the", "--length", "30",
+            "--seed", "4", "--top-k", k,
+        )  # fmt: skip
+        assert code == 0, err
+        texts.append(out)
+    code, out, _ = run_sample(
+        capsys, "--ckpt", str(run_dir), "--prime", "the", "--length", "30", "--seed", "4"
+    )
+    assert texts == [out, out]
+
+
+def test_a_closed_pipe_ends_the_stream_quietly(run_dir):
+    """`fastchar.sample ... | head -c 10`: no BrokenPipeError traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastchar.sample", "--ckpt", str(run_dir), "--prime", "the",
+         "--length", "200000", "--seed", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -171,6 +171,8 @@ def test_config_round_trip():
         (["--model", "transformer"], "invalid choice"),
         (["--steps", "many"], "invalid int"),
         (["--no-such-flag"], "unrecognized"),
+        (["--threads", "100000"], "--threads must be <= 1024"),
+        (["--seed", str(2**64)], "--seed must fit in a signed 64-bit integer"),
     ],
 )
 def test_bad_flags(text_file, tmp_path, capsys, flags, match):
@@ -507,3 +509,12 @@ def test_resume_with_dtype_auto_keeps_what_auto_chose(text_file, tmp_path, monke
     assert cli.main([*args, "--steps", "8", "--resume"]) == 0
     ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] == 8 and ckpt["config"]["dtype"] == "bfloat16"
+
+
+def test_resume_trims_metrics_that_are_not_utf8(tmp_path):
+    """--resume drops records past the checkpoint's step; a line that is not UTF-8 is
+    dropped with them, not a UnicodeDecodeError traceback."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n\xff\xfe garbage\n{"step": 5}\n')
+    cli._trim_metrics(str(path), 3)
+    assert path.read_text() == '{"step": 1}\n'

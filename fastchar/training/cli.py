@@ -61,7 +61,7 @@ def _trim_metrics(path: str, step: int) -> None:
     """Drop records past the checkpoint's step: they belong to steps that will be redone."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a bad line is dropped below
         lines = [ln for ln in f if ln.strip()]
     keep = []
     for ln in lines:

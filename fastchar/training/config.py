@@ -145,6 +145,10 @@ class TrainConfig:
             _at_least("stop_at", self.stop_at, 1)
         if self.threads is not None:
             _at_least("threads", self.threads, 1)
+            if self.threads > MAX_THREADS:  # torch's OpenMP pool crashed at 100000
+                raise ConfigError(f"--threads must be <= {MAX_THREADS}, got {self.threads}")
+        if not -(2**63) <= self.seed < 2**63:
+            raise ConfigError(f"--seed must fit in a signed 64-bit integer, got {self.seed}")
         if self.time_limit is not None and not (
             math.isfinite(self.time_limit) and self.time_limit > 0
         ):
@@ -203,7 +207,7 @@ def load_recipe(path: str | os.PathLike) -> dict:
             values = tomllib.load(f)
     except OSError as e:
         raise ConfigError(f"--config {path}: cannot read it: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out = {}
@@ -241,6 +245,10 @@ RUN_CONTROL = frozenset({"stop_at", "out", "device"})
 
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+# More threads than any CPU has: torch's OpenMP pool crashes (SIGSEGV) at a huge count.
+MAX_THREADS = 1024
 
 
 def _at_least(name: str, value: int, low: int) -> None:
