@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastchar import plan
-from fastchar.backends import autocast_dtype, cpp_loaded
+from fastchar.backends import autocast_dtype, cpp_loaded, resolve
 
 
 def _check_tensor(name: str, t: object, shape: tuple[int, ...], like: Tensor) -> None:
@@ -142,13 +142,16 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     )
 
 
-def needs_grad(*tensors: Tensor | None) -> bool:
-    """Whether autograd would record an op on these tensors: grad mode on and one of them
-    requires grad. The cell ops' kernels have no backward, so then they run the
-    reference's differentiable step (as torch.nn's cells are differentiable)."""
-    return torch.is_grad_enabled() and any(
-        isinstance(t, Tensor) and t.requires_grad for t in tensors
+def resolve_cell(impl: str, x: Tensor, *tensors: Tensor | None) -> str:
+    """``resolve`` for a *_cell op on x and its other tensor arguments. The kernels' step has
+    no backward: where autograd would record the op (grad mode on and an argument requiring
+    grad) a kernel impl runs the reference's differentiable step, as torch.nn's cells are
+    differentiable."""
+    kind = resolve(impl, x.device, dtype=x.dtype)
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in (x, *tensors)
     )
+    return "reference" if needs_grad and kind in ("cpp", "triton") else kind
 
 
 def skip_zero_grads(ctx) -> None:

@@ -29,10 +29,10 @@ from fastchar.ops._common import (
     grads_or_zeros,
     keep_unsaved,
     linear,
-    needs_grad,
     previous_states,
     projection_grads,
     refuse_create_graph,
+    resolve_cell,
     skip_zero_grads,
     torch_params,
     weight_grad,
@@ -279,9 +279,7 @@ def gru_cell(
     is: the reference's step where autograd needs one, the kernels' otherwise."""
     x, h, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h, w_ih, w_hh, b_ih, b_hh)
     check_args("gru_cell", x, 3, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
-    kind = resolve(impl, x.device, dtype=x.dtype)
-    if kind not in ("torch", "reference") and needs_grad(x, h, w_ih, w_hh, b_ih, b_hh):
-        kind = "reference"
+    kind = resolve_cell(impl, x, h, w_ih, w_hh, b_ih, b_hh)
     if kind == "reference":
         return reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
     if kind == "torch":

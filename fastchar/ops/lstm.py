@@ -32,10 +32,10 @@ from fastchar.ops._common import (
     grads_or_zeros,
     keep_unsaved,
     linear,
-    needs_grad,
     previous_states,
     projection_grads,
     refuse_create_graph,
+    resolve_cell,
     skip_zero_grads,
     torch_params,
     weight_grad,
@@ -383,9 +383,7 @@ def lstm_cell(
     """
     x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = autocast_inputs(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
     check_args("lstm_cell", x, 4, w_ih, w_hh, b_ih, b_hh, {"h": h, "c": c}, seq=False, w_hr=w_hr)
-    kind = resolve(impl, x.device, dtype=x.dtype)
-    if kind not in ("torch", "reference") and needs_grad(x, h, c, w_ih, w_hh, b_ih, b_hh):
-        kind = "reference"
+    kind = resolve_cell(impl, x, h, c, w_ih, w_hh, b_ih, b_hh)
     if kind == "reference" or w_hr is not None:
         return reference.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
     if kind == "torch":

@@ -25,10 +25,10 @@ from fastchar.ops._common import (
     differentiable_grads,
     keep_unsaved,
     linear,
-    needs_grad,
     previous_states,
     projection_grads,
     refuse_create_graph,
+    resolve_cell,
     torch_params,
     weight_grad,
 )
@@ -260,9 +260,7 @@ def rnn_cell(
     relu = _check_nonlinearity(nonlinearity)
     x, h, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h, w_ih, w_hh, b_ih, b_hh)
     check_args("rnn_cell", x, 1, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
-    kind = resolve(impl, x.device, dtype=x.dtype)
-    if kind not in ("torch", "reference") and needs_grad(x, h, w_ih, w_hh, b_ih, b_hh):
-        kind = "reference"
+    kind = resolve_cell(impl, x, h, w_ih, w_hh, b_ih, b_hh)
     if kind == "reference":
         return reference.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     if kind == "torch":
