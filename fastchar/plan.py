@@ -23,17 +23,16 @@ RuntimeError when this CPU cannot run it).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from fastchar import __version__
+from fastchar.atomic import atomic_write
 from fastchar.backends import cpp_loaded
 from fastchar.cache import cache_dir
 
@@ -290,17 +289,11 @@ def save_cache(path: Path | None = None) -> bool:
     if _bf16_widen is not None:
         data["bf16_matmul"] = "widen" if _bf16_widen else "native"
     data["entries"] = [dict(e, dtype=str(e["dtype"]).removeprefix("torch.")) for e in plan]
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gemm-plan-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with atomic_write(path) as f:
             json.dump(data, f, indent=1)
-        os.replace(tmp, path)
     except OSError:
-        if tmp is not None:  # a directory in the way, or a full disk: no temp file left
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         return False  # read-only or full: the next process measures again
     _loaded.update(known)
     return True

@@ -9,11 +9,12 @@ its own at the end. matplotlib is an optional extra: ``pip install 'fastchar[plo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 from pathlib import Path
+
+from fastchar.atomic import atomic_write
 
 PROG = "fastchar.plot"
 FILENAME = "loss.png"
@@ -74,13 +75,10 @@ def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike | None =
     path = Path(out) if out is not None else Path(run_dirs[0]) / FILENAME
     if not path.name:
         raise PlotError(f"--out must name a file, got {str(out)!r}")
-    tmp = path.with_name("." + path.name + ".tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
     except OSError as e:
-        with contextlib.suppress(OSError):  # a directory in the way: no temp file left
-            tmp.unlink()
         raise PlotError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 

@@ -8,12 +8,12 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import time
 
 import torch
 
 from fastchar import data as fdata
+from fastchar.atomic import TEMP_SUFFIX, atomic_write, temp_prefix
 from fastchar.model import CharRNN
 from fastchar.training.config import TrainConfig
 from fastchar.training.errors import CheckpointError, first_line
@@ -48,40 +48,29 @@ SAVE_PAUSE_ENV = "FASTCHAR_TEST_SAVE_PAUSE"
 
 def atomic_torch_save(obj: dict, path: str) -> None:
     """Write ``obj`` so that ``path`` always holds either the old or the new complete file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def pause() -> None:
         marker = os.environ.get(SAVE_PAUSE_ENV)
         if marker and os.path.exists(path):
             open(marker, "w").close()
             time.sleep(600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # The rename itself must reach the disk before the old file counts as replaced.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+
+    with atomic_write(path, "wb", before_replace=pause) as f:
+        torch.save(obj, f)
+
+
+# What a run directory's temp files start with (atomic_write names them).
+_RUN_TEMPS = tuple(
+    temp_prefix(name)
+    for name in ("ckpt.pt", "best.pt", "metrics.jsonl", "config.json", "data_manifest.json")
+)
 
 
 def remove_stale_temps(out: str) -> list[str]:
     """Delete temp files a killed run left in ``out`` (the completed files are untouched)."""
     removed = []
     for name in os.listdir(out):
-        stale = name.endswith(".tmp") and (
-            name.startswith((".ckpt.pt", ".best.pt"))
-            or name in ("metrics.jsonl.tmp", "config.json.tmp", "data_manifest.json.tmp")
-        )
-        if stale:
+        if name.endswith(TEMP_SUFFIX) and name.startswith(_RUN_TEMPS):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(out, name))
                 removed.append(name)

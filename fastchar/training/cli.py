@@ -19,6 +19,7 @@ import torch
 
 from fastchar import data as fdata
 from fastchar import distributed, plot
+from fastchar.atomic import atomic_write
 from fastchar.training.checkpoint import load_checkpoint, remove_stale_temps
 from fastchar.training.config import (
     PRESETS,
@@ -71,18 +72,14 @@ def _trim_metrics(path: str, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     if len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(path) as f:
             f.writelines(keep)
-        os.replace(tmp, path)
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def run(given: dict, resume: bool = False) -> Trainer:

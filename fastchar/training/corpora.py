@@ -18,13 +18,13 @@ import contextlib
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastchar import data as fdata
+from fastchar.atomic import atomic_write
 from fastchar.cache import cache_dir
 
 DATA_DIR_ENV = "FASTCHAR_DATA_DIR"
@@ -63,21 +63,6 @@ def _digest(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _write_atomic(path: Path, raw: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def fetch(corpus: Corpus, log=None) -> Path:
     """The corpus's file in the data directory, downloaded and verified first if needed.
 
@@ -110,7 +95,9 @@ def fetch(corpus: Corpus, log=None) -> Path:
             f"({len(raw):,} bytes, sha256 {_digest(raw)[:12]}...); not cached; {instead}"
         )
     try:
-        _write_atomic(path, raw)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "wb") as f:
+            f.write(raw)
     except OSError as e:
         raise fdata.DataError(
             f"cannot write the {corpus.name} corpus to {path}: {e.strerror or e}; {instead}"

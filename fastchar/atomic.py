@@ -1,0 +1,61 @@
+"""Replacing a file atomically: its path holds either the old or the new complete file.
+
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f)
+
+The data goes to a temp file beside ``path`` (``.<name><random>.tmp``), reaches the disk,
+and is renamed over ``path`` when the block ends without an exception; if it raises (a
+full disk, a directory in the way, Ctrl-C), the temp file is removed and the old file
+stays. Checkpoints, run files, the GEMM plan cache, fetched corpora and plots are written
+through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import IO
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_prefix(name: str) -> str:
+    """The start of the temp files' names for a file called ``name``."""
+    return "." + name
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: str | os.PathLike, mode: str = "w", *, before_replace: Callable[[], None] | None = None
+) -> Iterator[IO]:
+    """A file object (text, UTF-8, unless ``mode`` has "b") that replaces ``path`` on exit.
+
+    ``before_replace`` runs with the temp file complete and closed, just before the rename
+    (a test hook: a kill there must leave the old file).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(
+        dir=directory, prefix=temp_prefix(os.path.basename(path)), suffix=TEMP_SUFFIX
+    )
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # The rename itself must reach the disk before the old file counts as replaced.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

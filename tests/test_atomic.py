@@ -1,0 +1,68 @@
+"""fastchar.atomic: a file is replaced whole or not at all, and a failed write leaves no
+temp file; a run directory's leftover temps are recognised by their names."""
+
+import os
+import tempfile
+
+import pytest
+
+from fastchar.atomic import atomic_write
+from fastchar.training.checkpoint import remove_stale_temps
+
+
+def test_atomic_write_replaces_the_file(tmp_path):
+    path = tmp_path / "f.json"
+    path.write_text("old")
+    with atomic_write(path) as f:
+        f.write("new é")
+        assert path.read_text() == "old"  # not visible before the block ends
+    assert path.read_text(encoding="utf-8") == "new é"
+    with atomic_write(str(path), "wb") as f:
+        f.write(b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path, error):
+    path = tmp_path / "f.json"
+    path.write_text("old")
+    with pytest.raises(type(error)), atomic_write(path) as f:
+        f.write("partial")
+        raise error
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_a_failing_hook_keeps_the_old_file(tmp_path):
+    path = tmp_path / "f"
+    path.write_text("old")
+
+    def hook():
+        raise OSError("killed")
+
+    with pytest.raises(OSError), atomic_write(path, before_replace=hook) as f:
+        f.write("new")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f"]
+
+
+def test_a_directory_in_the_way_raises_and_leaves_no_temp(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(OSError), atomic_write(tmp_path / "d") as f:
+        f.write("x")
+    assert os.listdir(tmp_path) == ["d"]
+
+
+def test_remove_stale_temps_removes_only_the_run_files_temps(tmp_path):
+    names = ["ckpt.pt", "best.pt", "metrics.jsonl", "config.json", "data_manifest.json"]
+    for name in names:
+        with atomic_write(tmp_path / name) as f:
+            f.write("complete")
+        # what a kill between atomic_write's write and its rename leaves
+        fd, _ = tempfile.mkstemp(dir=tmp_path, prefix="." + name, suffix=".tmp")
+        os.close(fd)
+    (tmp_path / "notes.tmp").write_text("the user's")
+    (tmp_path / ".other.tmp").write_text("the user's")
+    removed = remove_stale_temps(str(tmp_path))
+    assert len(removed) == len(names)
+    assert sorted(os.listdir(tmp_path)) == sorted([*names, "notes.tmp", ".other.tmp"])
