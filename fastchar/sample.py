@@ -21,7 +21,7 @@ from fastchar.generator import WEIGHTS, Generator
 from fastchar.training.checkpoint import load_checkpoint, model_from_checkpoint
 from fastchar.training.config import DEVICES
 from fastchar.training.device import check_impl, pick_device
-from fastchar.training.errors import CheckpointError, ConfigError, TrainError
+from fastchar.training.errors import CheckpointError, ConfigError, TrainError, out_of_memory
 
 __all__ = ["Generator", "main"]
 
@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as e:
+        why = out_of_memory(e)
+        if why is None:
+            raise
+        print(f"{PROG}: error: {why}: use a smaller --num-samples or --length", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
         # Python would report the pipe again flushing stdout at exit: point it at devnull
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -139,6 +139,15 @@ def test_bad_sampling_flags(run_dir, capsys, flags):
     assert_one_line_error(err)
 
 
+def test_more_samples_than_memory_is_one_line(run_dir, capsys):
+    code, _, err = run_sample(capsys, "--ckpt", str(run_dir), "--num-samples", str(10**13))
+    assert code == 1
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "fastchar.sample: error: out of memory: use a smaller --num-samples or --length"
+    )
+
+
 class _RunsCode:
     """A pickle payload that would create a file if unpickled without weights_only."""
 

@@ -222,6 +222,30 @@ def test_block_size_longer_than_corpus(text_file, tmp_path, capsys):
     assert "--block-size" in err
 
 
+def test_a_model_too_large_for_memory_is_one_line(text_file, tmp_path, capsys):
+    assert cli.main(tiny_args(text_file, tmp_path / "r", "--hidden", "2000000")) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "error: out of memory (tried to allocate " in err and "TiB): use a smaller" in err
+
+
+def test_out_of_memory_names_the_size_and_leaves_other_errors_alone():
+    cpu = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 16000000000000 bytes. Error code 12"
+    )
+    assert errors.out_of_memory(cpu) == "out of memory (tried to allocate 14.6 TiB)"
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 ...")
+    assert errors.out_of_memory(cuda) == "out of memory (tried to allocate 20.00 GiB)"
+    assert errors.out_of_memory(MemoryError()) == "out of memory"
+    small = RuntimeError(
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 900 bytes."
+    )
+    assert errors.out_of_memory(small) == "out of memory (tried to allocate 900 bytes)"
+    assert errors.out_of_memory(RuntimeError("shape mismatch")) is None
+    assert errors.out_of_memory(ValueError("can't")) is None
+
+
 def test_unrunnable_impl_is_refused(text_file, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert cli.main(tiny_args(text_file, tmp_path / "r", "--impl", "triton")) == 2

@@ -31,7 +31,13 @@ from fastchar.training.config import (
 )
 from fastchar.training.corpora import describe_data, load_corpus
 from fastchar.training.device import pick_device
-from fastchar.training.errors import CheckpointError, ConfigError, TrainError, first_line
+from fastchar.training.errors import (
+    CheckpointError,
+    ConfigError,
+    TrainError,
+    first_line,
+    out_of_memory,
+)
 from fastchar.training.loop import Trainer
 from fastchar.training.progress import Progress
 
@@ -235,6 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as e:
+        why = out_of_memory(e)
+        if why is None:
+            raise
+        print(
+            f"{PROG}: error: {_rank_tag()}{why}: use a smaller --hidden, --layers, --emb-dim, "
+            "--batch-size or --block-size",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -17,6 +17,28 @@ class CheckpointError(TrainError):
     pass
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """One line for an allocation that failed (Python's, torch's CPU or CUDA allocator), else
+    None (another error)."""
+    text = str(e)
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in text:
+        return None
+    size = re.search(r"(?:tried|Tried) to allocate (\d+ bytes|[\d.]+ \w+)", text)
+    if size is None:
+        return "out of memory"
+    amount = size.group(1)
+    if amount.endswith(" bytes"):
+        n = float(amount.split()[0])
+        for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+            if n < 1024 or unit == "PiB":
+                break
+            n /= 1024
+        amount = f"{n:.0f} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+    return f"out of memory (tried to allocate {amount})"
+
+
 def first_line(e: BaseException) -> str:
     """An exception's message as one plain line (no colour codes), for the CLIs."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip() or type(e).__name__
