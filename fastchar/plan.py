@@ -227,22 +227,30 @@ def _identity() -> dict:
     }
 
 
-def _rows(data: dict) -> list[list[int]]:
-    rows = []
+def _row(entry) -> list[int] | None:
+    """A cache file's entry as a gemm_plan_load row, or None if it is not a valid one."""
+    try:
+        row = [_DTYPE_CODES[getattr(torch, entry["dtype"])], OPS.index(entry["op"])]
+        dims = [entry[k] for k in ("M", "N", "K")]
+        if not all(type(d) is int and 0 < d < 2**31 for d in dims):
+            return None  # not a shape (a float, a bool, inf, 1e30, 2**70)
+        return [*row, *dims, ENGINES.index(entry["engine"])]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _read(path: Path) -> dict | None:
+    """The cache file's contents if it is one with this process's identity, else None."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or {k: data.get(k) for k in _identity()} != _identity():
+        return None  # another CPU, torch or fastchar: its timings say nothing here
     entries = data.get("entries")
-    for entry in entries if isinstance(entries, list) else []:
-        try:
-            code = _DTYPE_CODES[getattr(torch, entry["dtype"])]
-            row = [code, OPS.index(entry["op"])]
-            dims = [entry[k] for k in ("M", "N", "K")]
-            if not all(type(d) is int and 0 < d < 2**31 for d in dims):
-                continue  # not a shape (a float, a bool, inf, 1e30, 2**70)
-            row += dims
-            row.append(ENGINES.index(entry["engine"]))
-        except (AttributeError, KeyError, TypeError, ValueError):
-            continue  # one bad row is dropped; the rest may still be good
-        rows.append(row)
-    return rows
+    entries = entries if isinstance(entries, list) else []
+    data["entries"] = [e for e in entries if _row(e) is not None]  # a bad one is dropped
+    return data
 
 
 _loaded: set[tuple] = set()
@@ -254,18 +262,14 @@ def _key(e: dict) -> tuple:
 
 def load_cache(path: Path | None = None) -> int:
     """Seeds the plan from the cache file; returns how many entries were taken (0 if none)."""
-    path = path or cache_path()
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    data = _read(path or cache_path())
+    if data is None:
         return 0
-    if not isinstance(data, dict) or {k: data.get(k) for k in _identity()} != _identity():
-        return 0  # another CPU, torch or fastchar: its timings say nothing here
     global _bf16_widen
     if data.get("bf16_matmul") in ("widen", "native") and _bf16_widen is None:
         _bf16_widen = data["bf16_matmul"] == "widen"
         _loaded.add(("bf16_matmul", _bf16_widen))
-    rows = _rows(data)
+    rows = [_row(e) for e in data["entries"]]
     if not rows or not cpp_loaded():
         return 0
     try:
@@ -277,7 +281,11 @@ def load_cache(path: Path | None = None) -> int:
 
 
 def save_cache(path: Path | None = None) -> bool:
-    """Writes the plan to the cache file (atomically) when it holds anything new."""
+    """Writes the plan to the cache file (atomically) when it holds anything new.
+
+    What the file holds from another process that ran since this one read it is kept
+    (for the shapes this process did not choose), so processes that finish together do
+    not drop each other's measurements."""
     plan = entries()
     known = {_key(e) for e in plan}
     if _bf16_widen is not None:
@@ -286,9 +294,14 @@ def save_cache(path: Path | None = None) -> bool:
         return False
     path = path or cache_path()
     data = dict(_identity())
+    theirs = _read(path) or {"entries": []}
     if _bf16_widen is not None:
         data["bf16_matmul"] = "widen" if _bf16_widen else "native"
-    data["entries"] = [dict(e, dtype=str(e["dtype"]).removeprefix("torch.")) for e in plan]
+    elif theirs.get("bf16_matmul") in ("widen", "native"):
+        data["bf16_matmul"] = theirs["bf16_matmul"]
+    ours = [dict(e, dtype=str(e["dtype"]).removeprefix("torch.")) for e in plan]
+    shapes = {_key(e)[:5] for e in ours}
+    data["entries"] = ours + [e for e in theirs["entries"] if _key(e)[:5] not in shapes]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:

@@ -405,6 +405,26 @@ def test_cache_dimensions_that_are_not_shapes_are_dropped(tmp_path):
     assert plan.entries() == [dict(row, M=5, dtype=torch.float32)]
 
 
+def test_saving_keeps_what_another_process_saved_since(tmp_path):
+    """Two processes that finish together: the second to save keeps the first's shapes,
+    and its own choice where both chose the same shape."""
+    plan.clear()
+    path = tmp_path / "gemm-plan.json"
+    mine = dict(dtype="float32", op="nt", M=9, N=41, K=23)
+    _write(path, entries=[dict(mine, engine="fma")])
+    assert plan.load_cache(path) == 1  # this process's choice for `mine`: fma
+    other = dict(dtype="float32", op="nn", M=3, N=5, K=7, engine="mkl")
+    _write(path, entries=[dict(mine, engine="mkl"), other])  # another process saved since
+    plan.choose(torch.float32, "nt", 2, 16, 8)  # something new to save
+    assert plan.save_cache(path)
+    saved = json.loads(path.read_text())["entries"]
+    shapes = [(e["op"], e["M"], e["N"], e["K"]) for e in saved]
+    assert sorted(shapes) == [("nn", 3, 5, 7), ("nt", 2, 16, 8), ("nt", 9, 41, 23)]
+    assert dict(mine, engine="fma") in saved and other in saved
+    plan.clear()
+    assert plan.load_cache(path) == 3
+
+
 def test_a_directory_at_the_cache_path_leaves_no_temp_file(tmp_path):
     plan.clear()
     path = tmp_path / "gemm-plan.json"
