@@ -138,6 +138,16 @@ def test_resume_drops_metrics_past_the_checkpoint(text_file, tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [3, 6]
 
 
+def test_a_fresh_run_over_a_previous_one_says_it_replaces_it(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(tiny_args(text_file, out, "--steps", "3")) == 0
+    assert "previous run" not in capsys.readouterr().err
+    assert cli.main(tiny_args(text_file, out, "--steps", "3")) == 0
+    err = capsys.readouterr().err
+    assert f"note: {out} held a previous run's checkpoint; this fresh run replaces it" in err
+    assert [r["step"] for r in read_metrics(out)] == [3]
+
+
 def test_schedule_warms_up_then_decays():
     cfg = config.TrainConfig(lr=1e-2, min_lr=1e-3, warmup=4, steps=20)
     lrs = [loop.lr_at(cfg, s) for s in range(20)]

@@ -178,6 +178,11 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
             _trim_metrics(os.path.join(out, "metrics.jsonl"), trainer.step)
         log(f"resumed {ckpt_path} at step {trainer.step}")
     elif world.is_main:
+        if os.path.exists(ckpt_path):
+            log(
+                f"note: {out} held a previous run's checkpoint; this fresh run replaces it "
+                "and its metrics (--resume continues a run)"
+            )
         open(os.path.join(out, "metrics.jsonl"), "w").close()
         _write_json(os.path.join(out, "data_manifest.json"), manifest)
     if world.is_main:
