@@ -90,15 +90,19 @@ class _FastRNNMixin:
             weights.append(getattr(self, "weight_hr" + sfx))
         return weights
 
+    # The errors raise the exception types torch.nn's RNNs raise for the same input
+    # (ValueError for a wrong dtype or number of dimensions, RuntimeError for a wrong size),
+    # so that code catching torch's keeps working.
     def _check_input(self, input: object) -> None:
         name = type(self).__name__
         if isinstance(input, PackedSequence):
             data = input.data
             if data.dim() != 2 or data.shape[-1] != self.input_size:
-                raise ValueError(
+                raise RuntimeError(
                     f"{name}: a PackedSequence's data must be [N, input_size="
                     f"{self.input_size}], got shape {list(data.shape)}"
                 )
+            self._check_dtype(data, "input")
             return
         if not isinstance(input, Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
@@ -107,10 +111,29 @@ class _FastRNNMixin:
                 f"{name}: expected input to be 2D (unbatched) or 3D, got {input.dim()}D "
                 f"with shape {list(input.shape)}"
             )
+        self._check_dtype(input, "input")
         if input.shape[-1] != self.input_size:
-            raise ValueError(
+            raise RuntimeError(
                 f"{name}: input.size(-1) must be input_size={self.input_size}, "
                 f"got {input.shape[-1]}"
+            )
+        if input.shape[1 if input.dim() == 3 and self.batch_first else 0] == 0:
+            raise RuntimeError(
+                f"{name}: input must have at least one time step, got shape "
+                f"{list(input.shape)}{' (batch_first)' if self.batch_first else ''}"
+            )
+
+    def _check_dtype(self, t: Tensor, what: str) -> None:
+        """Outside autocast, ``t`` (the input) must have the weights' dtype, as in torch.nn."""
+        weight = self._flat_weights[0]  # as torch.nn checks it (no parametrization run)
+        on = torch.amp.is_autocast_available(t.device.type) and torch.is_autocast_enabled(
+            t.device.type
+        )
+        if t.dtype != weight.dtype and not on:
+            raise ValueError(
+                f"{type(self).__name__}: {what} dtype ({t.dtype}) does not match weight dtype "
+                f"({weight.dtype}); convert the {what}: .to({weight.dtype}), or the module: "
+                f".to({t.dtype})"
             )
 
     def _states_in(self, hx, batched: bool, B: int) -> list[Tensor | None]:
@@ -126,7 +149,7 @@ class _FastRNNMixin:
                 raise TypeError(f"{type(self).__name__}: {name} must be a Tensor")
             want = (LD, B, width) if batched else (LD, width)
             if tuple(s.shape) != want:
-                raise ValueError(
+                raise RuntimeError(
                     f"{type(self).__name__}: expected {name} of shape {list(want)}, "
                     f"got {list(s.shape)}"
                 )
@@ -215,6 +238,7 @@ class _FastRNNMixin:
             raise ValueError(
                 f"{type(self).__name__}.step: x must be [B, {self.input_size}], got {got}"
             )
+        self._check_dtype(x, "x")
         kind = resolve(self.impl, x.device, self._feature, autocast_dtype(x.device, x.dtype))
         B = x.shape[0]
         states = self._states_in(hx, True, B)

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from parity import CELLS, assert_close, check_module_parity, flatten_out, make_pair
+from torch.nn.utils.rnn import PackedSequence
 
 import fastchar.backends as backends
 import fastchar.nn
@@ -130,16 +131,34 @@ def test_impl_can_change_after_construction():
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_bad_module_input(cell):
-    ours, _ = make_pair(cell, "reference", 3, 5, num_layers=2)
-    with pytest.raises(ValueError, match="input_size=3"):
-        ours(torch.randn(4, 2, 7, dtype=torch.float64))
-    with pytest.raises(ValueError, match="2D .unbatched. or 3D"):
-        ours(torch.randn(4, dtype=torch.float64))
-    bad = torch.zeros(1, 2, 5, dtype=torch.float64)  # needs [2, 2, 5]
-    with pytest.raises(ValueError, match="h0 of shape"):
-        ours(torch.randn(4, 2, 3, dtype=torch.float64), (bad, bad) if cell == "lstm" else bad)
-    with pytest.raises(RuntimeError, match="dtype"):
-        ours(torch.randn(4, 2, 3, dtype=torch.float32))
+    """Each bad input raises the exception type torch.nn's module raises for it."""
+    ours, theirs = make_pair(cell, "reference", 3, 5, num_layers=2)
+    bad_state = torch.zeros(1, 2, 5, dtype=torch.float64)  # needs [2, 2, 5]
+    hx = (bad_state, bad_state) if cell == "lstm" else bad_state
+    cases = [
+        ((torch.randn(4, 2, 7, dtype=torch.float64),), RuntimeError, "input_size=3"),
+        ((torch.randn(4, dtype=torch.float64),), ValueError, "2D .unbatched. or 3D"),
+        (
+            (torch.randn(4, 2, 3, dtype=torch.float64), hx),
+            RuntimeError,
+            "h0 of shape",
+        ),
+        ((torch.randn(4, 2, 3),), ValueError, r"input dtype \(torch.float32\) does not match"),
+        ((torch.randn(0, 2, 3, dtype=torch.float64),), RuntimeError, "at least one time step"),
+        (
+            (PackedSequence(torch.randn(4, 2, 3, dtype=torch.float64), torch.tensor([2, 2])),),
+            RuntimeError,
+            "PackedSequence's data must be",
+        ),
+    ]
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
+            ours(*args)
+        with pytest.raises(error):
+            theirs(*args)
+    ours.impl = "cpp"
+    with pytest.raises(ValueError, match=r"x dtype \(torch.float32\) does not match"):
+        ours.step(torch.randn(2, 3))
 
 
 def test_op_errors_name_the_argument():

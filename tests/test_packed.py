@@ -226,8 +226,8 @@ def test_op_packed_argument_errors():
 def test_module_packed_input_and_state_errors():
     m = fastchar.nn.LSTM(3, 5, num_layers=2, impl="reference")
     packed = pack_padded_sequence(torch.randn(4, 3, 3), [4, 2, 1])
-    with pytest.raises(ValueError, match=r"data must be \[N, input_size=4\]"):
+    with pytest.raises(RuntimeError, match=r"data must be \[N, input_size=4\]"):
         fastchar.nn.GRU(4, 5, impl="reference")(packed)
     bad = torch.zeros(2, 4, 5)  # B = 3 sequences
-    with pytest.raises(ValueError, match=r"expected h0 of shape \[2, 3, 5\]"):
+    with pytest.raises(RuntimeError, match=r"expected h0 of shape \[2, 3, 5\]"):
         m(packed, (bad, bad))
