@@ -207,6 +207,13 @@ inline void check_seq_shape(const char* OP, const char* name, const at::Tensor& 
                     at::IntArrayRef(want), ", got ", x.sizes());
 }
 
+// A time loop's sizes: at least one hidden unit (the threads split the units into slices;
+// none to split crashed) and one input feature, as torch.nn's RNNs ask.
+inline void check_sizes(const char* OP, int64_t H, int64_t I = 1) {
+  TORCH_CHECK_VALUE(H > 0, OP, ": the hidden size must be at least 1, got 0");
+  TORCH_CHECK_VALUE(I > 0, OP, ": the input size (x.size(-1)) must be at least 1, got 0");
+}
+
 // The check of a *_seq op's arguments; returns H. x: [T, B, I], or [N, I] with steps packed.
 // With an LSTM projection w_hr [P, H] the recurrent state is P wide: w_hh [G, P], h0 [B, P].
 inline int64_t check_seq_args(const char* OP, int64_t n_gates, const at::Tensor& x,
@@ -225,9 +232,12 @@ inline int64_t check_seq_args(const char* OP, int64_t n_gates, const at::Tensor&
     CHECK_DIM(w_hr, 2);
     P = w_hr.size(0);
     H = w_hr.size(1);
+    TORCH_CHECK_VALUE(0 < P && P < H, OP, ": w_hr must be [P, H] with 0 < P < H, got shape ",
+                      w_hr.sizes());
     CHECK_ARG(w_hr, dt, P, H);
   }
   const int64_t B = steps.B, I = x.size(-1), G = n_gates * H;
+  check_sizes(OP, H, I);
   CHECK_ARG(w_hh, dt, G, P);
   CHECK_ARG(w_ih, dt, G, I);
   CHECK_ARG(h0, dt, B, P);

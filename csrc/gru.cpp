@@ -191,6 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Ten
   const auto dt = xp.scalar_type();
   const int64_t B = xp.size(1), G = xp.size(2), H = G / 3;
   TORCH_CHECK_VALUE(G % 3 == 0, OP, ": xp must be [T, B, 3H], got shape ", xp.sizes());
+  check_sizes(OP, H);
   CHECK_ARG(h0, dt, B, H);
   CHECK_ARG(w_hh, dt, G, H);
   CHECK_ARG(b_hn, dt, H);
@@ -224,6 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(
   const auto dt = gates.scalar_type();
   const int64_t B = steps.B, G = gates.size(-1), H = G / 3;
   TORCH_CHECK_VALUE(G % 3 == 0, OP, ": gates must be [T, B, 3H], got shape ", gates.sizes());
+  check_sizes(OP, H);
   check_seq_shape(OP, "grad_out", grad_out, steps, H, dt);
   check_seq_shape(OP, "out", out, steps, H, dt);
   check_seq_shape(OP, "hn", hn, steps, H, dt);

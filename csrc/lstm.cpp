@@ -357,6 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   const auto dt = xp.scalar_type();
   const int64_t B = xp.size(1), G = xp.size(2), H = G / 4;
   TORCH_CHECK_VALUE(G % 4 == 0, OP, ": xp must be [T, B, 4H], got shape ", xp.sizes());
+  check_sizes(OP, H);
   CHECK_ARG(h0, dt, B, H);
   CHECK_ARG(c0, dt, B, H);
   CHECK_ARG(w_hh, dt, G, H);
@@ -393,6 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
   const auto dt = gates.scalar_type();
   const int64_t B = steps.B, G = gates.size(-1), H = G / 4;
   TORCH_CHECK_VALUE(G % 4 == 0, OP, ": gates must be [T, B, 4H], got shape ", gates.sizes());
+  check_sizes(OP, H);
   const auto st = state_type(dt);
   check_seq_shape(OP, "grad_out", grad_out, steps, H, dt);
   check_seq_shape(OP, "cs", cs, steps, H, st);
@@ -457,6 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstmp_bwd(
   CHECK_CPU(w_hr);
   CHECK_DIM(w_hr, 2);
   const int64_t B = steps.B, P = w_hr.size(0), H = w_hr.size(1), G = 4 * H;
+  check_sizes(OP, H);
   check_seq_shape(OP, "gates", gates, steps, G, dt);
   check_seq_shape(OP, "grad_out", grad_out, steps, P, dt);
   check_seq_shape(OP, "cs", cs, steps, H, st);

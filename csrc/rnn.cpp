@@ -136,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& xp, const at::Tenso
   check_float_dtype(OP, xp);
   const auto dt = xp.scalar_type();
   const int64_t B = xp.size(1), H = xp.size(2);
+  check_sizes(OP, H);
   CHECK_ARG(h0, dt, B, H);
   CHECK_ARG(w_hh, dt, H, H);
   return forward(SeqSteps(xp.size(0), B), xp, h0, w_hh, nullptr, nullptr, relu);
@@ -168,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& grad_out,
   const SeqSteps steps = seq_steps(OP, "out", out, batch_sizes);
   const auto dt = out.scalar_type();
   const int64_t B = steps.B, H = out.size(-1);
+  check_sizes(OP, H);
   check_seq_shape(OP, "grad_out", grad_out, steps, H, dt);
   CHECK_ARG(grad_h_n, dt, B, H);
   CHECK_ARG(w_hh, dt, H, H);

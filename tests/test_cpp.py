@@ -411,6 +411,56 @@ def test_opcheck_seq(cell, bias):
         torch.library.opcheck(torch.ops.fastchar.rnn_seq, (x, h0, w_ih, b, w_hh, True))
 
 
+def test_no_hidden_units_or_input_features_is_an_error_not_a_crash():
+    """H = 0 crashed the time loops (no units to split among the threads)."""
+    T, B = 3, 2
+    x, none = torch.randn(T, B, 4), torch.zeros(B, 0)
+    e0, g0 = torch.zeros(0, 4), torch.zeros(0, 0)
+    H0 = "the hidden size must be at least 1"
+    raw = [
+        (lambda: torch.ops.fastchar.lstm_seq(x, none, none, e0, None, g0), H0),
+        (lambda: torch.ops.fastchar.gru_seq(x, none, e0, None, g0, torch.zeros(0)), H0),
+        (lambda: torch.ops.fastchar.rnn_seq(x, none, e0, None, g0, False), H0),
+        (lambda: torch.ops.fastchar.lstm_fwd(torch.zeros(T, B, 0), none, none, g0), H0),
+        (lambda: torch.ops.fastchar.gru_fwd(torch.zeros(T, B, 0), none, g0, torch.zeros(0)), H0),
+        (lambda: torch.ops.fastchar.rnn_fwd(torch.zeros(T, B, 0), none, g0, False), H0),
+        (lambda: torch.ops.fastchar.rnn_seq(x[..., :0], torch.zeros(B, 5), torch.zeros(5, 0), None,
+                                            torch.randn(5, 5), False, None), "input size"),
+    ]  # fmt: skip
+    for call, match in raw:
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(ValueError, match="w_hr must be"):
+        torch.ops.fastchar.lstmp_seq(x, torch.zeros(B, 0), torch.zeros(B, 5), torch.randn(20, 4),
+                                     None, torch.zeros(20, 0), torch.zeros(0, 5))  # fmt: skip
+    for impl in ("cpp", "fused", "reference", "torch"):
+        with pytest.raises(ValueError, match=r"gru: the hidden size \(w_hh.shape\[1\]\)"):
+            ops.gru(x, None, torch.randn(0, 4), torch.randn(0, 0), impl=impl)
+        with pytest.raises(ValueError, match=r"lstm: the input size \(x.shape\[-1\]\)"):
+            ops.lstm(x[..., :0], None, None, torch.randn(20, 0), torch.randn(20, 5), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "reference", "torch"])
+def test_cell_states_of_none_are_zeros(impl):
+    """As torch.nn's cells read hx=None."""
+    x = torch.randn(3, 4)
+    w4, u4, w3, u3 = torch.randn(20, 4), torch.randn(20, 5), torch.randn(15, 4), torch.randn(15, 5)
+    z = torch.zeros(3, 5)
+    cases = [
+        (ops.lstm_cell, (None, None), (z, z), (w4, u4)),
+        (ops.lstm_cell, (None, z + 1), (z, z + 1), (w4, u4)),
+        (ops.gru_cell, (None,), (z,), (w3, u3)),
+        (ops.rnn_cell, (None,), (z,), (w4[:5], u4[:5])),
+    ]
+    with torch.no_grad():
+        for op, given, zeros, weights in cases:
+            got = op(x, *given, *weights, impl=impl)
+            want = op(x, *zeros, *weights, impl=impl)
+            got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+            for g, w in zip(got, want, strict=True):
+                assert torch.equal(g, w)
+
+
 def test_bad_seq_input_names_the_argument():
     x, h0, c0 = torch.randn(3, 2, 5), torch.randn(2, 4), torch.randn(2, 4)
     w_ih, w_hh, b = torch.randn(16, 5), torch.randn(16, 4), torch.randn(16)

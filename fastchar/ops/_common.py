@@ -110,6 +110,9 @@ def check_args(
     else:
         H = P = w_hh.shape[1]
     B, I = x.shape[-2] if B is None else B, x.shape[-1]
+    if seq and (H == 0 or I == 0):  # torch.nn refuses both sizes; the kernels have no rows
+        what = "hidden size (w_hh.shape[1])" if H == 0 else "input size (x.shape[-1])"
+        raise ValueError(f"{op}: the {what} must be at least 1, got 0")
     _check_tensor(f"{op}: w_hh", w_hh, (n_gates * H, P), x)
     _check_tensor(f"{op}: w_ih", w_ih, (n_gates * H, I), x)
     for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
@@ -140,6 +143,12 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
         else t
         for t in tensors
     )
+
+
+def states_or_zeros(x: Tensor, B: int, *states: tuple[Tensor | None, int]) -> list[Tensor]:
+    """A cell op's states, each (state, width); None is zeros [B, width], as torch.nn's cells
+    read hx=None."""
+    return [x.new_zeros(B, width) if s is None else s for s, width in states]
 
 
 def resolve_cell(impl: str, x: Tensor, *tensors: Tensor | None) -> str:

@@ -34,6 +34,7 @@ from fastchar.ops._common import (
     refuse_create_graph,
     resolve_cell,
     skip_zero_grads,
+    states_or_zeros,
     torch_params,
     weight_grad,
 )
@@ -267,7 +268,7 @@ def _packed(kind, x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes):
 
 def gru_cell(
     x: Tensor,
-    h: Tensor,
+    h: Tensor | None,
     w_ih: Tensor,
     w_hh: Tensor,
     b_ih: Tensor | None = None,
@@ -275,10 +276,11 @@ def gru_cell(
     *,
     impl: str = "fused",
 ) -> Tensor:
-    """One GRU step, for sampling. x [B, I]; h [B, H] -> h'. Differentiable as lstm_cell
-    is: the reference's step where autograd needs one, the kernels' otherwise."""
+    """One GRU step, for sampling. x [B, I]; h [B, H] (None: zeros) -> h'. Differentiable
+    as lstm_cell is: the reference's step where autograd needs one, the kernels' otherwise."""
     x, h, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h, w_ih, w_hh, b_ih, b_hh)
-    check_args("gru_cell", x, 3, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
+    B, H = check_args("gru_cell", x, 3, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
+    (h,) = states_or_zeros(x, B, (h, H))
     kind = resolve_cell(impl, x, h, w_ih, w_hh, b_ih, b_hh)
     if kind == "reference":
         return reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)

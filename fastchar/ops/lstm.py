@@ -37,6 +37,7 @@ from fastchar.ops._common import (
     refuse_create_graph,
     resolve_cell,
     skip_zero_grads,
+    states_or_zeros,
     torch_params,
     weight_grad,
 )
@@ -363,8 +364,8 @@ def _projected(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
 
 def lstm_cell(
     x: Tensor,
-    h: Tensor,
-    c: Tensor,
+    h: Tensor | None,
+    c: Tensor | None,
     w_ih: Tensor,
     w_hh: Tensor,
     b_ih: Tensor | None = None,
@@ -375,14 +376,17 @@ def lstm_cell(
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step, for sampling.
 
-    x [B, I]; h, c [B, H]. Returns (h', c') [B, H]. With ``w_hr`` [P, H] (proj_size) h and
-    h' are [B, P] and w_hh [4H, P]; no kernel has a projected step, so every impl runs
-    the reference's. The kernels' step has no backward: where autograd needs one (grad
-    mode on and an input requiring grad) the fused and cpp impls run the reference's
-    differentiable step instead.
+    x [B, I]; h, c [B, H] (None: zeros). Returns (h', c') [B, H]. With ``w_hr`` [P, H]
+    (proj_size) h and h' are [B, P] and w_hh [4H, P]; no kernel has a projected step, so
+    every impl runs the reference's. The kernels' step has no backward: where autograd
+    needs one (grad mode on and an input requiring grad) the fused and cpp impls run the
+    reference's differentiable step instead.
     """
     x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = autocast_inputs(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
-    check_args("lstm_cell", x, 4, w_ih, w_hh, b_ih, b_hh, {"h": h, "c": c}, seq=False, w_hr=w_hr)
+    B, H = check_args(
+        "lstm_cell", x, 4, w_ih, w_hh, b_ih, b_hh, {"h": h, "c": c}, seq=False, w_hr=w_hr
+    )
+    h, c = states_or_zeros(x, B, (h, w_hh.shape[1]), (c, H))
     kind = resolve_cell(impl, x, h, c, w_ih, w_hh, b_ih, b_hh)
     if kind == "reference" or w_hr is not None:
         return reference.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)

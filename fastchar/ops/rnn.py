@@ -29,6 +29,7 @@ from fastchar.ops._common import (
     projection_grads,
     refuse_create_graph,
     resolve_cell,
+    states_or_zeros,
     torch_params,
     weight_grad,
 )
@@ -246,7 +247,7 @@ def _packed(kind, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes):
 
 def rnn_cell(
     x: Tensor,
-    h: Tensor,
+    h: Tensor | None,
     w_ih: Tensor,
     w_hh: Tensor,
     b_ih: Tensor | None = None,
@@ -255,11 +256,12 @@ def rnn_cell(
     *,
     impl: str = "fused",
 ) -> Tensor:
-    """One RNN step, for sampling. x [B, I]; h [B, H] -> h'. Differentiable as lstm_cell
-    is: the reference's step where autograd needs one, the kernels' otherwise."""
+    """One RNN step, for sampling. x [B, I]; h [B, H] (None: zeros) -> h'. Differentiable
+    as lstm_cell is: the reference's step where autograd needs one, the kernels' otherwise."""
     relu = _check_nonlinearity(nonlinearity)
     x, h, w_ih, w_hh, b_ih, b_hh = autocast_inputs(x, h, w_ih, w_hh, b_ih, b_hh)
-    check_args("rnn_cell", x, 1, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
+    B, H = check_args("rnn_cell", x, 1, w_ih, w_hh, b_ih, b_hh, {"h": h}, seq=False)
+    (h,) = states_or_zeros(x, B, (h, H))
     kind = resolve_cell(impl, x, h, w_ih, w_hh, b_ih, b_hh)
     if kind == "reference":
         return reference.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
