@@ -186,7 +186,10 @@ def default_corpus() -> tuple[str, dict]:
 
 
 def load_text(path: str | os.PathLike) -> str:
-    """Read a UTF-8 text file; DataError saying what is wrong when it cannot be used."""
+    """Read a UTF-8 text file as Python's text mode reads it with ``utf-8-sig``: a leading
+    byte-order mark dropped, Windows (CRLF) and old Mac (CR) line ends read as "\\n", so that
+    a text saved on Windows trains (and samples) no "\\r". DataError saying what is wrong
+    when it cannot be used."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path}")
@@ -202,12 +205,14 @@ def load_text(path: str | os.PathLike) -> str:
     if b"\x00" in raw:
         raise DataError(f"data file looks binary (it has NUL bytes), not text: {path}")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(
             f"data file is not UTF-8 text (bad byte at offset {e.start}): {path}"
         ) from None
-    return text
+    if not text:
+        raise DataError(f"data file is empty (a byte-order mark only): {path}")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def file_manifest(path: str | os.PathLike, text: str) -> dict:

@@ -61,8 +61,19 @@ def test_load_text_reads_utf8(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "raw",
+    [b"one\r\ntwo\r\n", b"one\rtwo\r", b"\xef\xbb\xbfone\ntwo\n", b"\xef\xbb\xbfone\r\ntwo\r"],
+    ids=["crlf", "cr", "bom", "bom_crlf_cr"],
+)
+def test_load_text_reads_line_ends_and_a_bom_as_text_mode_does(tmp_path, raw):
+    p = _write(tmp_path / "t.txt", raw)
+    assert data.load_text(p) == "one\ntwo\n"
+
+
+@pytest.mark.parametrize(
     "case, match",
     [
+        ("bom_only", "empty"),
         ("missing", "not found"),
         ("directory", "directory"),
         ("empty", "empty"),
@@ -76,6 +87,8 @@ def test_load_text_errors(tmp_path, case, match):
         path.mkdir()
     elif case == "empty":
         _write(path, b"")
+    elif case == "bom_only":
+        _write(path, b"\xef\xbb\xbf")
     elif case == "binary":
         _write(path, b"abc\x00\x01\x02def")
     elif case == "latin1":
