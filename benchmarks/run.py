@@ -307,15 +307,13 @@ def _generate_rows(model, dtype, steps: int, rows: dict, runs: dict, model_cfg: 
     """ "generate" rows: fastchar.sample.Generator on the cpp model, temperature 1, drawing
     every character (the C++ loop, fastchar::generate), batch 1 and SAMPLE_BATCH; in a
     float32 run also with int8 weights ("generate int8")."""
-    import copy
-
     from fastchar.data import Vocab
     from fastchar.generator import Generator
 
     vocab = Vocab([chr(48 + i) for i in range(VOCAB)])
     formats = {"": "bfloat16"} if dtype == torch.bfloat16 else {"": "float32", " int8": "int8"}
     for tag, weights in formats.items():
-        g = Generator(copy.deepcopy(model), vocab, weights)  # int8 rewrites the weights
+        g = Generator(model, vocab, weights)  # on a copy of the model
         for batch in (1, SAMPLE_BATCH):
             name = f"generate{tag}" + ("" if batch == 1 else f" x{batch}")
             rows[name] = {"impl": name, "dtype": str(dtype)[6:], **model_cfg,

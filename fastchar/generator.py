@@ -13,14 +13,16 @@ elsewhere each new character is one ``CharRNN.step`` for all samples together.
 
 from __future__ import annotations
 
+import copy
 import math
+import operator
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from fastchar import data as fdata
-from fastchar.backends import cpp_loaded, resolve
+from fastchar.backends import IMPLS, cpp_loaded, resolve
 from fastchar.model import CharRNN, draw
 from fastchar.training.checkpoint import load_checkpoint, model_from_checkpoint
 from fastchar.training.device import pick_device
@@ -47,15 +49,37 @@ def _repeat_state(state, k: int):
     return state.expand(-1, k, -1).contiguous()
 
 
-class Generator:
-    """A CharRNN, its vocabulary and the weight format it runs in (eval mode, no grad)."""
+def _count(name: str, value: object, least: int) -> int:
+    """An int argument (a Python or numpy integer, not a bool or a float) >= ``least``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if n < least:
+        raise ValueError(f"{name} must be >= {least}, got {n}")
+    return n
 
-    def __init__(self, model: CharRNN, vocab: fdata.Vocab, weights: str = "float32"):
+
+class Generator:
+    """A CharRNN, its vocabulary and the weight format it runs in (eval mode, no grad).
+
+    The generator works on its own copy of ``model``: the caller's model keeps its
+    weights, dtype and train/eval mode (sampling in the middle of training changes
+    nothing).
+    """
+
+    def __init__(
+        self, model: CharRNN, vocab: fdata.Vocab, weights: str = "float32", *, _own: bool = False
+    ):
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
         if len(vocab) != model.vocab_size:
             raise ValueError(f"vocabulary of {len(vocab)} for a model of {model.vocab_size}")
         dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
+        if not _own:  # from_checkpoint's model is its own; a caller's is copied
+            model = copy.deepcopy(model)
         self.model = model.to(dtype).eval()
         self.vocab = vocab
         self.weights = weights
@@ -88,9 +112,11 @@ class Generator:
         cls, path: str, weights: str = "float32", impl: str = "fused", device="cpu"
     ) -> Generator:
         """Load a checkpoint file or run directory (CheckpointError when unusable)."""
-        device = pick_device(device) if isinstance(device, str) else torch.device(device)
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+        device = pick_device(device)
         model, vocab, _ = model_from_checkpoint(load_checkpoint(path), impl=impl, device=device)
-        return cls(model, vocab, weights)
+        return cls(model, vocab, weights, _own=True)
 
     @property
     def device(self) -> torch.device:
@@ -120,14 +146,12 @@ class Generator:
         """The generated ids in chunks [num_samples, <= chunk] as they are drawn."""
         if not prime:
             raise ValueError("prime must not be empty")
-        if length < 0:
-            raise ValueError(f"length must be >= 0, got {length}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        length = _count("length", length, 0)
+        num_samples = _count("num_samples", num_samples, 1)
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_k is not None:
+            top_k = _count("top_k", top_k, 1)
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if seed is not None and not -(2**63) <= seed < 2**64:

@@ -134,13 +134,16 @@ def _probs(
     """Next-character probabilities [B, V] from logits [B, V]: temperature, then the top-k
     likeliest, then the smallest set whose probability reaches top_p (nucleus). Ties are
     ranked by id, lowest first (stable sorts), as the C++ sampling loop ranks them: top_k
-    keeps exactly k ids, so top_k=1 is the argmax."""
-    logits = logits / temperature
+    keeps exactly k ids, so top_k=1 is the argmax. The logits less their row's largest go
+    through the temperature in float64, as in the C++ loop: a tiny temperature gives 0 and
+    -inf (the argmax), never an overflow to inf and a NaN."""
+    top = logits.max(-1, keepdim=True).values
+    scaled = ((logits.double() - top.double()) / temperature).to(logits.dtype)
     if top_k is not None and top_k < logits.shape[-1]:
         keep = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top_k]
         drop = torch.ones_like(logits, dtype=torch.bool).scatter(-1, keep, False)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    probs = F.softmax(scaled, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         before = sorted_p.cumsum(-1) - sorted_p  # probability of the likelier ones

@@ -76,7 +76,7 @@ def _generator(args: argparse.Namespace) -> tuple[Generator, str]:
     if note:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     try:
-        g = Generator(model, vocab, args.weights)
+        g = Generator(model, vocab, args.weights, _own=True)
     except ValueError as e:
         raise ConfigError(f"--weights {args.weights}: {e}") from None
     return g, f"{PROG}: weights {args.weights}, impl {model.impl} -> {kind} on {device}"
@@ -122,11 +122,21 @@ def run(args: argparse.Namespace, out=None) -> None:
     pending = [prime] * k
     for ids in g.stream(prime, args.length, k, **options):
         for i in range(k):
-            *done, pending[i] = (pending[i] + g.vocab.decode(ids[i])).split("\n")
-            out.writelines(f"[{i + 1}] {line}\n" for line in done)
+            pending[i] = _write_lines(out, i, pending[i] + g.vocab.decode(ids[i]))
         out.flush()
-    out.writelines(f"[{i + 1}] {line}\n" for i, line in enumerate(pending) if line)
+    for i in range(k):
+        rest = _write_lines(out, i, pending[i])  # lines of the prime, with --length 0
+        if rest:
+            out.write(f"[{i + 1}] {rest}\n")
     out.flush()
+
+
+def _write_lines(out, i: int, text: str) -> str:
+    """Writes the complete lines of sample i's ``text``, each tagged "[i+1] "; returns the
+    unfinished last line."""
+    *done, rest = text.split("\n")
+    out.writelines(f"[{i + 1}] {line}\n" for line in done)
+    return rest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         if why is None:
             raise
         print(f"{PROG}: error: {why}: use a smaller --num-samples or --length", file=sys.stderr)
+        return 1
+    except UnicodeEncodeError as e:
+        char = e.object[e.start : e.end]
+        print(
+            f"{PROG}: error: the output's encoding ({e.encoding}) cannot write {char!r} of "
+            "the sample; set PYTHONIOENCODING=utf-8",
+            file=sys.stderr,
+        )
         return 1
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
         # Python would report the pipe again flushing stdout at exit: point it at devnull

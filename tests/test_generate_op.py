@@ -9,7 +9,7 @@ import torch
 
 from fastchar.backends import cpp_loaded
 from fastchar.data import Vocab
-from fastchar.generator import Generator, quantize_rows
+from fastchar.generator import WEIGHTS, Generator, quantize_rows
 from fastchar.model import CharRNN, _probs, draw
 
 pytestmark = pytest.mark.skipif(not cpp_loaded(), reason="fastchar._C is not built")
@@ -182,14 +182,27 @@ def test_int8_generation_is_the_float_model_on_dequantised_weights(kind, nonline
     model = CharRNN(30, model=kind, emb_dim=6, hidden=20, layers=2, impl="cpp",
                     nonlinearity=nonlinearity)  # fmt: skip
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    q8 = Generator(model, VOCAB, "int8")  # the model's float weights become the int8 values
-    f32 = Generator(model, VOCAB, "float32")
+    q8 = Generator(model, VOCAB, "int8")  # its copy's float weights become the int8 values
+    f32 = Generator(q8.model, VOCAB, "float32")
     assert q8.weights == "int8" and q8.in_cpp
     assert q8.generate("+-", 40, num_samples=2, temperature=0) == f32.generate(
         "+-", 40, num_samples=2, temperature=0
     )
-    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    changed = [k for k, v in q8.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all("weight_ih" in k or "weight_hh" in k for k in changed)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's
+
+
+def test_a_generator_leaves_the_callers_model_as_it_was():
+    """Sampling in the middle of training: the model keeps its weights, dtype and mode."""
+    torch.manual_seed(1)
+    model = CharRNN(30, model="lstm", emb_dim=6, hidden=20, layers=2, impl="cpp").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for weights in WEIGHTS:
+        Generator(model, VOCAB, weights).generate("+-", 5, seed=0)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
 
 
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
@@ -334,18 +347,18 @@ def test_changed_weights_are_not_served_from_the_engine_cache():
 
 
 def test_generator_after_a_round_trip_through_bfloat16():
-    """Module.to assigns every parameter's .data: a float32 Generator made after a bfloat16
-    one on the same model samples with the model's weights as they are then, not with the
-    engines its first float32 call packed (the greedy texts of the C++ and Python loops)."""
+    """Module.to assigns every parameter's .data: a Generator whose model went to bfloat16
+    and back samples with the model's weights as they are then, not with the engines its
+    first call packed (the greedy texts of the C++ and Python loops)."""
     torch.manual_seed(4)
     model = CharRNN(30, model="lstm", emb_dim=6, hidden=70, layers=2, impl="cpp")
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)  # livelier greedy texts than a fresh model's
-    first = Generator(model, VOCAB, "float32").generate("+-", 30, num_samples=2, temperature=0)
-    Generator(model, VOCAB, "bfloat16").generate("+-", 20, num_samples=2, temperature=0)
     cpp = Generator(model, VOCAB, "float32")
-    python = Generator(model, VOCAB, "float32")
+    first = cpp.generate("+-", 30, num_samples=2, temperature=0)
+    cpp.model.to(torch.bfloat16).to(torch.float32)
+    python = Generator(cpp.model, VOCAB, "float32")
     python.in_cpp = False
     want = python.generate("+-", 30, num_samples=2, temperature=0)
     assert len(set(want[0])) > 4, want  # not a fixed point: the texts can tell weights apart

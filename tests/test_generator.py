@@ -3,14 +3,17 @@ formats, streaming, the score of a text, and the CLI flags built on them."""
 
 from __future__ import annotations
 
+import io
 import math
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from test_sample import TEXT, assert_one_line_error, run_dir, run_sample  # noqa: F401
 
-from fastchar import generator
+from fastchar import generator, sample
 from fastchar.model import _probs, draw
 from fastchar.sample import Generator
 
@@ -89,6 +92,34 @@ def test_bad_arguments_are_clear_errors(gen, run_dir):  # noqa: F811
         Generator.from_checkpoint(str(run_dir), weights="int8", impl="reference")
     with pytest.raises(ValueError, match="weights must be one of"):
         Generator.from_checkpoint(str(run_dir), weights="fp8")
+    for kwargs, match in [
+        (dict(top_k=2.0), "top_k must be an integer"), (dict(top_k=True), "top_k must be an"),
+        (dict(num_samples=1.5), "num_samples must be an integer"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            gen.generate("the", 5, **kwargs)
+    with pytest.raises(ValueError, match="length must be an integer"):
+        gen.generate("the", 5.0)
+    assert gen.generate("the", np.int64(3), num_samples=np.int32(2), top_k=np.int64(2), seed=1)
+    with pytest.raises(ValueError, match="impl must be one of"):  # not the checkpoint's fault
+        Generator.from_checkpoint(str(run_dir), impl="bogus")
+    for device, match in [
+        ("cuda:0", "CUDA is not available"), (torch.device("cuda"), "CUDA is not available"),
+        ("meta", "fastchar runs on cpu, cuda or mps"), ("gpu", "not a device"),
+    ]:  # fmt: skip
+        if torch.cuda.is_available() and "cuda" in str(device):
+            continue
+        with pytest.raises(ValueError, match=match):
+            Generator.from_checkpoint(str(run_dir), device=device)
+    assert Generator.from_checkpoint(str(run_dir), device=torch.device("cpu")).device.type == "cpu"
+
+
+def test_a_tiny_temperature_is_greedy(gen):
+    """The temperature divides the logits less their largest in float64, as in the C++ loop:
+    a float32 quotient overflowed to inf (or the temperature to 0) and gave NaN."""
+    greedy = gen.generate("the ", 30, num_samples=2, temperature=0)
+    for t in (1e-30, 1e-39, 5e-324):
+        assert gen.generate("the ", 30, num_samples=2, temperature=t, seed=1) == greedy
 
 
 def test_cli_num_samples_and_greedy(run_dir, capsys, gen):  # noqa: F811
@@ -107,6 +138,33 @@ def test_cli_num_samples_and_greedy(run_dir, capsys, gen):  # noqa: F811
     _, g1, _ = run_sample(capsys, "--ckpt", str(run_dir), "--prime", "a", "--temperature", "0")
     _, g2, _ = run_sample(capsys, "--ckpt", str(run_dir), "--prime", "a", "--top-k", "1")
     assert g1 == g2
+
+
+def test_cli_tags_every_line_of_a_multi_line_prime(run_dir, capsys):  # noqa: F811
+    code, out, _ = run_sample(capsys, "--ckpt", str(run_dir), "--prime", "cat\ndog\n",
+                              "--length", "0", "--num-samples", "2")  # fmt: skip
+    assert code == 0 and out == "[1] cat\n[1] dog\n[2] cat\n[2] dog\n"
+
+
+class _NoT(io.StringIO):
+    """A stdout whose encoding ("no-t") cannot write the letter t."""
+
+    def write(self, text):
+        if "t" in text:
+            i = text.index("t")
+            raise UnicodeEncodeError("no-t", text, i, i + 1, "character maps to <undefined>")
+        return super().write(text)
+
+
+def test_cli_output_that_cannot_be_encoded_is_one_line(run_dir, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(sys, "stdout", _NoT())
+    code = sample.main(["--ckpt", str(run_dir), "--prime", "the", "--length", "5"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "fastchar.sample: error: the output's encoding (no-t) cannot write 't' of the "
+        "sample; set PYTHONIOENCODING=utf-8"
+    )
 
 
 def test_cli_score(run_dir, tmp_path, capsys, gen):  # noqa: F811

@@ -8,21 +8,31 @@ import warnings
 import torch
 
 from fastchar.backends import resolve, why_not
-from fastchar.training.errors import ConfigError
+from fastchar.training.errors import ConfigError, first_line
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str | torch.device) -> torch.device:
+    """The device ``name`` ("auto": CUDA, else MPS, else the CPU) names; ConfigError when
+    it is not one this machine has, or not one fastchar runs on."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps: MPS is not available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"--device {name}: not a device ({first_line(e)})") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: fastchar runs on cpu, cuda or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available")
+    return device
 
 
 def check_impl(impl: str, device: torch.device) -> tuple[str, str | None]:
