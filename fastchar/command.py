@@ -17,7 +17,8 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: fastchar COMMAND [ARGS]   (fastchar COMMAND --help for its flags)", ""]
+    lines = ["usage: fastchar COMMAND [ARGS]   (fastchar COMMAND --help for its flags)"]
+    lines += ["       fastchar --version", ""]
     lines += ["commands:"] + [f"  {n:<8} {about}" for n, (_, about) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -27,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from fastchar import __version__
+
+        print(f"fastchar {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from test_train import make_text, tiny_args
 
+import fastchar
 from fastchar import command, plot
 from fastchar.training import cli
 
@@ -104,6 +105,9 @@ def test_the_command_lists_its_subcommands(capsys):
     assert command.main([]) == 2
     assert command.main(["trian"]) == 2
     assert "unknown command 'trian'" in capsys.readouterr().err
+    for flag in ("--version", "-V"):
+        assert command.main([flag]) == 0
+        assert capsys.readouterr().out == f"fastchar {fastchar.__version__}\n"
 
 
 @pytest.mark.parametrize("name", ["train", "sample", "info", "plot", "bench"])
