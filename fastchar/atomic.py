@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO
@@ -24,6 +25,18 @@ TEMP_SUFFIX = ".tmp"
 def temp_prefix(name: str) -> str:
     """The start of the temp files' names for a file called ``name``."""
     return "." + name
+
+
+def _mode_for(path: str) -> int:
+    """The permissions the new file gets: the old file's, else what open() would give
+    (0666 less the umask), so that a run directory shared between users or nodes stays
+    readable as the user set it up."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -41,6 +54,7 @@ def atomic_write(
         dir=directory, prefix=temp_prefix(os.path.basename(path)), suffix=TEMP_SUFFIX
     )
     try:
+        os.fchmod(fd, _mode_for(path))  # mkstemp's is 0600
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import warnings
@@ -42,8 +41,8 @@ def gemm_report(measure: bool = True) -> list[str]:
             reason = plan.why_not(engine, dtype)
             status = "runs" if reason is None else "no: " + reason
             lines.append(f"  {name:<9}  {engine:<8} {status}")
-    forced = os.environ.get("FASTCHAR_GEMM")
-    lines.append(f"  FASTCHAR_GEMM={forced}" if forced else "  plan       measured at first use")
+    forced = plan.forced_report()
+    lines += [f"  forced     {line}" for line in forced] or ["  plan       measured at first use"]
     if measure and not forced:
         for dtype in plan.DTYPES:
             for B, H in PLAN_SHAPES:

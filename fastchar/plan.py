@@ -96,6 +96,29 @@ def why_not(engine: str, dtype: torch.dtype) -> str | None:
     return reason or None
 
 
+def forced_report() -> list[str]:
+    """What FASTCHAR_GEMM forces, per dtype, and where it cannot run (its GEMMs raise
+    there): lines for ``fastchar.info``; empty when it is unset or "auto"."""
+    forced = os.environ.get("FASTCHAR_GEMM", "")
+    if forced in ("", "auto"):
+        return []
+    if forced not in ENGINES:
+        return [
+            f"FASTCHAR_GEMM={forced} is not an engine (auto, {', '.join(ENGINES)}): every "
+            "CPU kernel call will raise until it is unset or fixed"
+        ]
+    lines = []
+    for dtype in DTYPES:
+        reason = why_not(forced, dtype)
+        name = str(dtype).removeprefix("torch.")
+        lines.append(
+            f"FASTCHAR_GEMM={forced} forces every {name} step GEMM onto {forced}"
+            if reason is None
+            else f"FASTCHAR_GEMM={forced} cannot run {name} here ({reason}): its GEMMs raise"
+        )
+    return lines
+
+
 def row_blocks(mode: str = "") -> str:
     """The FMA kernels' row blocks where full blocks (12 rows with AVX-512, 6 with AVX2)
     would leave 1-3 rows over (13 rows: 12 + 1, or "balanced" 6 + 7; AVX2, 8 rows: 6 + 2 or

@@ -21,7 +21,7 @@ from fastchar.generator import WEIGHTS, Generator
 from fastchar.training.checkpoint import load_checkpoint, model_from_checkpoint
 from fastchar.training.config import DEVICES
 from fastchar.training.device import check_impl, pick_device
-from fastchar.training.errors import CheckpointError, ConfigError, TrainError, out_of_memory
+from fastchar.training.errors import CheckpointError, ConfigError, TrainError, environment_error
 
 __all__ = ["Generator", "main"]
 
@@ -151,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except (RuntimeError, MemoryError) as e:
-        why = out_of_memory(e)
+        why = environment_error(e, "use a smaller --num-samples or --length")
         if why is None:
             raise
-        print(f"{PROG}: error: {why}: use a smaller --num-samples or --length", file=sys.stderr)
+        print(f"{PROG}: error: {why}", file=sys.stderr)
         return 1
     except UnicodeEncodeError as e:
         char = e.object[e.start : e.end]

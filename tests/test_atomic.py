@@ -2,6 +2,7 @@
 temp file; a run directory's leftover temps are recognised by their names."""
 
 import os
+import stat
 import tempfile
 
 import pytest
@@ -66,3 +67,19 @@ def test_remove_stale_temps_removes_only_the_run_files_temps(tmp_path):
     removed = remove_stale_temps(str(tmp_path))
     assert len(removed) == len(names)
     assert sorted(os.listdir(tmp_path)) == sorted([*names, "notes.tmp", ".other.tmp"])
+
+
+def test_a_new_file_gets_the_umask_mode_and_a_replaced_one_keeps_its_own(tmp_path):
+    """mkstemp makes 0600 files; a checkpoint in a shared run directory must stay readable."""
+    path = tmp_path / "ckpt.pt"
+    old = os.umask(0o027)
+    try:
+        with atomic_write(path, "wb") as f:
+            f.write(b"1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    path.chmod(0o604)
+    with atomic_write(path, "wb") as f:
+        f.write(b"2")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o604

@@ -460,6 +460,19 @@ def test_info_prints_cpu_engines_and_plan():
     assert "-> " in text.split("[cpu gemm]")[1]
 
 
+def test_info_says_what_fastchar_gemm_forces_and_where_it_cannot(monkeypatch):
+    from fastchar.info import gemm_report
+
+    monkeypatch.setenv("FASTCHAR_GEMM", "bogus")
+    assert any("FASTCHAR_GEMM=bogus is not an engine" in ln for ln in gemm_report(False))
+    monkeypatch.setenv("FASTCHAR_GEMM", "mkl")
+    lines = gemm_report(False)
+    for name in ("float32", "bfloat16"):
+        assert f"  forced     FASTCHAR_GEMM=mkl forces every {name} step GEMM onto mkl" in lines
+    monkeypatch.setenv("FASTCHAR_GEMM", "bf16dot")
+    assert any("bf16dot cannot run float32 here" in ln for ln in gemm_report(False))
+
+
 def test_measuring_does_not_move_the_random_stream():
     """A run that measures the plan and one that reads it from the cache draw the same
     dropout masks and batches."""

@@ -239,6 +239,22 @@ def test_a_model_too_large_for_memory_is_one_line(text_file, tmp_path, capsys):
     assert "error: out of memory (tried to allocate " in err and "TiB): use a smaller" in err
 
 
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ("bogus", "FASTCHAR_GEMM: unknown GEMM engine 'bogus'"),
+        ("bf16dot", "FASTCHAR_GEMM=bf16dot cannot run this Float GEMM"),
+    ],
+)
+def test_a_fastchar_gemm_the_kernels_refuse_is_one_line(
+    text_file, tmp_path, capsys, monkeypatch, value, match
+):
+    monkeypatch.setenv("FASTCHAR_GEMM", value)
+    assert cli.main(tiny_args(text_file, tmp_path / "r", "--impl", "cpp")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and match in err.strip().splitlines()[-1]
+
+
 def test_out_of_memory_names_the_size_and_leaves_other_errors_alone():
     cpu = RuntimeError(
         "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "

@@ -35,8 +35,8 @@ from fastchar.training.errors import (
     CheckpointError,
     ConfigError,
     TrainError,
+    environment_error,
     first_line,
-    out_of_memory,
 )
 from fastchar.training.loop import Trainer
 from fastchar.training.progress import Progress
@@ -247,14 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except (RuntimeError, MemoryError) as e:
-        why = out_of_memory(e)
+        why = environment_error(
+            e, "use a smaller --hidden, --layers, --emb-dim, --batch-size or --block-size"
+        )
         if why is None:
             raise
-        print(
-            f"{PROG}: error: {_rank_tag()}{why}: use a smaller --hidden, --layers, --emb-dim, "
-            "--batch-size or --block-size",
-            file=sys.stderr,
-        )
+        print(f"{PROG}: error: {_rank_tag()}{why}", file=sys.stderr)
         return 1
     return 0
 

@@ -39,6 +39,20 @@ def out_of_memory(e: BaseException) -> str | None:
     return f"out of memory (tried to allocate {amount})"
 
 
+def environment_error(e: BaseException, fix: str) -> str | None:
+    """The CLIs' one line for a RuntimeError or MemoryError the user fixes outside the
+    code: memory (``fix`` says which flags to lower) or a FASTCHAR_GEMM the kernels refuse;
+    None for any other error, which keeps its traceback."""
+    why = out_of_memory(e)
+    if why is not None:
+        return f"{why}: {fix}"
+    text = first_line(e)
+    if "FASTCHAR_GEMM" in text or "unknown GEMM engine" in text:  # csrc/gemm.cpp
+        text = text.removeprefix("fastchar: ")
+        return text if "FASTCHAR_GEMM" in text else f"FASTCHAR_GEMM: {text}"
+    return None
+
+
 def first_line(e: BaseException) -> str:
     """An exception's message as one plain line (no colour codes), for the CLIs."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip() or type(e).__name__
