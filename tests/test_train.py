@@ -139,13 +139,55 @@ def test_resume_drops_metrics_past_the_checkpoint(text_file, tmp_path):
 
 
 def test_a_fresh_run_over_a_previous_one_says_it_replaces_it(text_file, tmp_path, capsys):
+    """No file of the previous run is left beside the new run's: a best.pt of another model
+    would be sampled as this run's."""
     out = tmp_path / "run"
     assert cli.main(tiny_args(text_file, out, "--steps", "3")) == 0
     assert "previous run" not in capsys.readouterr().err
-    assert cli.main(tiny_args(text_file, out, "--steps", "3")) == 0
+    assert (out / "best.pt").exists()
+    args = tiny_args(text_file, out, "--steps", "3", "--hidden", "12", "--stop-at", "1")
+    removed = []
+    real_unlink = os.unlink
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "unlink", lambda p: (removed.append(os.path.basename(p)), real_unlink(p)))
+        assert cli.main(args) == 0
     err = capsys.readouterr().err
-    assert f"note: {out} held a previous run's checkpoint; this fresh run replaces it" in err
-    assert [r["step"] for r in read_metrics(out)] == [3]
+    assert f"note: {out} held a previous run; this fresh run replaces it (removed ckpt.pt, " in err
+    assert {"ckpt.pt", "best.pt"} <= set(removed)
+    for name in ("ckpt.pt", "best.pt"):  # the new model's, or none
+        path = out / name
+        assert not path.exists() or checkpoint.load_checkpoint(str(path))["config"]["hidden"] == 12
+
+
+def test_a_relative_data_path_resumes_from_another_directory(
+    text_file, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(text_file.parent)
+    out = tmp_path / "run"
+    assert cli.main(tiny_args(text_file.name, out, "--steps", "3")) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"] == str(text_file)  # recorded absolute
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["--resume", "--out", str(out), "--steps", "4"]) == 0
+    # a checkpoint of an earlier version holds the relative path: the manifest's is used
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["config"]["data"] = text_file.name
+    torch.save(ckpt, out / "ckpt.pt")
+    assert cli.main(["--resume", "--out", str(out), "--steps", "5"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_resume_with_nothing_left_to_train_says_so(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(tiny_args(text_file, out, "--steps", "3")) == 0
+    capsys.readouterr()
+    for more in ([], ["--steps", "2"]):
+        assert cli.main(["--resume", "--out", str(out), *more]) == 2
+        err = capsys.readouterr().err
+        assert_one_line_error(err)
+        assert "is at step 3 of --steps" in err and "give --steps above 3" in err
 
 
 def test_schedule_warms_up_then_decays():

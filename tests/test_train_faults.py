@@ -249,7 +249,8 @@ def test_a_checkpoint_of_another_model_kind(gru_run, tmp_path, capsys):
     ckpt = torch.load(gru_run / "ckpt.pt", weights_only=True)
     ckpt["config"]["model"] = "lstm"  # GRU weights under an LSTM config
     torch.save(ckpt, gru_run / "ckpt.pt")
-    assert cli.main(["--resume", "--out", str(gru_run)]) == 1
+    more = str(ckpt["step"] + 2)
+    assert cli.main(["--resume", "--out", str(gru_run), "--steps", more]) == 1
     err = capsys.readouterr().err
     assert_one_line_error(err)
     assert "cannot restore the run from its checkpoint" in err

@@ -29,7 +29,7 @@ from fastchar.training.config import (
     flag_name,
     parse_args,
 )
-from fastchar.training.corpora import describe_data, load_corpus
+from fastchar.training.corpora import data_path, describe_data, is_file, load_corpus
 from fastchar.training.device import pick_device
 from fastchar.training.errors import (
     CheckpointError,
@@ -62,6 +62,12 @@ def _resume_config(given: dict, ckpt: dict) -> TrainConfig:
         values[name] = TrainConfig.__dataclass_fields__[name].default
     values.update(given)
     return TrainConfig(**values)
+
+
+# What a run leaves in its --out besides the files every start rewrites (metrics.jsonl,
+# config.json, data_manifest.json): a fresh run removes a previous run's, so that no
+# best.pt or plot of another model is left beside the new run's files.
+RUN_OUTPUTS = ("ckpt.pt", "best.pt", plot.FILENAME)
 
 
 def _trim_metrics(path: str, step: int) -> None:
@@ -105,10 +111,19 @@ def run(given: dict, resume: bool = False) -> Trainer:
             raise CheckpointError(f"--resume: no checkpoint to resume at {ckpt_path}")
         ckpt = load_checkpoint(ckpt_path)
         cfg = _resume_config({**given, "out": out}, ckpt)
+        recorded = ckpt.get("data_manifest", {}).get("path")
+        if "data" not in given and is_file(cfg.data) and not os.path.exists(cfg.data) and recorded:
+            cfg.data = recorded  # a relative --data of a run from another directory
+        if ckpt["step"] >= cfg.steps:
+            raise ConfigError(
+                f"--resume: {ckpt_path} is at step {ckpt['step']} of --steps {cfg.steps}, so "
+                f"there is nothing to train; give --steps above {ckpt['step']} to continue"
+            )
     else:
         preset = given.get("preset")
         cfg = TrainConfig(**{**PRESETS.get(preset, {}), **given})
         cfg.out = out
+        cfg.data = data_path(cfg.data)
     cfg.validate()
     try:
         world = distributed.world_from_env()
@@ -178,11 +193,14 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
             _trim_metrics(os.path.join(out, "metrics.jsonl"), trainer.step)
         log(f"resumed {ckpt_path} at step {trainer.step}")
     elif world.is_main:
-        if os.path.exists(ckpt_path):
+        previous = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
+        if "ckpt.pt" in previous or "best.pt" in previous:
             log(
-                f"note: {out} held a previous run's checkpoint; this fresh run replaces it "
-                "and its metrics (--resume continues a run)"
+                f"note: {out} held a previous run; this fresh run replaces it (removed "
+                f"{', '.join(previous)}; --resume continues a run)"
             )
+            for name in previous:
+                os.unlink(os.path.join(out, name))
         open(os.path.join(out, "metrics.jsonl"), "w").close()
         _write_json(os.path.join(out, "data_manifest.json"), manifest)
     if world.is_main:

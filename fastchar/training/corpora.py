@@ -105,6 +105,17 @@ def fetch(corpus: Corpus, log=None) -> Path:
     return path
 
 
+def is_file(data: str | None) -> bool:
+    """Whether ``--data`` names a file (not a corpus, not the default)."""
+    return data is not None and data != DEFAULT and data not in FETCHED
+
+
+def data_path(data: str | None) -> str | None:
+    """``--data`` as the run records it: a file path made absolute (a resume from another
+    working directory finds it), a corpus name or None as given."""
+    return os.path.abspath(data) if is_file(data) else data
+
+
 def load_corpus(data: str | None, log=None) -> tuple[str, dict]:
     """(text, manifest) of ``--data``: a corpus name, a file path, or None (the default)."""
     if data is None or data == DEFAULT:
