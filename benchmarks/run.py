@@ -44,6 +44,9 @@ import _harness as bench  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from fastchar.atomic import atomic_write  # noqa: E402
+from fastchar.training.config import MAX_THREADS  # noqa: E402
+
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
 PARTS = ("layers", "gemm", "sample", "train", "memory", "packed", "proj")
 IMPL_CHOICES = ("fused", "cpp", "triton", "reference", "torch")
@@ -833,6 +836,20 @@ def _header(env: dict, args) -> str:
     )
 
 
+def _unwritable(path: str | None) -> str | None:
+    """Why a results file cannot be written at ``path`` (None: it can, or none is asked)."""
+    if path is None:
+        return None
+    if not path or os.path.isdir(path):
+        return "is a directory, not a file"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"no directory {parent}"
+    if not os.access(parent, os.W_OK):
+        return f"directory {parent} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -843,10 +860,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     if args.threads is not None:
-        if args.threads < 1:
-            print("benchmarks/run.py: --threads must be >= 1", file=sys.stderr)
+        if not 1 <= args.threads <= MAX_THREADS:  # torch's OpenMP pool crashed at 100000
+            print(f"benchmarks/run.py: --threads must be in 1..{MAX_THREADS}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        why = _unwritable(path)
+        if why:  # said before the run, not after it, when its results would be lost
+            print(f"benchmarks/run.py: {flag} {path}: {why}", file=sys.stderr)
+            return 2
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return 0
@@ -855,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        if args.shapes:
+        if args.shapes is not None:  # "" is no shape, not the default grid
             shapes = bench.parse_shapes(args.shapes)
         elif args.quick:
             shapes = [bench.Shape(s.B, max(1, s.T // 4), s.I, s.H) for s in bench.STANDARD_GRID]
@@ -918,22 +940,28 @@ def main(argv: list[str] | None = None) -> int:
     print_extras(result)
     if "packed" in args.parts:
         result["packed"] = bench_packed(impls, dtype, device, cfg["layer"], PACKED)
-        print_packed(result["packed"])
+        if result["packed"]:
+            print_packed(result["packed"])
     if "proj" in args.parts:
         result["proj"] = bench_proj(impls, dtype, device, cfg["layer"], PROJ)
-        print_proj(result["proj"])
+        if result["proj"]:
+            print_proj(result["proj"])
 
     env["loadavg_end"] = bench.load_average()
     print(f"load average at end {env['loadavg_end']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
-    if args.plot and result.get("layers"):
-        write_plot(args.plot, result["layers"], env)
-        print(f"wrote {args.plot}")
-    elif args.plot:
-        print(f"not writing {args.plot}: the plot shows the layers part, which did not run")
+    try:
+        if args.json:
+            with atomic_write(args.json) as f:
+                json.dump(result, f, indent=1)
+            print(f"wrote {args.json}")
+        if args.plot and result.get("layers"):
+            write_plot(args.plot, result["layers"], env)
+            print(f"wrote {args.plot}")
+        elif args.plot:
+            print(f"not writing {args.plot}: the plot shows the layers part, which did not run")
+    except OSError as e:  # the results are above, on stdout
+        print(f"benchmarks/run.py: cannot write {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 1
     failed = [r for part in PARTS for r in result.get(_KEYS[part], []) if "error" in r]
     return 1 if failed else 0
 

@@ -139,6 +139,24 @@ def test_bad_shapes_is_one_line_error(run_main, capsys):
     assert "--shapes" in err and "B,T,I,H" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--shapes", ""], "--shapes: no shapes in ''"),
+        (["--threads", "100000"], "--threads must be in 1..1024"),
+        (["--json", "/nonexistent-dir/x.json"], "--json /nonexistent-dir/x.json: no directory"),
+        (["--json", "."], "--json .: is a directory"),
+        (["--plot", "/nonexistent-dir/x.png"], "--plot /nonexistent-dir/x.png: no directory"),
+    ],
+)
+def test_bad_flags_are_refused_before_the_run(run_main, capsys, argv, match):
+    """Before the run: a results path found unwritable after it lost every result."""
+    assert run_main(["--quick", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing timed
+    assert match in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
 def test_failing_impl_is_reported_and_exit_code_is_1(run_main, tmp_path, monkeypatch, capsys):
     import fastchar.ops
 
