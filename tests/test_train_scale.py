@@ -284,6 +284,12 @@ def test_time_limit_decays_with_time_and_stops(text_file, tmp_path, capsys):
     assert 1.5 <= ckpt["wall_sec"] < 30 and 1 <= ckpt["step"] < 100000
     assert [r["step"] for r in read_metrics(out)] == [ckpt["step"]]
     assert read_metrics(out)[-1]["lr"] < 2e-3  # decayed most of the way to lr / 10
+    # more --steps for a run that stopped at its limit: trained, without the limit
+    more = ckpt["step"] + 3
+    assert cli.main(["--resume", "--out", str(out), "--steps", str(more)]) == 0
+    err = capsys.readouterr().err
+    assert "note: the run reached its --time-limit of 1.5 s; this resume trains to" in err
+    assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["step"] == more
 
 
 def test_preset_sets_the_recipe_and_flags_win(text_file, tmp_path, capsys):

@@ -181,6 +181,14 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
             vocab = fdata.Vocab.from_dict(ckpt["vocab"])
         except fdata.DataError as e:
             raise CheckpointError(f"checkpoint vocabulary is unusable: {e}") from None
+        limit, wall = cfg.time_limit, float(ckpt.get("wall_sec", 0.0))
+        if limit is not None and wall >= limit and limit == ckpt["config"].get("time_limit"):
+            # the run stopped at its limit and more --steps are asked: train them
+            log(
+                f"note: the run reached its --time-limit of {limit:g} s; this resume trains "
+                "to --steps without one (--time-limit sets a new one)"
+            )
+            cfg.time_limit = None
     trainer = Trainer(cfg, text, manifest, vocab, world=world, device=device)
     if world.is_main:
         os.makedirs(out, exist_ok=True)
