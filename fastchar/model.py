@@ -5,6 +5,8 @@ Shape letters: B batch, T time, E embedding, H hidden, V vocabulary, L layers.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -101,14 +103,17 @@ class CharRNN(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Sample ``length`` ids after ``prime`` [P] (P >= 1); returns the new ids [length].
+        ``temperature=0`` is greedy (the argmax), as in ``draw`` and the Generator.
 
         The prime runs through ``forward`` once; every new character is one
         ``step``, carrying the recurrent state, never re-running the prefix.
         """
         if prime.dim() != 1 or prime.numel() < 1:
             raise ValueError("prime must be a non-empty 1-D tensor of ids")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         was_training = self.training

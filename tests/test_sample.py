@@ -83,6 +83,18 @@ def test_generate_uses_step_not_the_prefix(monkeypatch):
     assert calls == {"forward": 1, "step": 9}
 
 
+def test_model_generate_at_temperature_zero_is_greedy():
+    torch.manual_seed(0)
+    model = CharRNN(5, hidden=8, layers=1, impl="reference")
+    prime = torch.tensor([1, 2, 3])
+    greedy = model.generate(prime, 12, temperature=0)
+    assert torch.equal(model.generate(prime, 12, top_k=1, generator=torch.Generator()), greedy)
+    assert model.generate(prime, 0).shape == (0,)
+    for bad in (dict(length=-1), dict(temperature=-0.5), dict(temperature=float("nan"))):
+        with pytest.raises(ValueError, match="length|temperature"):
+            model.generate(prime, **{"length": 3, **bad})
+
+
 def test_same_seed_same_text(run_dir, capsys):
     ckpt = str(run_dir / "ckpt.pt")
     args = ["--ckpt", ckpt, "--prime", "the ", "--length", "120", "--seed", "7"]
