@@ -75,6 +75,12 @@ def test_a_file_that_is_not_utf8_is_one_line_and_exit_2(tmp_path, text_file, cap
     assert "not valid TOML" in err
 
 
+def test_a_file_with_a_byte_order_mark_is_read(tmp_path, text_file, capsys):
+    code, out = _run(tmp_path, text_file, "\ufefflr = 0.003\n")
+    assert code == 0, capsys.readouterr().err
+    assert checkpoint.load_checkpoint(str(out))["config"]["lr"] == 0.003
+
+
 def test_a_missing_file_is_one_line_and_exit_2(tmp_path, capsys):
     assert cli.main(["--config", str(tmp_path / "nope.toml")]) == 2
     err = capsys.readouterr().err

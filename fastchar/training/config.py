@@ -204,7 +204,9 @@ def load_recipe(path: str | os.PathLike) -> dict:
     TrainConfig field, or a value of the wrong type."""
     try:
         with open(path, "rb") as f:
-            values = tomllib.load(f)
+            raw = f.read()
+        # a byte-order mark (Windows editors write one) is not TOML: read the text after it
+        values = tomllib.loads(raw.decode("utf-8-sig"))
     except OSError as e:
         raise ConfigError(f"--config {path}: cannot read it: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
