@@ -87,8 +87,11 @@ def _csv(choices: tuple[str, ...]):
 def _sample_model(text: str) -> dict:
     cell, _, rest = text.partition(",")
     layers, _, hidden = rest.partition(",")
-    if cell not in ("lstm", "gru", "rnn") or not (layers.isdigit() and hidden.isdigit()):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected CELL,LAYERS,HIDDEN, e.g. lstm,1,128")
+    sizes = (layers, hidden)
+    if cell not in ("lstm", "gru", "rnn") or not all(n.isdigit() and int(n) > 0 for n in sizes):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected CELL,LAYERS,HIDDEN with LAYERS and HIDDEN >= 1, e.g. lstm,1,128"
+        )
     return {**SAMPLE_MODEL, "model": cell, "layers": int(layers), "hidden": int(hidden)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import warnings
@@ -25,6 +26,18 @@ def _devices() -> list[str]:
     if mps is not None and mps.is_available():
         devices.append("mps")
     return devices
+
+
+def _unwritable_note(directory) -> str:
+    """ " (not writable: ...)" where the plan cache cannot be kept (each process then
+    measures again), else ""."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the directory is created at the first save
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return ""
+    why = "read-only" if existing.is_dir() else "no directory"
+    return f" (not writable: {existing} is {why}; each process measures again)"
 
 
 def gemm_report(measure: bool = True) -> list[str]:
@@ -53,7 +66,8 @@ def gemm_report(measure: bool = True) -> list[str]:
             for K in (64, 512):  # a 2 x 512 LSTM's sampling step, batch 1
                 plan.choose(dtype, "cell", 1, 2048, K)
     lines.append(f"  row blocks {plan.row_blocks() if measure else 'measured at first use'}")
-    lines.append(f"  cache      {plan.cache_path()}")
+    path = plan.cache_path()
+    lines.append(f"  cache      {path}{_unwritable_note(path.parent)}")
     for e in plan.entries():
         op = {
             "nt": "h @ W^T",

@@ -157,6 +157,15 @@ def test_bad_flags_are_refused_before_the_run(run_main, capsys, argv, match):
     assert match in captured.err and len(captured.err.strip().splitlines()) == 1
 
 
+def test_a_sample_model_of_no_units_is_refused(run_main, capsys):
+    with pytest.raises(SystemExit) as info:  # an argparse type error
+        run_main(["--sample-model", "lstm,0,8"])
+    assert info.value.code == 2
+    assert "'lstm,0,8': expected CELL,LAYERS,HIDDEN with LAYERS and HIDDEN >= 1" in (
+        capsys.readouterr().err
+    )
+
+
 def test_failing_impl_is_reported_and_exit_code_is_1(run_main, tmp_path, monkeypatch, capsys):
     import fastchar.ops
 

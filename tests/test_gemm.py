@@ -473,6 +473,19 @@ def test_info_says_what_fastchar_gemm_forces_and_where_it_cannot(monkeypatch):
     assert any("bf16dot cannot run float32 here" in ln for ln in gemm_report(False))
 
 
+def test_info_says_when_the_cache_cannot_be_kept(monkeypatch, tmp_path):
+    from fastchar.info import gemm_report
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("FASTCHAR_CACHE_DIR", str(blocker / "sub"))
+    line = next(ln for ln in gemm_report(False) if ln.startswith("  cache"))
+    assert line.endswith(f"(not writable: {blocker} is no directory; each process measures again)")
+    monkeypatch.setenv("FASTCHAR_CACHE_DIR", str(tmp_path / "new" / "dir"))  # made at the save
+    line = next(ln for ln in gemm_report(False) if ln.startswith("  cache"))
+    assert line == f"  cache      {tmp_path / 'new' / 'dir' / 'gemm-plan.json'}"
+
+
 def test_measuring_does_not_move_the_random_stream():
     """A run that measures the plan and one that reads it from the cache draw the same
     dropout masks and batches."""
