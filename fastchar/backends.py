@@ -124,18 +124,18 @@ def _why_not_dtype(impl: str, dtype: torch.dtype | None) -> str | None:
     return f"the C++ kernels run float32, float64 and bfloat16, not {str(dtype)[6:]}"
 
 
+def autocast_on(device: torch.device | str) -> bool:
+    """Whether autocast is enabled for this device's type."""
+    device_type = torch.device(device).type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
     """The dtype a tensor of ``dtype`` takes under autocast on this device: autocast's dtype
     where autocast is on and casts ``dtype`` (a floating type other than float64, which
     autocast leaves alone, as torch.nn's RNNs and matmuls run it), else ``dtype``."""
-    device_type = torch.device(device).type
-    if (
-        dtype.is_floating_point
-        and dtype != torch.float64
-        and torch.amp.is_autocast_available(device_type)
-        and torch.is_autocast_enabled(device_type)
-    ):
-        return torch.get_autocast_dtype(device_type)
+    if dtype.is_floating_point and dtype != torch.float64 and autocast_on(device):
+        return torch.get_autocast_dtype(torch.device(device).type)
     return dtype
 
 

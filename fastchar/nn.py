@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from fastchar import ops
-from fastchar.backends import IMPLS, autocast_dtype, resolve
+from fastchar.backends import IMPLS, autocast_dtype, autocast_on, resolve
 from fastchar.ops._common import check_batch_sizes
 
 
@@ -126,10 +126,7 @@ class _FastRNNMixin:
     def _check_dtype(self, t: Tensor, what: str) -> None:
         """Outside autocast, ``t`` (the input) must have the weights' dtype, as in torch.nn."""
         weight = self._flat_weights[0]  # as torch.nn checks it (no parametrization run)
-        on = torch.amp.is_autocast_available(t.device.type) and torch.is_autocast_enabled(
-            t.device.type
-        )
-        if t.dtype != weight.dtype and not on:
+        if t.dtype != weight.dtype and not autocast_on(t.device):
             raise ValueError(
                 f"{type(self).__name__}: {what} dtype ({t.dtype}) does not match weight dtype "
                 f"({weight.dtype}); convert the {what}: .to({weight.dtype}), or the module: "
