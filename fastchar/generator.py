@@ -14,8 +14,6 @@ elsewhere each new character is one ``CharRNN.step`` for all samples together.
 from __future__ import annotations
 
 import copy
-import math
-import operator
 from collections.abc import Iterator
 
 import torch
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 
 from fastchar import data as fdata
 from fastchar.backends import IMPLS, cpp_loaded, resolve
-from fastchar.model import CharRNN, draw
+from fastchar.model import CharRNN, check_sampling, count_arg, draw
 from fastchar.training.checkpoint import load_checkpoint, model_from_checkpoint
 from fastchar.training.device import pick_device
 
@@ -47,19 +45,6 @@ def _repeat_state(state, k: int):
     if isinstance(state, tuple):
         return tuple(s.expand(-1, k, -1).contiguous() for s in state)
     return state.expand(-1, k, -1).contiguous()
-
-
-def _count(name: str, value: object, least: int) -> int:
-    """An int argument (a Python or numpy integer, not a bool or a float) >= ``least``."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        n = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if n < least:
-        raise ValueError(f"{name} must be >= {least}, got {n}")
-    return n
 
 
 class Generator:
@@ -146,12 +131,8 @@ class Generator:
         """The generated ids in chunks [num_samples, <= chunk] as they are drawn."""
         if not prime:
             raise ValueError("prime must not be empty")
-        length = _count("length", length, 0)
-        num_samples = _count("num_samples", num_samples, 1)
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
-        if top_k is not None:
-            top_k = _count("top_k", top_k, 1)
+        length, top_k = check_sampling(length, temperature, top_k)
+        num_samples = count_arg("num_samples", num_samples, 1)
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if seed is not None and not -(2**63) <= seed < 2**64:

@@ -6,6 +6,7 @@ Shape letters: B batch, T time, E embedding, H hidden, V vocabulary, L layers.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -110,12 +111,7 @@ class CharRNN(nn.Module):
         """
         if prime.dim() != 1 or prime.numel() < 1:
             raise ValueError("prime must be a non-empty 1-D tensor of ids")
-        if length < 0:
-            raise ValueError(f"length must be >= 0, got {length}")
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        length, top_k = check_sampling(length, temperature, top_k)
         was_training = self.training
         self.eval()
         try:
@@ -131,6 +127,29 @@ class CharRNN(nn.Module):
             return out
         finally:
             self.train(was_training)
+
+
+def count_arg(name: str, value: object, least: int) -> int:
+    """An int argument (a Python or numpy integer, not a bool or a float) >= ``least``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if n < least:
+        raise ValueError(f"{name} must be >= {least}, got {n}")
+    return n
+
+
+def check_sampling(length: object, temperature: float, top_k: object) -> tuple[int, int | None]:
+    """The samplers' arguments checked (ValueError naming the bad one): ``length`` an integer
+    >= 0, ``temperature`` finite and >= 0 (0: greedy), ``top_k`` None or an integer >= 1.
+    Returns (length, top_k) as ints."""
+    length = count_arg("length", length, 0)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    return length, None if top_k is None else count_arg("top_k", top_k, 1)
 
 
 def _probs(
