@@ -13,6 +13,7 @@ import os
 import warnings
 
 import torch
+from torch.autograd import forward_ad
 
 IMPLS = ("fused", "cpp", "triton", "reference", "torch")
 
@@ -100,8 +101,13 @@ def _why_not_transform(impl: str) -> str | None:
     """The kernels' backward formulas are torch.autograd's (torch.library.register_autograd),
     which torch.func's differentiating transforms (grad, jacrev, jvp, ...) cannot call: under
     one, a kernel impl would fail with functorch's error about setup_context. torch.func.vmap
-    alone runs them."""
-    if impl not in ("cpp", "triton") or not torch._C._are_functorch_transforms_active():
+    alone runs them. Nor has any of them a forward-mode formula (torch.autograd.forward_ad:
+    while a dual level is open, its dual tensors would fail in them)."""
+    if impl not in ("cpp", "triton"):
+        return None
+    if forward_ad._current_level >= 0:
+        return "the kernels have no forward-mode gradient (a forward_ad dual level is open)"
+    if not torch._C._are_functorch_transforms_active():
         return None
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
@@ -164,7 +170,9 @@ def resolve(
         if reason is None:
             return kernel
         message = f"fastchar: impl='fused' falls back to 'reference' on {device_type}: {reason}"
-        if message not in _warned:
+        # (not while torch.compile traces: a graph cannot hold a warning; the next eager
+        # call gives it)
+        if message not in _warned and not torch.compiler.is_compiling():
             _warned.add(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
         return "reference"

@@ -125,7 +125,10 @@ class _FastRNNMixin:
 
     def _check_dtype(self, t: Tensor, what: str) -> None:
         """Outside autocast, ``t`` (the input) must have the weights' dtype, as in torch.nn."""
-        weight = self._flat_weights[0]  # as torch.nn checks it (no parametrization run)
+        # as torch.nn checks it (no parametrization run), after torch.nn's refresh of the
+        # list: torch.func.functional_call swaps the parameters behind it
+        self._update_flat_weights()
+        weight = self._flat_weights[0]
         if t.dtype != weight.dtype and not autocast_on(t.device):
             raise ValueError(
                 f"{type(self).__name__}: {what} dtype ({t.dtype}) does not match weight dtype "
@@ -138,7 +141,9 @@ class _FastRNNMixin:
             return [None] * self._n_states
         states = list(hx) if self._n_states > 1 else [hx]
         if len(states) != self._n_states:
-            raise ValueError(f"{type(self).__name__}: hx must be a tuple (h0, c0)")
+            raise RuntimeError(
+                f"{type(self).__name__}: hx must be a tuple (h0, c0), got {len(states)} tensors"
+            )
         LD = self.num_layers * (2 if self.bidirectional else 1)
         names = ("h0", "c0")
         for name, s, width in zip(names, states, self._state_widths(), strict=False):
@@ -307,11 +312,17 @@ class RNN(_FastRNNMixin, torch.nn.RNN):
         super().__init__(*args, **kwargs)
         self._setup(impl)
 
+    @property
+    def _nonlinearity(self) -> str:
+        """What torch.nn.RNN computes: its mode, set at construction (a later change of
+        ``nonlinearity`` changes nothing there, nor here)."""
+        return "relu" if self.mode == "RNN_RELU" else "tanh"
+
     def _layer(self, x, s0, params, kind, batch_sizes=None):
-        return ops.rnn(x, s0[0], *params, self.nonlinearity, impl=kind, batch_sizes=batch_sizes)
+        return ops.rnn(x, s0[0], *params, self._nonlinearity, impl=kind, batch_sizes=batch_sizes)
 
     def _cell(self, x, s0, params, kind):
-        return [ops.rnn_cell(x, s0[0], *params, self.nonlinearity, impl=kind)]
+        return [ops.rnn_cell(x, s0[0], *params, self._nonlinearity, impl=kind)]
 
 
 MODULES = {"lstm": LSTM, "gru": GRU, "rnn": RNN}

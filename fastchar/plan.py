@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from fastchar import __version__
 from fastchar.atomic import atomic_write
@@ -195,18 +196,20 @@ def _time_mm(a, b, dtype) -> float:
     return best
 
 
-@torch.compiler.disable
+@torch.compiler.assume_constant_result  # a traced graph takes the answer, as a constant
 def bf16_matmul_widens() -> bool:
     """True where torch's bfloat16 CPU matmul is clearly slower (1.5x) than widening to float32.
 
     Without bf16 instructions (or AMX) ATen's bf16 GEMM can be 10-100x slower than its
     float32 one, so the ops run their input projection and weight gradients in float32 on
     such CPUs (bf16 results, fp32 accumulation either way). Timed once per process on a
-    step-sized matmul, both ways including the casts; kept in the cache file.
+    step-sized matmul, both ways including the casts; kept in the cache file. Timed on real
+    tensors even when first asked while torch.compile traces a graph (fake tensors, proxies).
     """
     global _bf16_widen
     if _bf16_widen is None:
-        with torch.autocast("cpu", enabled=False):  # time the dtypes asked for, not autocast's
+        # time the dtypes asked for, not autocast's, and real matmuls, not a tracer's
+        with torch.autocast("cpu", enabled=False), _disable_current_modes():
             _bf16_widen = _measure_bf16_widens()
     return _bf16_widen
 

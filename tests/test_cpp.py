@@ -262,6 +262,84 @@ def test_torch_func_grad_runs_the_reference_and_cpp_refuses_it(monkeypatch):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_functional_call_with_parameters_of_another_dtype(cell):
+    """torch.func.functional_call swaps the parameters behind the module's back (no
+    __setattr__): the input's dtype is checked against the swapped ones, as torch.nn does."""
+    from torch.func import functional_call
+
+    ours, theirs = make_pair(cell, "cpp", 3, 5, dtype=torch.float32)
+    params = {k: v.detach().double() for k, v in theirs.named_parameters()}
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    got = flatten_out(functional_call(ours, params, (x,)))
+    want = flatten_out(functional_call(theirs, params, (x,)))
+    for name, a, b in zip(["out", "h_n", "c_n"], got, want, strict=False):
+        assert a.dtype == torch.float64
+        assert_close(a, b, torch.float64, name)
+
+
+def test_forward_ad_runs_the_reference_and_cpp_refuses_it(monkeypatch):
+    """The kernels have no forward-mode formulas: while a torch.autograd.forward_ad dual
+    level is open, fused runs the reference (torch.nn's tangents, one warning) and cpp
+    refuses with a clear error."""
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setattr(fastchar.backends, "_warned", set())
+    ours, theirs = make_pair("gru", "fused", 3, 4, num_layers=2)
+    x, t = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def tangent(module):
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(module(fwAD.make_dual(x, t))[0]).tangent
+
+    want = tangent(theirs)
+    with pytest.warns(RuntimeWarning, match="no forward-mode gradient"):
+        got = tangent(ours)
+    assert_close(got, want, torch.float64, "tangent")
+    ours.impl = "cpp"
+    with pytest.raises(RuntimeError, match="impl='cpp'.*no forward-mode gradient"):
+        tangent(ours)
+    assert ours(x)[0].shape == (5, 2, 4)  # outside a dual level the kernels run
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_batched_grads_through_the_kernels(cell):
+    """torch.autograd.functional.jacobian(vectorize=True) runs the backward under
+    autograd.grad(is_grads_batched=True): the kernels' gradients, input and weights alike,
+    are torch.nn's."""
+    from torch.autograd.functional import jacobian
+
+    ours, theirs = make_pair(cell, "cpp", 3, 4)
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    got = jacobian(lambda a: ours(a)[0], x, vectorize=True)
+    want = jacobian(lambda a: theirs(a)[0], x, vectorize=True)
+    assert_close(got, want, torch.float64, "jacobian")
+    weights = tuple(p.detach() for p in theirs.parameters())
+    names = [name for name, _ in theirs.named_parameters()]
+
+    def by_weights(module):
+        def f(*ws):
+            params = dict(zip(names, ws, strict=True))
+            return torch.func.functional_call(module, params, (x,))[0]
+
+        return jacobian(f, weights, vectorize=True)
+
+    for name, a, b in zip(names, by_weights(ours), by_weights(theirs), strict=True):
+        assert_close(a, b, torch.float64, f"jacobian by {name}")
+
+
+def test_rnn_nonlinearity_is_fixed_at_construction():
+    """torch.nn.RNN computes the nonlinearity it was built with (its mode); assigning
+    ``nonlinearity`` later changes nothing there, nor on any impl here."""
+    ours, theirs = make_pair("rnn_tanh", "cpp", 3, 4)
+    ours.nonlinearity = theirs.nonlinearity = "relu"
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    want = theirs(x)[0]
+    for impl in ("cpp", "reference", "torch"):
+        ours.impl = impl
+        assert_close(ours(x)[0], want, torch.float64, f"out ({impl})")
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_thread_count_does_not_change_results(cell):
     """Two threads split the hidden units into per-thread slices; one thread runs them all."""
     inputs = make_inputs(cell, 5, 3, 4, 70, torch.float64)

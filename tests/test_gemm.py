@@ -531,6 +531,37 @@ def test_bf16_choice_is_measured_outside_autocast(monkeypatch):
     assert calls == [False]
 
 
+def test_bf16_choice_is_measured_on_real_tensors_under_compile(monkeypatch):
+    """First asked while torch.compile traces a bf16 backward (fake tensors, a tracer's
+    proxies), the matmuls are still timed for real: a choice from fake timings would be kept
+    in the cache. A one-graph trace of CharRNN's bf16 head takes the answer as a constant."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    from fastchar.model import CharRNN
+    from fastchar.nn import LSTM
+
+    timed = []
+    time_mm = plan._time_mm
+
+    def recording_time_mm(a, b, dtype):
+        timed.append(type(a) is torch.Tensor and not is_fake(a))
+        return time_mm(a, b, dtype)
+
+    monkeypatch.setattr(plan, "_bf16_widen", None)
+    monkeypatch.setattr(plan, "_time_mm", recording_time_mm)
+    torch._dynamo.reset()
+    lstm = LSTM(8, 16, impl="cpp").bfloat16()
+    x = torch.randn(5, 2, 8).bfloat16().requires_grad_()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        out = torch.compile(lstm, backend="aot_eager", fullgraph=True)(x)[0]
+        out.float().sum().backward()
+        assert timed and all(timed)
+        model = CharRNN(20, hidden=16, impl="cpp").bfloat16()
+        ids = torch.randint(0, 20, (2, 6))
+        logits = torch.compile(model, backend="eager", fullgraph=True)(ids)[0]
+    assert torch.equal(logits, model(ids)[0])  # the eager backend runs the same ops
+
+
 @pytest.mark.parametrize("trans_a", [True, False], ids=["tn", "nn"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("engine", ["auto", "mkl", "fma", "bf16dot"])

@@ -234,6 +234,30 @@ def test_float16_on_the_cpu_runs_as_torch_nn_does(cell, monkeypatch):
         ours.step(x[0])
 
 
+def test_a_fallback_compiles_as_one_graph(monkeypatch):
+    """torch.compile(fullgraph=True) traces a fused module that falls back (here: float16)
+    before any eager call: the warning is left out of the graph, and the next eager call
+    gives it."""
+    monkeypatch.setattr(backends, "_warned", set())
+    torch._dynamo.reset()
+    ours, theirs = make_pair("lstm", "fused", 4, 6, dtype=torch.float16)
+    x = torch.randn(5, 3, 4).half()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        got = torch.compile(ours, backend="eager", fullgraph=True)(x)[0]
+    torch.testing.assert_close(got, theirs(x)[0], atol=4e-3, rtol=1e-2)
+    with pytest.warns(RuntimeWarning, match="not float16"):
+        ours(x)
+
+
+def test_lstm_hx_of_three_tensors_is_torchs_error():
+    ours, theirs = make_pair("lstm", "reference", 3, 5)
+    x, h = torch.randn(4, 2, 3, dtype=torch.float64), torch.zeros(1, 2, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        theirs(x, (h, h, h))
+    with pytest.raises(RuntimeError, match=r"hx must be a tuple \(h0, c0\), got 3 tensors"):
+        ours(x, (h, h, h))
+
+
 def test_float16_layer_function_falls_back_or_refuses(monkeypatch):
     """The same through fastchar.ops (and under autocast to float16, which the functions
     see as the dtype they compute in)."""

@@ -322,7 +322,9 @@ def weight_grad(d_gates: Tensor, prev: list[Tensor]) -> Tensor:
     view); ``prev`` is ``previous_states`` of the layer: its terms take d_gates' rows in
     order.
     """
-    rows = d_gates.flatten(0, -2)  # [T * B, G] or [N, G]; a view
+    # [T * B, G] or [N, G]; a view. reshape, not flatten: autograd.grad(is_grads_batched=True)
+    # runs this under a vmap that has no batching rule for flatten
+    rows = d_gates.reshape(-1, d_gates.shape[-1])
     if rows.shape[0] == 0:  # no time steps (a direct op call with T = 0)
         return rows.new_zeros(rows.shape[1], prev[0].shape[1])
     B = prev[0].shape[0]
