@@ -62,9 +62,11 @@ def atomic_write(
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            e.filename = path  # a full disk's error names the file it could not write
         raise
     # The rename itself must reach the disk before the old file counts as replaced.
     with contextlib.suppress(OSError):

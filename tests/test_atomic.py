@@ -1,6 +1,7 @@
 """fastchar.atomic: a file is replaced whole or not at all, and a failed write leaves no
 temp file; a run directory's leftover temps are recognised by their names."""
 
+import errno
 import os
 import stat
 import tempfile
@@ -55,7 +56,7 @@ def test_a_directory_in_the_way_raises_and_leaves_no_temp(tmp_path):
 
 
 def test_remove_stale_temps_removes_only_the_run_files_temps(tmp_path):
-    names = ["ckpt.pt", "best.pt", "metrics.jsonl", "config.json", "data_manifest.json"]
+    names = ["ckpt.pt", "best.pt", "metrics.jsonl", "config.json", "data_manifest.json", "loss.png"]
     for name in names:
         with atomic_write(tmp_path / name) as f:
             f.write("complete")
@@ -83,3 +84,18 @@ def test_a_new_file_gets_the_umask_mode_and_a_replaced_one_keeps_its_own(tmp_pat
     with atomic_write(path, "wb") as f:
         f.write(b"2")
     assert stat.S_IMODE(path.stat().st_mode) == 0o604
+
+
+def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path):
+    """A full disk fails f.write with an OSError that names no file: the CLIs' one line
+    must say which file could not be written."""
+    path = tmp_path / "ckpt.pt"
+    path.write_text("old")
+    with pytest.raises(OSError) as caught, atomic_write(path) as f:
+        f.write("new")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(caught.value) == f"[Errno 28] No space left on device: '{path}'"
+    with pytest.raises(FileNotFoundError) as caught, atomic_write(path) as f:
+        open(tmp_path / "missing")  # an error about another file keeps its name
+    assert caught.value.filename == str(tmp_path / "missing")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["ckpt.pt"]

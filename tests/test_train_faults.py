@@ -101,6 +101,117 @@ def test_signal_finishes_the_step_writes_a_checkpoint_and_exits_0(
     resume_and_finish(out, capsys)
 
 
+def signal_at(monkeypatch, where: str, step: int) -> None:
+    """Deliver a stop signal, as the CLI's handler does, during training step ``step``
+    (``where="step"``) or during the evaluation after it (``"eval"``)."""
+    name = "train_step" if where == "step" else "evaluate"
+    real = getattr(loop.Trainer, name)
+
+    def wrapper(self, *args, **kwargs):
+        if self.step + (where == "step") == step:
+            self.stop_signal = signal.SIGINT
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Trainer, name, wrapper)
+
+
+@pytest.mark.parametrize("where", ["step", "eval"])
+def test_a_stop_at_an_evaluation_step_keeps_the_evaluation(
+    text_file, tmp_path, capsys, monkeypatch, where
+):
+    """Stopped during a step that evaluates, or during its evaluation, the run evaluates,
+    checkpoints and stops there; resumed, its metrics and best.pt are an uninterrupted
+    run's."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    flags = ["--eval-interval", "2", "--log-interval", "1"]
+    assert cli.main(tiny_args(text_file, whole, *flags)) == 0
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        signal_at(m, where, 4)
+        assert cli.main(tiny_args(text_file, cut, *flags)) == 0
+    err = capsys.readouterr().err
+    assert "stopped by a signal at step 4 of 6; checkpoint written" in err
+    assert "step 5" not in err  # a signal during the evaluation stops before the next step
+    assert checkpoint.load_checkpoint(str(cut / "ckpt.pt"))["step"] == 4
+    assert [r["step"] for r in read_metrics(cut)] == [2, 4]
+    assert cli.main(["--resume", "--out", str(cut)]) == 0
+    capsys.readouterr()
+    for a, b in zip(read_metrics(cut), read_metrics(whole), strict=True):
+        assert (a["step"], a["val_loss"]) == (b["step"], b["val_loss"])
+    best = {name: checkpoint.load_checkpoint(str(run / "best.pt")) for name, run in
+            (("cut", cut), ("whole", whole))}  # fmt: skip
+    assert best["cut"]["step"] == best["whole"]["step"]
+
+
+def test_a_stop_at_the_last_step_completes_the_run(text_file, tmp_path, capsys, monkeypatch):
+    """A signal during the last step: that step's evaluation and checkpoint are written, and
+    no --resume is advised (it would have nothing to train)."""
+    out = tmp_path / "run"
+    signal_at(monkeypatch, "step", 6)
+    assert cli.main(tiny_args(text_file, out)) == 0
+    err = capsys.readouterr().err
+    assert "stopped by a signal at step 6, the last; checkpoint written, no sample" in err
+    assert "--resume" not in err
+    assert [r["step"] for r in read_metrics(out)] == [3, 6]
+    assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["step"] == 6
+
+
+def test_a_failed_checkpoint_write_keeps_best_pt_and_ckpt_pt_agreed(
+    text_file, tmp_path, capsys, monkeypatch
+):
+    """best.pt is never worse than the best validation loss ckpt.pt records, even when the
+    run dies between the two writes (here the disk fills): a resumed run would otherwise
+    keep a stale best.pt until it beat a loss no saved model has. Resumed, it ends with
+    best.pt at the best evaluation."""
+    out = tmp_path / "run"
+    real = loop.atomic_torch_save
+    writes = []
+
+    def save(obj, path):
+        writes.append(os.path.basename(path))
+        if obj["step"] == 6 and len([w for w in writes if w in ("ckpt.pt", "best.pt")]) == 4:
+            raise OSError(28, "No space left on device")  # the second write at step 6
+        real(obj, path)
+
+    monkeypatch.setattr(loop, "atomic_torch_save", save)
+    assert cli.main(tiny_args(text_file, out)) == 1
+    capsys.readouterr()
+    assert writes[-2:] in (["best.pt", "ckpt.pt"], ["ckpt.pt", "best.pt"])  # val improved
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
+    best = checkpoint.load_checkpoint(str(out / "best.pt"))
+    val = {r["step"]: r["val_loss"] for r in read_metrics(out)}
+    assert val[best["step"]] <= ckpt["best_val_loss"]
+    assert cli.main(["--resume", "--out", str(out)]) == 0
+    capsys.readouterr()
+    val = {r["step"]: r["val_loss"] for r in read_metrics(out)}
+    best = checkpoint.load_checkpoint(str(out / "best.pt"))
+    assert val[best["step"]] == min(val.values())
+
+
+def test_torch_impl_failing_in_bfloat16_is_refused_before_the_run(
+    text_file, tmp_path, capsys, monkeypatch
+):
+    """torch.nn's LSTM under CPU bf16 autocast fails on some CPUs (oneDNN, AMD EPYC Zen 3):
+    --impl torch --dtype bfloat16 then stops before its first step with one line, and a
+    fresh run into an old run's directory leaves the old run's files alone."""
+    out = tmp_path / "run"
+    assert cli.main(tiny_args(text_file, out, "--sample-length", "0")) == 0
+    before = digest(out / "ckpt.pt")
+    capsys.readouterr()
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("could not create a primitive descriptor for the LSTM forward")
+
+    monkeypatch.setattr(torch.nn.LSTM, "forward", fails)
+    assert cli.main(tiny_args(text_file, out, "--impl", "torch", "--dtype", "bfloat16")) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "torch's own LSTM fails under bfloat16 autocast on this CPU (could not create" in err
+    assert digest(out / "ckpt.pt") == before and (out / "best.pt").exists()
+    flags = ("--model", "gru", "--impl", "torch", "--dtype", "bfloat16", "--sample-length", "0")
+    assert cli.main(tiny_args(text_file, tmp_path / "gru", *flags)) == 0  # torch's GRU runs
+
+
 def test_sigkill_during_training_resumes_from_the_last_checkpoint(text_file, tmp_path, capsys):
     out, log = tmp_path / "run", tmp_path / "log"
     proc = start_run(text_file, out, log)
@@ -267,11 +378,24 @@ def test_a_checkpoint_of_another_model_kind(gru_run, tmp_path, capsys):
         ("garbage", "cannot read checkpoint"),
         ("empty", "cannot read checkpoint"),
         ("other_data", "not a fastchar checkpoint"),
+        ("hidden_str", "checkpoint config is unusable: hidden must be an integer, got '16'"),
+        ("step_str", "has an unusable step: '3'"),
+        ("manifest_none", "data_manifest must be a dictionary"),
     ],
 )
 def test_resume_from_a_bad_checkpoint(gru_run, capsys, case, match):
+    """Hand-edited fields too (a checkpoint only has to be a dict of the right names)."""
     path = gru_run / "ckpt.pt"
-    if case == "truncated":
+    edits = {
+        "hidden_str": lambda c: c["config"].update(hidden=str(c["config"]["hidden"])),
+        "step_str": lambda c: c.update(step=str(c["step"])),
+        "manifest_none": lambda c: c.update(data_manifest=None),
+    }
+    if case in edits:
+        ckpt = torch.load(path, weights_only=True)
+        edits[case](ckpt)
+        torch.save(ckpt, path)
+    elif case == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif case == "garbage":
         path.write_bytes(os.urandom(4096))
@@ -294,6 +418,7 @@ def test_resume_from_a_bad_checkpoint(gru_run, capsys, case, match):
         (["--emb-dim", "0"], "--emb-dim must be >= 1"),
         (["--warmup", "-3"], "--warmup must be >= 0"),
         (["--stateful", "--block-size", "5000"], "shorter than one window"),
+        (["--out", ""], "--out must name a directory, got ''"),
     ],
 )
 def test_more_bad_flags(text_file, tmp_path, capsys, flags, match):

@@ -13,6 +13,7 @@ import time
 import torch
 
 from fastchar import data as fdata
+from fastchar import plot
 from fastchar.atomic import TEMP_SUFFIX, atomic_write, temp_prefix
 from fastchar.model import CharRNN
 from fastchar.training.config import TrainConfig
@@ -41,7 +42,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# Test hook: a path; a save that would replace an existing file creates it, then
+# Test hook: a path; a save that would replace an existing ckpt.pt creates it, then
 # sleeps with the new file complete but not yet renamed, so a kill lands inside the write.
 SAVE_PAUSE_ENV = "FASTCHAR_TEST_SAVE_PAUSE"
 
@@ -51,7 +52,7 @@ def atomic_torch_save(obj: dict, path: str) -> None:
 
     def pause() -> None:
         marker = os.environ.get(SAVE_PAUSE_ENV)
-        if marker and os.path.exists(path):
+        if marker and os.path.basename(path) == "ckpt.pt" and os.path.exists(path):
             open(marker, "w").close()
             time.sleep(600)
 
@@ -59,11 +60,9 @@ def atomic_torch_save(obj: dict, path: str) -> None:
         torch.save(obj, f)
 
 
-# What a run directory's temp files start with (atomic_write names them).
-_RUN_TEMPS = tuple(
-    temp_prefix(name)
-    for name in ("ckpt.pt", "best.pt", "metrics.jsonl", "config.json", "data_manifest.json")
-)
+# The files a run writes with atomic_write, and what their temp files start with.
+_RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "config.json", "data_manifest.json")
+_RUN_TEMPS = tuple(temp_prefix(name) for name in (*_RUN_FILES, plot.FILENAME))
 
 
 def remove_stale_temps(out: str) -> list[str]:
@@ -109,6 +108,14 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     missing = [k for k in ("model", "config", "vocab", "step") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is missing {', '.join(missing)}")
+    step = ckpt["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path} has an unusable step: {step!r}")
+    wrong = [
+        k for k in ("model", "config", "data_manifest") if not isinstance(ckpt.get(k, {}), dict)
+    ]
+    if wrong:
+        raise CheckpointError(f"{path}: {', '.join(wrong)} must be a dictionary")
     return ckpt
 
 

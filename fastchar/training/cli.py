@@ -1,9 +1,10 @@
 """``python -m fastchar.train [flags]``: a training run from the command line.
 
 Faults: checkpoints are written to a temp file and renamed, so a kill at any moment
-leaves the previous complete ``ckpt.pt``; SIGINT or SIGTERM finishes the current step,
-writes ``ckpt.pt`` and exits 0 (a second signal stops at once). Bad flags exit 2, bad
-files or checkpoints 1, each with one line on stderr.
+leaves the previous complete ``ckpt.pt``; SIGINT or SIGTERM finishes the current step
+(and its evaluation), writes ``ckpt.pt`` and exits 0 (a second signal stops at once). Bad
+flags and --config files exit 2, bad data files or checkpoints 1, each with one line on
+stderr.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def run(given: dict, resume: bool = False) -> Trainer:
 
     Under torchrun this joins the process group first and leaves it on return.
     """
+    if given.get("out") == "":  # not the default run directory, silently
+        raise ConfigError("--out must name a directory, got ''")
     out = (
         given.get("out")
         or PRESETS.get(given.get("preset"), {}).get("out")
@@ -235,11 +238,13 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
             progress.close()
     if world.is_main:
         _plot(out, log)
-    if trainer.stop_requested:
+    if trainer.stop_requested and trainer.step < cfg.steps:
         log(
             f"stopped by a signal at step {trainer.step} of {cfg.steps}; checkpoint written; "
             f"continue with --resume --out {out}"
         )
+    elif trainer.stop_requested:  # at the last step, evaluated: the run is complete
+        log(f"stopped by a signal at step {trainer.step}, the last; checkpoint written, no sample")
     elif trainer.step < cfg.steps and not trainer.out_of_time:
         log(f"stopped at step {trainer.step} of {cfg.steps}; continue with --resume --out {out}")
     else:

@@ -185,17 +185,33 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        """The config a checkpoint recorded; ConfigError for a field it does not have or a
+        value of the wrong type (a checkpoint edited by hand or by another program)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
         if unknown:
             raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
-        return cls(**d)
+        values = {}
+        for key, value in d.items():
+            optional = "None" in str(fields[key].type)
+            values[key] = value if value is None and optional else _typed(fields[key], value)
+        return cls(**values)
 
 
 def _kinds(f: dataclasses.Field) -> tuple[type, ...]:
     """The Python types a TOML value of field ``f`` may have (an int is a float too)."""
     base = str(f.type).split(" ")[0]
     return {"int": (int,), "float": (int, float), "bool": (bool,)}.get(base, (str,))
+
+
+def _typed(f: dataclasses.Field, value: object, where: str = "") -> object:
+    """``value`` as field ``f`` holds it (an int for a float field becomes a float); a
+    ConfigError, prefixed by ``where``, for a value of another type."""
+    kinds = _kinds(f)
+    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+        want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+        raise ConfigError(f"{where}{f.name} must be {want[kinds[-1]]}, got {value!r}")
+    return float(value) if float in kinds else value
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
@@ -219,11 +235,7 @@ def load_recipe(path: str | os.PathLike) -> dict:
                 f"--config {path}: unknown key {key!r} (keys are the flags' names with "
                 "underscores, e.g. batch_size)"
             )
-        kinds = _kinds(fields[key])
-        if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
-            want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-            raise ConfigError(f"--config {path}: {key} must be {want[kinds[-1]]}, got {value!r}")
-        out[key] = float(value) if float in kinds else value
+        out[key] = _typed(fields[key], value, f"--config {path}: ")
     return out
 
 

@@ -48,6 +48,26 @@ def check_impl(impl: str, device: torch.device) -> tuple[str, str | None]:
     return kind, note
 
 
+def check_torch_bf16(kind: str, dtype: str, device: torch.device, model: str) -> None:
+    """torch.nn's own RNNs under CPU bfloat16 autocast fail on some CPUs (its LSTM on an AMD
+    EPYC Zen 3: oneDNN cannot create the primitive). Tried on a tiny input first, so that
+    the run fails before its first step and before a fresh run replaces an old one's files."""
+    if kind != "torch" or dtype != "bfloat16" or device.type != "cpu":
+        return
+    layer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[model]
+    with torch.random.fork_rng(devices=[]):  # the run's random stream stays put
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = layer(2, 2)(torch.zeros(1, 1, 2))[0]
+            out.float().sum().backward()
+        except RuntimeError as e:
+            raise ConfigError(
+                f"--impl torch --dtype bfloat16: torch's own {model.upper()} fails under "
+                f"bfloat16 autocast on this CPU ({first_line(e)}); use --impl fused, or "
+                "--dtype float32"
+            ) from None
+
+
 # --dtype auto picks bfloat16 where its step GEMMs run at least this much faster than
 # float32's: measured on an AMD EPYC Zen 4 (bf16 step GEMM ~2x float32, bf16 training
 # 1.6x the tokens/s), the 10-minute shakespeare preset reached val 1.4279 in bfloat16

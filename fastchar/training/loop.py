@@ -40,7 +40,13 @@ from fastchar.training.checkpoint import (
     set_rng_state,
 )
 from fastchar.training.config import AUTOCAST_DTYPES, FP16_NEEDS_CUDA, TrainConfig
-from fastchar.training.device import DtypeTrial, check_impl, pick_device, pick_dtype
+from fastchar.training.device import (
+    DtypeTrial,
+    check_impl,
+    check_torch_bf16,
+    pick_device,
+    pick_dtype,
+)
 from fastchar.training.errors import CheckpointError, ConfigError, TrainError, first_line
 from fastchar.training.progress import Progress
 
@@ -128,6 +134,7 @@ class Trainer:
             )
         if dtype != cfg.dtype:
             self.cfg = cfg = dataclasses.replace(cfg, dtype=dtype)
+        check_torch_bf16(self.kind, dtype, self.device, cfg.model)
         self.manifest = manifest
         self.vocab = vocab or fdata.Vocab.from_text(text)
         try:
@@ -386,9 +393,10 @@ class Trainer:
             with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         ckpt = self.state_dict()
-        self.save(os.path.join(out, "ckpt.pt"), ckpt)
-        if best:
+        if best:  # first: a run killed between the two resumes from the older ckpt.pt, whose
+            # best_val_loss then lets it write this best.pt again
             self.save(os.path.join(out, "best.pt"), ckpt)
+        self.save(os.path.join(out, "ckpt.pt"), ckpt)
         return record, best
 
     def fit(self, out: str, progress: Progress) -> None:
@@ -423,11 +431,13 @@ class Trainer:
                     f"({self.skipped} of at most {cfg.skip_nonfinite} in a row)"
                 )
             progress.update(self.step, loss, tokens_per_step / dt, lr)
-            if self.stop_requested:
-                self.save(os.path.join(out, "ckpt.pt"))
-                return
             if self.step % cfg.eval_interval and self.step != last and not self.out_of_time:
+                if self.stop_requested:
+                    self.save(os.path.join(out, "ckpt.pt"))
+                    return
                 continue
+            # An evaluation step evaluates even when a stop was asked during it, so that a
+            # resumed run's metrics and best.pt are an uninterrupted run's.
             record, best = self.eval_and_checkpoint(
                 out,
                 {
@@ -447,6 +457,10 @@ class Trainer:
                 f"({record['val_bpc']:.3f} bpc) | {record['tokens_per_sec']:,.0f} tok/s"
                 + (" | best" if best else "")
             )
+            if not self.stop_requested:  # a signal during the evaluation: stop now, not a step on
+                self.stop_requested = self.world.any(self.stop_signal is not None)
+            if self.stop_requested:
+                return
 
     def _use_dtype(self, dtype: str) -> None:
         if dtype != self.cfg.dtype:
