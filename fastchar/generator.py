@@ -188,10 +188,19 @@ class Generator:
             )  # fmt: skip
             yield ids
 
-    def generate(self, prime: str, length: int, num_samples: int = 1, **kwargs) -> list[str]:
-        """``num_samples`` strings, each the prime followed by ``length`` characters
-        (keywords as ``stream``: temperature, top_k, top_p, seed)."""
-        chunks = list(self.stream(prime, length, num_samples, **kwargs))
+    def generate(
+        self,
+        prime: str,
+        length: int,
+        num_samples: int = 1,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
+        """``num_samples`` strings, each the prime followed by ``length`` characters, drawn
+        as ``stream`` draws them."""
+        chunks = list(self.stream(prime, length, num_samples, temperature, top_k, top_p, seed))
         if not chunks:
             return [prime] * num_samples
         ids = torch.cat(chunks, 1)  # [K, length]

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 
-from fastchar.backends import IMPLS
+from fastchar.backends import IMPLS, why_not
 from fastchar.data import DataError, load_text
 from fastchar.generator import WEIGHTS, Generator
 from fastchar.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -34,21 +34,38 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fastchar.sample", description=__doc__.splitlines()[0])
+    about = __doc__.splitlines()[0].replace("``", "")
+    p = _Parser(prog="python -m fastchar.sample", description=about)
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run directory")
     p.add_argument("--prime", default=None, help="text to start from (default: a newline)")
-    p.add_argument("--length", type=int, default=500, help="characters to generate")
-    p.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0: greedy)")
+    p.add_argument("--length", type=int, default=500, help="characters to generate (default: 500)")
+    p.add_argument(
+        "--num-samples", type=int, default=1, help="samples drawn as one batch (default: 1)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.8,
+        help="softmax temperature, 0: greedy (default: 0.8)",
+    )  # fmt: skip
     p.add_argument("--top-k", type=int, default=None, help="sample from the K likeliest only")
     p.add_argument(
         "--top-p", type=float, default=None, help="sample from the likeliest set of mass P"
     )
-    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text)")
-    p.add_argument("--weights", default="float32", choices=WEIGHTS, help="weight format")
+    p.add_argument(
+        "--seed", type=int, default=None,
+        help="random seed (same seed, same text; default: a fresh one)",
+    )  # fmt: skip
+    p.add_argument(
+        "--weights", default="float32", choices=WEIGHTS, help="weight format (default: float32)"
+    )
     p.add_argument("--score", metavar="FILE", help="print the nats/char of FILE and exit")
-    p.add_argument("--device", default="cpu", choices=DEVICES)
-    p.add_argument("--impl", default=None, choices=IMPLS, help="default: the training impl")
+    p.add_argument(
+        "--device", default="cpu", choices=DEVICES,
+        help="where to run (default: cpu; auto: CUDA, else MPS, else the CPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--impl", default=None, choices=IMPLS,
+        help="kernels (default: the training impl, or fused where it cannot run on --device)",
+    )  # fmt: skip
     return p
 
 
@@ -71,7 +88,17 @@ def _generator(args: argparse.Namespace) -> tuple[Generator, str]:
     """The Generator, and the line that says which format and kernels it runs."""
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.ckpt)
-    model, vocab, _ = model_from_checkpoint(ckpt, impl=args.impl, device=device)
+    impl = args.impl
+    trained = ckpt["config"].get("impl")
+    if impl is None and trained in ("cpp", "triton") and why_not(trained, device.type):
+        # a model trained with --impl triton samples on the CPU, cpp on CUDA
+        impl = "fused"
+        print(
+            f"{PROG}: note: the training impl {trained} cannot run on {device.type} "
+            f"({why_not(trained, device.type)}): impl fused",
+            file=sys.stderr,
+        )
+    model, vocab, _ = model_from_checkpoint(ckpt, impl=impl, device=device)
     kind, note = check_impl(model.impl, device)
     if note:
         print(f"{PROG}: note: {note}", file=sys.stderr)
@@ -84,6 +111,8 @@ def _generator(args: argparse.Namespace) -> tuple[Generator, str]:
 
 def run(args: argparse.Namespace, out=None) -> None:
     out = out or sys.stdout
+    if out is None:  # started with stdout closed (`>&-`)
+        raise TrainError("stdout is closed: there is nowhere to write the output")
     _check(args)
     g, in_use = _generator(args)
     if args.score is not None:
@@ -165,10 +194,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
-        # Python would report the pipe again flushing stdout at exit: point it at devnull
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
+        return 1
+    except OSError as e:  # writing stdout: a full disk, a file-size limit
+        print(f"{PROG}: error: cannot write the output: {e.strerror or e}", file=sys.stderr)
+        _drop_stdout()
         return 1
     return 0
+
+
+def _drop_stdout() -> None:
+    """Python would fail again flushing stdout's buffer at exit: point it at devnull."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the prime comes first, and bad checkpoints or primes fail with one clear line.""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -256,3 +257,46 @@ def test_a_closed_pipe_ends_the_stream_quietly(run_dir):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("what", ["sample", "samples", "score", "closed"])
+def test_an_unwritable_stdout_is_one_line(run_dir, what):
+    """stdout on a full disk (/dev/full) or closed (`>&-`): one line and exit 1."""
+    flags = {
+        "sample": ["--length", "20"],
+        "samples": ["--length", "20", "--num-samples", "2"],
+        "score": ["--score", str(run_dir.parent / "text.txt")],
+        "closed": ["--length", "20"],
+    }[what]
+    command = shlex.join([sys.executable, "-m", "fastchar.sample", "--ckpt", str(run_dir), *flags])
+    redirect = ">&-" if what == "closed" else ">/dev/full"
+    proc = subprocess.run(
+        ["sh", "-c", f"exec {command} {redirect}"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    why = (
+        "stdout is closed: there is nowhere to write the output"
+        if what == "closed"
+        else "cannot write the output: No space left on device"
+    )
+    assert proc.stderr.strip().splitlines()[-1] == f"fastchar.sample: error: {why}"
+
+
+def test_a_training_impl_that_cannot_run_here_samples_with_fused(run_dir, tmp_path, capsys):
+    """A model trained with --impl triton (on a GPU) samples on the CPU with the default
+    flags: fused, with a note, not an error."""
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ckpt["config"]["impl"] = "triton"
+    path = tmp_path / "triton.pt"
+    torch.save(ckpt, path)
+    code, out, err = run_sample(capsys, "--ckpt", str(path), "--length", "10", "--seed", "1")
+    assert code == 0, err
+    assert "note: the training impl triton cannot run on cpu (" in err
+    assert "impl fused ->" in err
+    code, want, _ = run_sample(
+        capsys, "--ckpt", str(run_dir), "--length", "10", "--seed", "1", "--impl", "fused"
+    )
+    assert out == want
