@@ -44,6 +44,14 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return records
 
 
+def label(run: Path) -> str:
+    """A run directory's name as matplotlib shows it literally: a "$" would start mathtext
+    (an error for most names), bytes that are not UTF-8 become replacement characters (an
+    error to draw as they come), and "." is named."""
+    name = run.name or run.resolve().name or str(run)
+    return os.fsencode(name).decode("utf-8", "replace").replace("$", r"\$")
+
+
 def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:
     """Write the loss curves of ``run_dirs`` to one PNG; returns its path."""
     try:
@@ -58,14 +66,14 @@ def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike | None =
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     by_step, by_time = fig.subplots(1, 2, sharey=True)
     for i, (run, records) in enumerate(runs.items()):
-        color = f"C{i % 10}"
+        color, name = f"C{i % 10}", label(run)
         steps = [r["step"] for r in records]
         wall = [r.get("wall_sec", r.get("elapsed_sec", 0.0)) for r in records]
         for axis, xs in ((by_step, steps), (by_time, wall)):
-            axis.plot(xs, [r["val_loss"] for r in records], color=color, label=f"{run.name} val")
+            axis.plot(xs, [r["val_loss"] for r in records], color=color, label=f"{name} val")
             axis.plot(
                 xs, [r["train_loss"] for r in records], color=color, linestyle="--",
-                label=f"{run.name} train",
+                label=f"{name} train",
             )  # fmt: skip
     by_step.set(xlabel="step", ylabel="loss (nats/char)", title="against steps")
     by_time.set(xlabel="wall time (s)", title="against wall time")

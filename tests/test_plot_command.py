@@ -4,6 +4,7 @@ command with its subcommands."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,20 @@ def test_plot_compares_runs_on_one_figure(tmp_path, capsys):
     target = tmp_path / "both.png"
     assert plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(target)]) == 0
     assert target.read_bytes().startswith(PNG)
+
+
+def test_run_names_are_drawn_as_they_are(tmp_path, capsys, monkeypatch):
+    """A "$" in a run's name would start matplotlib's mathtext (a parse error after the
+    whole training run), bytes that are not UTF-8 could not be drawn, "." has no name."""
+    names = ["m$\\bad$x", "cost $5", os.fsdecode(b"out\xe9")]
+    for i, name in enumerate(names):
+        _fake_run(tmp_path / name, [2.0 - i / 10, 1.5])
+    monkeypatch.chdir(tmp_path / names[0])
+    target = tmp_path / "all.png"
+    assert plot.main([*(str(tmp_path / n) for n in names), ".", "--out", str(target)]) == 0
+    assert target.read_bytes().startswith(PNG)
+    got = [plot.label(Path(p)) for p in (*(tmp_path / n for n in names), ".")]
+    assert got == ["m\\$\\bad\\$x", "cost \\$5", "out\ufffd", "m\\$\\bad\\$x"]
 
 
 @pytest.mark.parametrize("what", ["missing", "empty"])
