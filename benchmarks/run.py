@@ -2,13 +2,18 @@
 
     python benchmarks/run.py [--device cpu|cuda] [--quick] [--json FILE] [--plot FILE.png]
         [--cells lstm,gru,rnn_tanh] [--impls cpp,reference,torch] [--dtype float32|bfloat16]
-        [--shapes "B,T,I,H;..."] [--threads N] [--parts layers,sample,train,memory,packed,proj]
+        [--shapes "B,T,I,H;..."] [--threads N]
+        [--parts layers,gemm,sample,train,memory,packed,proj] [--sample-model CELL,L,H]
 
 Parts, all measured in this one process (memory: one fresh child process per case):
   layers  one layer through ``fastchar.ops.<cell>(..., impl=...)`` with grad enabled as in
           training: forward alone, then forward + backward (``torch.autograd.grad`` of
           every input); tokens/s, GFLOP/s and the ratios are for forward + backward.
-  sample  time per character of ``CharRNN.step`` (2 x 512 LSTM, batch 1, no grad).
+  sample  time per character of ``CharRNN.step`` (2 x 512 LSTM, or ``--sample-model``; no
+          grad) at batch 1 and, as "<impl> x16", 16 samples at once; with cpp, also
+          ``Generator.generate`` (the C++ loop, fastchar::generate) at 1 and 16 samples, in
+          float32 also with int8 weights; with torch, also "torch.nn T=1", the module's
+          forward one character at a time.
   train   CharRNN training tokens/s (2 x 256, batch 32, AdamW, cross-entropy).
   memory  peak training memory of one CharRNN step above the state after a warm-up step.
   gemm    (CPU, with layers) each cpp layer's GFLOP/s as a fraction of the best step-GEMM

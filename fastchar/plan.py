@@ -106,7 +106,8 @@ def forced_report() -> list[str]:
     if forced not in ENGINES:
         return [
             f"FASTCHAR_GEMM={forced} is not an engine (auto, {', '.join(ENGINES)}): every "
-            "CPU kernel call will raise until it is unset or fixed"
+            f"{' and '.join(str(d).removeprefix('torch.') for d in DTYPES)} CPU kernel call "
+            "will raise until it is unset or fixed (float64 runs torch's BLAS)"
         ]
     lines = []
     for dtype in DTYPES:
