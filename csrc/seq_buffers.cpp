@@ -12,6 +12,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -28,13 +29,24 @@ namespace {
 constexpr size_t kHuge = size_t(1) << 21;           // 2 MB: the block granule and alignment
 constexpr size_t kMinPooled = kHuge;                // smaller buffers use the CPU allocator
 
-// The cache's limit: FASTCHAR_SEQ_CACHE_MB (0 turns it off), else 1 GB.
+// The cache's limit: FASTCHAR_SEQ_CACHE_MB (0 turns it off), else 1 GB; a value that is
+// not a whole number of MB warns (once) and keeps the default.
 size_t max_held() {
   static const size_t limit = [] {
     const char* env = std::getenv("FASTCHAR_SEQ_CACHE_MB");
+    if (env == nullptr || *env == '\0') {
+      return size_t(1) << 30;
+    }
     char* end = nullptr;
-    const long long mb = env != nullptr && *env != '\0' ? std::strtoll(env, &end, 10) : -1;
-    return mb >= 0 && end != nullptr && *end == '\0' ? size_t(mb) << 20 : size_t(1) << 30;
+    errno = 0;
+    const long long mb = std::strtoll(env, &end, 10);
+    if (mb < 0 || *end != '\0' || errno == ERANGE || mb > (1LL << 43)) {
+      TORCH_WARN("fastchar: FASTCHAR_SEQ_CACHE_MB=", env,
+                 " is not a whole number of MB (0 turns the cache off); it holds the "
+                 "default 1024 MB");
+      return size_t(1) << 30;
+    }
+    return size_t(mb) << 20;
   }();
   return limit;
 }

@@ -7,6 +7,10 @@ Shape letters: T time, B batch, I input, H hidden, G gates (4H / 3H / H).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -717,3 +721,29 @@ def test_sequence_buffers_are_reused_counted_and_correct():
         assert torch.equal(got, ref)
     allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
     assert allocated >= second[3].nbytes  # the gates buffer is counted
+
+
+@pytest.mark.parametrize("value", ["12mb", "-5", "99999999999999999999", "64"])
+def test_a_bad_sequence_cache_size_warns_and_keeps_the_default(value):
+    """FASTCHAR_SEQ_CACHE_MB is read once per process, at the first large buffer: a fresh
+    process. A value that is no whole number of MB says so (it was silently ignored); a
+    good one says nothing."""
+    script = (
+        "import warnings, torch, fastchar.ops\n"
+        "x, w = torch.randn(16, 32, 8), torch.randn(1024, 8)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    torch.ops.fastchar.lstm_seq(x, torch.zeros(32, 256), torch.zeros(32, 256), w,"
+        " None, torch.randn(1024, 256))\n"
+        "print('|'.join(str(c.message) for c in caught))\n"
+    )
+    env = {**os.environ, "FASTCHAR_SEQ_CACHE_MB": value, "OMP_NUM_THREADS": "1"}
+    got = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert got.returncode == 0, got.stderr
+    want = f"fastchar: FASTCHAR_SEQ_CACHE_MB={value} is not a whole number of MB"
+    if value == "64":
+        assert "FASTCHAR_SEQ_CACHE_MB" not in got.stdout + got.stderr
+        return
+    assert want in got.stdout + got.stderr  # a Python warning, or c10's line on stderr
