@@ -172,7 +172,7 @@ def resolve(
         message = f"fastchar: impl='fused' falls back to 'reference' on {device_type}: {reason}"
         # (not while torch.compile traces: a graph cannot hold a warning; the next eager
         # call gives it)
-        if message not in _warned and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and message not in _warned:
             _warned.add(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
         return "reference"

@@ -197,19 +197,27 @@ def _time_mm(a, b, dtype) -> float:
     return best
 
 
-@torch.compiler.assume_constant_result  # a traced graph takes the answer, as a constant
 def bf16_matmul_widens() -> bool:
     """True where torch's bfloat16 CPU matmul is clearly slower (1.5x) than widening to float32.
 
     Without bf16 instructions (or AMX) ATen's bf16 GEMM can be 10-100x slower than its
     float32 one, so the ops run their input projection and weight gradients in float32 on
     such CPUs (bf16 results, fp32 accumulation either way). Timed once per process on a
-    step-sized matmul, both ways including the casts; kept in the cache file. Timed on real
-    tensors even when first asked while torch.compile traces a graph (fake tensors, proxies).
+    step-sized matmul, both ways including the casts; kept in the cache file. A graph that
+    torch.compile traces reads the answer as a global, which it guards on (a new answer,
+    after ``clear``, traces again).
     """
+    if _bf16_widen is None:
+        _measure_bf16_once()
+    return _bf16_widen
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it as it traces, in one graph
+def _measure_bf16_once() -> bool:
+    """Sets _bf16_widen. Times real tensors even when first asked while torch.compile traces
+    a graph (fake tensors, proxies), and the dtypes asked for, not autocast's."""
     global _bf16_widen
     if _bf16_widen is None:
-        # time the dtypes asked for, not autocast's, and real matmuls, not a tracer's
         with torch.autocast("cpu", enabled=False), _disable_current_modes():
             _bf16_widen = _measure_bf16_widens()
     return _bf16_widen

@@ -47,9 +47,11 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 def label(run: Path) -> str:
     """A run directory's name as matplotlib shows it literally: a "$" would start mathtext
     (an error for most names), bytes that are not UTF-8 become replacement characters (an
-    error to draw as they come), and "." is named."""
+    error to draw as they come), "." is named, and a leading "_" (which hides a legend entry)
+    gets a space before it."""
     name = run.name or run.resolve().name or str(run)
-    return os.fsencode(name).decode("utf-8", "replace").replace("$", r"\$")
+    name = os.fsencode(name).decode("utf-8", "replace").replace("$", r"\$")
+    return " " + name if name.startswith("_") else name
 
 
 def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:

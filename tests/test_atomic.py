@@ -4,6 +4,8 @@ temp file; a run directory's leftover temps are recognised by their names."""
 import errno
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -99,3 +101,26 @@ def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path):
         open(tmp_path / "missing")  # an error about another file keeps its name
     assert caught.value.filename == str(tmp_path / "missing")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_checkpoint_too_large_for_the_disk_is_an_oserror_naming_it(tmp_path):
+    """torch.save reports a failed write (here a file-size limit, as a full disk) as a
+    RuntimeError about its archive; a checkpoint save raises the OSError, naming the file,
+    which the CLIs print as one line, and keeps the old checkpoint."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"old")
+    script = (
+        "import resource, sys, torch\n"
+        "from fastchar.training.checkpoint import atomic_torch_save\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "try:\n"
+        "    atomic_torch_save({'w': torch.zeros(1 << 20)}, sys.argv[1])\n"
+        "except OSError as e:\n"
+        "    print(e)\n"
+    )
+    got = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == f"[Errno {errno.EFBIG}] File too large: '{path}'"
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]

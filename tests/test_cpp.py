@@ -305,18 +305,20 @@ def test_forward_ad_runs_the_reference_and_cpp_refuses_it(monkeypatch):
     assert ours(x)[0].shape == (5, 2, 4)  # outside a dual level the kernels run
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_batched_grads_through_the_kernels(cell):
+def test_batched_grads_through_the_kernels(cell, dtype):
     """torch.autograd.functional.jacobian(vectorize=True) runs the backward under
-    autograd.grad(is_grads_batched=True): the kernels' gradients, input and weights alike,
-    are torch.nn's."""
+    autograd.grad(is_grads_batched=True), whose vmap has no rule for the kernels' backward
+    ops: the reference's backward runs, and the gradients, input and weights alike, are
+    torch.nn's."""
     from torch.autograd.functional import jacobian
 
-    ours, theirs = make_pair(cell, "cpp", 3, 4)
-    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    ours, theirs = make_pair(cell, "cpp", 3, 4, dtype=dtype)
+    x = torch.randn(3, 2, 3, dtype=dtype)
     got = jacobian(lambda a: ours(a)[0], x, vectorize=True)
     want = jacobian(lambda a: theirs(a)[0], x, vectorize=True)
-    assert_close(got, want, torch.float64, "jacobian")
+    assert_close(got, want, dtype, "jacobian")
     weights = tuple(p.detach() for p in theirs.parameters())
     names = [name for name, _ in theirs.named_parameters()]
 
@@ -328,7 +330,7 @@ def test_batched_grads_through_the_kernels(cell):
         return jacobian(f, weights, vectorize=True)
 
     for name, a, b in zip(names, by_weights(ours), by_weights(theirs), strict=True):
-        assert_close(a, b, torch.float64, f"jacobian by {name}")
+        assert_close(a, b, dtype, f"jacobian by {name}")
 
 
 def test_rnn_nonlinearity_is_fixed_at_construction():

@@ -558,8 +558,20 @@ def test_bf16_choice_is_measured_on_real_tensors_under_compile(monkeypatch):
         assert timed and all(timed)
         model = CharRNN(20, hidden=16, impl="cpp").bfloat16()
         ids = torch.randint(0, 20, (2, 6))
-        logits = torch.compile(model, backend="eager", fullgraph=True)(ids)[0]
-    assert torch.equal(logits, model(ids)[0])  # the eager backend runs the same ops
+        graphs = []
+
+        def backend(gm, inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        assert torch.equal(compiled(ids)[0], model(ids)[0])  # the same ops as eager
+        # A new answer (plan.clear() and a new measurement) traces again: it is a guarded
+        # global in the graph, not a constant baked in.
+        monkeypatch.setattr(plan, "_bf16_widen", not plan._bf16_widen)
+        assert torch.equal(compiled(ids)[0], model(ids)[0])
+    assert len(graphs) == 2
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("trans_a", [True, False], ids=["tn", "nn"])

@@ -70,7 +70,7 @@ def test_plot_compares_runs_on_one_figure(tmp_path, capsys):
 def test_run_names_are_drawn_as_they_are(tmp_path, capsys, monkeypatch):
     """A "$" in a run's name would start matplotlib's mathtext (a parse error after the
     whole training run), bytes that are not UTF-8 could not be drawn, "." has no name."""
-    names = ["m$\\bad$x", "cost $5", os.fsdecode(b"out\xe9")]
+    names = ["m$\\bad$x", "cost $5", os.fsdecode(b"out\xe9"), "_run"]
     for i, name in enumerate(names):
         _fake_run(tmp_path / name, [2.0 - i / 10, 1.5])
     monkeypatch.chdir(tmp_path / names[0])
@@ -78,7 +78,7 @@ def test_run_names_are_drawn_as_they_are(tmp_path, capsys, monkeypatch):
     assert plot.main([*(str(tmp_path / n) for n in names), ".", "--out", str(target)]) == 0
     assert target.read_bytes().startswith(PNG)
     got = [plot.label(Path(p)) for p in (*(tmp_path / n for n in names), ".")]
-    assert got == ["m\\$\\bad\\$x", "cost \\$5", "out\ufffd", "m\\$\\bad\\$x"]
+    assert got == ["m\\$\\bad\\$x", "cost \\$5", "out\ufffd", " _run", "m\\$\\bad\\$x"]
 
 
 @pytest.mark.parametrize("what", ["missing", "empty"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._C._functorch import is_legacy_batchedtensor
 
 from fastchar import plan
 from fastchar.backends import autocast_dtype, cpp_loaded, resolve
@@ -194,8 +195,12 @@ def differentiable_grads(ctx, layer, inputs: tuple, grad_outputs: tuple) -> tupl
     differentiable ops on the saved inputs (the op's, in its order) and returns the
     outputs that ``grad_outputs`` belong to; their gradients, built with create_graph,
     can be differentiated again. The reference's speed, for this case only.
+
+    The same under ``autograd.grad(is_grads_batched=True)`` (``jacobian(vectorize=True)``):
+    its vmap has no batching rule for the kernels' backward ops.
     """
-    if not torch.is_grad_enabled():
+    batched = any(g is not None and is_legacy_batchedtensor(g) for g in grad_outputs)
+    if not torch.is_grad_enabled() and not batched:
         return None
     for t, version in zip(ctx.unsaved, ctx.unsaved_versions, strict=True):
         if t is not None and t._version != version:
@@ -206,19 +211,22 @@ def differentiable_grads(ctx, layer, inputs: tuple, grad_outputs: tuple) -> tupl
     wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and ctx.needs_input_grad[i]]
     # one alias per argument slot: a tensor passed in two (h0 and c0, or w_ih and w_hh)
     # gets each slot's own gradient, as the kernels' backward gives it, not their sum twice
-    inputs = tuple(t.view_as(t) if i in wanted else t for i, t in enumerate(inputs))
-    pairs = [(o, g) for o, g in zip(layer(*inputs), grad_outputs, strict=True) if g is not None]
+    create_graph = torch.is_grad_enabled()
     grads = [None] * len(inputs)
-    if wanted and pairs:
-        got = torch.autograd.grad(
-            [o for o, _ in pairs],
-            [inputs[i] for i in wanted],
-            [g for _, g in pairs],
-            create_graph=True,
-            allow_unused=True,
-        )
-        for i, g in zip(wanted, got, strict=True):
-            grads[i] = g
+    with torch.enable_grad():  # batched grads only: a graph to take them from, not to keep
+        inputs = tuple(t.view_as(t) if i in wanted else t for i, t in enumerate(inputs))
+        outs = layer(*inputs)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs, strict=True) if g is not None]
+        if wanted and pairs:
+            got = torch.autograd.grad(
+                [o for o, _ in pairs],
+                [inputs[i] for i in wanted],
+                [g for _, g in pairs],
+                create_graph=create_graph,
+                allow_unused=True,
+            )
+            for i, g in zip(wanted, got, strict=True):
+                grads[i] = g
     return tuple(grads)
 
 

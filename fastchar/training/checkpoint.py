@@ -57,7 +57,31 @@ def atomic_torch_save(obj: dict, path: str) -> None:
             time.sleep(600)
 
     with atomic_write(path, "wb", before_replace=pause) as f:
-        torch.save(obj, f)
+        sink = _WriteErrors(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is None:
+                raise
+            raise sink.error from None  # atomic_write names the file in it
+
+
+class _WriteErrors:
+    """A file's write, keeping the first OSError: torch.save turns a failed write (a full
+    disk, a file-size limit) into a RuntimeError about its archive's position."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 # The files a run writes with atomic_write, and what their temp files start with.
@@ -111,11 +135,14 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     step = ckpt["step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{path} has an unusable step: {step!r}")
-    wrong = [
-        k for k in ("model", "config", "data_manifest") if not isinstance(ckpt.get(k, {}), dict)
-    ]
+    dicts = ("model", "config", "data_manifest", "rng")
+    wrong = [k for k in dicts if not isinstance(ckpt.get(k, {}), dict)]
     if wrong:
         raise CheckpointError(f"{path}: {', '.join(wrong)} must be a dictionary")
+    for key in ("best_val_loss", "elapsed_sec", "wall_sec"):
+        value = ckpt.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CheckpointError(f"{path}: {key} must be a number, got {value!r}")
     return ckpt
 
 

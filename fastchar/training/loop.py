@@ -352,7 +352,7 @@ class Trainer:
                 self.state = _map_state(self.state, torch.Tensor.float)
             if self.scaler.is_enabled() and "scaler" in ckpt:
                 self.scaler.load_state_dict(ckpt["scaler"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise CheckpointError(
                 f"cannot restore the run from its checkpoint: {first_line(e)}"
             ) from None
