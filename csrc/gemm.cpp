@@ -1198,10 +1198,13 @@ std::vector<int64_t> gemm_row_block_starts(int64_t M) {
   return starts;
 }
 
+constexpr int64_t kMaxThreads = 1024;  // timing threads: the benchmarks' --threads bound
+
 std::string gemm_choose(at::ScalarType dtype, int64_t op, int64_t M, int64_t N, int64_t K,
                         int64_t threads) {
-  TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0 && threads > 0,
-                    "fastchar::gemm_choose: M, N, K and threads must be positive");
+  TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0 && threads > 0 && threads <= kMaxThreads,
+                    "fastchar::gemm_choose: M, N and K must be positive and threads in [1, ",
+                    kMaxThreads, "]");
   return engine_name(choose(dtype, parse_op(op), M, N, K, static_cast<int>(threads)));
 }
 
@@ -1259,8 +1262,9 @@ double gemm_rate(c10::string_view engine, at::ScalarType dtype, int64_t op, int6
   const Engine e = parse_engine(std::string(engine));
   const std::string reason = reasons_not(e, dtype, parse_op(op));
   TORCH_CHECK(reason.empty(), "fastchar: engine ", engine, " cannot run ", dtype, ": ", reason);
-  TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0 && threads > 0,
-                    "fastchar::gemm_rate: M, N, K and threads must be positive");
+  TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0 && threads > 0 && threads <= kMaxThreads,
+                    "fastchar::gemm_rate: M, N and K must be positive and threads in [1, ",
+                    kMaxThreads, "]");
   const int th = static_cast<int>(threads);
   return 2.0 * M * N * K * th / time_engine(e, dtype, parse_op(op), M, N, K, th) / 1e9;
 }

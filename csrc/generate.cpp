@@ -76,7 +76,7 @@ bool draw_rows(const at::Tensor& logits, int64_t k0, int64_t k1, double temperat
   for (int64_t k = k0; k < k1; ++k) {
     const float* row = L + k * V;
     const int64_t best = std::max_element(row, row + V) - row;  // the first of the largest
-    if ((std::isinf(row[best]) && row[best] > 0.0f) ||
+    if (std::isinf(row[best]) ||  // +inf, or every logit -inf: no distribution
         std::any_of(row, row + V, [](float v) { return std::isnan(v); })) {
       out[k * stride] = 0;
       finite = false;
@@ -122,8 +122,9 @@ bool draw_rows(const at::Tensor& logits, int64_t k0, int64_t k1, double temperat
 }
 
 void check_logits(bool finite) {
-  TORCH_CHECK(finite, "fastchar::generate: the model's logits are NaN or +inf, so there is no "
-              "distribution to draw the next character from (a diverged model?)");
+  TORCH_CHECK(finite, "fastchar::generate: the model's logits are NaN or +inf (or all -inf), "
+              "so there is no distribution to draw the next character from (a diverged "
+              "model?)");
 }
 
 // logits [K, V] float32 = h [K, H] @ w [V, H]^T + b (w contiguous), on the planned cell
@@ -427,13 +428,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
   for (const auto& s : state) {
     CHECK_ARG(s, dt, L, K, H);
   }
+  TORCH_CHECK_VALUE(V >= 1 && H >= 1 && embedding.size(1) >= 1, OP,
+                    ": the vocabulary (embedding rows), the hidden size and the embedding width "
+                    "must be >= 1, got ", V, ", ", H, " and ", embedding.size(1));
   CHECK_ARG(logits, at::kFloat, K, V);
   CHECK_ARG(head_w, dt, V, H);
   if (head_b.has_value()) {
     CHECK_ARG(*head_b, dt, V);
   }
   TORCH_CHECK_VALUE(length >= 0, OP, ": length must be >= 0, got ", length);
-  TORCH_CHECK_VALUE(temperature >= 0.0, OP, ": temperature must be >= 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0.0, OP,
+                    ": temperature must be finite and >= 0, got ", temperature);
+  TORCH_CHECK_VALUE(top_k >= 0, OP, ": top_k must be >= 0 (0: all), got ", top_k);
   TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, OP, ": top_p must be in (0, 1], got ", top_p);
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
       generator, at::detail::getDefaultCPUGenerator());

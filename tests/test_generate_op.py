@@ -124,6 +124,7 @@ def test_bad_arguments_name_themselves():
     for i, value, match in [
         (8, "lstmp", "cell must be"), (1, state[:1], "state must be"),
         (10, -1.0, "temperature"), (12, 0.0, "top_p"), (9, -2, "length"),
+        (10, float("inf"), "temperature must be finite"), (11, -1, "top_k must be >= 0"),
         (5, [torch.ones(80)], "scales"),
         (0, torch.zeros(3, 30), "logits"), (2, m.embedding.weight.double(), "dtype"),
         (3, [w[0], w[1][:, :10]], r"w_hh must have shape \[80, 20\]"),
@@ -364,3 +365,34 @@ def test_generator_after_a_round_trip_through_bfloat16():
     assert len(set(want[0])) > 4, want  # not a fixed point: the texts can tell weights apart
     assert want != first, "the round trip through bfloat16 changed no greedy character"
     assert cpp.generate("+-", 30, num_samples=2, temperature=0) == want
+
+
+@pytest.mark.parametrize("empty", ["vocabulary", "hidden", "embedding"])
+def test_an_empty_size_is_an_error_not_a_crash(empty):
+    """V, H or the embedding width 0 crashed the op (SIGFPE, SIGSEGV) or failed inside it."""
+    V, H, E = {"vocabulary": (0, 4, 3), "hidden": (3, 0, 2), "embedding": (3, 4, 0)}[empty]
+    z = torch.zeros
+    with pytest.raises(ValueError, match="must be >= 1, got "):
+        torch.ops.fastchar.generate(
+            z(1, V), [z(1, 1, H)], z(V, E), [z(H, E), z(H, H)], [None, None], [None, None],
+            z(V, H), None, "rnn_tanh", 1, 1.0, 0, 1.0,
+        )  # fmt: skip
+
+
+def test_logits_all_minus_infinity_are_an_error():
+    """No character can be drawn: it returned the last id at every step."""
+    logits = torch.full((1, 3), -float("inf"))
+    with pytest.raises(RuntimeError, match="or all -inf"):
+        _draws(logits, 3, 1.0)
+
+
+@pytest.mark.parametrize("threads", [2**32, 100_000, 0])
+def test_gemm_timing_threads_are_bounded(threads):
+    """2**32 threads became 0 in an int and crashed the timing (SIGSEGV)."""
+    from fastchar import plan
+
+    engine = next(e for e in plan.ENGINES if plan.why_not(e, torch.float32) is None)
+    with pytest.raises(ValueError, match=r"threads in \[1, 1024\]"):
+        torch.ops.fastchar.gemm_rate(engine, torch.float32, 1, 8, 8, 8, threads)
+    with pytest.raises(ValueError, match=r"threads in \[1, 1024\]"):
+        torch.ops.fastchar.gemm_choose(torch.float32, 1, 8, 8, 8, threads)
