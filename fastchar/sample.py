@@ -90,12 +90,13 @@ def _generator(args: argparse.Namespace) -> tuple[Generator, str]:
     ckpt = load_checkpoint(args.ckpt)
     impl = args.impl
     trained = ckpt["config"].get("impl")
-    if impl is None and trained in ("cpp", "triton") and why_not(trained, device.type):
+    reason = why_not(trained, device.type) if trained in ("cpp", "triton") else None
+    if impl is None and reason:
         # a model trained with --impl triton samples on the CPU, cpp on CUDA
         impl = "fused"
         print(
             f"{PROG}: note: the training impl {trained} cannot run on {device.type} "
-            f"({why_not(trained, device.type)}): impl fused",
+            f"({reason}): impl fused",
             file=sys.stderr,
         )
     model, vocab, _ = model_from_checkpoint(ckpt, impl=impl, device=device)

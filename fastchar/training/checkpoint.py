@@ -85,8 +85,10 @@ class _WriteErrors:
 
 
 # The files a run writes with atomic_write, and what their temp files start with.
-_RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "config.json", "data_manifest.json")
-_RUN_TEMPS = tuple(temp_prefix(name) for name in (*_RUN_FILES, plot.FILENAME))
+_RUN_FILES = (
+    "ckpt.pt", "best.pt", "metrics.jsonl", "config.json", "data_manifest.json", plot.FILENAME
+)  # fmt: skip
+_RUN_TEMPS = tuple(temp_prefix(name) for name in _RUN_FILES)
 
 
 def remove_stale_temps(out: str) -> list[str]:
