@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from fastchar.training.errors import stdout_failed
+
 # name -> (module whose main(argv) runs it, what it does)
 COMMANDS = {
     "train": ("fastchar.training.cli", "train a character language model"),
@@ -25,13 +27,16 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage(), file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
-    if argv[0] in ("-V", "--version"):
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "-V", "--version"):
         from fastchar import __version__
 
-        print(f"fastchar {__version__}")
+        try:
+            print(usage() if argv[0] in ("-h", "--help") else f"fastchar {__version__}", flush=True)
+        except OSError as e:  # a full disk, a reader that closed the pipe
+            return stdout_failed("fastchar", e)
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from fastchar.atomic import atomic_write
+from fastchar.training.errors import stdout_failed
 
 PROG = "fastchar.plot"
 FILENAME = "loss.png"
@@ -104,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     except PlotError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    print(path)
+    try:
+        print(path, flush=True)
+    except OSError as e:  # a full disk, a reader that closed the pipe
+        return stdout_failed(PROG, e)
     return 0
 
 

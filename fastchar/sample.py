@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
 from fastchar.backends import IMPLS, why_not
@@ -21,7 +20,13 @@ from fastchar.generator import WEIGHTS, Generator
 from fastchar.training.checkpoint import load_checkpoint, model_from_checkpoint
 from fastchar.training.config import DEVICES
 from fastchar.training.device import check_impl, pick_device
-from fastchar.training.errors import CheckpointError, ConfigError, TrainError, environment_error
+from fastchar.training.errors import (
+    CheckpointError,
+    ConfigError,
+    TrainError,
+    environment_error,
+    stdout_failed,
+)
 
 __all__ = ["Generator", "main"]
 
@@ -194,19 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except BrokenPipeError:  # `... | head`: the reader has what it wanted
-        _drop_stdout()
-        return 1
-    except OSError as e:  # writing stdout: a full disk, a file-size limit
-        print(f"{PROG}: error: cannot write the output: {e.strerror or e}", file=sys.stderr)
-        _drop_stdout()
-        return 1
+    except OSError as e:  # writing stdout: `... | head`, a full disk, a file-size limit
+        return stdout_failed(PROG, e)
     return 0
-
-
-def _drop_stdout() -> None:
-    """Python would fail again flushing stdout's buffer at exit: point it at devnull."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -135,3 +135,32 @@ def test_each_subcommand_is_its_python_m_form(name):
     ours = subprocess.run([str(script), name, "--help"], **env_run)
     assert theirs.returncode == ours.returncode == 0, (theirs.stderr, ours.stderr)
     assert ours.stdout == theirs.stdout and "usage:" in ours.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize(
+    "prog, args",
+    [
+        ("fastchar", ["--version"]),
+        ("fastchar", ["--help"]),
+        ("fastchar.info", ["info"]),
+        ("fastchar.plot", ["plot", "RUN"]),
+        ("fastchar.train", ["train"]),  # its stdout is the sample at the end
+    ],
+)
+def test_stdout_on_a_full_disk_is_one_line_and_exit_1(text_file, tmp_path, prog, args):
+    """(fastchar.sample's: test_sample.py.)"""
+    if args[0] == "plot":
+        _fake_run(tmp_path / "a", [2.0, 1.5])
+        args = ["plot", str(tmp_path / "a")]
+    if args[0] == "train":
+        args = ["train", *tiny_args(text_file, tmp_path / "run")]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fastchar", *args],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"{prog}: error: cannot write the output: No space left on device"

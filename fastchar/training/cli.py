@@ -38,6 +38,7 @@ from fastchar.training.errors import (
     TrainError,
     environment_error,
     first_line,
+    stdout_failed,
 )
 from fastchar.training.loop import Trainer
 from fastchar.training.progress import Progress
@@ -253,7 +254,10 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
         if cfg.sample_length > 0 and world.is_main:
             text = trainer.sample(cfg.sample_length)
             log(f"sample ({cfg.sample_length} chars, temperature 0.8):")
-            print(text, flush=True)
+            try:
+                print(text, flush=True)
+            except OSError as e:  # a full disk, a reader that closed the pipe
+                raise SystemExit(stdout_failed(PROG, e)) from None
     return trainer
 
 
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given, resume = parse_args(argv)
         run(given, resume)
-    except SystemExit as e:  # --help
+    except SystemExit as e:  # --help, stdout_failed
         return e.code if isinstance(e.code, int) else 0
     except (TrainError, fdata.DataError, OSError) as e:
         print(f"{PROG}: error: {_rank_tag()}{e}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 
 class TrainError(Exception):
@@ -15,6 +17,19 @@ class ConfigError(TrainError, ValueError):
 
 class CheckpointError(TrainError):
     pass
+
+
+def stdout_failed(prog: str, e: OSError) -> int:
+    """The CLIs' end after an error writing stdout: one line on stderr (none for a closed
+    pipe: its reader has what it wanted) and exit status 1. stdout is pointed at devnull, so
+    the interpreter's flush at exit does not fail again with a traceback."""
+    if not isinstance(e, BrokenPipeError):
+        print(f"{prog}: error: cannot write the output: {e.strerror or e}", file=sys.stderr)
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file behind stdout (captured, None)
+        pass
+    return 1
 
 
 def out_of_memory(e: BaseException) -> str | None:
