@@ -30,19 +30,22 @@
 #include <immintrin.h>
 #endif
 
-// Each op defines `constexpr const char* OP` so the messages name the op too.
-#define CHECK_CPU(x) \
-  TORCH_CHECK((x).device().is_cpu(), OP, ": ", #x, " must be a CPU tensor, got ", (x).device())
-#define CHECK_DTYPE(x, dtype)                                                             \
-  TORCH_CHECK((x).scalar_type() == (dtype), OP, ": ", #x, " has dtype ", (x).scalar_type(), \
-              ", expected ", (dtype))
-#define CHECK_SHAPE(x, ...)                                                           \
-  TORCH_CHECK_VALUE((x).sizes() == at::IntArrayRef({__VA_ARGS__}), OP, ": ", #x,      \
-                    " must have shape ", at::IntArrayRef({__VA_ARGS__}), ", got ", \
-                    (x).sizes())
-#define CHECK_DIM(x, n)                                                                   \
-  TORCH_CHECK_VALUE((x).dim() == (n), OP, ": ", #x, " must be ", (n), "-D, got shape ", \
-                    (x).sizes())
+// Each op defines `constexpr const char* OP` so the messages name the op too, and the
+// argument by its name in the op's schema (`*b_ih`, an optional's value, is b_ih).
+constexpr const char* arg_name(const char* s) { return s[0] == '*' ? s + 1 : s; }
+#define CHECK_CPU(x)                                                                   \
+  TORCH_CHECK((x).device().is_cpu(), OP, ": ", arg_name(#x), " must be a CPU tensor, got ", \
+              (x).device())
+#define CHECK_DTYPE(x, dtype)                                                       \
+  TORCH_CHECK((x).scalar_type() == (dtype), OP, ": ", arg_name(#x), " has dtype ", \
+              (x).scalar_type(), ", expected ", (dtype))
+#define CHECK_SHAPE(x, ...)                                                            \
+  TORCH_CHECK_VALUE((x).sizes() == at::IntArrayRef({__VA_ARGS__}), OP, ": ",          \
+                    arg_name(#x), " must have shape ", at::IntArrayRef({__VA_ARGS__}), \
+                    ", got ", (x).sizes())
+#define CHECK_DIM(x, n)                                                                 \
+  TORCH_CHECK_VALUE((x).dim() == (n), OP, ": ", arg_name(#x), " must be ", (n),        \
+                    "-D, got shape ", (x).sizes())
 #define CHECK_ARG(x, dtype, ...) \
   CHECK_CPU(x);                  \
   CHECK_DTYPE(x, dtype);         \
@@ -64,11 +67,12 @@ inline at::ScalarType state_type(at::ScalarType t) {
   return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
 }
 
-inline void check_float_dtype(const char* OP, const at::Tensor& x) {
+inline void check_float_dtype(const char* OP, const char* name, const at::Tensor& x) {
   auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16, OP,
-              ": dtype ", t, " is not supported (float32, float64 or bfloat16)");
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16, OP, ": ", name,
+              " has dtype ", t, ", which is not supported (float32, float64 or bfloat16)");
 }
+#define CHECK_FLOAT(x) check_float_dtype(OP, arg_name(#x), x)
 
 // The checks every *_cell op shares: x [B, I] and w_hh [n_gates * H, H] on the CPU
 // in a supported dtype, then w_ih [G, I], h [B, H] and the optional biases [G] in
@@ -83,7 +87,7 @@ inline int64_t check_cell_args(const char* OP, int64_t n_gates, const at::Tensor
                                const std::optional<at::Tensor>& s_hh = std::nullopt) {
   CHECK_CPU(x);
   CHECK_DIM(x, 2);
-  check_float_dtype(OP, x);
+  CHECK_FLOAT(x);
   CHECK_CPU(w_hh);
   CHECK_DIM(w_hh, 2);
   const auto dt = x.scalar_type();
@@ -221,7 +225,7 @@ inline int64_t check_seq_args(const char* OP, int64_t n_gates, const at::Tensor&
                               const at::Tensor& w_ih, const std::optional<at::Tensor>& b,
                               const at::Tensor& w_hh, const at::Tensor* proj = nullptr) {
   CHECK_CPU(x);
-  check_float_dtype(OP, x);
+  CHECK_FLOAT(x);
   const auto dt = x.scalar_type();
   CHECK_CPU(w_hh);
   CHECK_DIM(w_hh, 2);

@@ -412,7 +412,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> generate(
                     ": cell must be lstm, gru, rnn_tanh or rnn_relu, got ", cell);
   CHECK_CPU(embedding);
   CHECK_DIM(embedding, 2);
-  check_float_dtype(OP, embedding);
+  CHECK_FLOAT(embedding);
   const auto dt = embedding.scalar_type();
   const int64_t L = static_cast<int64_t>(weights.size()) / 2, V = embedding.size(0);
   TORCH_CHECK_VALUE(L >= 1 && weights.size() % 2 == 0 && biases.size() == weights.size() &&

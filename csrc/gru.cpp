@@ -187,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Ten
   constexpr const char* OP = "fastchar::gru_fwd";
   CHECK_CPU(xp);
   CHECK_DIM(xp, 3);
-  check_float_dtype(OP, xp);
+  CHECK_FLOAT(xp);
   const auto dt = xp.scalar_type();
   const int64_t B = xp.size(1), G = xp.size(2), H = G / 3;
   TORCH_CHECK_VALUE(G % 3 == 0, OP, ": xp must be [T, B, 3H], got shape ", xp.sizes());
@@ -220,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(
     const std::optional<at::Tensor>& batch_sizes) {
   constexpr const char* OP = "fastchar::gru_bwd";
   CHECK_CPU(gates);
-  check_float_dtype(OP, gates);
+  CHECK_FLOAT(gates);
   const SeqSteps steps = seq_steps(OP, "gates", gates, batch_sizes);
   const auto dt = gates.scalar_type();
   const int64_t B = steps.B, G = gates.size(-1), H = G / 3;

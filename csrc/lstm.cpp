@@ -353,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   constexpr const char* OP = "fastchar::lstm_fwd";
   CHECK_CPU(xp);
   CHECK_DIM(xp, 3);
-  check_float_dtype(OP, xp);
+  CHECK_FLOAT(xp);
   const auto dt = xp.scalar_type();
   const int64_t B = xp.size(1), G = xp.size(2), H = G / 4;
   TORCH_CHECK_VALUE(G % 4 == 0, OP, ": xp must be [T, B, 4H], got shape ", xp.sizes());
@@ -389,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
     const std::optional<at::Tensor>& batch_sizes, bool bias_grad) {
   constexpr const char* OP = "fastchar::lstm_bwd";
   CHECK_CPU(gates);
-  check_float_dtype(OP, gates);
+  CHECK_FLOAT(gates);
   const SeqSteps steps = seq_steps(OP, "gates", gates, batch_sizes);
   const auto dt = gates.scalar_type();
   const int64_t B = steps.B, G = gates.size(-1), H = G / 4;
@@ -453,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstmp_bwd(
     const at::Tensor& cs, const std::optional<at::Tensor>& batch_sizes) {
   constexpr const char* OP = "fastchar::lstmp_bwd";
   CHECK_CPU(gates);
-  check_float_dtype(OP, gates);
+  CHECK_FLOAT(gates);
   const SeqSteps steps = seq_steps(OP, "gates", gates, batch_sizes);
   const auto dt = gates.scalar_type(), st = state_type(dt);
   CHECK_CPU(w_hr);

@@ -133,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& xp, const at::Tenso
   constexpr const char* OP = "fastchar::rnn_fwd";
   CHECK_CPU(xp);
   CHECK_DIM(xp, 3);
-  check_float_dtype(OP, xp);
+  CHECK_FLOAT(xp);
   const auto dt = xp.scalar_type();
   const int64_t B = xp.size(1), H = xp.size(2);
   check_sizes(OP, H);
@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& grad_out,
                                            const std::optional<at::Tensor>& batch_sizes) {
   constexpr const char* OP = "fastchar::rnn_bwd";
   CHECK_CPU(out);
-  check_float_dtype(OP, out);
+  CHECK_FLOAT(out);
   const SeqSteps steps = seq_steps(OP, "out", out, batch_sizes);
   const auto dt = out.scalar_type();
   const int64_t B = steps.B, H = out.size(-1);

@@ -48,7 +48,7 @@ at::Tensor mm_sum(at::TensorList a, at::TensorList b, bool trans_a) {
                       OP, ": term ", i, " has a ", a[i].sizes(), " and b ", b[i].sizes(),
                       ", which do not fit op(a) [", M, ", K] @ b [K, ", N, "]");
   }
-  check_float_dtype(OP, a[0]);
+  CHECK_FLOAT(a[0]);
   if (dt != at::kFloat && dt != at::kBFloat16) {
     auto out = at::zeros({M, N}, a[0].options());
     for (size_t i = 0; i < a.size(); ++i) {

@@ -660,9 +660,13 @@ BAD_FWD = {
     "half": (
         {k: v.half() for k, v in zip(["xp", "h0", "c0", "w_hh"], _lstm_fwd_args(), strict=True)},
         RuntimeError,
-        "Half is not supported",
+        "xp has dtype Half, which is not supported",
     ),
-    "int": (dict(xp=torch.zeros(3, 2, 16, dtype=torch.int32)), RuntimeError, "Int is not"),
+    "int": (
+        dict(xp=torch.zeros(3, 2, 16, dtype=torch.int32)),
+        RuntimeError,
+        "xp has dtype Int, which",
+    ),
 }
 
 
@@ -682,10 +686,12 @@ def test_bad_bwd_and_cell_input_names_the_argument():
     with pytest.raises(ValueError, match="hn must have shape"):
         g = torch.randn(3, 2, 12)
         torch.ops.fastchar.gru_bwd(out, h_n, w_hh[:12], h0, out, g, out[:, :1])
-    with pytest.raises(ValueError, match="b_ih must have shape"):
+    with pytest.raises(ValueError, match="rnn_cell: b_ih must have shape"):
         torch.ops.fastchar.rnn_cell(h0, h0, w_hh[:4], w_hh[:4], torch.zeros(5), None, False)
     with pytest.raises(RuntimeError, match="w_ih has dtype"):
         torch.ops.fastchar.gru_cell(h0, h0, w_hh[:12].double(), w_hh[:12], None, None)
+    with pytest.raises(RuntimeError, match="lstm_cell: b_hh has dtype Double"):
+        torch.ops.fastchar.lstm_cell(h0, h0, h0, w_hh, w_hh, None, w_hh[:, 0].double())
 
 
 def test_wrong_device_is_refused():
