@@ -2,6 +2,8 @@
 corpora it downloads (fastchar.training.corpora).
 
     $FASTCHAR_CACHE_DIR, else $XDG_CACHE_HOME/fastchar, else ~/.cache/fastchar
+
+(a leading ~ expanded; a relative XDG_CACHE_HOME ignored, as the XDG spec says).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 def cache_dir() -> Path:
     root = os.environ.get("FASTCHAR_CACHE_DIR")
     if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or "")
+        if not os.path.isabs(base):
+            base = os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(base, "fastchar")
-    return Path(root)
+    return Path(root).expanduser()

@@ -75,6 +75,11 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# Vocab.encode's characters per chunk (its buffers: 4 bytes a character for the code
+# points, 8 for the search's result).
+ENCODE_CHUNK = 1 << 20
+
+
 class Vocab:
     """Sorted set of characters; ids are positions in that order."""
 
@@ -113,20 +118,31 @@ class Vocab:
         return sorted(set(text) - self._stoi.keys())
 
     def encode(self, text: str) -> Tensor:
-        """``text`` as a LongTensor [N] of ids; ValueError naming any unknown characters."""
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(
-            np.int64
-        )
-        ids = np.searchsorted(self._codes, codes)
-        ids_clipped = np.minimum(ids, len(self._codes) - 1)
-        if codes.size and not np.array_equal(self._codes[ids_clipped], codes):
-            missing = ", ".join(repr(c) for c in self.unknown(text))
-            raise ValueError(f"characters not in the vocabulary: {missing}")
+        """``text`` as a LongTensor [N] of ids; ValueError naming any unknown characters.
+
+        A chunk of ``ENCODE_CHUNK`` characters at a time, so that the peak memory is the ids'
+        8 bytes a character and a chunk's buffers, not several text-sized arrays."""
+        ids = np.empty(len(text), dtype=np.int64)
+        last = len(self._codes) - 1
+        for start in range(0, len(text), ENCODE_CHUNK):
+            part = text[start : start + ENCODE_CHUNK]
+            codes = np.frombuffer(part.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            found = ids[start : start + len(part)]
+            found[:] = np.searchsorted(self._codes, codes)
+            if not np.array_equal(self._codes[np.minimum(found, last)], codes):
+                missing = ", ".join(repr(c) for c in self.unknown(text))
+                raise ValueError(f"characters not in the vocabulary: {missing}")
         return torch.from_numpy(ids)
 
     def decode(self, ids: Tensor | Sequence[int]) -> str:
         if isinstance(ids, Tensor):
+            if ids.is_floating_point() or ids.is_complex():
+                raise ValueError(f"ids must be integers, got a tensor of {ids.dtype}")
             ids = ids.reshape(-1).tolist()
+        else:
+            odd = sorted({type(i).__name__ for i in ids if not isinstance(i, (int, np.integer))})
+            if odd:
+                raise ValueError(f"ids must be integers, got {', '.join(odd)}")
         n = len(self.chars)
         bad = [i for i in ids if not 0 <= i < n]
         if bad:
@@ -191,17 +207,19 @@ def load_text(path: str | os.PathLike) -> str:
     a text saved on Windows trains (and samples) no "\\r". DataError saying what is wrong
     when it cannot be used."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError(f"data file not found: {path}")
-    if os.path.isdir(path):
-        raise DataError(f"data path is a directory, not a file: {path}")
     try:
+        if os.path.isdir(path):
+            raise DataError(f"data path is a directory, not a file: {path}")
         with open(path, "rb") as f:
             raw = f.read()
-    except OSError as e:
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except OSError as e:  # a permission denied on the file or a directory above it
         raise DataError(f"cannot read data file {path}: {e.strerror or e}") from None
     if not raw:
         raise DataError(f"data file is empty: {path}")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # what Windows calls "Unicode" text
+        raise DataError(f"data file is UTF-16 (or UTF-32) text; save it as UTF-8: {path}")
     if b"\x00" in raw:
         raise DataError(f"data file looks binary (it has NUL bytes), not text: {path}")
     try:
@@ -235,6 +253,13 @@ def split(ids: Tensor, val_frac: float = 0.1) -> tuple[Tensor, Tensor]:
     return ids[:cut], ids[cut:]
 
 
+def check_ids(data: Tensor, what: str = "data") -> None:
+    """ValueError unless ``data`` is a 1-D tensor of integer ids (what Vocab.encode returns)."""
+    if not isinstance(data, Tensor) or data.dim() != 1 or data.is_floating_point():
+        got = f"shape {list(data.shape)} {data.dtype}" if isinstance(data, Tensor) else type(data)
+        raise ValueError(f"{what} must be a 1-D tensor of ids [N], got {got}")
+
+
 def check_length(data: Tensor, block_size: int, what: str = "data") -> None:
     if len(data) < block_size + 1:
         raise DataError(
@@ -252,6 +277,7 @@ def get_batch(
     """
     if batch_size < 1 or block_size < 1:
         raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size}, {block_size}")
+    check_ids(data)
     check_length(data, block_size)
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # [B]
     idx = starts[:, None] + torch.arange(block_size + 1)  # [B, T+1]
@@ -274,6 +300,7 @@ class Streams:
             raise ValueError(
                 f"batch_size and block_size must be >= 1, got {batch_size}, {block_size}"
             )
+        check_ids(data, what)
         L = len(data) // batch_size
         if L < block_size + 1:
             raise DataError(

@@ -278,7 +278,7 @@ def _read(path: Path) -> dict | None:
     """The cache file's contents if it is one with this process's identity, else None."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: "[[[..."
         return None
     if not isinstance(data, dict) or {k: data.get(k) for k in _identity()} != _identity():
         return None  # another CPU, torch or fastchar: its timings say nothing here

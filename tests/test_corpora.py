@@ -26,6 +26,7 @@ class _Server:
 
     def __init__(self, files: dict[str, bytes]):
         self.files, self.requests = files, []
+        self.cut = set()  # paths whose reply promises 1000 bytes more than it sends
         served = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -33,7 +34,8 @@ class _Server:
                 served.requests.append(self.path)
                 body = served.files.get(self.path)
                 self.send_response(200 if body is not None else 404)
-                self.send_header("Content-Length", str(len(body or b"")))
+                extra = 1000 if self.path in served.cut else 0
+                self.send_header("Content-Length", str(len(body or b"") + extra))
                 self.end_headers()
                 self.wfile.write(body or b"")
 
@@ -104,6 +106,35 @@ def test_a_wrong_cached_file_is_fetched_again(served, data_dir):
     logged = []
     assert corpora.fetch(corpus, logged.append).read_bytes() == good
     assert "does not match" in logged[0] and server.requests == ["/good.txt"]
+
+
+def test_an_unreadable_cached_file_is_fetched_again(served, data_dir, monkeypatch):
+    server, corpus, good = served
+    data_dir.mkdir()
+    cached = data_dir / "tinyshakespeare.txt"
+    cached.write_bytes(good)
+    real_read = Path.read_bytes
+
+    def read_bytes(self):
+        if self == cached:
+            raise PermissionError(13, "Permission denied")
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    logged = []
+    assert corpora.fetch(corpus, logged.append) == cached
+    assert logged[0] == f"cannot read {cached} (Permission denied); fetching it again"
+
+
+def test_a_download_cut_short_is_one_line_and_not_cached(served, data_dir, tmp_path, capsys):
+    server, _, _ = served
+    server.cut.add("/good.txt")  # http.client's IncompleteRead, not an OSError
+    code = cli.main(["--data", "shakespeare", "--out", str(tmp_path / "r"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("fastchar.train: error: ")]
+    assert len(errors) == 1 and "cannot fetch the shakespeare corpus" in errors[0]
+    assert "IncompleteRead" in errors[0] and not (data_dir / "tinyshakespeare.txt").exists()
 
 
 def test_no_network_and_no_copy_says_where_to_put_the_file(served, data_dir):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tracemalloc
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +81,8 @@ def test_load_text_reads_line_ends_and_a_bom_as_text_mode_does(tmp_path, raw):
         ("empty", "empty"),
         ("binary", "binary"),
         ("latin1", "not UTF-8"),
+        ("utf16", "UTF-16 .*; save it as UTF-8"),  # not "binary" for its NUL bytes
+        ("under_a_file", "cannot read data file .*Not a directory"),  # not "not found"
     ],
 )
 def test_load_text_errors(tmp_path, case, match):
@@ -93,6 +97,11 @@ def test_load_text_errors(tmp_path, case, match):
         _write(path, b"abc\x00\x01\x02def")
     elif case == "latin1":
         _write(path, "caf\xe9 au lait".encode("latin-1"))
+    elif case == "utf16":
+        _write(path, "hello world\n".encode("utf-16"))
+    elif case == "under_a_file":
+        _write(path, b"text")
+        path = path / "child.txt"
     with pytest.raises(DataError, match=match) as info:
         data.load_text(path)
     assert str(path) in str(info.value)
@@ -132,6 +141,41 @@ def test_get_batch_is_seeded_and_covers_the_ends():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     starts = set(a[0][:, 0].tolist())
     assert starts == set(range(6))  # every valid start, and none past the last window
+
+
+def test_encode_in_chunks_is_exact_and_small(monkeypatch):
+    """Vocab.encode a chunk at a time: the same ids, an unknown character in any chunk named,
+    and a peak of the ids' 8 bytes a character and a chunk's buffers (it was ~36 bytes)."""
+    monkeypatch.setattr(data, "ENCODE_CHUNK", 7)
+    text = "the quick brown fox \U0001f98a jumps\n" * 5
+    vocab = Vocab.from_text(text)
+    assert vocab.encode(text).tolist() == [vocab.chars.index(c) for c in text]
+    with pytest.raises(ValueError, match="not in the vocabulary: '!'"):
+        vocab.encode(text + "!")  # in the last chunk
+    monkeypatch.setattr(data, "ENCODE_CHUNK", 1 << 16)
+    text = "abcdefgh" * (1 << 18)  # 2M characters
+    tracemalloc.start()
+    try:
+        ids = Vocab.from_text(text).encode(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(ids[:9], torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0]))
+    assert peak < 10 * len(text), peak / len(text)
+
+
+def test_bad_ids_are_a_value_error_naming_them():
+    vocab = Vocab.from_text("abc")
+    with pytest.raises(ValueError, match="ids must be integers, got a tensor of torch.float32"):
+        vocab.decode(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="ids must be integers, got float"):
+        vocab.decode([0, 1.5])
+    assert vocab.decode(np.array([2, 0])) == "ca"
+    for bad in (torch.arange(200).view(2, 100), torch.rand(200)):
+        with pytest.raises(ValueError, match=r"data must be a 1-D tensor of ids \[N\]"):
+            data.get_batch(bad, 2, 8)
+        with pytest.raises(ValueError, match=r"train data must be a 1-D tensor of ids"):
+            data.Streams(bad, 2, 8, "train data")
 
 
 def test_get_batch_exact_and_too_short():

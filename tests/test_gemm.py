@@ -351,7 +351,9 @@ def test_foreign_or_stale_cache_is_ignored_and_rewritten(tmp_path, changes):
 
 
 @pytest.mark.parametrize(
-    "content", [b"{not json", b"\xff\xfe\x00garbage", b"[1, 2, 3]", b""], ids=repr
+    "content",
+    [b"{not json", b"\xff\xfe\x00garbage", b"[1, 2, 3]", b"", b"[" * 200_000],  # RecursionError
+    ids=["not_json", "not_utf8", "a_list", "empty", "nested_too_deep"],
 )
 def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, content):
     plan.clear()
@@ -448,6 +450,11 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("FASTCHAR_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert plan.cache_path() == tmp_path / "xdg" / "fastchar" / "gemm-plan.json"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # not a cache next to each working dir
+    assert plan.cache_path() == tmp_path / "home" / ".cache" / "fastchar" / "gemm-plan.json"
+    monkeypatch.setenv("FASTCHAR_CACHE_DIR", "~/fc")  # not a directory named "~"
+    assert plan.cache_path() == tmp_path / "home" / "fc" / "gemm-plan.json"
 
 
 def test_info_prints_cpu_engines_and_plan():

@@ -177,6 +177,10 @@ def test_a_relative_data_path_resumes_from_another_directory(
     torch.save(ckpt, out / "ckpt.pt")
     assert cli.main(["--resume", "--out", str(out), "--steps", "5"]) == 0
     assert "Traceback" not in capsys.readouterr().err
+    # a relative --data given on resume is recorded absolute too
+    monkeypatch.chdir(text_file.parent)
+    assert cli.main(["--resume", "--data", text_file.name, "--out", str(out), "--steps", "6"]) == 0
+    assert json.loads((out / "config.json").read_text())["data"] == str(text_file)
 
 
 def test_resume_with_nothing_left_to_train_says_so(text_file, tmp_path, capsys):

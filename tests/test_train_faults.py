@@ -429,6 +429,7 @@ def test_resume_from_a_bad_checkpoint(gru_run, capsys, case, match):
         (["--warmup", "-3"], "--warmup must be >= 0"),
         (["--stateful", "--block-size", "5000"], "shorter than one window"),
         (["--out", ""], "--out must name a directory, got ''"),
+        (["--data", ""], "--data must name a corpus or a file, got ''"),
     ],
 )
 def test_more_bad_flags(text_file, tmp_path, capsys, flags, match):

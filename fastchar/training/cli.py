@@ -101,8 +101,9 @@ def run(given: dict, resume: bool = False) -> Trainer:
 
     Under torchrun this joins the process group first and leaves it on return.
     """
-    if given.get("out") == "":  # not the default run directory, silently
-        raise ConfigError("--out must name a directory, got ''")
+    for flag, what in (("out", "a directory"), ("data", "a corpus or a file")):
+        if given.get(flag) == "":  # not the default, nor the working directory, silently
+            raise ConfigError(f"--{flag} must name {what}, got ''")
     out = (
         given.get("out")
         or PRESETS.get(given.get("preset"), {}).get("out")
@@ -118,6 +119,7 @@ def run(given: dict, resume: bool = False) -> Trainer:
         recorded = ckpt.get("data_manifest", {}).get("path")
         if "data" not in given and is_file(cfg.data) and not os.path.exists(cfg.data) and recorded:
             cfg.data = recorded  # a relative --data of a run from another directory
+        cfg.data = data_path(cfg.data)
         if ckpt["step"] >= cfg.steps:
             raise ConfigError(
                 f"--resume: {ckpt_path} is at step {ckpt['step']} of --steps {cfg.steps}, so "

@@ -14,8 +14,8 @@ complete (written to a temp file and renamed).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import http.client
 import os
 import sys
 import urllib.error
@@ -56,7 +56,7 @@ NAMES = (DEFAULT, *FETCHED)
 def data_dir() -> Path:
     """Where fetched corpora live: $FASTCHAR_DATA_DIR, else the fastchar cache directory."""
     root = os.environ.get(DATA_DIR_ENV)
-    return Path(root) if root else cache_dir()
+    return Path(root).expanduser() if root else cache_dir()
 
 
 def _digest(raw: bytes) -> str:
@@ -72,10 +72,12 @@ def fetch(corpus: Corpus, log=None) -> Path:
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     path = data_dir() / corpus.filename
     if path.is_file():
-        with contextlib.suppress(OSError):
+        try:
             if _digest(path.read_bytes()) == corpus.sha256:
                 return path
-        log(f"{path} does not match the {corpus.name} corpus's SHA-256; fetching it again")
+            log(f"{path} does not match the {corpus.name} corpus's SHA-256; fetching it again")
+        except OSError as e:
+            log(f"cannot read {path} ({e.strerror or e}); fetching it again")
     instead = (
         f"put {corpus.filename} (SHA-256 {corpus.sha256}) into {path.parent} "
         f"(or set {DATA_DIR_ENV}), or pass --data PATH"
@@ -84,7 +86,8 @@ def fetch(corpus: Corpus, log=None) -> Path:
     try:
         with urllib.request.urlopen(corpus.url, timeout=60) as response:
             raw = response.read()
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        # HTTPException: a connection closed early (IncompleteRead), a malformed reply
         why = getattr(e, "reason", None) or e
         raise fdata.DataError(
             f"cannot fetch the {corpus.name} corpus from {corpus.url} ({why}); {instead}"
