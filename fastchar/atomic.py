@@ -40,6 +40,18 @@ def _mode_for(path: str) -> int:
 
 
 @contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError raised in the block without a file name (a full disk's, a file-size
+    limit's) gets ``path`` as its file name, so that the message says which file failed."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None and e.filename is None:
+            e.filename = os.fspath(path)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_write(
     path: str | os.PathLike, mode: str = "w", *, before_replace: Callable[[], None] | None = None
 ) -> Iterator[IO]:
@@ -54,19 +66,18 @@ def atomic_write(
         dir=directory, prefix=temp_prefix(os.path.basename(path)), suffix=TEMP_SUFFIX
     )
     try:
-        os.fchmod(fd, _mode_for(path))  # mkstemp's is 0600
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException as e:
+        with naming(path):
+            os.fchmod(fd, _mode_for(path))  # mkstemp's is 0600
+            with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            if before_replace is not None:
+                before_replace()
+            os.replace(tmp, path)
+    except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
-            e.filename = path  # a full disk's error names the file it could not write
         raise
     # The rename itself must reach the disk before the old file counts as replaced.
     with contextlib.suppress(OSError):

@@ -188,6 +188,25 @@ def test_a_failed_checkpoint_write_keeps_best_pt_and_ckpt_pt_agreed(
     assert val[best["step"]] == min(val.values())
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_metrics_on_a_full_disk_is_one_line_naming_the_file(
+    text_file, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    metrics = str(out / "metrics.jsonl")
+
+    def full_open(path, *args, **kwargs):  # metrics.jsonl's appends go to a full disk
+        return open("/dev/full" if path == metrics else path, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "open", full_open, raising=False)
+    assert cli.main(tiny_args(text_file, out)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"fastchar.train: error: [Errno 28] No space left on device: '{metrics}'"
+    )
+
+
 def test_torch_impl_failing_in_bfloat16_is_refused_before_the_run(
     text_file, tmp_path, capsys, monkeypatch
 ):

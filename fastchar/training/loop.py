@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from fastchar import data as fdata
 from fastchar import distributed
+from fastchar.atomic import naming
 from fastchar.training.checkpoint import (
     CKPT_FORMAT,
     CKPT_VERSION,
@@ -390,7 +391,8 @@ class Trainer:
         if best:
             self.best_val = losses["val"]
         if self.is_main:
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            path = os.path.join(out, "metrics.jsonl")
+            with naming(path), open(path, "a", encoding="utf-8") as f:  # appended in place
                 f.write(json.dumps(record) + "\n")
         ckpt = self.state_dict()
         if best:  # first: a run killed between the two resumes from the older ckpt.pt, whose
