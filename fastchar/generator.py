@@ -85,8 +85,10 @@ class Generator:
             )
         self._int8 = []
         with torch.no_grad():
-            for layer in range(self.model.rnn.num_layers):
-                w_ih, w_hh, _, _ = self.model.rnn._layer_params(layer, 0)
+            rnn = self.model.rnn
+            weights = rnn._weights()
+            for layer in range(rnn.num_layers):
+                w_ih, w_hh, _, _ = rnn._layer_params(weights, layer, 0)
                 (q_ih, s_ih), (q_hh, s_hh) = quantize_rows(w_ih), quantize_rows(w_hh)
                 w_ih.copy_(s_ih[:, None] * q_ih)
                 w_hh.copy_(s_hh[:, None] * q_hh)
@@ -166,8 +168,9 @@ class Generator:
     def _stream_cpp(self, logits, state, length, temperature, top_k, top_p, gen, chunk):
         m = self.model
         weights, biases, scales = [], [], []
+        named = m.rnn._weights()
         for layer in range(m.rnn.num_layers):
-            w_ih, w_hh, b_ih, b_hh = m.rnn._layer_params(layer, 0)
+            w_ih, w_hh, b_ih, b_hh = m.rnn._layer_params(named, layer, 0)
             biases += [b_ih, b_hh]
             if self._int8 is None:
                 weights += [w_ih, w_hh]

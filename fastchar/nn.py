@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from fastchar import ops
@@ -77,18 +78,26 @@ class _FastRNNMixin:
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, impl={self.impl!r}"
 
-    def _layer_params(self, layer: int, direction: int) -> list[Tensor | None]:
-        """[w_ih, w_hh, b_ih, b_hh] of one layer and direction (biases None without), and
-        the LSTM's w_hr where it has proj_size."""
+    def _weights(self) -> dict[str, Tensor]:
+        """The weights by name, as torch.nn's forward takes them: its list refreshed once
+        (a parametrized weight computed once, as there: a random one, weight dropout, draws
+        what torch.nn draws; torch.func.functional_call's tensors taken)."""
+        self._update_flat_weights()
+        return dict(zip(self._flat_weights_names, self._flat_weights, strict=True))
+
+    def _layer_params(
+        self, weights: dict[str, Tensor], layer: int, direction: int
+    ) -> list[Tensor | None]:
+        """[w_ih, w_hh, b_ih, b_hh] of one layer and direction from ``_weights()`` (biases
+        None without), and the LSTM's w_hr where it has proj_size."""
         sfx = f"_l{layer}" + ("_reverse" if direction else "")
-        weights = [getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx)]
-        if self.bias:
-            weights += [getattr(self, "bias_ih" + sfx), getattr(self, "bias_hh" + sfx)]
-        else:
-            weights += [None, None]
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        params = [weights[name + sfx] for name in names]
+        if not self.bias:
+            params += [None, None]
         if getattr(self, "proj_size", 0):
-            weights.append(getattr(self, "weight_hr" + sfx))
-        return weights
+            params.append(weights["weight_hr" + sfx])
+        return params
 
     # The errors raise the exception types torch.nn's RNNs raise for the same input
     # (ValueError for a wrong dtype or number of dimensions, RuntimeError for a wrong size),
@@ -125,16 +134,21 @@ class _FastRNNMixin:
 
     def _check_dtype(self, t: Tensor, what: str) -> None:
         """Outside autocast, ``t`` (the input) must have the weights' dtype, as in torch.nn."""
-        # as torch.nn checks it (no parametrization run), after torch.nn's refresh of the
-        # list: torch.func.functional_call swaps the parameters behind it
-        self._update_flat_weights()
-        weight = self._flat_weights[0]
-        if t.dtype != weight.dtype and not autocast_on(t.device):
+        dtype = self._weight_dtype()
+        if t.dtype != dtype and not autocast_on(t.device):
             raise ValueError(
                 f"{type(self).__name__}: {what} dtype ({t.dtype}) does not match weight dtype "
-                f"({weight.dtype}); convert the {what}: .to({weight.dtype}), or the module: "
-                f".to({t.dtype})"
+                f"({dtype}); convert the {what}: .to({dtype}), or the module: .to({t.dtype})"
             )
+
+    def _weight_dtype(self) -> torch.dtype:
+        """The first weight's dtype, read without computing a parametrization (that is
+        done once, by _weights() or torch.nn's forward): the attribute itself, which
+        torch.func.functional_call swaps, or a parametrized weight's original."""
+        name = self._flat_weights_names[0]
+        if parametrize.is_parametrized(self, name):
+            return self.parametrizations[name].original.dtype
+        return getattr(self, name).dtype
 
     def _states_in(self, hx, batched: bool, B: int) -> list[Tensor | None]:
         if hx is None:
@@ -207,6 +221,7 @@ class _FastRNNMixin:
         def reverse(t: Tensor) -> Tensor:
             return t.flip(0) if rows is None else t.index_select(0, rows)
 
+        weights = self._weights()
         finals: list[list[Tensor]] = [[] for _ in range(self._n_states)]
         for layer in range(self.num_layers):
             outs = []
@@ -214,7 +229,7 @@ class _FastRNNMixin:
                 idx = layer * D + d
                 s0 = [None if s is None else s[idx] for s in states]
                 xin = reverse(x) if d else x
-                params = self._layer_params(layer, d)
+                params = self._layer_params(weights, layer, d)
                 out, *s_n = self._layer(xin, s0, params, kind, batch_sizes)
                 outs.append(reverse(out) if d else out)
                 for acc, s in zip(finals, s_n, strict=True):
@@ -245,13 +260,14 @@ class _FastRNNMixin:
         B = x.shape[0]
         states = self._states_in(hx, True, B)
         widths = self._state_widths()
+        weights = self._weights()
         finals: list[list[Tensor]] = [[] for _ in range(self._n_states)]
         for layer in range(self.num_layers):
             s0 = [
                 x.new_zeros(B, w) if s is None else s[layer]
                 for s, w in zip(states, widths, strict=True)
             ]
-            s_n = self._cell(x, s0, self._layer_params(layer, 0), kind)
+            s_n = self._cell(x, s0, self._layer_params(weights, layer, 0), kind)
             x = s_n[0]
             for acc, s in zip(finals, s_n, strict=True):
                 acc.append(s)

@@ -116,7 +116,7 @@ def test_a_diverged_model_is_an_error_not_a_text(bad, temperature):
 def test_bad_arguments_name_themselves():
     cpp, _ = _pair("lstm", "tanh", layers=1)
     m = cpp.model
-    w = list(m.rnn._layer_params(0, 0))
+    w = list(m.rnn._layer_params(m.rnn._weights(), 0, 0))
     state = [torch.zeros(1, 2, 20), torch.zeros(1, 2, 20)]
     args = [torch.zeros(2, 30), state, m.embedding.weight, w[:2], w[2:], [None, None],
             m.head.weight, m.head.bias, "lstm", 3, 1.0, 0, 1.0, None]  # fmt: skip
@@ -215,7 +215,8 @@ def test_many_samples_are_each_sample_alone(kind, nonlinearity, weights):
     greedy ids as that sample alone (int8: on the int8 row kernel), to its final state."""
     cpp, _ = _pair(kind, nonlinearity, weights)
     m = cpp.model
-    params = [m.rnn._layer_params(layer, 0) for layer in range(m.rnn.num_layers)]
+    weights = m.rnn._weights()
+    params = [m.rnn._layer_params(weights, layer, 0) for layer in range(m.rnn.num_layers)]
     weights_ = [w for w_ih, w_hh, _, _ in params for w in (w_ih, w_hh)]
     biases = [b for _, _, b_ih, b_hh in params for b in (b_ih, b_hh)]
     scales = [None] * len(weights_)

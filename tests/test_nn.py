@@ -8,7 +8,9 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from parity import CELLS, assert_close, check_module_parity, flatten_out, make_pair
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 import fastchar.backends as backends
@@ -117,6 +119,45 @@ def test_step_matches_forward(cell, impl):
     assert_close(torch.stack(steps), out, torch.float64, "step outputs")
     for a, b in zip(flatten_out((None, hx))[1:], flatten_out((None, hx_full))[1:], strict=True):
         assert_close(a, b, torch.float64, "step state")
+
+
+class _CountedDropout(torch.nn.Module):
+    """A random parametrization (AWD-LSTM's weight dropout) that counts its runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.runs = 0
+
+    def forward(self, w):
+        self.runs += 1
+        return F.dropout(w, 0.5, training=True)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference", "torch"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_parametrized_weight_is_computed_as_torch_nn_computes_it(cell, impl):
+    """Once per forward, as torch.nn's forward does: a random one (weight dropout) draws
+    what torch.nn draws for a seed, so outputs and gradients are torch.nn's."""
+    ours, theirs = make_pair(cell, impl, 4, 6, dtype=torch.float32, num_layers=2)
+    for m in (ours, theirs):
+        parametrize.register_parametrization(m, "weight_hh_l0", _CountedDropout())
+    x = torch.randn(5, 3, 4)
+    outs, runs = [], []
+    for m in (ours, theirs):
+        torch.manual_seed(1)
+        m.parametrizations.weight_hh_l0[0].runs = 0
+        out, _ = m(x)
+        out.sum().backward()
+        outs.append((out, torch.rand(1)))  # the random stream after the forward too
+        runs.append(m.parametrizations.weight_hh_l0[0].runs)
+    assert runs[0] == runs[1]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    original = [m.parametrizations.weight_hh_l0.original.grad for m in (ours, theirs)]
+    torch.testing.assert_close(original[0], original[1], rtol=1e-4, atol=1e-5)
+    ours.parametrizations.weight_hh_l0[0].runs = 0
+    with torch.no_grad():
+        ours.step(x[0])
+    assert ours.parametrizations.weight_hh_l0[0].runs == runs[0]  # step: once as well
 
 
 def test_impl_can_change_after_construction():
