@@ -90,8 +90,10 @@ bool draw_rows(const at::Tensor& logits, int64_t k0, int64_t k1, double temperat
     std::iota(order.begin(), order.end(), 0);
     const bool truncated = (top_k > 0 && top_k < V) || top_p < 1.0;
     if (truncated) {  // likeliest first; without truncation any order draws alike
+      // by logit, not by weight: at a large temperature distinct logits' weights round
+      // to one value, and top_k=1 must still be the argmax
       std::stable_sort(order.begin(), order.end(),
-                       [&](int64_t a, int64_t b) { return p[a] > p[b]; });
+                       [&](int64_t a, int64_t b) { return row[a] > row[b]; });
     }
     int64_t n = top_k > 0 && top_k < V ? top_k : V;
     double total = 0.0;

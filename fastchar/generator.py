@@ -14,6 +14,7 @@ elsewhere each new character is one ``CharRNN.step`` for all samples together.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 
 import torch
@@ -21,12 +22,12 @@ import torch.nn.functional as F
 
 from fastchar import data as fdata
 from fastchar.backends import IMPLS, cpp_loaded, resolve
-from fastchar.model import CharRNN, check_sampling, count_arg, draw
+from fastchar.model import CharRNN, check_sampling, count_arg, draw, real_arg
 from fastchar.training.checkpoint import load_checkpoint, model_from_checkpoint
 from fastchar.training.device import pick_device
 
 WEIGHTS = ("float32", "bfloat16", "int8")
-SCORE_WINDOW = 4096  # characters per forward when scoring (the state carries over)
+SCORE_WINDOW = 4096  # characters per forward scoring or priming (the state carries over)
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,13 +132,16 @@ class Generator:
         chunk: int = 64,
     ) -> Iterator[torch.Tensor]:
         """The generated ids in chunks [num_samples, <= chunk] as they are drawn."""
+        if not isinstance(prime, str):
+            raise ValueError(f"prime must be a str, got {type(prime).__name__}")
         if not prime:
             raise ValueError("prime must not be empty")
         length, top_k = check_sampling(length, temperature, top_k)
         num_samples = count_arg("num_samples", num_samples, 1)
-        if top_p is not None and not 0 < top_p <= 1:
+        chunk = count_arg("chunk", chunk, 1)
+        if top_p is not None and not 0 < real_arg("top_p", top_p) <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if seed is not None and not -(2**63) <= seed < 2**64:
+        if seed is not None and count_arg("seed", seed, -(2**63)) >= 2**64:
             raise ValueError(f"seed must fit in 64 bits, got {seed}")
         if top_k is not None:  # k >= the vocabulary keeps every id (and fits the C++ op)
             top_k = min(top_k, len(self.vocab))
@@ -147,7 +151,9 @@ class Generator:
             gen.seed()
         else:
             gen.manual_seed(seed)
-        logits, state = self.model(ids[None])  # [1, P, V]
+        state = None
+        for i in range(0, len(ids), SCORE_WINDOW):  # a long prime a window at a time
+            logits, state = self.model(ids[None, i : i + SCORE_WINDOW], state)  # [1, W, V]
         logits = logits[:, -1].expand(num_samples, -1)  # [K, V]
         state = _repeat_state(state, num_samples)
         if self.in_cpp:
@@ -221,4 +227,8 @@ class Generator:
             y = ids[i + 1 : i + 1 + SCORE_WINDOW]
             logits, state = self.model(x[:, : len(y)], state)
             total += F.cross_entropy(logits[0].float(), y, reduction="sum").item()
+        if not math.isfinite(total):
+            raise RuntimeError(
+                "the model's logits are NaN or inf, so the text has no score (a diverged model?)"
+            )
         return total / (len(ids) - 1)

@@ -6,6 +6,7 @@ Shape letters: B batch, T time, E embedding, H hidden, V vocabulary, L layers.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
@@ -142,11 +143,19 @@ def count_arg(name: str, value: object, least: int) -> int:
     return n
 
 
-def check_sampling(length: object, temperature: float, top_k: object) -> tuple[int, int | None]:
+def real_arg(name: str, value: object) -> float:
+    """A real-number argument (a Python or numpy int or float, not a bool) as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def check_sampling(length: object, temperature: object, top_k: object) -> tuple[int, int | None]:
     """The samplers' arguments checked (ValueError naming the bad one): ``length`` an integer
     >= 0, ``temperature`` finite and >= 0 (0: greedy), ``top_k`` None or an integer >= 1.
     Returns (length, top_k) as ints."""
     length = count_arg("length", length, 0)
+    temperature = real_arg("temperature", temperature)
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     return length, None if top_k is None else count_arg("top_k", top_k, 1)
@@ -156,22 +165,28 @@ def _probs(
     logits: Tensor, temperature: float, top_k: int | None, top_p: float | None = None
 ) -> Tensor:
     """Next-character probabilities [B, V] from logits [B, V]: temperature, then the top-k
-    likeliest, then the smallest set whose probability reaches top_p (nucleus). Ties are
-    ranked by id, lowest first (stable sorts), as the C++ sampling loop ranks them: top_k
-    keeps exactly k ids, so top_k=1 is the argmax. The logits less their row's largest go
-    through the temperature in float64, as in the C++ loop: a tiny temperature gives 0 and
-    -inf (the argmax), never an overflow to inf and a NaN."""
+    likeliest, then the smallest set whose probability reaches top_p (nucleus). Both rank by
+    logit (not by probability, which a large temperature rounds to equal values), ties by
+    id, lowest first (a stable sort), as the C++ sampling loop ranks them: top_k keeps
+    exactly k ids, so top_k=1 is the argmax, and top_p keeps at least the likeliest. The
+    logits less their row's largest go through the temperature in float64, as in the C++
+    loop: a tiny temperature gives 0 and -inf (the argmax), never an overflow to inf and a
+    NaN."""
     top = logits.max(-1, keepdim=True).values
     scaled = ((logits.double() - top.double()) / temperature).to(logits.dtype)
-    if top_k is not None and top_k < logits.shape[-1]:
-        keep = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top_k]
-        drop = torch.ones_like(logits, dtype=torch.bool).scatter(-1, keep, False)
+    cut_k = top_k is not None and top_k < logits.shape[-1]
+    cut_p = top_p is not None and top_p < 1.0
+    if cut_k or cut_p:
+        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+    if cut_k:
+        drop = torch.ones_like(logits, dtype=torch.bool).scatter(-1, order[..., :top_k], False)
         scaled = scaled.masked_fill(drop, float("-inf"))
     probs = F.softmax(scaled, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    if cut_p:
+        sorted_p = probs.gather(-1, order)
         before = sorted_p.cumsum(-1) - sorted_p  # probability of the likelier ones
-        drop_sorted = before >= top_p  # never the likeliest (before = 0)
+        drop_sorted = before >= top_p
+        drop_sorted[..., 0] = False  # never the likeliest (a top_p that is 0 in float32)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)

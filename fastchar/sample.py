@@ -25,6 +25,7 @@ from fastchar.training.errors import (
     ConfigError,
     TrainError,
     environment_error,
+    first_line,
     stdout_failed,
 )
 
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (RuntimeError, MemoryError) as e:
         why = environment_error(e, "use a smaller --num-samples or --length")
+        if why is None and "(a diverged model?)" in str(e):  # a checkpoint's weights
+            why = first_line(e).removeprefix("fastchar::generate: ")
         if why is None:
             raise
         print(f"{PROG}: error: {why}", file=sys.stderr)

@@ -96,6 +96,20 @@ def test_a_tiny_temperature_draws_the_argmax():
     assert torch.equal(_draws(logits, 2_000, 1e-300), torch.eye(6)[3])
 
 
+@pytest.mark.parametrize("temperature", [1e7, 1e30, 1e300])
+def test_a_huge_temperature_still_ranks_by_logit(temperature):
+    """top_k and top_p rank by logit: at a huge temperature every weight rounds to one
+    value, and ranking by weight kept the lowest ids instead of the likeliest."""
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0, 4.0, 3.0]])
+    assert torch.equal(_draws(logits, 200, temperature, top_k=1), torch.eye(6)[2])
+    assert torch.equal(_probs(logits, temperature, 1)[0], torch.eye(6)[2])
+    kept = (_draws(logits, 2_000, temperature, top_k=2) > 0).tolist()
+    assert kept == [False, False, True, False, True, False]
+    assert (_probs(logits, temperature, 2)[0] > 0).tolist() == kept
+    assert torch.equal(_draws(logits, 200, temperature, top_p=1e-9), torch.eye(6)[2])
+    assert torch.equal(_probs(logits, temperature, None, 1e-9)[0], torch.eye(6)[2])
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_a_diverged_model_is_an_error_not_a_text(bad, temperature):

@@ -48,6 +48,28 @@ def test_stream_chunks_are_the_generated_text(gen):
     assert gen.generate("dog", 0, num_samples=2) == ["dog", "dog"]
 
 
+def test_a_top_p_below_float32_keeps_the_likeliest():
+    """A top_p of 1e-50 is 0 in float32: every id was dropped and the row became NaN."""
+    logits = torch.tensor([[0.5, 2.0, 1.0]])
+    assert torch.equal(_probs(logits, 1.0, None, 1e-50), torch.tensor([[0.0, 1.0, 0.0]]))
+    assert draw(logits, 1.0, None, 1e-300).tolist() == [1]
+
+
+def test_a_long_prime_runs_a_window_at_a_time(gen, monkeypatch):
+    """Its state carries over from window to window: the same text as one forward (which
+    held the whole prime's activations and logits at once)."""
+    prime = TEXT[:1000]
+    want = gen.generate(prime, 30, num_samples=2, temperature=1.0, seed=4)
+    monkeypatch.setattr(generator, "SCORE_WINDOW", 300)
+    calls = []
+    forward = gen.model.forward
+    monkeypatch.setattr(
+        gen.model, "forward", lambda x, s=None: calls.append(x.shape) or forward(x, s)
+    )
+    assert gen.generate(prime, 30, num_samples=2, temperature=1.0, seed=4) == want
+    assert [c[1] for c in calls] == [300, 300, 300, 100]
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.1, 0.4, 0.2, 0.3]]))
     probs = _probs(logits, 1.0, None, 0.8)
@@ -100,6 +122,22 @@ def test_bad_arguments_are_clear_errors(gen, run_dir):  # noqa: F811
             gen.generate("the", 5, **kwargs)
     with pytest.raises(ValueError, match="length must be an integer"):
         gen.generate("the", 5.0)
+    for kwargs, match in [
+        (dict(temperature=None), "temperature must be a number, got None"),
+        (dict(temperature="1"), "temperature must be a number, got '1'"),
+        (dict(top_p="0.5"), "top_p must be a number"),
+        (dict(seed=1.5), "seed must be an integer"), (dict(seed=True), "seed must be an"),
+        (dict(seed="1"), "seed must be an integer"), (dict(seed=2**64), "seed must fit"),
+        (dict(seed=-(2**63) - 1), "seed must be >="),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            gen.generate("the", 5, **kwargs)
+    with pytest.raises(ValueError, match="prime must be a str, got bytes"):
+        gen.generate(b"the", 5)
+    for chunk in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="chunk must be"):
+            list(gen.stream("the", 5, chunk=chunk))
+    assert gen.generate("the", 3, temperature=np.float32(0.5), top_p=np.float64(0.9), seed=1)
     assert gen.generate("the", np.int64(3), num_samples=np.int32(2), top_k=np.int64(2), seed=1)
     with pytest.raises(ValueError, match="impl must be one of"):  # not the checkpoint's fault
         Generator.from_checkpoint(str(run_dir), impl="bogus")
@@ -144,6 +182,25 @@ def test_cli_tags_every_line_of_a_multi_line_prime(run_dir, capsys):  # noqa: F8
     code, out, _ = run_sample(capsys, "--ckpt", str(run_dir), "--prime", "cat\ndog\n",
                               "--length", "0", "--num-samples", "2")  # fmt: skip
     assert code == 0 and out == "[1] cat\n[1] dog\n[2] cat\n[2] dog\n"
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_cli_a_model_whose_logits_overflow_is_one_line(run_dir, tmp_path, capsys, impl):  # noqa: F811
+    """Finite weights (the checkpoint loads) whose logits overflow to +-inf: sampling and
+    --score are the diverged-model line and exit 1, not a traceback or a score of nan."""
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ckpt["model"]["rnn.bias_ih_l1"][:] = 50.0  # every gate open: each top-layer h >= tanh(1)
+    ckpt["model"]["head.weight"][0] = 3e38  # so logit 0 overflows to +inf
+    torch.save(ckpt, tmp_path / "overflow.pt")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT[:200])
+    for flags in (["--prime", "the"], ["--score", str(text)]):
+        code, out, err = run_sample(capsys, "--ckpt", str(tmp_path / "overflow.pt"),
+                                    "--impl", impl, *flags)  # fmt: skip
+        assert code == 1 and "nan" not in out and "Traceback" not in err, (out, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("fastchar.sample: error: the model's logits are NaN or")
+        assert last.endswith("(a diverged model?)")
 
 
 class _NoT(io.StringIO):
