@@ -178,11 +178,33 @@ def skip_zero_grads(ctx) -> None:
 
 def keep_unsaved(ctx, *tensors: Tensor | None) -> None:
     """For a sequence op's setup_context: inputs that only a create_graph backward reads (the
-    biases: the kernels' backward never does), kept on ctx with their versions rather than
-    saved, so that changing one in place before a plain backward is no error, as with
-    torch.nn; ``differentiable_grads`` refuses to re-run the layer from a changed one."""
+    biases: the kernels' backward never does; see save_projected), kept on ctx with their
+    versions rather than saved, so that changing one in place before a plain backward is no
+    error, as with torch.nn; ``differentiable_grads`` refuses to re-run the layer from a
+    changed one."""
     ctx.unsaved = tensors
     ctx.unsaved_versions = [None if t is None else t._version for t in tensors]
+
+
+def save_projected(
+    ctx, x: Tensor, w_ih: Tensor, needs: tuple[bool, bool], *rest: Tensor, biases=()
+) -> None:
+    """For a setup_context of a sequence op that projects its input inside its loop: saves
+    ``rest`` and, of x and w_ih, what the plain backward reads (x for w_ih's gradient, w_ih
+    for x's; ``needs``: whether x and w_ih need theirs); the other one and the ``biases``
+    are kept unsaved (``keep_unsaved``), so that changing one in place before a plain
+    backward is no error, as with torch.nn's GRU and RNN (a frozen w_ih edited, an input x
+    that needs no gradient reused). ``saved_projected`` gives them back."""
+    keep_x, keep_w = needs[1], needs[0]
+    ctx.save_for_backward(x if keep_x else None, w_ih if keep_w else None, *rest)
+    keep_unsaved(ctx, *biases, None if keep_x else x, None if keep_w else w_ih)
+
+
+def saved_projected(ctx) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor | None]]:
+    """(x, w_ih, rest, biases) as ``save_projected`` kept them."""
+    x, w_ih, *rest = ctx.saved_tensors
+    *biases, unsaved_x, unsaved_w = ctx.unsaved
+    return unsaved_x if x is None else x, unsaved_w if w_ih is None else w_ih, rest, biases
 
 
 def differentiable_grads(ctx, layer, inputs: tuple, grad_outputs: tuple) -> tuple | None:
@@ -205,8 +227,9 @@ def differentiable_grads(ctx, layer, inputs: tuple, grad_outputs: tuple) -> tupl
     for t, version in zip(ctx.unsaved, ctx.unsaved_versions, strict=True):
         if t is not None and t._version != version:
             raise RuntimeError(
-                "fastchar: a bias was modified in place between the forward and a backward "
-                "with create_graph=True, which re-runs the layer from its inputs as they were"
+                "fastchar: an input of the layer (a bias, or x or w_ih where the other needs no "
+                "gradient) was modified in place between the forward and a backward with "
+                "create_graph=True, which re-runs the layer from its inputs as they were"
             )
     wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and ctx.needs_input_grad[i]]
     # one alias per argument slot: a tensor passed in two (h0 and c0, or w_ih and w_hh)

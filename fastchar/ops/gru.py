@@ -27,12 +27,13 @@ from fastchar.ops._common import (
     check_args,
     differentiable_grads,
     grads_or_zeros,
-    keep_unsaved,
     linear,
     previous_states,
     projection_grads,
     refuse_create_graph,
     resolve_cell,
+    save_projected,
+    saved_projected,
     skip_zero_grads,
     states_or_zeros,
     torch_params,
@@ -112,16 +113,16 @@ def _autograd_backward(bwd, op: str):
 def _setup_seq(ctx, inputs, output):
     x, h0, w_ih, b_x, w_hh, b_hn, batch_sizes = inputs
     out, _, gates, hn = output
-    ctx.save_for_backward(x, w_ih, h0, w_hh, out, gates, hn)
-    keep_unsaved(ctx, b_x, b_hn)
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+    save_projected(ctx, x, w_ih, needs, h0, w_hh, out, gates, hn, biases=(b_x, b_hn))
     ctx.has_bias = b_x is not None
     ctx.batch_sizes = batch_sizes
     skip_zero_grads(ctx)
 
 
 def _seq_backward(ctx, grad_out, grad_h_n, _grad_gates, _grad_hn):
-    x, w_ih, *saved = ctx.saved_tensors
-    (h0, w_hh), (b_x, b_hn) = saved[:2], ctx.unsaved
+    x, w_ih, saved, (b_x, b_hn) = saved_projected(ctx)
+    h0, w_hh = saved[:2]
     inputs = (x, h0, w_ih, b_x, w_hh, b_hn, ctx.batch_sizes)
     second = differentiable_grads(ctx, _reference_seq, inputs, (grad_out, grad_h_n))
     if second is not None:

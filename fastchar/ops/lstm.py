@@ -30,12 +30,13 @@ from fastchar.ops._common import (
     check_args,
     differentiable_grads,
     grads_or_zeros,
-    keep_unsaved,
     linear,
     previous_states,
     projection_grads,
     refuse_create_graph,
     resolve_cell,
+    save_projected,
+    saved_projected,
     skip_zero_grads,
     states_or_zeros,
     torch_params,
@@ -167,16 +168,16 @@ if cpp_loaded():
 def _setup_seq(ctx, inputs, output):
     x, h0, c0, w_ih, bias, w_hh, batch_sizes = inputs
     out, _, _, gates, cs = output
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, out, gates, cs)
-    keep_unsaved(ctx, bias)
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3])
+    save_projected(ctx, x, w_ih, needs, h0, c0, w_hh, out, gates, cs, biases=(bias,))
     ctx.has_bias = bias is not None
     ctx.batch_sizes = batch_sizes
     skip_zero_grads(ctx)
 
 
 def _seq_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs):
-    x, h0, c0, w_ih, w_hh, out, gates, cs = ctx.saved_tensors
-    bs, (bias,) = ctx.batch_sizes, ctx.unsaved
+    x, w_ih, (h0, c0, w_hh, out, gates, cs), (bias,) = saved_projected(ctx)
+    bs = ctx.batch_sizes
     inputs = (x, h0, c0, w_ih, bias, w_hh, bs)
     second = differentiable_grads(ctx, _reference_seq, inputs, (grad_out, grad_h_n, grad_c_n))
     if second is not None:
@@ -217,16 +218,16 @@ def _fake_proj_bwd(grad_out, grad_h_n, grad_c_n, w_hh, w_hr, c0, gates, cs, batc
 def _setup_proj_seq(ctx, inputs, output):
     x, h0, c0, w_ih, bias, w_hh, w_hr, batch_sizes = inputs
     out, _, _, gates, cs, rs = output
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, out, gates, cs, rs)
-    keep_unsaved(ctx, bias)
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3])
+    save_projected(ctx, x, w_ih, needs, h0, c0, w_hh, w_hr, out, gates, cs, rs, biases=(bias,))
     ctx.has_bias = bias is not None
     ctx.batch_sizes = batch_sizes
     skip_zero_grads(ctx)
 
 
 def _proj_seq_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cs, _grad_rs):
-    x, h0, c0, w_ih, w_hh, w_hr, out, gates, cs, rs = ctx.saved_tensors
-    bs, (bias,) = ctx.batch_sizes, ctx.unsaved
+    x, w_ih, (h0, c0, w_hh, w_hr, out, gates, cs, rs), (bias,) = saved_projected(ctx)
+    bs = ctx.batch_sizes
     inputs = (x, h0, c0, w_ih, bias, w_hh, w_hr, bs)
     second = differentiable_grads(ctx, _reference_proj_seq, inputs, (grad_out, grad_h_n, grad_c_n))
     if second is not None:

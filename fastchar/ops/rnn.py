@@ -23,12 +23,13 @@ from fastchar.ops._common import (
     autocast_inputs,
     check_args,
     differentiable_grads,
-    keep_unsaved,
     linear,
     previous_states,
     projection_grads,
     refuse_create_graph,
     resolve_cell,
+    save_projected,
+    saved_projected,
     states_or_zeros,
     torch_params,
     weight_grad,
@@ -137,13 +138,13 @@ def _setup_seq(ctx, inputs, output):
     ctx.relu = relu
     ctx.has_bias = bias is not None
     ctx.batch_sizes = batch_sizes
-    ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
-    keep_unsaved(ctx, bias)
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+    save_projected(ctx, x, w_ih, needs, h0, w_hh, output[0], biases=(bias,))
 
 
 def _seq_backward(ctx, grad_out, grad_h_n):
-    x, h0, w_ih, w_hh, out = ctx.saved_tensors
-    bs, (bias,) = ctx.batch_sizes, ctx.unsaved
+    x, w_ih, (h0, w_hh, out), (bias,) = saved_projected(ctx)
+    bs = ctx.batch_sizes
     inputs = (x, h0, w_ih, bias, w_hh, ctx.relu, bs)
     second = differentiable_grads(ctx, _reference_seq, inputs, (grad_out, grad_h_n))
     if second is not None:
