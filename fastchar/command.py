@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from fastchar.training.errors import stdout_failed
+from fastchar.training.errors import drop_closed_stderr, stdout_failed
 
 # name -> (module whose main(argv) runs it, what it does)
 COMMANDS = {
@@ -27,6 +27,7 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    drop_closed_stderr()
     if not argv:
         print(usage(), file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fastchar.atomic import atomic_write
-from fastchar.training.errors import stdout_failed
+from fastchar.training.errors import drop_closed_stderr, stdout_failed
 
 PROG = "fastchar.plot"
 FILENAME = "loss.png"
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
     p.add_argument("--out", metavar="FILE.png", help=f"default: RUN_DIR/{FILENAME} of the first")
     args = p.parse_args(argv)
+    drop_closed_stderr()
     try:
         path = plot_runs(args.runs, args.out)
     except PlotError as e:

@@ -24,6 +24,7 @@ from fastchar.training.errors import (
     CheckpointError,
     ConfigError,
     TrainError,
+    drop_closed_stderr,
     environment_error,
     first_line,
     stdout_failed,
@@ -176,6 +177,7 @@ def _write_lines(out, i: int, text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    drop_closed_stderr()
     try:
         run(build_parser().parse_args(argv))
     except SystemExit as e:  # --help

@@ -285,6 +285,25 @@ def test_an_unwritable_stdout_is_one_line(run_dir, what):
     assert proc.stderr.strip().splitlines()[-1] == f"fastchar.sample: error: {why}"
 
 
+def test_a_closed_stderr_keeps_its_lines_out_of_the_sample(run_dir):
+    """`2>&-`: Python's sys.stderr is None and print(file=None) wrote to stdout, so the
+    impl line landed in the sample; the output is the same as with stderr open."""
+    command = shlex.join([sys.executable, "-m", "fastchar.sample", "--ckpt", str(run_dir),
+                          "--prime", "the", "--length", "30", "--seed", "2"])  # fmt: skip
+    outs = [
+        subprocess.run(
+            ["sh", "-c", f"exec {command} {redirect}"],
+            cwd=REPO,
+            text=True,
+            capture_output=True,
+            timeout=120,
+        )  # fmt: skip
+        for redirect in ("", "2>&-")
+    ]
+    assert outs[0].returncode == outs[1].returncode == 0, outs[1].stdout
+    assert outs[1].stdout == outs[0].stdout and outs[0].stdout.startswith("the")
+
+
 def test_a_training_impl_that_cannot_run_here_samples_with_fused(
     run_dir, tmp_path, capsys, monkeypatch
 ):

@@ -36,6 +36,7 @@ from fastchar.training.errors import (
     CheckpointError,
     ConfigError,
     TrainError,
+    drop_closed_stderr,
     environment_error,
     first_line,
     stdout_failed,
@@ -272,6 +273,7 @@ def _plot(out: str, log) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    drop_closed_stderr()
     try:
         given, resume = parse_args(argv)
         run(given, resume)

@@ -19,6 +19,14 @@ class CheckpointError(TrainError):
     pass
 
 
+def drop_closed_stderr() -> None:
+    """Started with stderr closed (``2>&-``), Python sets sys.stderr to None, and
+    ``print(..., file=sys.stderr)`` then writes to stdout: the CLIs' notes and errors would
+    land in their output (a sample, a report). They go to devnull instead."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # for the rest of the process
+
+
 def stdout_failed(prog: str, e: OSError) -> int:
     """The CLIs' end after an error writing stdout: one line on stderr (none for a closed
     pipe: its reader has what it wanted) and exit status 1. stdout is pointed at devnull, so
