@@ -39,6 +39,15 @@ def _mode_for(path: str) -> int:
         return 0o666 & ~umask
 
 
+def _is_special(path: str) -> bool:
+    """Whether ``path`` is something other than a regular file or a directory."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # none yet (or unreadable: the write will say)
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 @contextlib.contextmanager
 def naming(path: str | os.PathLike) -> Iterator[None]:
     """An OSError raised in the block without a file name (a full disk's, a file-size
@@ -57,10 +66,17 @@ def atomic_write(
 ) -> Iterator[IO]:
     """A file object (text, UTF-8, unless ``mode`` has "b") that replaces ``path`` on exit.
 
+    A ``path`` that is a device, a FIFO or a socket (``--out /dev/null``) is written in
+    place, as open() writes it: the rename would replace the device with a file (as root).
+
     ``before_replace`` runs with the temp file complete and closed, just before the rename
     (a test hook: a kill there must leave the old file).
     """
     path = os.fspath(path)
+    if _is_special(path):
+        with naming(path), open(path, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+        return
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(
         dir=directory, prefix=temp_prefix(os.path.basename(path)), suffix=TEMP_SUFFIX

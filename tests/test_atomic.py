@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 
 import pytest
 
@@ -25,6 +26,21 @@ def test_atomic_write_replaces_the_file(tmp_path):
         f.write(b"\x00\x01")
     assert path.read_bytes() == b"\x00\x01"
     assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_a_fifo_or_device_is_written_in_place_not_replaced(tmp_path):
+    """`--out /dev/null`: a special file is written as open() writes it; the rename put a
+    regular file in its place (as root, over /dev/null itself). A FIFO stands in for it."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    with atomic_write(fifo, "wb") as f:
+        f.write(b"results")
+    reader.join(timeout=30)
+    assert got == [b"results"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert os.listdir(tmp_path) == ["fifo"]  # no temp file either
 
 
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
