@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+import fastchar
 import fastchar.ops as ops
 from fastchar import plan
 from fastchar.backends import cpp_loaded, interpreter_on, triton_version, why_not
@@ -224,7 +225,9 @@ def load_average() -> list[float] | None:
 
 
 def git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The commit of the checkout the imported fastchar package is in (the code timed,
+    wherever run.py is), "-dirty" with changes; "unknown" outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastchar.__file__)))
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
@@ -261,6 +264,7 @@ def environment(device: torch.device | str, dtype: torch.dtype) -> dict:
         "python": platform.python_version(),
         "cpp_extension": cpp_loaded(),
         "fastchar_commit": git_commit(),
+        "fastchar_path": os.path.dirname(os.path.abspath(fastchar.__file__)),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "loadavg_start": load_average(),
     }

@@ -209,11 +209,17 @@ def bench_layers(cells, shapes, impls, dtype, device, cfg) -> list[dict]:
     for cell in cells:
         for s in shapes:
             print(f"timing {cell} {s.label()} ...", file=sys.stderr, flush=True)
-            case = bench.make_layer_case(cell, s, dtype, device)
             group = {
                 impl: {"cell": cell, **vars(s), "dtype": str(dtype)[6:], "impl": impl}
                 for impl in impls
             }
+            try:
+                case = bench.make_layer_case(cell, s, dtype, device)
+            except (RuntimeError, MemoryError) as e:  # a shape too large for this machine
+                why = f"inputs: {str(e).splitlines()[0]}"
+                print(f"  {cell} {s.label()}: FAILED {why}", file=sys.stderr)
+                rows += [g | {"error": why} for g in group.values()]
+                continue
             # fwd and fwd+bwd of every impl share the rounds, so load hits all columns alike.
             calls = {
                 (impl, mode): partial(call, impl)
@@ -727,7 +733,8 @@ def print_extras(result: dict) -> None:
         m = result["sampling"][0]
         print(
             f"Sampling: CharRNN.step, {m['layers']}x{m['hidden']} {m['model']}, batch 1 and "
-            f"{SAMPLE_BATCH} (x{SAMPLE_BATCH}: ms per character of each sample), no grad"
+            f"{SAMPLE_BATCH} (x{SAMPLE_BATCH}: a step's time / {SAMPLE_BATCH}, per character "
+            "generated; x torch: against torch at batch 1), no grad"
         )
         _print_results(
             ["impl", "ms/char", "char/s", "x torch", "x reference", "x batch 1"],
@@ -826,7 +833,8 @@ def write_plot(path: str, rows: list[dict], env: dict) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as f:  # a PNG at exactly ``path`` (savefig adds ".png")
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -848,7 +856,9 @@ def _unwritable(path: str | None) -> str | None:
     """Why a results file cannot be written at ``path`` (None: it can, or none is asked)."""
     if path is None:
         return None
-    if not path or os.path.isdir(path):
+    if not path:
+        return "is empty, not a file name"
+    if path.endswith(os.sep) or os.path.isdir(path):
         return "is a directory, not a file"
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
@@ -859,6 +869,14 @@ def _unwritable(path: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # Ctrl-C: no results file was written (atomic_write)
+        print("benchmarks/run.py: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print(
@@ -877,6 +895,19 @@ def main(argv: list[str] | None = None) -> int:
         if why:  # said before the run, not after it, when its results would be lost
             print(f"benchmarks/run.py: {flag} {path}: {why}", file=sys.stderr)
             return 2
+    if args.plot is not None:
+        why = None
+        if not args.plot.lower().endswith(".png"):
+            why = "the plot is a PNG: name a .png file"
+        elif importlib.util.find_spec("matplotlib") is None:
+            why = "matplotlib is not installed (pip install matplotlib)"
+        if why:
+            print(f"benchmarks/run.py: --plot {args.plot}: {why}", file=sys.stderr)
+            return 2
+    if "gemm" in args.parts and "layers" not in args.parts:
+        print("benchmarks/run.py: --parts gemm relates the layers part's cpp rows to the "
+              "GEMM engines: add layers", file=sys.stderr)  # fmt: skip
+        return 2
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return 0
@@ -915,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
 
     skipped = {}
     impls = []
-    for impl in args.impls or list(bench.KERNEL_IMPLS):
+    for impl in dict.fromkeys(args.impls or bench.KERNEL_IMPLS):  # each once, in order
         reason = bench.runnable(impl, device.type)
         if reason is None:
             impls.append(impl)
@@ -924,6 +955,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping impl {impl}: {reason}")
     if skipped:
         print()
+    if not impls:
+        print("benchmarks/run.py: no impl left to run on this machine", file=sys.stderr)
+        return 2
 
     result = {"env": env, "settings": {"quick": args.quick, "cells": args.cells}}
     result["settings"] |= {"impls": impls, "parts": args.parts, "timing": cfg["layer"]}

@@ -23,7 +23,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    return subprocess.call([sys.executable, str(RUNNER), *argv])
+    runner = subprocess.Popen([sys.executable, str(RUNNER), *argv])
+    while True:
+        try:
+            code = runner.wait()
+            break
+        except KeyboardInterrupt:  # Ctrl-C reached run.py too: it says so and exits
+            continue
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
 
 
 if __name__ == "__main__":

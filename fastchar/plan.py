@@ -51,11 +51,20 @@ _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (elsewhere platform.processor())."""
+    """The CPU's model name from /proc/cpuinfo with its family and model numbers, which a
+    VM's generic name ("AMD EPYC": a Zen 3 and a Zen 4 alike) leaves out; elsewhere
+    platform.processor()."""
     try:
+        fields = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():  # the first processor's block ends
+                break
+            fields.setdefault(key.strip(), value.strip())
+        name = fields.get("model name")
+        if name:
+            numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
+            return f"{name} ({', '.join(numbers)})" if numbers else name
     except OSError:
         pass
     return platform.processor() or platform.machine()

@@ -147,6 +147,10 @@ def test_bad_shapes_is_one_line_error(run_main, capsys):
         (["--json", "/nonexistent-dir/x.json"], "--json /nonexistent-dir/x.json: no directory"),
         (["--json", "."], "--json .: is a directory"),
         (["--plot", "/nonexistent-dir/x.png"], "--plot /nonexistent-dir/x.png: no directory"),
+        (["--json", ""], "--json : is empty, not a file name"),
+        (["--json", "x.json/"], "--json x.json/: is a directory"),  # not a temp file's error
+        (["--plot", "bench.txt"], "--plot bench.txt: the plot is a PNG: name a .png file"),
+        (["--parts", "gemm"], "--parts gemm relates the layers part's cpp rows"),
     ],
 )
 def test_bad_flags_are_refused_before_the_run(run_main, capsys, argv, match):
@@ -155,6 +159,36 @@ def test_bad_flags_are_refused_before_the_run(run_main, capsys, argv, match):
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing timed
     assert match in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_nothing_left_to_run_is_an_error(run_main, capsys):
+    assert run_main(["--quick", "--impls", "triton,triton", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("skipping impl triton") == 1  # a name given twice runs once
+    assert captured.err.strip() == "benchmarks/run.py: no impl left to run on this machine"
+
+
+def test_ctrl_c_is_one_line_and_no_results_file(run_module, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "bench_layers", interrupted)
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--impls", "torch", "--parts", "layers", "--json", str(out)]
+    assert run_module.main(argv) == 130
+    assert capsys.readouterr().err.strip() == "benchmarks/run.py: interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shape_too_large_fails_its_rows_and_the_run_goes_on(run_main, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--shapes", "1,1,1,100000000;2,4,8,16", "--cells", "rnn_tanh"]
+    argv += ["--impls", "reference,torch", "--parts", "layers", "--json", str(out)]
+    assert run_main(argv) == 1
+    assert "FAILED inputs: " in capsys.readouterr().out
+    rows = json.loads(out.read_text())["layers"]
+    assert [("error" in r, r["H"]) for r in rows] == [(True, 10**8)] * 2 + [(False, 16)] * 2
+    assert _positive(rows[2]["tokens_per_s_fwd_bwd"])
 
 
 def test_a_sample_model_of_no_units_is_refused(run_main, capsys):

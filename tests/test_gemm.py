@@ -9,6 +9,7 @@ Shape letters: M rows of A, N columns of op(W), K the reduced dimension.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -455,6 +456,18 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert plan.cache_path() == tmp_path / "home" / ".cache" / "fastchar" / "gemm-plan.json"
     monkeypatch.setenv("FASTCHAR_CACHE_DIR", "~/fc")  # not a directory named "~"
     assert plan.cache_path() == tmp_path / "home" / "fc" / "gemm-plan.json"
+
+
+def test_cpu_model_has_its_family_and_model(tmp_path, monkeypatch):
+    """A VM names a Zen 3 and a Zen 4 alike ("AMD EPYC"): the numbers tell them apart, in
+    info, the benchmarks' header and the plan cache's identity."""
+    cpuinfo = tmp_path / "cpuinfo"
+    block = "processor\t: {}\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+    cpuinfo.write_text(block.format(0) + "\n" + block.format(1).replace("17", "99"))
+    monkeypatch.setattr(plan, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else Path(p))
+    assert plan.cpu_model() == "AMD EPYC (cpu family 25, model 17)"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert plan.cpu_model() == "Some CPU"
 
 
 def test_info_prints_cpu_engines_and_plan():
