@@ -226,16 +226,19 @@ def load_average() -> list[float] | None:
 
 def git_commit() -> str:
     """The commit of the checkout the imported fastchar package is in (the code timed,
-    wherever run.py is), "-dirty" with changes; "unknown" outside a git checkout."""
+    wherever run.py is), "-dirty" with changes; "unknown" where the package is not a
+    checkout's (an install into a site-packages inside some repository included)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastchar.__file__)))
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
+        top, sha = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "--short=12", "HEAD"],
             cwd=root,
             capture_output=True,
             text=True,
             check=True,
-        ).stdout.strip()
+        ).stdout.split()
+        if os.path.realpath(top) != os.path.realpath(root):
+            return "unknown"
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=root,
@@ -243,7 +246,7 @@ def git_commit() -> str:
             text=True,
             check=True,
         ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    except (OSError, ValueError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
 

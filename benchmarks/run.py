@@ -51,6 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from fastchar.atomic import atomic_write  # noqa: E402
 from fastchar.training.config import MAX_THREADS  # noqa: E402
+from fastchar.training.errors import out_of_memory  # noqa: E402
 
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
 PARTS = ("layers", "gemm", "sample", "train", "memory", "packed", "proj")
@@ -215,8 +216,10 @@ def bench_layers(cells, shapes, impls, dtype, device, cfg) -> list[dict]:
             }
             try:
                 case = bench.make_layer_case(cell, s, dtype, device)
-            except (RuntimeError, MemoryError) as e:  # a shape too large for this machine
-                why = f"inputs: {str(e).splitlines()[0]}"
+            except (RuntimeError, MemoryError) as e:
+                if out_of_memory(e) is None:  # a bug, not a shape too large for this machine
+                    raise
+                why = f"inputs: {out_of_memory(e)}"
                 print(f"  {cell} {s.label()}: FAILED {why}", file=sys.stderr)
                 rows += [g | {"error": why} for g in group.values()]
                 continue

@@ -218,7 +218,7 @@ def load_text(path: str | os.PathLike) -> str:
         raise DataError(f"cannot read data file {path}: {e.strerror or e}") from None
     if not raw:
         raise DataError(f"data file is empty: {path}")
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # what Windows calls "Unicode" text
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):  # Windows' "Unicode"
         raise DataError(f"data file is UTF-16 (or UTF-32) text; save it as UTF-8: {path}")
     if b"\x00" in raw:
         raise DataError(f"data file looks binary (it has NUL bytes), not text: {path}")

@@ -144,7 +144,10 @@ def count_arg(name: str, value: object, least: int) -> int:
 
 
 def real_arg(name: str, value: object) -> float:
-    """A real-number argument (a Python or numpy int or float, not a bool) as a float."""
+    """A real-number argument (a Python or numpy int or float, or a one-number real tensor;
+    not a bool) as a float."""
+    if isinstance(value, Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return float(value)

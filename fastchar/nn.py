@@ -79,9 +79,10 @@ class _FastRNNMixin:
         return f"{super().extra_repr()}, impl={self.impl!r}"
 
     def _weights(self) -> dict[str, Tensor]:
-        """The weights by name, as torch.nn's forward takes them: its list refreshed once
-        (a parametrized weight computed once, as there: a random one, weight dropout, draws
-        what torch.nn draws; torch.func.functional_call's tensors taken)."""
+        """The weights by name, as torch.nn's forward takes them: its list refreshed once, so
+        a parametrized weight is computed as many times as torch.nn's forward computes it
+        (a random one, weight dropout, draws what torch.nn draws); torch.func.functional_call's
+        tensors are taken."""
         self._update_flat_weights()
         return dict(zip(self._flat_weights_names, self._flat_weights, strict=True))
 
@@ -143,11 +144,13 @@ class _FastRNNMixin:
 
     def _weight_dtype(self) -> torch.dtype:
         """The first weight's dtype, read without computing a parametrization (that is
-        done once, by _weights() or torch.nn's forward): the attribute itself, which
-        torch.func.functional_call swaps, or a parametrized weight's original."""
+        left to _weights() or torch.nn's forward): the attribute itself, which
+        torch.func.functional_call swaps, or a parametrized weight's (first) original:
+        weight_norm has two, original0 and original1."""
         name = self._flat_weights_names[0]
         if parametrize.is_parametrized(self, name):
-            return self.parametrizations[name].original.dtype
+            chain = self.parametrizations[name]
+            return (chain.original if chain.is_tensor else chain.original0).dtype
         return getattr(self, name).dtype
 
     def _states_in(self, hx, batched: bool, B: int) -> list[Tensor | None]:

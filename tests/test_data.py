@@ -82,6 +82,7 @@ def test_load_text_reads_line_ends_and_a_bom_as_text_mode_does(tmp_path, raw):
         ("binary", "binary"),
         ("latin1", "not UTF-8"),
         ("utf16", "UTF-16 .*; save it as UTF-8"),  # not "binary" for its NUL bytes
+        ("utf32be", "UTF-16 .*; save it as UTF-8"),
         ("under_a_file", "cannot read data file .*Not a directory"),  # not "not found"
     ],
 )
@@ -99,6 +100,8 @@ def test_load_text_errors(tmp_path, case, match):
         _write(path, "caf\xe9 au lait".encode("latin-1"))
     elif case == "utf16":
         _write(path, "hello world\n".encode("utf-16"))
+    elif case == "utf32be":
+        _write(path, "hello world\n".encode("utf-32-be").join([b"\x00\x00\xfe\xff", b""]))
     elif case == "under_a_file":
         _write(path, b"text")
         path = path / "child.txt"

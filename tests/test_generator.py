@@ -138,6 +138,7 @@ def test_bad_arguments_are_clear_errors(gen, run_dir):  # noqa: F811
         with pytest.raises(ValueError, match="chunk must be"):
             list(gen.stream("the", 5, chunk=chunk))
     assert gen.generate("the", 3, temperature=np.float32(0.5), top_p=np.float64(0.9), seed=1)
+    assert gen.generate("the", 3, temperature=torch.tensor(0.5), top_p=torch.tensor(0.9))
     assert gen.generate("the", np.int64(3), num_samples=np.int32(2), top_k=np.int64(2), seed=1)
     with pytest.raises(ValueError, match="impl must be one of"):  # not the checkpoint's fault
         Generator.from_checkpoint(str(run_dir), impl="bogus")

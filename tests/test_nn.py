@@ -121,6 +121,25 @@ def test_step_matches_forward(cell, impl):
         assert_close(a, b, torch.float64, "step state")
 
 
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+@pytest.mark.parametrize("impl", ["fused", "reference", "torch"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_norm_parametrization_on_the_first_weight_is_torch_nns(cell, impl, norm):
+    """weight_norm keeps two originals (original0, original1), spectral_norm one: the dtype
+    check read `.original` and failed every forward of a weight_norm'd weight_ih_l0."""
+    ours, theirs = make_pair(cell, impl, 4, 6, dtype=torch.float32)
+    for m in (ours, theirs):
+        getattr(torch.nn.utils.parametrizations, norm)(m, "weight_ih_l0")
+    theirs.load_state_dict(ours.state_dict())  # spectral_norm's random u and v too
+    x = torch.randn(5, 3, 4)
+    (out, _), (want, _) = ours(x), theirs(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        ours.step(x[0])
+    with pytest.raises(ValueError, match="does not match weight dtype"):
+        ours(x.double())
+
+
 class _CountedDropout(torch.nn.Module):
     """A random parametrization (AWD-LSTM's weight dropout) that counts its runs."""
 

@@ -186,25 +186,23 @@ def keep_unsaved(ctx, *tensors: Tensor | None) -> None:
     ctx.unsaved_versions = [None if t is None else t._version for t in tensors]
 
 
-def save_projected(
-    ctx, x: Tensor, w_ih: Tensor, needs: tuple[bool, bool], *rest: Tensor, biases=()
-) -> None:
+def save_projected(ctx, x: Tensor, w_ih: Tensor, x_needs_grad: bool, *rest: Tensor, biases=()):
     """For a setup_context of a sequence op that projects its input inside its loop: saves
-    ``rest`` and, of x and w_ih, what the plain backward reads (x for w_ih's gradient, w_ih
-    for x's; ``needs``: whether x and w_ih need theirs); the other one and the ``biases``
-    are kept unsaved (``keep_unsaved``), so that changing one in place before a plain
-    backward is no error, as with torch.nn's GRU and RNN (a frozen w_ih edited, an input x
-    that needs no gradient reused). ``saved_projected`` gives them back."""
-    keep_x, keep_w = needs[1], needs[0]
-    ctx.save_for_backward(x if keep_x else None, w_ih if keep_w else None, *rest)
-    keep_unsaved(ctx, *biases, None if keep_x else x, None if keep_w else w_ih)
+    x and ``rest``, and w_ih only where x needs its gradient (the plain backward reads it
+    for nothing else); otherwise w_ih is kept unsaved, as the ``biases`` are
+    (``keep_unsaved``), so that a frozen w_ih changed in place between the forward and the
+    backward is no error, as with torch.nn. x itself is always saved: an activation kept
+    on ctx would outlive the backward and miss saved-tensor hooks (save_on_cpu).
+    ``saved_projected`` gives them back."""
+    ctx.save_for_backward(x, w_ih if x_needs_grad else None, *rest)
+    keep_unsaved(ctx, *biases, None if x_needs_grad else w_ih)
 
 
 def saved_projected(ctx) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor | None]]:
     """(x, w_ih, rest, biases) as ``save_projected`` kept them."""
     x, w_ih, *rest = ctx.saved_tensors
-    *biases, unsaved_x, unsaved_w = ctx.unsaved
-    return unsaved_x if x is None else x, unsaved_w if w_ih is None else w_ih, rest, biases
+    *biases, unsaved_w = ctx.unsaved
+    return x, unsaved_w if w_ih is None else w_ih, rest, biases
 
 
 def differentiable_grads(ctx, layer, inputs: tuple, grad_outputs: tuple) -> tuple | None:
@@ -227,9 +225,9 @@ def differentiable_grads(ctx, layer, inputs: tuple, grad_outputs: tuple) -> tupl
     for t, version in zip(ctx.unsaved, ctx.unsaved_versions, strict=True):
         if t is not None and t._version != version:
             raise RuntimeError(
-                "fastchar: an input of the layer (a bias, or x or w_ih where the other needs no "
-                "gradient) was modified in place between the forward and a backward with "
-                "create_graph=True, which re-runs the layer from its inputs as they were"
+                "fastchar: an input of the layer (a bias, or w_ih where x needs no gradient) was "
+                "modified in place between the forward and a backward with create_graph=True, "
+                "which re-runs the layer from its inputs as they were"
             )
     wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and ctx.needs_input_grad[i]]
     # one alias per argument slot: a tensor passed in two (h0 and c0, or w_ih and w_hh)

@@ -113,8 +113,8 @@ def _autograd_backward(bwd, op: str):
 def _setup_seq(ctx, inputs, output):
     x, h0, w_ih, b_x, w_hh, b_hn, batch_sizes = inputs
     out, _, gates, hn = output
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2])
-    save_projected(ctx, x, w_ih, needs, h0, w_hh, out, gates, hn, biases=(b_x, b_hn))
+    need_x = ctx.needs_input_grad[0]
+    save_projected(ctx, x, w_ih, need_x, h0, w_hh, out, gates, hn, biases=(b_x, b_hn))
     ctx.has_bias = b_x is not None
     ctx.batch_sizes = batch_sizes
     skip_zero_grads(ctx)

@@ -168,8 +168,8 @@ if cpp_loaded():
 def _setup_seq(ctx, inputs, output):
     x, h0, c0, w_ih, bias, w_hh, batch_sizes = inputs
     out, _, _, gates, cs = output
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3])
-    save_projected(ctx, x, w_ih, needs, h0, c0, w_hh, out, gates, cs, biases=(bias,))
+    need_x = ctx.needs_input_grad[0]
+    save_projected(ctx, x, w_ih, need_x, h0, c0, w_hh, out, gates, cs, biases=(bias,))
     ctx.has_bias = bias is not None
     ctx.batch_sizes = batch_sizes
     skip_zero_grads(ctx)
@@ -218,8 +218,8 @@ def _fake_proj_bwd(grad_out, grad_h_n, grad_c_n, w_hh, w_hr, c0, gates, cs, batc
 def _setup_proj_seq(ctx, inputs, output):
     x, h0, c0, w_ih, bias, w_hh, w_hr, batch_sizes = inputs
     out, _, _, gates, cs, rs = output
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3])
-    save_projected(ctx, x, w_ih, needs, h0, c0, w_hh, w_hr, out, gates, cs, rs, biases=(bias,))
+    need_x = ctx.needs_input_grad[0]
+    save_projected(ctx, x, w_ih, need_x, h0, c0, w_hh, w_hr, out, gates, cs, rs, biases=(bias,))
     ctx.has_bias = bias is not None
     ctx.batch_sizes = batch_sizes
     skip_zero_grads(ctx)

@@ -138,8 +138,8 @@ def _setup_seq(ctx, inputs, output):
     ctx.relu = relu
     ctx.has_bias = bias is not None
     ctx.batch_sizes = batch_sizes
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2])
-    save_projected(ctx, x, w_ih, needs, h0, w_hh, output[0], biases=(bias,))
+    need_x = ctx.needs_input_grad[0]
+    save_projected(ctx, x, w_ih, need_x, h0, w_hh, output[0], biases=(bias,))
 
 
 def _seq_backward(ctx, grad_out, grad_h_n):
