@@ -22,12 +22,12 @@ import torch.nn.functional as F
 
 from fastchar import data as fdata
 from fastchar.backends import IMPLS, cpp_loaded, resolve
-from fastchar.model import CharRNN, check_sampling, count_arg, draw, real_arg
+from fastchar.model import PRIME_WINDOW, CharRNN, check_sampling, count_arg, draw, real_arg
 from fastchar.training.checkpoint import load_checkpoint, model_from_checkpoint
 from fastchar.training.device import pick_device
 
 WEIGHTS = ("float32", "bfloat16", "int8")
-SCORE_WINDOW = 4096  # characters per forward scoring or priming (the state carries over)
+SCORE_WINDOW = PRIME_WINDOW  # characters per forward scoring or priming (the state carries over)
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,10 +151,8 @@ class Generator:
             gen.seed()
         else:
             gen.manual_seed(seed)
-        state = None
-        for i in range(0, len(ids), SCORE_WINDOW):  # a long prime a window at a time
-            logits, state = self.model(ids[None, i : i + SCORE_WINDOW], state)  # [1, W, V]
-        logits = logits[:, -1].expand(num_samples, -1)  # [K, V]
+        logits, state = self.model.prime(ids[None], window=SCORE_WINDOW)  # [1, V]
+        logits = logits.expand(num_samples, -1)  # [K, V]
         state = _repeat_state(state, num_samples)
         if self.in_cpp:
             yield from self._stream_cpp(

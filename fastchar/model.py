@@ -18,6 +18,7 @@ from fastchar.ops._common import linear
 
 MODEL_KINDS = tuple(MODULES)
 NONLINEARITIES = ("tanh", "relu")
+PRIME_WINDOW = 4096  # characters per forward when priming (CharRNN.prime)
 
 
 class CharRNN(nn.Module):
@@ -85,6 +86,14 @@ class CharRNN(nn.Module):
         logits = self._head(self.drop(out))  # [B, T, V]
         return logits, state
 
+    def prime(self, idx: Tensor, state=None, window: int = PRIME_WINDOW):
+        """(logits [B, V] after the last of idx [B, T], the state then), ``window`` steps
+        at a time with the state carried over: a long prime holds one window's activations
+        and logits at a time, not all T's."""
+        for i in range(0, idx.shape[1], window):
+            logits, state = self(idx[:, i : i + window], state)
+        return logits[:, -1], state
+
     def step(self, idx: Tensor, state=None):
         x = self.embedding(idx)  # [B, E]
         out, state = self.rnn.step(x, state)  # [B, H]
@@ -107,8 +116,8 @@ class CharRNN(nn.Module):
         """Sample ``length`` ids after ``prime`` [P] (P >= 1); returns the new ids [length].
         ``temperature=0`` is greedy (the argmax), as in ``draw`` and the Generator.
 
-        The prime runs through ``forward`` once; every new character is one
-        ``step``, carrying the recurrent state, never re-running the prefix.
+        The prime runs through ``forward`` (``prime``: a window at a time); every new
+        character is one ``step``, carrying the recurrent state, never re-running the prefix.
         """
         if prime.dim() != 1 or prime.numel() < 1:
             raise ValueError("prime must be a non-empty 1-D tensor of ids")
@@ -117,8 +126,7 @@ class CharRNN(nn.Module):
         self.eval()
         try:
             device = self.head.weight.device
-            logits, state = self(prime.to(device)[None])  # [1, P, V]
-            logits = logits[:, -1]  # [1, V]
+            logits, state = self.prime(prime.to(device)[None])  # [1, V]
             out = torch.empty(length, dtype=torch.long)
             for t in range(length):
                 nxt = draw(logits, temperature, top_k, generator=generator)  # [1]

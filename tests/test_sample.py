@@ -64,6 +64,18 @@ def test_step_matches_forward(kind, impl):
     torch.testing.assert_close(state, final, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_prime_a_window_at_a_time_is_one_forward(kind):
+    torch.manual_seed(0)
+    model = CharRNN(11, model=kind, emb_dim=5, hidden=7, layers=2, impl="fused").eval()
+    idx = torch.randint(0, 11, (3, 10))  # [B, T]
+    with torch.no_grad():
+        full, final = model(idx)
+        last, state = model.prime(idx, window=3)  # windows of 3, 3, 3, 1
+    torch.testing.assert_close(last, full[:, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, final, rtol=1e-5, atol=1e-5)
+
+
 def test_generate_uses_step_not_the_prefix(monkeypatch):
     model = CharRNN(5, hidden=8, layers=1, impl="reference")
     calls = {"forward": 0, "step": 0}
