@@ -6,6 +6,7 @@ with it); this runs that script with the same flags (``--help`` lists them).
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     runner = subprocess.Popen([sys.executable, str(RUNNER), *argv])
+    interrupted = False
     while True:
         try:
-            code = runner.wait()
+            code = runner.wait(timeout=2 if interrupted else None)
             break
-        except KeyboardInterrupt:  # Ctrl-C reached run.py too: it says so and exits
-            continue
+        except KeyboardInterrupt:  # a terminal's Ctrl-C reaches run.py too: it says so
+            interrupted = True
+        except subprocess.TimeoutExpired:  # a SIGINT sent to this process alone: pass it on
+            runner.send_signal(signal.SIGINT)
+            interrupted = False
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
 
 

@@ -9,6 +9,9 @@ import importlib.util
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -260,3 +263,28 @@ def test_packed_and_proj_parts(run_module, tmp_path, capsys, monkeypatch):
     for r in data["packed"] + proj:
         assert _positive(r["fwd_bwd_ms"]) and "error" not in r
     assert next(r for r in proj if r["impl"] == "torch")["vs_torch"] == 1.0
+
+
+@pytest.mark.parametrize("to", ["the group", "fastchar.bench alone"])
+def test_ctrl_c_through_fastchar_bench_is_one_line_and_exit_130(to):
+    """A terminal's Ctrl-C reaches fastchar.bench and run.py together; a SIGINT sent to
+    fastchar.bench alone is passed on. Either way run.py says so once, and no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastchar.bench", "--shapes", "64,512,64,256", "--cells", "lstm",
+         "--impls", "reference", "--parts", "layers"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )  # fmt: skip
+    assert "timing lstm" in proc.stderr.readline()  # run.py is timing
+    if to == "the group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # nothing stopped it (the SIGINT was not passed on)
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "benchmarks/run.py: interrupted", err
+    assert "Traceback" not in err
