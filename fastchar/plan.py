@@ -23,6 +23,7 @@ RuntimeError when this CPU cannot run it).
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import platform
@@ -50,36 +51,38 @@ _DTYPE_CODES = {torch.float32: 6, torch.bfloat16: 15}  # c10::ScalarType values
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo with its family and model numbers, which a
-    VM's generic name ("AMD EPYC": a Zen 3 and a Zen 4 alike) leaves out; elsewhere
-    platform.processor()."""
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo, read once per process ({} where there
+    is none): the plan cache's identity asks for them at every read and save."""
+    fields: dict[str, str] = {}
     try:
-        fields = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if not key.strip():  # the first processor's block ends
                 break
             fields.setdefault(key.strip(), value.strip())
-        name = fields.get("model name")
-        if name:
-            numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
-            return f"{name} ({', '.join(numbers)})" if numbers else name
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo with its family and model numbers, which a
+    VM's generic name ("AMD EPYC": a Zen 3 and a Zen 4 alike) leaves out; elsewhere
+    platform.processor()."""
+    fields = _cpuinfo()
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine()
+    numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
+    return f"{name} ({', '.join(numbers)})" if numbers else name
 
 
 def cpu_flags() -> list[str]:
     """The instruction-set flags that decide which engines run, as /proc/cpuinfo lists them."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in _FLAGS if f in have]
-    except OSError:
-        pass
-    return []
+    have = set(_cpuinfo().get("flags", "").split())
+    return [f for f in _FLAGS if f in have]
 
 
 def step_shapes(n_gates: int, B: int, H: int, threads: int | None = None) -> dict:
