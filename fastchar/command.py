@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from fastchar.training.errors import drop_closed_stderr, stdout_failed
+from fastchar.training.errors import drop_closed_stderr, print_stdout
 
 # name -> (module whose main(argv) runs it, what it does)
 COMMANDS = {
@@ -34,11 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in ("-h", "--help", "-V", "--version"):
         from fastchar import __version__
 
-        try:
-            print(usage() if argv[0] in ("-h", "--help") else f"fastchar {__version__}", flush=True)
-        except OSError as e:  # a full disk, a reader that closed the pipe
-            return stdout_failed("fastchar", e)
-        return 0
+        return print_stdout(
+            "fastchar", usage() if argv[0] in ("-h", "--help") else f"fastchar {__version__}"
+        )
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(

@@ -13,7 +13,7 @@ import torch
 import fastchar.ops  # noqa: F401  (loads the extension and the plan's cache file)
 from fastchar import __version__, plan
 from fastchar.backends import IMPLS, cpp_loaded, interpreter_on, resolve, triton_version, why_not
-from fastchar.training.errors import drop_closed_stderr, stdout_failed
+from fastchar.training.errors import drop_closed_stderr, print_stdout
 
 # Per-thread step GEMMs of DESIGN section 5's grid: (B, H) for an LSTM layer.
 PLAN_SHAPES = ((32, 256), (64, 512), (1, 256), (8, 512))
@@ -115,12 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     about = "Versions, and which impls can run on which device (and why not)."
     argparse.ArgumentParser(prog="python -m fastchar.info", description=about).parse_args(argv)
     drop_closed_stderr()
-    text = report()
-    try:
-        print(text, flush=True)
-    except OSError as e:  # a full disk, a reader that closed the pipe
-        return stdout_failed("fastchar.info", e)
-    return 0
+    return print_stdout("fastchar.info", report())
 
 
 if __name__ == "__main__":

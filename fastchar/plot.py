@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fastchar.atomic import atomic_write
-from fastchar.training.errors import drop_closed_stderr, stdout_failed
+from fastchar.training.errors import drop_closed_stderr, print_stdout
 
 PROG = "fastchar.plot"
 FILENAME = "loss.png"
@@ -106,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except PlotError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    try:
-        print(path, flush=True)
-    except OSError as e:  # a full disk, a reader that closed the pipe
-        return stdout_failed(PROG, e)
-    return 0
+    return print_stdout(PROG, path)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from fastchar.training.errors import (
     drop_closed_stderr,
     environment_error,
     first_line,
-    stdout_failed,
+    print_stdout,
 )
 from fastchar.training.loop import Trainer
 from fastchar.training.progress import Progress
@@ -257,10 +257,9 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
         if cfg.sample_length > 0 and world.is_main:
             text = trainer.sample(cfg.sample_length)
             log(f"sample ({cfg.sample_length} chars, temperature 0.8):")
-            try:
-                print(text, flush=True)
-            except OSError as e:  # a full disk, a reader that closed the pipe
-                raise SystemExit(stdout_failed(PROG, e)) from None
+            code = print_stdout(PROG, text)
+            if code:
+                raise SystemExit(code)
     return trainer
 
 

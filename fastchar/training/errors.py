@@ -27,6 +27,16 @@ def drop_closed_stderr() -> None:
         sys.stderr = open(os.devnull, "w")  # for the rest of the process
 
 
+def print_stdout(prog: str, text: object) -> int:
+    """``print(text)``, flushed: exit status 0, or ``stdout_failed``'s where writing stdout
+    fails (a full disk, a reader that closed the pipe)."""
+    try:
+        print(text, flush=True)
+    except OSError as e:
+        return stdout_failed(prog, e)
+    return 0
+
+
 def stdout_failed(prog: str, e: OSError) -> int:
     """The CLIs' end after an error writing stdout: one line on stderr (none for a closed
     pipe: its reader has what it wanted) and exit status 1. stdout is pointed at devnull, so
