@@ -217,9 +217,10 @@ def bench_layers(cells, shapes, impls, dtype, device, cfg) -> list[dict]:
             try:
                 case = bench.make_layer_case(cell, s, dtype, device)
             except (RuntimeError, MemoryError) as e:
-                if out_of_memory(e) is None:  # a bug, not a shape too large for this machine
+                why = out_of_memory(e)
+                if why is None:  # a bug, not a shape too large for this machine
                     raise
-                why = f"inputs: {out_of_memory(e)}"
+                why = f"inputs: {why}"
                 print(f"  {cell} {s.label()}: FAILED {why}", file=sys.stderr)
                 rows += [g | {"error": why} for g in group.values()]
                 continue
@@ -871,6 +872,19 @@ def _unwritable(path: str | None) -> str | None:
     return None
 
 
+def _unplottable(path: str | None) -> str | None:
+    """Why the plot cannot be written at ``path``: ``_unwritable``'s reasons, a name that is
+    not a .png one, no matplotlib (None: it can, or none is asked)."""
+    why = _unwritable(path)
+    if why or path is None:
+        return why
+    if not path.lower().endswith(".png"):
+        return "the plot is a PNG: name a .png file"
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed (pip install matplotlib)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _run(argv)
@@ -893,19 +907,13 @@ def _run(argv: list[str] | None) -> int:
             print(f"benchmarks/run.py: --threads must be in 1..{MAX_THREADS}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        why = _unwritable(path)
+    for flag, path, check in (
+        ("--json", args.json, _unwritable),
+        ("--plot", args.plot, _unplottable),
+    ):
+        why = check(path)
         if why:  # said before the run, not after it, when its results would be lost
             print(f"benchmarks/run.py: {flag} {path}: {why}", file=sys.stderr)
-            return 2
-    if args.plot is not None:
-        why = None
-        if not args.plot.lower().endswith(".png"):
-            why = "the plot is a PNG: name a .png file"
-        elif importlib.util.find_spec("matplotlib") is None:
-            why = "matplotlib is not installed (pip install matplotlib)"
-        if why:
-            print(f"benchmarks/run.py: --plot {args.plot}: {why}", file=sys.stderr)
             return 2
     if "gemm" in args.parts and "layers" not in args.parts:
         print("benchmarks/run.py: --parts gemm relates the layers part's cpp rows to the "
