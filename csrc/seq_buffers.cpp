@@ -54,8 +54,8 @@ size_t max_held() {
 class SeqPool final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    const size_t size = (n + kHuge - 1) / kHuge * kHuge;
-    void* p = take(size);
+    size_t size = (n + kHuge - 1) / kHuge * kHuge;
+    void* p = take(size);  // a cached block's size may be larger: `size` becomes it
     if (p == nullptr) {
       p = fresh(size);
     }
@@ -82,15 +82,17 @@ class SeqPool final : public c10::Allocator {
     size_t n;
   };
 
-  // A cached block of at least `size` bytes (at most a quarter more), or nullptr.
-  void* take(size_t size) {
+  // A cached block of at least `size` bytes (at most a quarter more), or nullptr; `size`
+  // becomes the block's own size, which is what it holds when it is given back.
+  void* take(size_t& size) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = free_.lower_bound(size);
     if (it == free_.end() || it->first > size + size / 4) {
       return nullptr;
     }
     void* p = it->second;
-    held_ -= it->first;
+    size = it->first;
+    held_ -= size;
     free_.erase(it);
     return p;
   }
