@@ -2,11 +2,13 @@
 // (dtype, op, M, N, K), and the ops that report and seed it (fastchar.plan).
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Config.h>
+#include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cstdlib>
 #include <map>
@@ -958,6 +960,19 @@ Engine parse_engine(const std::string& name) {
               "' (choose from auto, mkl, onednn, fma, bf16dot, bf16fma)");
 }
 
+// FASTCHAR_GEMM as an engine's name, blanks around it dropped and case ignored; "" where
+// it is unset, empty or "auto" (the plan decides).
+std::string forced_engine() {
+  const char* env = std::getenv("FASTCHAR_GEMM");
+  std::string name = env == nullptr ? "" : env;
+  const auto blank = [](unsigned char c) { return std::isspace(c) != 0; };
+  name.erase(name.begin(), std::find_if_not(name.begin(), name.end(), blank));
+  name.erase(std::find_if_not(name.rbegin(), name.rend(), blank).base(), name.end());
+  std::transform(name.begin(), name.end(), name.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return name == "auto" ? "" : name;
+}
+
 }  // namespace
 
 const char* engine_name(Engine e) {
@@ -1059,9 +1074,9 @@ Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int 
     row_block_times();
   }
 #endif
-  const char* env = std::getenv("FASTCHAR_GEMM");
-  if (env != nullptr && *env != '\0' && std::string(env) != "auto") {
-    const Engine e = parse_engine(env);
+  const std::string forced = forced_engine();
+  if (!forced.empty()) {
+    const Engine e = parse_engine(forced);
     const std::string reason = reasons_not(e, dtype, op);
     // A step-GEMM engine that runs on this CPU but has no kernel for this op and dtype leaves
     // it on mkl: a cell op, or a wide GEMM (also a bfloat16 one widened to float32, where
@@ -1070,9 +1085,20 @@ Engine choose(at::ScalarType dtype, Op op, int64_t M, int64_t N, int64_t K, int 
     if ((op == Op::kCell || is_wide(op)) && runs_here && !reason.empty()) {
       return Engine::kMkl;
     }
-    TORCH_CHECK(reason.empty(), "fastchar: FASTCHAR_GEMM=", env, " cannot run this ", dtype,
+    TORCH_CHECK(reason.empty(), "fastchar: FASTCHAR_GEMM=", forced, " cannot run this ", dtype,
                 " GEMM: ", reason, " (unset FASTCHAR_GEMM or set it to auto)");
     return e;
+  }
+  // Under torch.use_deterministic_algorithms(True) no timing decides, as the plan's may
+  // choose differently from one process to the next (engines round differently): a fixed
+  // engine for this CPU, the first of these that runs the op. Not kept in the plan.
+  if (at::globalContext().deterministicAlgorithms()) {
+    for (const Engine e : {Engine::kBf16dot, Engine::kFma}) {
+      if (reasons_not(e, dtype, op).empty()) {
+        return e;
+      }
+    }
+    return Engine::kMkl;
   }
   const Key key{static_cast<int>(dtype), static_cast<int>(op), M, N, K};
   auto& p = plan();

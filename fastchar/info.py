@@ -33,11 +33,14 @@ def _unwritable_note(directory) -> str:
     """ " (not writable: ...)" where the plan cache cannot be kept (each process then
     measures again), else ""."""
     existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent  # the directory is created at the first save
-    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
-        return ""
-    why = "read-only" if existing.is_dir() else "no directory"
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent  # the directory is created at the first save
+        if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+            return ""
+        why = "read-only" if existing.is_dir() else "no directory"
+    except OSError as e:  # a parent that cannot be searched
+        why = f"not accessible ({e.strerror or e})"
     return f" (not writable: {existing} is {why}; each process measures again)"
 
 
@@ -68,7 +71,12 @@ def gemm_report(measure: bool = True) -> list[str]:
                 plan.choose(dtype, "cell", 1, 2048, K)
     lines.append(f"  row blocks {plan.row_blocks() if measure else 'measured at first use'}")
     path = plan.cache_path()
-    lines.append(f"  cache      {path}{_unwritable_note(path.parent)}")
+    lines.append(
+        f"  cache      {path}{_unwritable_note(path.parent)}"
+        if path
+        else "  cache      none: no home directory is known (set FASTCHAR_CACHE_DIR); "
+        "each process measures again"
+    )
     for e in plan.entries():
         op = {
             "nt": "h @ W^T",

@@ -17,7 +17,9 @@ a file that does not parse, belongs to another CPU or version, or names engines 
 cannot run is ignored (row by row, where only some rows are bad) and rewritten at exit.
 An unwritable cache directory only means that the next process measures again.
 ``FASTCHAR_GEMM=auto|mkl|onednn|fma|bf16dot|bf16fma`` forces one engine (the kernels raise
-RuntimeError when this CPU cannot run it).
+RuntimeError when this CPU cannot run it). Under ``torch.use_deterministic_algorithms(True)``
+nothing is timed: each GEMM runs a fixed engine for this CPU (bf16dot for bfloat16 where it
+runs, else fma, else mkl; bfloat16 matmuls widened), so every process gives the same bits.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def why_not(engine: str, dtype: torch.dtype) -> str | None:
 def forced_report() -> list[str]:
     """What FASTCHAR_GEMM forces, per dtype, and where it cannot run (its GEMMs raise
     there): lines for ``fastchar.info``; empty when it is unset or "auto"."""
-    forced = os.environ.get("FASTCHAR_GEMM", "")
+    forced = os.environ.get("FASTCHAR_GEMM", "").strip().lower()  # as the kernels read it
     if forced in ("", "auto"):
         return []
     if forced not in ENGINES:
@@ -219,6 +221,8 @@ def bf16_matmul_widens() -> bool:
     torch.compile traces reads the answer as a global, which it guards on (a new answer,
     after ``clear``, traces again).
     """
+    if torch.are_deterministic_algorithms_enabled():
+        return True  # no timing decides (as for the step GEMMs): the same bits every process
     if _bf16_widen is None:
         _measure_bf16_once()
     return _bf16_widen
@@ -245,8 +249,10 @@ def _measure_bf16_widens() -> bool:
     return _time_mm(a, b, torch.float32) * _BF16_WIDEN_IF_SLOWER < _time_mm(a, b, torch.bfloat16)
 
 
-def cache_path() -> Path:
-    return cache_dir() / "gemm-plan.json"
+def cache_path() -> Path | None:
+    """The plan's cache file, or None where there is no cache directory (fastchar.cache)."""
+    root = cache_dir()
+    return root / "gemm-plan.json" if root else None
 
 
 def extension_build() -> str:
@@ -307,9 +313,9 @@ def _key(e: dict) -> tuple:
     return (e["dtype"], e["op"], e["M"], e["N"], e["K"], e["engine"])
 
 
-def load_cache(path: Path | None = None) -> int:
+def load_cache(path: Path | None) -> int:
     """Seeds the plan from the cache file; returns how many entries were taken (0 if none)."""
-    data = _read(path or cache_path())
+    data = _read(path) if path else None
     if data is None:
         return 0
     global _bf16_widen
@@ -327,7 +333,7 @@ def load_cache(path: Path | None = None) -> int:
     return int(taken)
 
 
-def save_cache(path: Path | None = None) -> bool:
+def save_cache(path: Path | None) -> bool:
     """Writes the plan to the cache file (atomically) when it holds anything new.
 
     What the file holds from another process that ran since this one read it is kept
@@ -337,9 +343,8 @@ def save_cache(path: Path | None = None) -> bool:
     known = {_key(e) for e in plan}
     if _bf16_widen is not None:
         known.add(("bf16_matmul", _bf16_widen))
-    if not known or known <= _loaded:
+    if not known or known <= _loaded or path is None:
         return False
-    path = path or cache_path()
     data = dict(_identity())
     theirs = _read(path) or {"entries": []}
     if _bf16_widen is not None:
@@ -370,5 +375,6 @@ def clear() -> None:
 
 def _install() -> None:
     if cpp_loaded():
-        load_cache()
-        atexit.register(save_cache)
+        path = cache_path()  # once: a chdir or a changed environment later moves nothing
+        load_cache(path)
+        atexit.register(save_cache, path)

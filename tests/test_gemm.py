@@ -210,6 +210,37 @@ def test_unknown_engine_is_a_clear_error(monkeypatch):
         forward_backward("rnn_tanh", "cpp", make_inputs("rnn_tanh", 2, 2, 3, 8, torch.float32))
 
 
+def test_forced_engine_ignores_case_and_blanks(monkeypatch):
+    monkeypatch.setenv("FASTCHAR_GEMM", " MKL\n")
+    assert plan.choose(torch.float32, "nt", 2, 16, 8) == "mkl"
+    assert plan.forced_report()[0].startswith("FASTCHAR_GEMM=mkl forces every float32")
+    monkeypatch.setenv("FASTCHAR_GEMM", "Auto ")
+    assert plan.forced_report() == []
+    assert plan.choose(torch.float32, "nt", 2, 16, 8) in runnable(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_deterministic_mode_times_nothing(dtype, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) no engine is chosen by timing (the
+    plan's timings may choose differently from one process to the next, and engines round
+    differently): nothing is measured or kept, and float32 runs fma (else mkl) throughout."""
+    inputs = make_inputs("lstm", 5, 3, 4, 40, dtype)
+    plan.clear()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got, got_grads = forward_backward("lstm", "cpp", inputs)
+        assert plan.entries() == [] and plan._bf16_widen is None
+        assert plan.bf16_matmul_widens()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    if dtype != torch.float32:
+        return
+    monkeypatch.setenv("FASTCHAR_GEMM", "fma" if plan.why_not("fma", dtype) is None else "mkl")
+    want, want_grads = forward_backward("lstm", "cpp", inputs)
+    for a, b in zip([*got, *got_grads.values()], [*want, *want_grads.values()], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_auto_is_the_plan(monkeypatch):
     monkeypatch.setenv("FASTCHAR_GEMM", "auto")
     assert plan.choose(torch.float32, "nt", 5, 48, 40) in runnable(torch.float32)
@@ -456,6 +487,77 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert plan.cache_path() == tmp_path / "home" / ".cache" / "fastchar" / "gemm-plan.json"
     monkeypatch.setenv("FASTCHAR_CACHE_DIR", "~/fc")  # not a directory named "~"
     assert plan.cache_path() == tmp_path / "home" / "fc" / "gemm-plan.json"
+
+
+def _no_home(monkeypatch):
+    """As in a container run with a uid that has no passwd entry and no HOME."""
+    import pwd
+
+    def no_entry(uid):
+        raise KeyError(uid)
+
+    for name in ("FASTCHAR_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+
+
+def test_no_home_directory_keeps_no_cache(monkeypatch, tmp_path):
+    from fastchar.info import gemm_report
+
+    _no_home(monkeypatch)
+    assert plan.cache_path() is None
+    line = next(ln for ln in gemm_report(False) if ln.startswith("  cache"))
+    assert line.startswith("  cache      none: no home directory is known")
+    plan.clear()
+    plan.choose(torch.float32, "nt", 2, 16, 8)
+    assert plan.load_cache(None) == 0 and plan.save_cache(None) is False
+    monkeypatch.setenv("FASTCHAR_CACHE_DIR", "~nosuchuser-fastchar/x")  # not a dir named ~...
+    assert plan.cache_path() is None
+    monkeypatch.setenv("FASTCHAR_CACHE_DIR", str(tmp_path))  # it names one: kept there
+    assert plan.cache_path() == tmp_path / "gemm-plan.json"
+
+
+def test_no_home_directory_imports_and_says_where_corpora_go(monkeypatch):
+    """import fastchar.nn reads the plan's cache: without a home it has none (it used to
+    raise "Could not determine home directory" at import); a corpus to fetch names the
+    variable to set."""
+    from fastchar.data import DataError
+    from fastchar.training import corpora
+
+    _no_home(monkeypatch)
+    monkeypatch.delenv(corpora.DATA_DIR_ENV, raising=False)
+    plan._install()  # what importing fastchar does
+    with pytest.raises(DataError, match=f"no home directory is known; set {corpora.DATA_DIR_ENV}"):
+        corpora.fetch(corpora.FETCHED["shakespeare"])
+
+
+def test_relative_cache_dir_is_one_directory(monkeypatch, tmp_path):
+    """A relative FASTCHAR_CACHE_DIR is read and written in the same place, whatever the
+    working directory is by the time the process saves at exit."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASTCHAR_CACHE_DIR", "rel")
+    path = plan.cache_path()
+    assert path == tmp_path / "rel" / "gemm-plan.json" and path.is_absolute()
+
+
+def test_info_says_when_a_parent_cannot_be_searched(monkeypatch, tmp_path):
+    from fastchar.info import gemm_report
+
+    target = tmp_path / "locked" / "cache"
+    real_exists = Path.exists
+
+    def exists(self, *a, **k):
+        if self == target:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_exists(self, *a, **k)
+
+    monkeypatch.setenv("FASTCHAR_CACHE_DIR", str(target))
+    monkeypatch.setattr(Path, "exists", exists)
+    line = next(ln for ln in gemm_report(False) if ln.startswith("  cache"))
+    assert line.endswith(
+        f"(not writable: {target} is not accessible (Permission denied); each process "
+        "measures again)"
+    )
 
 
 def test_cpu_model_has_its_family_and_model(tmp_path, monkeypatch):

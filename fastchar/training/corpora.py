@@ -56,7 +56,15 @@ NAMES = (DEFAULT, *FETCHED)
 def data_dir() -> Path:
     """Where fetched corpora live: $FASTCHAR_DATA_DIR, else the fastchar cache directory."""
     root = os.environ.get(DATA_DIR_ENV)
-    return Path(root).expanduser() if root else cache_dir()
+    if root:
+        return Path(root).expanduser()
+    cache = cache_dir()
+    if cache is None:
+        raise fdata.DataError(
+            f"no directory for fetched corpora: no home directory is known; set {DATA_DIR_ENV} "
+            "(or FASTCHAR_CACHE_DIR), or pass --data PATH"
+        )
+    return cache
 
 
 def _digest(raw: bytes) -> str:
