@@ -9,6 +9,7 @@ single process, so the trainer calls them unconditionally.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -16,11 +17,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fastchar.training.errors import first_line
+
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 class DistError(ValueError):
     """torchrun's environment is unusable; the message says which variable."""
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed in a step that every rank takes together; says which and why."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,28 @@ class World:
         if self.distributed:
             dist.barrier()
 
+    @contextlib.contextmanager
+    def together(self):
+        """Runs a block that may fail on some ranks only (rank 0's file writes, one rank's
+        copy of the data) and holds no collective: where it fails on any rank it raises on
+        every rank (the rank's own error, else PeerFailed naming the first rank that
+        failed), so that no rank is left waiting in a collective for one that has gone.
+        A synchronisation point, like ``barrier``."""
+        if not self.distributed:
+            yield
+            return
+        error = None
+        try:
+            yield
+        except Exception as e:
+            error = e
+        whys = self.gather(None if error is None else first_line(error))
+        if error is not None:
+            raise error
+        for rank, why in enumerate(whys):
+            if why is not None:
+                raise PeerFailed(f"rank {rank} failed: {why}")
+
     def _device(self) -> torch.device:
         if dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
@@ -94,9 +123,14 @@ def _env_int(name: str) -> int:
         raise DistError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def launched() -> bool:
+    """Whether torchrun (or another launcher) set WORLD_SIZE for several processes."""
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+
+
 def world_from_env() -> World:
     """The torchrun world this process belongs to; ``World()`` without torchrun."""
-    if "WORLD_SIZE" not in os.environ:
+    if os.environ.get("WORLD_SIZE", "") == "":
         return World()
     missing = [v for v in ENV_VARS if v not in os.environ]
     if missing:
@@ -120,14 +154,22 @@ def init(world: World, device: torch.device) -> torch.device:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(
-        backend, rank=world.rank, world_size=world.size, timeout=datetime.timedelta(minutes=10)
-    )
+    try:
+        dist.init_process_group(
+            backend, rank=world.rank, world_size=world.size, timeout=datetime.timedelta(minutes=10)
+        )
+    except (ValueError, dist.DistError) as e:  # MASTER_ADDR/PORT unset, no rendezvous
+        raise DistError(
+            f"cannot join the process group: {first_line(e)}; start with torchrun"
+        ) from None
     return device
 
 
-def shutdown() -> None:
-    """Leave the process group once every rank is done with it."""
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group once every rank is done with it (``wait``), or at once:
+    a rank that failed must not wait in a barrier that the others, still in their
+    collectives, never reach (its exit ends theirs)."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

@@ -16,7 +16,7 @@ import torch
 
 from fastchar import data as fdata
 from fastchar.model import CharRNN
-from fastchar.training import checkpoint, cli, config, errors, loop, progress
+from fastchar.training import checkpoint, cli, config, errors, progress, schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = {
@@ -138,6 +138,24 @@ def test_resume_drops_metrics_past_the_checkpoint(text_file, tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [3, 6]
 
 
+def test_resume_takes_threads_from_its_own_command_line(text_file, tmp_path, capsys):
+    """--threads, like --device, is the machine's, not the run's: a resume on another machine
+    does not inherit the first one's core count."""
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(tiny_args(text_file, out, "--stop-at", "3", "--threads", "1")) == 0
+        assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["config"]["threads"] == 1
+        torch.set_num_threads(threads)
+        assert cli.main(["--resume", "--out", str(out), "--stop-at", "4"]) == 0
+        assert f" {threads} threads" in capsys.readouterr().err
+        assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["config"]["threads"] is None
+        assert cli.main(["--resume", "--out", str(out), "--threads", "1"]) == 0
+        assert " 1 threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_fresh_run_over_a_previous_one_says_it_replaces_it(text_file, tmp_path, capsys):
     """No file of the previous run is left beside the new run's: a best.pt of another model
     would be sampled as this run's."""
@@ -196,12 +214,12 @@ def test_resume_with_nothing_left_to_train_says_so(text_file, tmp_path, capsys):
 
 def test_schedule_warms_up_then_decays():
     cfg = config.TrainConfig(lr=1e-2, min_lr=1e-3, warmup=4, steps=20)
-    lrs = [loop.lr_at(cfg, s) for s in range(20)]
+    lrs = [schedule.lr_at(cfg, s) for s in range(20)]
     assert lrs[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])
     assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
-    assert loop.lr_at(cfg, 20) == pytest.approx(1e-3)
+    assert schedule.lr_at(cfg, 20) == pytest.approx(1e-3)
     linear = config.TrainConfig(lr=1e-2, min_lr=0.0, warmup=0, steps=10, schedule="linear")
-    assert loop.lr_at(linear, 5) == pytest.approx(5e-3)
+    assert schedule.lr_at(linear, 5) == pytest.approx(5e-3)
 
 
 def test_config_round_trip():
@@ -229,6 +247,10 @@ def test_config_round_trip():
         (["--no-such-flag"], "unrecognized"),
         (["--threads", "100000"], "--threads must be <= 1024"),
         (["--seed", str(2**64)], "--seed must fit in a signed 64-bit integer"),
+        (["--hidden", str(2**63)], f"--hidden must be <= {2**31 - 1}"),
+        (["--batch-size", str(2**62)], f"--batch-size must be <= {2**31 - 1}"),
+        (["--sample-length", str(2**62)], f"--sample-length must be <= {2**31 - 1}"),
+        (["--nonlinearity", "relu"], "--nonlinearity relu is for --model rnn"),
     ],
 )
 def test_bad_flags(text_file, tmp_path, capsys, flags, match):

@@ -143,6 +143,28 @@ def test_a_stop_at_an_evaluation_step_keeps_the_evaluation(
     assert best["cut"]["step"] == best["whole"]["step"]
 
 
+def test_a_stop_at_between_evaluations_adds_no_evaluation(text_file, tmp_path, capsys):
+    """--stop-at stops as a signal would: a step that does not evaluate is checkpointed
+    without an evaluation, so the resumed run's metrics and best.pt are the whole run's."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli.main(tiny_args(text_file, whole)) == 0
+    assert cli.main(tiny_args(text_file, cut, "--stop-at", "4")) == 0
+    assert checkpoint.load_checkpoint(str(cut / "ckpt.pt"))["step"] == 4
+    assert [r["step"] for r in read_metrics(cut)] == [3]
+    assert cli.main(["--resume", "--out", str(cut)]) == 0
+    capsys.readouterr()
+    assert read_metrics(cut) == [
+        dict(a, tokens_per_sec=b["tokens_per_sec"], elapsed_sec=b["elapsed_sec"],
+             wall_sec=b["wall_sec"])
+        for a, b in zip(read_metrics(whole), read_metrics(cut), strict=True)
+    ]  # fmt: skip
+    for name in ("best.pt", "ckpt.pt"):
+        a, b = (checkpoint.load_checkpoint(str(run / name)) for run in (whole, cut))
+        assert a["step"] == b["step"]
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (name, k)
+
+
 def test_a_stop_at_the_last_step_completes_the_run(text_file, tmp_path, capsys, monkeypatch):
     """A signal during the last step: that step's evaluation and checkpoint are written, and
     no --resume is advised (it would have nothing to train)."""

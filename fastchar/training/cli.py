@@ -138,16 +138,20 @@ def run(given: dict, resume: bool = False) -> Trainer:
         raise ConfigError(str(e)) from None
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = distributed.init(world, pick_device(cfg.device))
-    trainer = None
+    try:
+        device = distributed.init(world, pick_device(cfg.device))
+    except distributed.DistError as e:
+        raise ConfigError(str(e)) from None
+    trainer, done = None, False
     try:
         trainer = _train(cfg, ckpt, world, device)
+        done = True
         return trainer
     finally:
         if trainer is not None:
             # DDP's reducer must go while the process group it holds still exists.
             trainer.net = trainer.model
-        distributed.shutdown()
+        distributed.shutdown(wait=done)
 
 
 @contextlib.contextmanager
@@ -171,43 +175,49 @@ def stop_on_signals(trainer: Trainer):
             signal.signal(s, h)
 
 
-def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device) -> Trainer:
-    out = cfg.out
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    progress = Progress(cfg.steps, cfg.log_interval, enabled=world.is_main)
-    log = progress.log
-
+def _load_data(cfg: TrainConfig, ckpt: dict | None, log) -> tuple[str, dict, fdata.Vocab | None]:
+    """The corpus, its manifest and, on a resume, the checkpoint's vocabulary (the data
+    checked against the checkpoint's). A resume of a run that reached its time limit
+    trains on without one (``cfg.time_limit`` dropped)."""
     text, manifest = load_corpus(cfg.data, log)
-    vocab = None
-    if ckpt is not None:
-        if manifest["sha256"] != ckpt.get("data_manifest", {}).get("sha256"):
-            raise CheckpointError(
-                "--resume: the training data changed since the checkpoint (SHA-256 differs)"
-            )
-        try:
-            vocab = fdata.Vocab.from_dict(ckpt["vocab"])
-        except fdata.DataError as e:
-            raise CheckpointError(f"checkpoint vocabulary is unusable: {e}") from None
-        limit, wall = cfg.time_limit, float(ckpt.get("wall_sec", 0.0))
-        if limit is not None and wall >= limit and limit == ckpt["config"].get("time_limit"):
-            # the run stopped at its limit and more --steps are asked: train them
-            log(
-                f"note: the run reached its --time-limit of {limit:g} s; this resume trains "
-                "to --steps without one (--time-limit sets a new one)"
-            )
-            cfg.time_limit = None
-    trainer = Trainer(cfg, text, manifest, vocab, world=world, device=device)
-    if world.is_main:
-        os.makedirs(out, exist_ok=True)
-        removed = remove_stale_temps(out)
-        if removed:
-            log(f"removed temp files of an interrupted write: {', '.join(sorted(removed))}")
+    if ckpt is None:
+        return text, manifest, None
+    if manifest["sha256"] != ckpt.get("data_manifest", {}).get("sha256"):
+        raise CheckpointError(
+            "--resume: the training data changed since the checkpoint (SHA-256 differs)"
+        )
+    try:
+        vocab = fdata.Vocab.from_dict(ckpt["vocab"])
+    except fdata.DataError as e:
+        raise CheckpointError(f"checkpoint vocabulary is unusable: {e}") from None
+    limit, wall = cfg.time_limit, float(ckpt.get("wall_sec", 0.0))
+    if limit is not None and wall >= limit and limit == ckpt["config"].get("time_limit"):
+        # the run stopped at its limit and more --steps are asked: train them
+        log(
+            f"note: the run reached its --time-limit of {limit:g} s; this resume trains "
+            "to --steps without one, at the learning rate its decay ended on "
+            "(--time-limit sets a new one)"
+        )
+        cfg.time_limit = None
+    return text, manifest, vocab
+
+
+def _prepare_out(trainer: Trainer, cfg: TrainConfig, ckpt: dict | None, is_main: bool, log):
+    """Restores the checkpoint (on every rank); on rank 0, readies the run directory: a
+    resumed run's metrics past its checkpoint dropped, a fresh run's predecessor's files
+    removed, and config.json (``cfg``, the settings given) written."""
+    out = cfg.out
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-        if world.is_main:
-            _trim_metrics(os.path.join(out, "metrics.jsonl"), trainer.step)
-        log(f"resumed {ckpt_path} at step {trainer.step}")
-    elif world.is_main:
+    if not is_main:
+        return
+    os.makedirs(out, exist_ok=True)
+    removed = remove_stale_temps(out)
+    if removed:
+        log(f"removed temp files of an interrupted write: {', '.join(sorted(removed))}")
+    if ckpt is not None:
+        _trim_metrics(os.path.join(out, "metrics.jsonl"), trainer.step)
+    else:
         previous = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
         if "ckpt.pt" in previous or "best.pt" in previous:
             log(
@@ -217,9 +227,23 @@ def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device
             for name in previous:
                 os.unlink(os.path.join(out, name))
         open(os.path.join(out, "metrics.jsonl"), "w").close()
-        _write_json(os.path.join(out, "data_manifest.json"), manifest)
-    if world.is_main:
-        _write_json(os.path.join(out, "config.json"), cfg.to_dict())
+        _write_json(os.path.join(out, "data_manifest.json"), trainer.manifest)
+    _write_json(os.path.join(out, "config.json"), cfg.to_dict())
+
+
+def _train(cfg: TrainConfig, ckpt: dict | None, world: distributed.World, device) -> Trainer:
+    out = cfg.out
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    progress = Progress(cfg.steps, cfg.log_interval, enabled=world.is_main)
+    log = progress.log
+
+    with world.together():  # one rank's missing or unreadable copy fails every rank
+        text, manifest, vocab = _load_data(cfg, ckpt, log)
+    trainer = Trainer(cfg, text, manifest, vocab, world=world, device=device)
+    with world.together():  # rank 0's files: a failure there stops every rank
+        _prepare_out(trainer, cfg, ckpt, world.is_main, log)
+    if ckpt is not None:
+        log(f"resumed {ckpt_path} at step {trainer.step}")
 
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log(f"data: {describe_data(manifest)} (manifest: {os.path.join(out, 'data_manifest.json')})")
@@ -278,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         run(given, resume)
     except SystemExit as e:  # --help, stdout_failed
         return e.code if isinstance(e.code, int) else 0
-    except (TrainError, fdata.DataError, OSError) as e:
-        print(f"{PROG}: error: {_rank_tag()}{e}", file=sys.stderr)
+    except (TrainError, fdata.DataError, OSError, distributed.PeerFailed) as e:
+        _error_line(e)
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -290,14 +314,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         if why is None:
             raise
-        print(f"{PROG}: error: {_rank_tag()}{why}", file=sys.stderr)
+        _error_line(why)
         return 1
     return 0
 
 
+def _error_line(why: object) -> None:
+    """The CLI's error line, written at once: under torchrun every rank writes one to the
+    same stderr, and lines written in two parts would interleave."""
+    sys.stderr.write(f"{PROG}: error: {_rank_tag()}{why}\n")
+    sys.stderr.flush()
+
+
 def _rank_tag() -> str:
     """``[rank R] `` under torchrun with several processes, so each rank's line is told apart."""
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and "RANK" in os.environ:
+    if distributed.launched() and "RANK" in os.environ:
         return f"[rank {os.environ['RANK']}] "
     return ""
 
@@ -310,7 +341,7 @@ def exit_process(code: int) -> None:
     an active exception", about 1 run in 15 here), which fails the whole torchrun
     job. Nothing is left to do at that point, so leave without the teardown.
     """
-    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+    if not distributed.launched():
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MAX_SIZE = 2**31 - 1  # the largest --hidden, --batch-size, ... (sizes, not memory: see OOM)
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULES = ("cosine", "linear", "constant")
@@ -140,6 +141,11 @@ class TrainConfig:
             _at_least(name, getattr(self, name), 1)
         _at_least("warmup", self.warmup, 0)
         _at_least("sample_length", self.sample_length, 0)
+        for name in ("batch_size", "block_size", "emb_dim", "hidden", "layers", "sample_length"):
+            if getattr(self, name) > MAX_SIZE:  # a tensor's size: beyond it torch overflows
+                raise ConfigError(
+                    f"{flag_name(name)} must be <= {MAX_SIZE}, got {getattr(self, name)}"
+                )
         _at_least("skip_nonfinite", self.skip_nonfinite, 0)
         if self.stop_at is not None:
             _at_least("stop_at", self.stop_at, 1)
@@ -163,6 +169,11 @@ class TrainConfig:
             raise ConfigError("--lr must be > 0")
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+        if self.model != "rnn" and self.nonlinearity != "tanh":
+            raise ConfigError(
+                f"--nonlinearity {self.nonlinearity} is for --model rnn; --model {self.model} "
+                "has its own gate nonlinearities"
+            )
         if self.dropout >= 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.impl == "cpp" and self.device not in ("auto", "cpu"):
@@ -254,7 +265,8 @@ RESUME_OVERRIDES = frozenset(
      "sample_length", "stop_at", "data", "skip_nonfinite", "threads", "time_limit"}
 )  # fmt: skip
 # Run control: on resume these come from the command line, never from the checkpoint.
-RUN_CONTROL = frozenset({"stop_at", "out", "device"})
+# (--threads too: the machine a run resumes on may have another number of cores.)
+RUN_CONTROL = frozenset({"stop_at", "out", "device", "threads"})
 
 
 def flag_name(name: str) -> str:

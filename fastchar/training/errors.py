@@ -74,12 +74,14 @@ def out_of_memory(e: BaseException) -> str | None:
 
 def environment_error(e: BaseException, fix: str) -> str | None:
     """The CLIs' one line for a RuntimeError or MemoryError the user fixes outside the
-    code: memory (``fix`` says which flags to lower) or a FASTCHAR_GEMM the kernels refuse;
-    None for any other error, which keeps its traceback."""
+    code: memory (``fix`` says which flags to lower), a FASTCHAR_GEMM the kernels refuse or,
+    under torchrun, another rank gone; None for any other error, which keeps its traceback."""
     why = out_of_memory(e)
     if why is not None:
         return f"{why}: {fix}"
     text = first_line(e)
+    if "Connection closed by peer" in text or "Connection reset by peer" in text:  # gloo
+        return "lost contact with another rank, which failed or was stopped (see its error)"
     if "FASTCHAR_GEMM" in text or "unknown GEMM engine" in text:  # csrc/gemm.cpp
         text = text.removeprefix("fastchar: ")
         return text if "FASTCHAR_GEMM" in text else f"FASTCHAR_GEMM: {text}"

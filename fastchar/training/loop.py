@@ -1,6 +1,6 @@
 """The Trainer: one training run's state, split into batching, one optimisation step,
-evaluation and checkpoint save/load, so each can be replaced on its own; and the
-learning-rate schedule.
+evaluation and checkpoint save/load, so each can be replaced on its own (the
+learning-rate schedule is schedule.lr_at).
 
 Under torchrun the model is wrapped in DistributedDataParallel. ``--batch-size`` is the
 global batch: every rank draws the same global batch (the batch generator is seeded alike
@@ -10,9 +10,7 @@ rank). Rank 0 logs and writes checkpoints; evaluation losses are averaged over r
 ``--stateful`` gives each rank its B / N streams.
 
 A non-finite loss or gradient stops the run before the update, keeping the last good
-checkpoint (or skips the step, with ``--skip-nonfinite``). Resuming with a different
-``--steps`` recomputes the decay for the new total: the learning rate continues from the
-new schedule's value at the saved step.
+checkpoint (or skips the step, with ``--skip-nonfinite``).
 
 Shape letters: B batch, T block (time) length, V vocabulary, L layers, H hidden.
 """
@@ -50,27 +48,7 @@ from fastchar.training.device import (
 )
 from fastchar.training.errors import CheckpointError, ConfigError, TrainError, first_line
 from fastchar.training.progress import Progress
-
-
-def lr_at(cfg: TrainConfig, step: int, wall: float = 0.0) -> float:
-    """Learning rate for optimisation step ``step`` (0-based): warm-up, then decay.
-
-    With ``time_limit`` the decay follows ``wall`` (seconds in the training loop)
-    towards the limit, or the steps towards ``steps``, whichever is further on.
-    """
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    span = max(cfg.steps - cfg.warmup, 1)
-    progress = min((step - cfg.warmup) / span, 1.0)
-    if cfg.time_limit is not None:
-        progress = max(progress, min(wall / cfg.time_limit, 1.0))
-    if cfg.schedule == "cosine":
-        scale = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        scale = 1.0 - progress
-    return cfg.lr - (cfg.lr - cfg.final_lr()) * (1.0 - scale)
+from fastchar.training.schedule import lr_at
 
 
 def _map_state(state, fn):
@@ -113,6 +91,13 @@ class Trainer:
             raise ConfigError(
                 f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                 f"number of processes, {self.world.size}"
+            )
+        digests = self.world.gather(manifest["sha256"])
+        if len(set(digests)) > 1:  # another node's copy of --data, another Python's stdlib
+            raise ConfigError(
+                "the ranks read different training data (SHA-256 "
+                f"{', '.join(f'rank {r}: {d[:12]}' for r, d in enumerate(digests))}); every "
+                "rank must read the same --data"
             )
         self.kind, self.impl_note = check_impl(cfg.impl, self.device)
         dtype, self.dtype_note = pick_dtype(
@@ -172,6 +157,7 @@ class Trainer:
         self.best_val = math.inf
         self.elapsed = 0.0  # seconds in training steps
         self.wall = 0.0  # seconds in the training loop, evaluations included (same on all ranks)
+        self.decay_floor = 0.0  # lr_at's floor: set where a resume trains past a time limit
         self._clock: tuple[float, float] | None = None  # (perf_counter, wall) when fit started
         self.lr = lr_at(cfg, 0)
         self.state = None  # --stateful: this rank's carried hidden state, detached
@@ -213,7 +199,7 @@ class Trainer:
     def train_step(self) -> float:
         """One optimisation step on the next batch; returns its loss (mean over ranks)."""
         cfg = self.cfg
-        self.lr = lr_at(cfg, self.step, self.wall)
+        self.lr = lr_at(cfg, self.step, self.wall, self.decay_floor)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self.net.train()
@@ -312,7 +298,8 @@ class Trainer:
                 "name": self.cfg.schedule,
                 "warmup": self.cfg.warmup,
                 "steps": self.cfg.steps,
-                "next_lr": lr_at(self.cfg, self.step, self.wall),
+                "next_lr": lr_at(self.cfg, self.step, self.wall, self.decay_floor),
+                "decay_floor": self.decay_floor,
             },
             "step": self.step,
             "best_val_loss": self.best_val,
@@ -339,6 +326,12 @@ class Trainer:
             self.best_val = float(ckpt["best_val_loss"])
             self.elapsed = float(ckpt["elapsed_sec"])
             self.wall = float(ckpt.get("wall_sec", self.elapsed))
+            self.decay_floor = float(ckpt.get("schedule", {}).get("decay_floor", 0.0))
+            limit = ckpt["config"].get("time_limit")
+            if limit is not None and self.cfg.time_limit is None:
+                # it reached its time limit and trains on without one: from where its
+                # decay got to (the end), not back up the steps' schedule
+                self.decay_floor = max(self.decay_floor, min(self.wall / limit, 1.0))
             rng = ckpt["rng"]
             ranks = rng.get("ranks")
             if self.world.size > 1 and ranks is not None and len(ranks) == self.world.size:
@@ -372,9 +365,9 @@ class Trainer:
     def save(self, path: str, ckpt: dict | None = None) -> None:
         """Write the checkpoint to ``path`` from rank 0. Collective under torchrun."""
         ckpt = ckpt or self.state_dict()
-        if self.is_main:
-            atomic_torch_save(ckpt, path)
-        self.world.barrier()
+        with self.world.together():  # a failed write (disk full) stops every rank
+            if self.is_main:
+                atomic_torch_save(ckpt, path)
 
     def eval_and_checkpoint(self, out: str, record: dict) -> tuple[dict, bool]:
         """Evaluate, append to metrics.jsonl, write ckpt.pt (and best.pt when val improves)."""
@@ -390,10 +383,11 @@ class Trainer:
         best = losses["val"] < self.best_val
         if best:
             self.best_val = losses["val"]
-        if self.is_main:
-            path = os.path.join(out, "metrics.jsonl")
-            with naming(path), open(path, "a", encoding="utf-8") as f:  # appended in place
-                f.write(json.dumps(record) + "\n")
+        with self.world.together():
+            if self.is_main:
+                path = os.path.join(out, "metrics.jsonl")
+                with naming(path), open(path, "a", encoding="utf-8") as f:  # appended in place
+                    f.write(json.dumps(record) + "\n")
         ckpt = self.state_dict()
         if best:  # first: a run killed between the two resumes from the older ckpt.pt, whose
             # best_val_loss then lets it write this best.pt again
@@ -433,8 +427,9 @@ class Trainer:
                     f"({self.skipped} of at most {cfg.skip_nonfinite} in a row)"
                 )
             progress.update(self.step, loss, tokens_per_step / dt, lr)
-            if self.step % cfg.eval_interval and self.step != last and not self.out_of_time:
-                if self.stop_requested:
+            if self.step % cfg.eval_interval and self.step != cfg.steps and not self.out_of_time:
+                # --stop-at stops as a signal would: with a checkpoint, no extra evaluation
+                if self.stop_requested or self.step == last:
                     self.save(os.path.join(out, "ckpt.pt"))
                     return
                 continue
