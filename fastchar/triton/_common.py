@@ -22,8 +22,13 @@ cell's pointwise math. The launch plan decides who owns what:
 H <= 64 for LSTM and GRU, H <= 128 for RNN; fp32: half that), else ``persistent``
 when its grid fits on the SMs at once (BH grows from 16 to 128 to make it fit), else
 ``step``; under the interpreter ``loop``
-up to INTERPRETER_LOOP_MAX weights (LSTM H <= 64), else ``step``. ``use_variant`` or the environment
-variable FASTCHAR_TRITON_VARIANT forces one (tests, benchmarks/gpu_tune.py).
+up to INTERPRETER_LOOP_MAX weights (LSTM H <= 64), else ``step`` (also for CUDA tensors
+under the interpreter). ``use_variant`` or the environment
+variable FASTCHAR_TRITON_VARIANT forces one (tests, benchmarks/gpu_tune.py). A ``loop`` or
+``persistent`` launch that needs more shared memory than the GPU gives a block runs as
+``step`` with the smallest blocks, with a warning (``launch``). The persistent grid's
+programs must all be resident at once: on a GPU shared with other processes (MPS with a
+thread percentage) set FASTCHAR_TRITON_VARIANT=step.
 
 Packed (variable-length) input: with ``batch_sizes`` the sequence tensors are
 PackedSequence-ordered [N, *] instead of [T, B, *]; step t is rows off[t] .. off[t] + b_t - 1,
@@ -46,10 +51,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from fastchar.backends import interpreter_on
 
 VARIANTS = ("loop", "persistent", "step")
 _ENV_VARIANT = "FASTCHAR_TRITON_VARIANT"
@@ -116,6 +125,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _compiled(like: torch.Tensor) -> bool:
+    """Whether the kernels run compiled on a GPU for ``like``: the interpreter takes CUDA
+    tensors too (it copies them to the host) and still runs one program at a time, in
+    float32 for the half types."""
+    return like.is_cuda and not interpreter_on()
+
+
 def plan(B: int, H: int, n_gates: int, like: torch.Tensor, T: int = 0) -> Plan:
     """Pick the launch variant and block sizes for a [B, H] recurrence on ``like``'s device.
 
@@ -125,7 +141,7 @@ def plan(B: int, H: int, n_gates: int, like: torch.Tensor, T: int = 0) -> Plan:
     Hp = max(16, triton.next_power_of_2(H))
     BB = min(64, max(16, triton.next_power_of_2(B)))
     nb = triton.cdiv(B, BB)
-    cuda = like.is_cuda
+    cuda = _compiled(like)
     variant = _forced_variant()
     if variant == "persistent" and not cuda:
         raise RuntimeError(
@@ -184,7 +200,7 @@ def dot_type(like: torch.Tensor):
     """Operand type of the recurrent products: the input dtype on CUDA (tensor cores for
     the half types); float32 for half types under the interpreter, which cannot compute
     in bfloat16."""
-    if like.is_cuda:
+    if _compiled(like):
         return _TL_TYPES[like.dtype]
     return tl.float64 if like.dtype == torch.float64 else tl.float32
 
@@ -251,7 +267,35 @@ def launch(
     sync = torch.zeros(
         p.n_btiles if p.variant == "persistent" else 1, dtype=torch.int32, device=like.device
     )
-    meta = dict(
+    # Triton launches on the current device, which need not be the tensors' one
+    guard = torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext()
+    with guard:
+        try:
+            _launch_steps(kernel, p, args, T, sync, _meta(p, H, like), backward, pk)
+        except OutOfResources as e:
+            if p.variant == "step":  # its launches may have run some steps: not again
+                raise
+            # One launch that did not start (it is checked as it loads): a GPU with less
+            # shared memory per block than the plan's blocks take (an A100's 163 KB, a
+            # consumer card's 99 KB) runs the step grid with the smallest blocks instead.
+            small = dataclasses.replace(
+                p,
+                variant="step",
+                BLOCK_H=min(16, p.BLOCK_H),
+                BLOCK_K=min(32, p.BLOCK_K),
+                n_htiles=triton.cdiv(H, min(16, p.BLOCK_H)),
+            )
+            warnings.warn(
+                f"fastchar: the Triton {p.variant} kernel does not fit this GPU ({e}); "
+                "running the step variant with smaller blocks",
+                stacklevel=2,
+            )
+            _launch_steps(kernel, small, args, T, sync, _meta(small, H, like), backward, pk)
+
+
+def _meta(p: Plan, H: int, like: torch.Tensor) -> dict:
+    """The kernels' block, variant and type constexprs (and warps) for plan ``p``."""
+    return dict(
         BLOCK_B=p.BLOCK_B,
         BLOCK_H=p.BLOCK_H,
         BLOCK_K=p.BLOCK_K,
@@ -264,14 +308,10 @@ def launch(
         DOT=dot_type(like),
         num_warps=p.num_warps,
     )
+
+
+def _launch_steps(kernel, p: Plan, args: tuple, T: int, sync, meta: dict, backward: bool, pk):
     grid = (p.n_htiles, p.n_btiles)
-    # Triton launches on the current device, which need not be the tensors' one
-    guard = torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext()
-    with guard:
-        _launch_steps(kernel, grid, p, args, T, sync, meta, backward, pk)
-
-
-def _launch_steps(kernel, grid, p: Plan, args: tuple, T: int, sync, meta: dict, backward: bool, pk):
     if p.variant != "step":
         kernel[grid](*args, 0, T, sync, **meta, **({"FINAL": True} if backward else {}))
         return
@@ -452,9 +492,17 @@ def rec_gates(
 
 @triton.jit
 def tanh(x):
-    # tl has no tanh that also runs in the interpreter; 2*sigmoid(2x) - 1 is exact
-    # in form and loses only absolute round-off near zero.
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    # tl has no tanh that also runs in the interpreter. 2*sigmoid(2x) - 1 is exact in form
+    # but cancels near zero: its absolute round-off (~1e-7 in float32) is all of a 1e-5
+    # result. Below |x| = 1/16 the odd Taylor series to x^7 instead, whose first term left
+    # out is < 1e-11 of x there. float64 keeps the formula: its round-off (~1e-16) is
+    # below the series' float32 constants' own.
+    y = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    if x.dtype != tl.float64:
+        x2 = x * x
+        series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+        y = tl.where(tl.abs(x) < 0.0625, series, y)
+    return y
 
 
 @triton.jit

@@ -95,6 +95,24 @@ def test_cell_parity(cell, B, dtype):
             assert_close(a, b, dtype, f"cell {name} vs {impl}")
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1e-5])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_tanh_keeps_small_values_relatively_exact(cell, scale):
+    """float32 layers whose every activation is tiny (inputs, weights and states scaled
+    down): each tanh's result is exact relative to its size, as torch's, where the
+    kernels' 2 * sigmoid(2x) - 1 alone kept only its absolute round-off (the outputs
+    then off by up to 2% of their size)."""
+    inputs = make_inputs(cell, 5, 3, 4, 33, torch.float64)
+    inputs = {k: None if v is None else v * scale for k, v in inputs.items()}
+    want = run_layer(cell, "reference", inputs)[0]
+    f32 = {k: None if v is None else v.float() for k, v in inputs.items()}
+    for impl in ("triton", "torch"):
+        got = run_layer(cell, impl, f32)[0]
+        for name, a, b in zip(OUT_NAMES, got, want, strict=False):
+            err = ((a.double() - b).abs().max() / b.abs().max()).item()
+            assert err < 1e-6, (impl, name, err)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_relu_propagates_nan_and_inf_as_torch(variant):
     """relu(NaN) is NaN as torch.relu's (tl.maximum may drop it), and the backward passes
@@ -154,6 +172,29 @@ def test_opcheck(cell):
     inputs = make_inputs(cell, None, B, 4, H, torch.float64)
     cell_args = tuple(inputs.values()) + ((True,) if name == "rnn" else ())
     torch.library.opcheck(getattr(torch.ops.fastchar, f"triton_{name}_cell"), cell_args)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_a_launch_that_does_not_fit_runs_the_step_variant(cell, monkeypatch):
+    """A loop or persistent launch that needs more shared memory than the GPU has (Triton
+    raises OutOfResources as it loads the kernel, before it runs) runs as the step variant
+    with the smallest blocks, with a warning, forward and backward; a step launch that
+    does not fit raises."""
+    real = tcommon._launch_steps
+    tried = []
+
+    def launch_steps(kernel, p, *args):
+        tried.append((p.variant, p.BLOCK_H))
+        if p.variant != "step" or p.BLOCK_H > 16:
+            raise triton.runtime.errors.OutOfResources(232448, 166912, "shared memory")
+        return real(kernel, p, *args)
+
+    monkeypatch.setattr(tcommon, "_launch_steps", launch_steps)
+    with pytest.warns(UserWarning, match="does not fit this GPU.*running the step variant"):
+        check_layer(cell, make_inputs(cell, 4, 3, 5, 40, EXACT), EXACT, "loop")
+    assert ("loop", 64) in tried and ("step", 16) in tried
+    with use_variant("step"), pytest.raises(triton.runtime.errors.OutOfResources):
+        run_layer(cell, "triton", make_inputs(cell, 2, 3, 5, 40, EXACT))
 
 
 def test_forcing_an_unknown_variant_is_refused():

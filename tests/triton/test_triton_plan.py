@@ -18,6 +18,7 @@ def cuda_like(dtype=torch.bfloat16):
 @pytest.fixture
 def h100(monkeypatch):
     monkeypatch.setattr(tc, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(tc, "interpreter_on", lambda: False)  # compiled, as on the GPU
 
 
 @pytest.mark.parametrize(
@@ -81,6 +82,19 @@ def test_interpreter_plan():
     assert tc.plan(3, 200, 4, cpu).variant == "step"
     with tc.use_variant("persistent"), pytest.raises(RuntimeError, match="needs a CUDA"):
         tc.plan(3, 33, 4, cpu)
+
+
+def test_interpreter_plans_cuda_tensors_as_it_runs_them(monkeypatch):
+    """The interpreter takes CUDA tensors too (TRITON_INTERPRET=1 on a GPU machine) and
+    still runs one program at a time, in float32 for the half types: no persistent grid,
+    whose barrier would spin forever, and no bfloat16 products."""
+    monkeypatch.setattr(tc, "interpreter_on", lambda: True)
+    monkeypatch.setattr(tc, "_sm_count", lambda device: 132)
+    assert tc.plan(3, 200, 4, cuda_like()).variant == "step"
+    assert tc.plan(16, 768, 4, cuda_like(), T=8).variant == "step"
+    with tc.use_variant("persistent"), pytest.raises(RuntimeError, match="needs a CUDA"):
+        tc.plan(3, 33, 4, cuda_like())
+    assert tc.dot_type(cuda_like(torch.bfloat16)) == tc.tl.float32
 
 
 def test_tf32_follows_cudnn_flag():
