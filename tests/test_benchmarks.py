@@ -274,6 +274,9 @@ def test_ctrl_c_through_fastchar_bench_is_one_line_and_exit_130(to):
          "--impls", "reference", "--parts", "layers"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+        # as from a terminal: a suite started in the background (`make test &`) ignores
+        # SIGINT, and an ignored SIGINT stays ignored in its children
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     assert "timing lstm" in proc.stderr.readline()  # run.py is timing
     if to == "the group":

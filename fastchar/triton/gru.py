@@ -27,13 +27,15 @@ from torch import Tensor
 from fastchar.layout import split_gru_bias
 from fastchar.triton._common import (
     acc_dtype,
-    grid_barrier,
     launch,
+    packing,
+    plan,
+)
+from fastchar.triton._tiles import (
+    grid_barrier,
     load_prev,
     load_w,
     load_w_t,
-    packing,
-    plan,
     prev_row,
     rec_gate,
     rec_gates,

@@ -25,13 +25,15 @@ from fastchar.layout import state_dtype
 from fastchar.reference import bias_sum
 from fastchar.triton._common import (
     acc_dtype,
-    grid_barrier,
     launch,
+    packing,
+    plan,
+)
+from fastchar.triton._tiles import (
+    grid_barrier,
     load_prev,
     load_w,
     load_w_t,
-    packing,
-    plan,
     prev_row,
     rec_gates,
     rows_in,

@@ -24,13 +24,15 @@ from torch import Tensor
 
 from fastchar.reference import bias_sum
 from fastchar.triton._common import (
-    grid_barrier,
     launch,
+    packing,
+    plan,
+)
+from fastchar.triton._tiles import (
+    grid_barrier,
     load_prev,
     load_w,
     load_w_t,
-    packing,
-    plan,
     prev_row,
     rec_gate,
     rows_in,
