@@ -65,7 +65,7 @@ def why_not(impl: str, device_type: str) -> str | None:
         return f"the C++ extension is not built ({_CPP_IMPORT_ERROR}); {BUILD_HINT}"
     if impl == "triton":
         if triton_version() is None:
-            return "Triton is not installed (pip install 'fastchar[triton]')"
+            return "Triton is not installed (pip install triton)"
         if device_type == "cuda":
             return None if torch.cuda.is_available() else "CUDA is not available"
         if device_type == "cpu":

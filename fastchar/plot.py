@@ -3,7 +3,7 @@
 Reads each run's ``metrics.jsonl`` and draws train and validation loss against steps
 and against wall time, every run on the same two panels for comparison. The PNG goes to
 the first run's directory as ``loss.png`` (or ``--out FILE.png``). A training run writes
-its own at the end. matplotlib is an optional extra: ``pip install 'fastchar[plot]'``.
+its own at the end. matplotlib is an optional extra: ``pip install matplotlib``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike | None =
         from matplotlib.figure import Figure
     except ImportError:
         raise PlotError(
-            "matplotlib is not installed; pip install 'fastchar[plot]' for loss plots"
+            "matplotlib is not installed; pip install matplotlib for loss plots"
         ) from None
     runs = {Path(d): read_metrics(d) for d in run_dirs}
     if not any(runs.values()):

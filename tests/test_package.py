@@ -1,12 +1,17 @@
 """The package's shape: files of one job and a readable size, no import circle between the
-ops and the Triton kernels, and nothing that reaches outside the package for its data."""
+ops and the Triton kernels, nothing that reaches outside the package for its data, and
+the C++ extension built wherever a compiler is."""
 
 from __future__ import annotations
 
 import ast
+import os
+import shutil
 from pathlib import Path
 
 import pytest
+
+from fastchar.backends import cpp_loaded, why_not
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fastchar"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
@@ -21,6 +26,15 @@ def _imports(path: Path) -> set[str]:
             names.add(node.module)
             names.update(f"{node.module}.{a.name}" for a in node.names)
     return names
+
+
+def test_the_extension_is_built_where_a_compiler_is():
+    """With a C++ compiler here, an extension that did not build (a csrc/ that does not
+    compile) is a failure, not the no-compiler fallback: its tests would all skip."""
+    compiler = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension runs
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C++ compiler ({compiler}): this machine runs the reference fallback")
+    assert cpp_loaded(), why_not("cpp", "cpu")
 
 
 def test_sources_found():

@@ -50,7 +50,7 @@ def test_no_matplotlib_still_trains_with_one_line(text_file, tmp_path, capsys, m
     assert cli.main(tiny_args(text_file, out)) == 0
     err = capsys.readouterr().err
     notes = [ln for ln in err.splitlines() if "loss plot" in ln]
-    assert notes == ["no loss plot: matplotlib is not installed; pip install 'fastchar[plot]' "
+    assert notes == ["no loss plot: matplotlib is not installed; pip install matplotlib "
                      "for loss plots"]  # fmt: skip
     assert not (out / "loss.png").exists() and (out / "ckpt.pt").exists()
 
