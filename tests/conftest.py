@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -15,6 +17,11 @@ os.environ.pop("FASTCHAR_GEMM", None)
 
 import pytest
 import torch
+
+# Both removed at exit: registered before fastchar's own exit handler (the plan's save),
+# so they run after it.
+for _name in ("FASTCHAR_CACHE_DIR", "FASTCHAR_DATA_DIR"):
+    atexit.register(shutil.rmtree, os.environ[_name], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
