@@ -56,8 +56,10 @@ fi
 
 stamp="$VENV/.fastchar-installed"
 inputs=(setup.py pyproject.toml csrc/*)
-built() { "$VENV/bin/python" -c "import torch, fastchar._C" 2>/dev/null; }
-if [ ! -f "$stamp" ] || [ -n "$(find "${inputs[@]}" -newer "$stamp" 2>/dev/null)" ] || ! built; then
+built() { "$VENV/bin/python" -c "import torch, fastchar._C" 2>/dev/null && echo yes || echo no; }
+extension=$(built)
+if [ ! -f "$stamp" ] || [ -n "$(find "${inputs[@]}" -newer "$stamp" 2>/dev/null)" ] ||
+    [ "$extension" = no ]; then
     $PIP install -q "setuptools>=77" wheel ninja
     rm -f fastchar/_C.*.so # a build that fails must not leave the last one's in its place
     # --no-build-isolation: the extension must build against the torch just installed.
@@ -68,9 +70,10 @@ if [ ! -f "$stamp" ] || [ -n "$(find "${inputs[@]}" -newer "$stamp" 2>/dev/null)
         exit 1
     }
     touch "$stamp"
+    extension=$(built)
 fi
 
-if built; then
+if [ "$extension" = yes ]; then
     echo "setup: fastchar installed with its C++ extension"
 else
     grep -E -m 5 "error|Error" "$VENV/build.log" >&2 2>/dev/null || true

@@ -279,12 +279,13 @@ def launch(
             # One launch that did not start (it is checked as it loads): a GPU with less
             # shared memory per block than the plan's blocks take (an A100's 163 KB, a
             # consumer card's 99 KB) runs the step grid with the smallest blocks instead.
+            bh = min(16, p.BLOCK_H)
             small = dataclasses.replace(
                 p,
                 variant="step",
-                BLOCK_H=min(16, p.BLOCK_H),
+                BLOCK_H=bh,
                 BLOCK_K=min(32, p.BLOCK_K),
-                n_htiles=triton.cdiv(H, min(16, p.BLOCK_H)),
+                n_htiles=triton.cdiv(H, bh),
             )
             warnings.warn(
                 f"fastchar: the Triton {p.variant} kernel does not fit this GPU ({e}); "
